@@ -1,0 +1,343 @@
+"""Typed run configuration: dataclasses, YAML recipes and ``--set a.b=c`` overrides.
+
+A run is described by one :class:`RunConfig`. Recipes are YAML files whose nesting
+mirrors the dataclasses; any key can then be overridden on the command line with
+``--set section.field=value`` (the value is parsed as YAML, so ``1e-5``, ``true`` and
+``[1, 2]`` keep their types). Unknown keys and values of the wrong type are errors
+that name the key's full path, e.g. ``unknown config key 'train.stpes'``.
+
+The string literal under each field is its documentation (shown by
+``python -m megatron_r1v.config --help-fields``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+DType = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny-qwen2"
+    """Architecture preset name (see megatron_r1v/models/r1v/presets.py)."""
+    backend: Literal["auto", "local", "te"] = "auto"
+    """Layer implementation: Transformer Engine ("te"), Megatron-Core local modules
+    ("local"), or "auto" (TE when it is installed and CUDA is present)."""
+    params_dtype: DType = "fp32"
+    """Dtype of model parameters (bf16 on GPU; fp32 on CPU)."""
+    make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this times TP (padding is never exported)."""
+    freeze: Literal["adapter", "adapter+llm", "adapter+vision", "all"] = "adapter"
+    """Which parts train: the report's best setting trains the adapter only."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    cp: int = 1
+    """Context-parallel size (must be 1 on CPU)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    timeout_minutes: int = 30
+    """Timeout of collective operations."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."""
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["mpo", "grpo"] = "grpo"
+    """Training stage run by ``python -m megatron_r1v.train``."""
+    seed: int = 1234
+    steps: int = 10
+    """Optimizer steps to run."""
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 2048
+    """Maximum tokens per sample (prompt + response)."""
+    save_dir: Optional[str] = None
+    """Directory of training checkpoints; None disables saving."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    load_dir: Optional[str] = None
+    """Checkpoint to resume from."""
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    """JSON Lines file of training prompts or preference pairs."""
+    eval_path: Optional[str] = None
+    max_tiles: int = 12
+    """Maximum dynamic tiles per image (a thumbnail is added when more than one)."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "sglang"] = "hf"
+    n_samples: int = 8
+    """Samples generated per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+
+
+@dataclass
+class RewardConfig:
+    rule_weight: float = 1.0
+    format_weight: float = 1.0
+    model_weight: float = 0.0
+    reward_model_url: Optional[str] = None
+
+
+@dataclass
+class SSBConfig:
+    enabled: bool = True
+    capacity: int = 4096
+    """Maximum number of stored groups per data-parallel rank."""
+    max_age: int = 8
+    """Groups older than this many steps are dropped."""
+    target_effective_ratio: float = 1.0
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ssb: SSBConfig = field(default_factory=SSBConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "RunConfig":
+        """Checks values that depend on each other; raises ValueError naming the keys."""
+        from megatron_r1v.models.r1v.presets import get_preset
+
+        for name in ("tp", "pp", "cp"):
+            if getattr(self.parallel, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self.parallel, name)}")
+        if self.parallel.sequence_parallel and self.parallel.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size}"
+            )
+        try:
+            arch = get_preset(self.model.preset)
+        except KeyError as err:
+            raise ValueError(f"model.preset: {err.args[0]}") from None
+        arch.check_parallel(self.parallel.tp, self.parallel.pp, where=f"model.preset '{self.model.preset}'")
+        return self
+
+
+# --- generic dataclass <-> plain data -------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it converted."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"config key '{path}': {value!r} matches none of {tp}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ValueError(f"config key '{path}': {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key '{path}': expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{path}': expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{path}': expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key '{path}': expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key '{path}': expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key '{path}': expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config key '{path}': unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Builds dataclass ``cls`` from nested plain data, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ValueError(f"unknown config key '{key_path}' (valid keys here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], key_path)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Applies one ``a.b=c`` override to nested plain data in place."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ValueError(f"override {override!r}: empty key in {dotted!r}")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: '{'.'.join(keys[: i + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Loads a YAML recipe (or the defaults), applies overrides, validates."""
+    data = to_dict(RunConfig())
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        # Unknown keys are checked against the recipe as written, before merging defaults.
+        from_dict(RunConfig, loaded)
+        _merge(data, loaded)
+    for override in overrides or []:
+        apply_override(data, override)
+    return from_dict(RunConfig, data).validate()
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (examples/configs/*.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set parallel.tp=2 (repeatable)",
+    )
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(path, type, doc) for every leaf field, read from the string under each field."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    rows = []
+    for f, tp in typing.get_type_hints(cls).items():
+        path = f"{prefix}{f}"
+        if dataclasses.is_dataclass(tp):
+            rows += field_docs(tp, path + ".")
+        else:
+            rows.append((path, _type_name(tp), docs.get(f, "")))
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Print a resolved run configuration as YAML.")
+    add_config_args(parser)
+    parser.add_argument("--help-fields", action="store_true", help="list every key with its type and doc")
+    args = parser.parse_args(argv)
+    if args.help_fields:
+        for path, tp, doc in field_docs():
+            print(f"{path:40s} {tp:28s} {doc}")
+        return 0
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

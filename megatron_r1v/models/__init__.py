@@ -1,0 +1,1 @@
+"""Model definitions (one folder per model family; R1V2 lives in ``r1v``)."""

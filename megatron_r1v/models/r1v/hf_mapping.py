@@ -1,0 +1,261 @@
+"""The one place that knows Hugging Face names: HF <-> Megatron-Core tensors, both ways.
+
+Every tensor of the Megatron model is described by a :class:`TensorMap`: its global
+Megatron name (layer indices counted over the whole model, not per pipeline stage),
+the HF tensors it is built from, and how it is split over tensor-parallel ranks.
+The conversion tool, the parity tests and the rollout weight sync all go through
+:func:`hf_to_mcore_shard` and :func:`mcore_shards_to_hf`; nothing else knows HF names.
+
+Layouts that need more than a slice (NOTES-megatron-cpu.md, "Checkpoint facts"):
+
+* ``linear_qkv`` (GQA): Megatron stores rows per query group, ``[q heads of group g;
+  k_g; v_g]`` for g = 0..G-1, so a TP rank's contiguous slice holds whole groups.
+* ``linear_fc1`` (SwiGLU): TP rank r holds ``[gate_r; up_r]``, the r-th slices of gate
+  and up stacked, not the r-th slice of ``[gate; up]``.
+* vocabulary (embedding, output layer): padded with zero rows to a multiple of
+  ``divisible_by * tp``; padding is dropped again on the way out, never exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+
+from megatron_r1v.models.r1v.presets import DecoderArch
+
+SplitKind = Literal["replicated", "row", "qkv", "fc1", "vocab"]
+
+
+@dataclass(frozen=True)
+class HFDecoderNames:
+    """Where the Qwen2 decoder sits inside an HF checkpoint."""
+
+    prefix: str = "model."
+    """Prefix of ``embed_tokens``/``layers``/``norm`` (``model.`` in Qwen2ForCausalLM)."""
+    lm_head: str = "lm_head.weight"
+
+
+QWEN2_CAUSAL_LM = HFDecoderNames()
+# transformers' InternVLForConditionalGeneration and the released (InternVL-chat) layout.
+INTERNVL_TRANSFORMERS = HFDecoderNames("model.language_model.", "lm_head.weight")
+INTERNVL_CHAT = HFDecoderNames("language_model.model.", "language_model.lm_head.weight")
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    mcore: str
+    """Global Megatron name (layer index over the whole model)."""
+    hf: tuple[str, ...]
+    kind: SplitKind
+    layer: Optional[int] = None
+    """Global decoder layer index; None for embedding, final norm and output layer."""
+    placement: Literal["first", "last", "layer"] = "layer"
+    """Pipeline stage holding it: first (embedding), last (final norm, head), or by layer."""
+
+
+def decoder_tensor_maps(
+    arch: DecoderArch,
+    names: HFDecoderNames = QWEN2_CAUSAL_LM,
+    *,
+    backend: str = "local",
+    mcore_prefix: str = "",
+) -> list[TensorMap]:
+    """All tensors of a Qwen2 decoder, in model order."""
+    if not arch.untie_embeddings:
+        raise ValueError("tied input/output embeddings are not supported (Qwen2 >= 7B and QwQ are untied)")
+    p, m = names.prefix, mcore_prefix
+    # TE fuses the norms into the next linear layer, which renames their weights.
+    ln_attn = "self_attention.linear_qkv.layer_norm_weight" if backend == "te" else "input_layernorm.weight"
+    ln_mlp = "mlp.linear_fc1.layer_norm_weight" if backend == "te" else "pre_mlp_layernorm.weight"
+    maps = [TensorMap(f"{m}embedding.word_embeddings.weight", (f"{p}embed_tokens.weight",), "vocab", None, "first")]
+    for i in range(arch.num_layers):
+        ml, hl = f"{m}decoder.layers.{i}.", f"{p}layers.{i}."
+        attn = f"{hl}self_attn."
+        maps += [
+            TensorMap(ml + ln_attn, (hl + "input_layernorm.weight",), "replicated", i),
+            TensorMap(
+                ml + "self_attention.linear_qkv.weight",
+                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), "qkv", i,
+            ),
+            TensorMap(
+                ml + "self_attention.linear_qkv.bias",
+                (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"), "qkv", i,
+            ),
+            TensorMap(ml + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "row", i),
+            TensorMap(ml + ln_mlp, (hl + "post_attention_layernorm.weight",), "replicated", i),
+            TensorMap(
+                ml + "mlp.linear_fc1.weight", (hl + "mlp.gate_proj.weight", hl + "mlp.up_proj.weight"), "fc1", i
+            ),
+            TensorMap(ml + "mlp.linear_fc2.weight", (hl + "mlp.down_proj.weight",), "row", i),
+        ]
+    maps += [
+        TensorMap(f"{m}decoder.final_layernorm.weight", (f"{p}norm.weight",), "replicated", None, "last"),
+        TensorMap(f"{m}output_layer.weight", (names.lm_head,), "vocab", None, "last"),
+    ]
+    return maps
+
+
+def stage_tensor_maps(
+    maps: list[TensorMap], num_layers: int, pp_rank: int, pp: int, *, mcore_prefix: str = ""
+) -> dict[str, TensorMap]:
+    """The maps held by pipeline stage ``pp_rank``, keyed by the stage-local Megatron name."""
+    if num_layers % pp:
+        raise ValueError(f"pp={pp} must divide num_layers={num_layers}")
+    per_stage = num_layers // pp
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    local: dict[str, TensorMap] = {}
+    for tm in maps:
+        if tm.placement == "first" and first or tm.placement == "last" and last:
+            local[tm.mcore] = tm
+        elif tm.placement == "layer" and tm.layer is not None and tm.layer // per_stage == pp_rank:
+            global_part = f"{mcore_prefix}decoder.layers.{tm.layer}."
+            local_part = f"{mcore_prefix}decoder.layers.{tm.layer - pp_rank * per_stage}."
+            local[tm.mcore.replace(global_part, local_part, 1)] = tm
+    return local
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Shape facts the split/merge rules need."""
+
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+
+    @classmethod
+    def for_decoder(cls, arch: DecoderArch, padded_vocab_size: int) -> "ShardSpec":
+        return cls(arch.num_attention_heads, arch.num_query_groups, arch.head_dim, arch.vocab_size, padded_vocab_size)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, rows: int) -> None:
+    if tensor.shape[0] != rows:
+        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {rows} rows")
+
+
+def hf_to_mcore_full(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    """The unsharded Megatron tensor (qkv interleaved, vocab padded) from HF tensors.
+
+    fc1 is returned as ``[gate; up]``; its TP sharding is not a slice of this (see
+    :func:`hf_to_mcore_shard`).
+    """
+    tensors = [hf[n] for n in tm.hf]
+    if tm.kind in ("replicated", "row"):
+        return tensors[0]
+    if tm.kind == "vocab":
+        (table,) = tensors
+        _check_shape(tm.hf[0], table, spec.vocab_size)
+        pad = spec.padded_vocab_size - spec.vocab_size
+        return torch.cat([table, table.new_zeros((pad, *table.shape[1:]))]) if pad else table
+    if tm.kind == "qkv":
+        q, k, v = tensors
+        g, d = spec.num_query_groups, spec.head_dim
+        per_group = spec.num_attention_heads // g
+        _check_shape(tm.hf[0], q, spec.num_attention_heads * d)
+        _check_shape(tm.hf[1], k, g * d)
+        _check_shape(tm.hf[2], v, g * d)
+        trailing = q.shape[1:]
+        grouped = torch.cat(
+            [q.reshape(g, per_group * d, *trailing), k.reshape(g, d, *trailing), v.reshape(g, d, *trailing)], dim=1
+        )
+        return grouped.reshape(g * (per_group + 2) * d, *trailing)
+    if tm.kind == "fc1":
+        gate, up = tensors
+        if gate.shape != up.shape:
+            raise ValueError(f"{tm.hf[0]} {tuple(gate.shape)} and {tm.hf[1]} {tuple(up.shape)} differ in shape")
+        return torch.cat([gate, up])
+    raise AssertionError(tm.kind)
+
+
+def hf_to_mcore_shard(
+    tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec, tp: int, tp_rank: int
+) -> torch.Tensor:
+    """This TP rank's Megatron tensor, built from the HF tensors named by ``tm.hf``."""
+    if tm.kind == "fc1":
+        gate, up = (hf[n] for n in tm.hf)
+        if gate.shape[0] % tp:
+            raise ValueError(f"tp={tp} does not divide {tm.hf[0]} rows {gate.shape[0]}")
+        return torch.cat([gate.chunk(tp)[tp_rank], up.chunk(tp)[tp_rank]]).contiguous()
+    full = hf_to_mcore_full(tm, hf, spec)
+    if tm.kind == "replicated" or tp == 1:
+        return full.contiguous()
+    dim = 1 if tm.kind == "row" else 0
+    if full.shape[dim] % tp:
+        raise ValueError(f"tp={tp} does not divide dim {dim} of {tm.mcore} {tuple(full.shape)}")
+    return full.chunk(tp, dim=dim)[tp_rank].contiguous()
+
+
+def mcore_shards_to_hf(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSpec) -> dict[str, torch.Tensor]:
+    """HF tensors from the TP shards of one Megatron tensor (ordered by TP rank)."""
+    if tm.kind == "replicated":
+        return {tm.hf[0]: shards[0]}
+    if tm.kind == "row":
+        return {tm.hf[0]: torch.cat(shards, dim=1)}
+    if tm.kind == "fc1":
+        halves = [s.chunk(2) for s in shards]
+        return {tm.hf[0]: torch.cat([h[0] for h in halves]), tm.hf[1]: torch.cat([h[1] for h in halves])}
+    full = torch.cat(shards)
+    if tm.kind == "vocab":
+        _check_shape(tm.mcore, full, spec.padded_vocab_size)
+        return {tm.hf[0]: full[: spec.vocab_size]}
+    if tm.kind == "qkv":
+        g, d = spec.num_query_groups, spec.head_dim
+        per_group = spec.num_attention_heads // g
+        trailing = full.shape[1:]
+        grouped = full.reshape(g, (per_group + 2) * d, *trailing)
+        q, k, v = grouped.split([per_group * d, d, d], dim=1)
+        return {
+            tm.hf[0]: q.reshape(g * per_group * d, *trailing),
+            tm.hf[1]: k.reshape(g * d, *trailing),
+            tm.hf[2]: v.reshape(g * d, *trailing),
+        }
+    raise AssertionError(tm.kind)
+
+
+# --- configs ----------------------------------------------------------------------------
+
+
+def decoder_arch_from_hf_config(cfg: dict[str, Any]) -> DecoderArch:
+    """A :class:`DecoderArch` from a Qwen2 ``config.json`` (dict)."""
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        arch = DecoderArch(
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+            ffn_hidden_size=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            untie_embeddings=not bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except KeyError as err:
+        raise ValueError(f"Qwen2 config is missing key {err.args[0]!r}") from None
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and int(head_dim) != hidden // heads:
+        raise ValueError(f"Qwen2 config head_dim={head_dim} differs from hidden_size/num_attention_heads")
+    return arch
+
+
+def decoder_arch_to_hf_config(arch: DecoderArch) -> dict[str, Any]:
+    """Keyword arguments of ``transformers.Qwen2Config`` for ``arch``."""
+    return {
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "intermediate_size": arch.ffn_hidden_size,
+        "vocab_size": arch.vocab_size,
+        "rope_theta": arch.rope_theta,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "tie_word_embeddings": not arch.untie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+    }

@@ -1,0 +1,1 @@
+"""Training: model/optimizer setup, schedule-driven steps, (later) MPO and GRPO loops."""

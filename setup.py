@@ -1,0 +1,35 @@
+"""megatron-r1v: Skywork-R1V2-style VLM training (MPO + GRPO + SSB) on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-r1v",
+    version="0.1.0",
+    description="Train InternViT + MLP adapter + Qwen2 vision-language reasoning models with MPO and "
+    "GRPO (hybrid reward, Selective Sample Buffer) on NVIDIA Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The top-level kernels/ folder is the import package megatron_r1v.kernels: a
+    # top-level `kernels` would shadow Hugging Face's `kernels` package.
+    packages=find_packages(include=["megatron_r1v", "megatron_r1v.*"]) + ["megatron_r1v.kernels"],
+    package_dir={"megatron_r1v.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "transformers>=4.52",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "zarr>=2.16",
+        "tensorboard>=2.14",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+        "data": ["nvidia-dali-cuda120>=1.40"],
+        "gpu": ["transformer-engine[pytorch]>=1.13"],
+        "rollout": ["sglang>=0.4.6"],
+    },
+    entry_points={"console_scripts": ["r1v-config=megatron_r1v.config:main"]},
+)

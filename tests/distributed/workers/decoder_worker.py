@@ -1,0 +1,86 @@
+"""torchrun worker for the decoder tests: parity (logits + grads) and short training runs.
+
+Reads HF weights lazily from a safetensors file, builds this rank's Megatron stage,
+and writes results under --out (only from the ranks that own them).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_r1v.models.r1v.presets import get_preset
+from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
+from megatron_r1v.platform import destroy_distributed, init_distributed
+from megatron_r1v.trainer.lm_step import attach_ddp_hooks, lm_forward_backward, lm_train_step, make_lm_microbatch
+from megatron_r1v.trainer.setup import build_decoder_stage, build_optimizer, wrap_ddp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["parity", "train"])
+    parser.add_argument("--hf-file", required=True)
+    parser.add_argument("--data-file", required=True, help="torch file with tokens [N, S+1]")
+    parser.add_argument("--preset", default="tiny-qwen2")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
+    arch = get_preset(args.preset).decoder
+    stage = build_decoder_stage(arch, ctx, ModelConfig(preset=args.preset, backend="local"))
+    with safe_open(args.hf_file, framework="pt") as reader:
+        load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
+
+    data = torch.load(args.data_file)
+    tokens, labels = data[:, :-1], data[:, 1:]
+    owner = ctx.rank == 0
+    if args.mode == "parity":
+        mb = make_lm_microbatch(tokens, labels)
+        result = lm_forward_backward(stage.model, [mb], ctx, vocab_size=arch.vocab_size, keep_logits=True)
+        if ctx.is_last_stage:
+            (local,) = result.logits
+            parts = [torch.empty_like(local) for _ in range(ctx.tp)]
+            dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
+            if ctx.tp_rank == 0 and ctx.dp_rank == 0:
+                torch.save(torch.cat(parts, dim=-1)[..., : arch.vocab_size], os.path.join(args.out, "logits.pt"))
+        grads = gather_hf_tensors(stage.model, stage.stage_maps, stage.shard_spec, ctx, grads=True)
+        if owner:
+            save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
+            json.dump({"loss": result.loss}, open(os.path.join(args.out, "result.json"), "w"))
+    else:
+        ddp = wrap_ddp(stage.model, stage.config, use_distributed_optimizer=args.distributed_optimizer)
+        opt_cfg = OptimizerConfig(lr=args.lr, clip_grad=1.0, use_distributed_optimizer=args.distributed_optimizer)
+        optimizer = build_optimizer([ddp], opt_cfg, "fp32")
+        attach_ddp_hooks(ddp, optimizer)
+        # Each DP rank takes a contiguous slice of the global batch.
+        per_rank = tokens.shape[0] // ctx.dp
+        rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
+        mbs = [
+            make_lm_microbatch(tokens[rows][i : i + args.micro_batch], labels[rows][i : i + args.micro_batch])
+            for i in range(0, per_rank, args.micro_batch)
+        ]
+        losses, norms = [], []
+        for _ in range(args.steps):
+            loss, grad_norm = lm_train_step(ddp, optimizer, mbs, ctx, vocab_size=arch.vocab_size)
+            losses.append(loss)
+            norms.append(grad_norm)
+        weights = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx)
+        if owner:
+            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(args.out, "weights.safetensors"))
+            json.dump({"losses": losses, "grad_norms": norms}, open(os.path.join(args.out, "result.json"), "w"))
+    destroy_distributed(ctx)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""HF Qwen2 <-> Megatron tensor mapping: layouts, round trips, padding, stage placement."""
+
+import pytest
+import torch
+
+from megatron_r1v.models.r1v.hf_mapping import (
+    INTERNVL_CHAT,
+    ShardSpec,
+    TensorMap,
+    decoder_arch_from_hf_config,
+    decoder_arch_to_hf_config,
+    decoder_tensor_maps,
+    hf_to_mcore_shard,
+    mcore_shards_to_hf,
+    stage_tensor_maps,
+)
+from megatron_r1v.models.r1v.presets import QWQ_32B, DecoderArch, get_preset
+
+TINY = get_preset("tiny-qwen2").decoder
+# 8 heads in 4 groups allows tp=4; vocab 1001 is odd.
+WIDE = DecoderArch(hidden_size=64, num_layers=2, num_attention_heads=8, num_query_groups=4,
+                   ffn_hidden_size=40, vocab_size=1001)
+
+
+def random_hf_state(arch, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_arch_to_hf_config(arch)))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch,tp", [(TINY, 1), (TINY, 2), (WIDE, 2), (WIDE, 4)])
+def test_round_trip_is_bit_exact(arch, tp):
+    hf = random_hf_state(arch)
+    padded = arch.padded_vocab_size(tp)
+    assert padded % tp == 0 and padded > arch.vocab_size  # padding really happens
+    spec = ShardSpec.for_decoder(arch, padded)
+    maps = decoder_tensor_maps(arch)
+    assert sorted(n for tm in maps for n in tm.hf) == sorted(hf), "maps must cover every HF tensor exactly once"
+    back = {}
+    for tm in maps:
+        shards = [hf_to_mcore_shard(tm, hf, spec, tp, r) for r in range(tp)]
+        if tm.kind == "vocab":
+            assert shards[0].shape[0] == padded // tp
+            assert torch.count_nonzero(torch.cat(shards)[arch.vocab_size:]) == 0
+        back.update(mcore_shards_to_hf(tm, shards, spec))
+    assert set(back) == set(hf)
+    for name, tensor in hf.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_qkv_is_interleaved_per_query_group():
+    arch, d = WIDE, WIDE.head_dim
+    h, g, per = arch.hidden_size, arch.num_query_groups, arch.num_attention_heads // arch.num_query_groups
+    # Each row carries (kind, head index) so the layout can be read back.
+    q = torch.stack([torch.full((h,), 1000.0 + i // d) for i in range(arch.num_attention_heads * d)])
+    k = torch.stack([torch.full((h,), 2000.0 + i // d) for i in range(g * d)])
+    v = torch.stack([torch.full((h,), 3000.0 + i // d) for i in range(g * d)])
+    tm = decoder_tensor_maps(arch)[2]
+    assert tm.mcore == "decoder.layers.0.self_attention.linear_qkv.weight"
+    hf = dict(zip(tm.hf, (q, k, v)))
+    spec = ShardSpec.for_decoder(arch, arch.padded_vocab_size(1))
+    full = hf_to_mcore_shard(tm, hf, spec, 1, 0)[:, 0]
+    expected = []
+    for group in range(g):
+        expected += [1000.0 + group * per + j for j in range(per) for _ in range(d)]
+        expected += [2000.0 + group] * d + [3000.0 + group] * d
+    assert full.tolist() == expected
+    # TP=2: rank 1 holds groups 2 and 3 whole.
+    rank1 = hf_to_mcore_shard(tm, hf, spec, 2, 1)[:, 0]
+    assert rank1.tolist() == expected[len(expected) // 2 :]
+
+
+def test_swiglu_fc1_shard_is_gate_and_up_slices():
+    gate, up = torch.arange(40.0).reshape(40, 1), -torch.arange(40.0).reshape(40, 1)
+    tm = TensorMap("x", ("g", "u"), "fc1", 0)
+    spec = ShardSpec.for_decoder(WIDE, 1024)
+    shard = hf_to_mcore_shard(tm, {"g": gate, "u": up}, spec, 4, 2)
+    assert torch.equal(shard, torch.cat([gate[20:30], up[20:30]]))
+
+
+def test_shape_errors_name_the_tensor():
+    hf = random_hf_state(TINY)
+    hf["model.embed_tokens.weight"] = hf["model.embed_tokens.weight"][:-1]
+    spec = ShardSpec.for_decoder(TINY, TINY.padded_vocab_size(1))
+    with pytest.raises(ValueError, match=r"'model\.embed_tokens\.weight' has shape \(250, 64\); expected 251 rows"):
+        hf_to_mcore_shard(decoder_tensor_maps(TINY)[0], hf, spec, 1, 0)
+
+
+def test_stage_maps_partition_the_model():
+    maps = decoder_tensor_maps(TINY, INTERNVL_CHAT, mcore_prefix="language_model.")
+    stages = [stage_tensor_maps(maps, TINY.num_layers, r, 2, mcore_prefix="language_model.") for r in range(2)]
+    assert sum(len(s) for s in stages) == len(maps)
+    assert "language_model.embedding.word_embeddings.weight" in stages[0]
+    assert "language_model.output_layer.weight" in stages[1]
+    # Global layer 3 is local layer 1 of stage 1.
+    tm = stages[1]["language_model.decoder.layers.1.mlp.linear_fc2.weight"]
+    assert tm.layer == 3 and tm.hf == ("language_model.model.layers.3.mlp.down_proj.weight",)
+    assert INTERNVL_CHAT.lm_head in stages[1]["language_model.output_layer.weight"].hf
+
+
+def test_transformer_engine_names_for_fused_norms():
+    names = {tm.mcore for tm in decoder_tensor_maps(TINY, backend="te")}
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in names
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
+
+
+def test_hf_config_round_trip_and_errors():
+    assert decoder_arch_from_hf_config(decoder_arch_to_hf_config(QWQ_32B)) == QWQ_32B
+    cfg = decoder_arch_to_hf_config(QWQ_32B)
+    del cfg["intermediate_size"]
+    with pytest.raises(ValueError, match="missing key 'intermediate_size'"):
+        decoder_arch_from_hf_config(cfg)
+
+
+def test_qwq_32b_preset_matches_transformers_parameter_count():
+    import transformers
+
+    config = transformers.Qwen2Config(**decoder_arch_to_hf_config(QWQ_32B))
+    with torch.device("meta"):  # counts without allocating 65 GB
+        model = transformers.Qwen2ForCausalLM(config)
+    reference = sum(p.numel() for p in model.parameters())
+    assert QWQ_32B.num_parameters() == reference
+    assert round(reference / 1e9, 2) == 32.76
+    assert QWQ_32B.padded_vocab_size(8) == 152576 and QWQ_32B.padded_vocab_size(1) == 152064
