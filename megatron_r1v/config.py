@@ -27,6 +27,19 @@ DType = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
+class FP8Config:
+    format: Optional[Literal["hybrid", "e4m3"]] = None
+    """FP8 format of Transformer Engine GEMMs (hybrid: e4m3 forward, e5m2 backward); null disables FP8."""
+    recipe: Literal["delayed", "current"] = "delayed"
+    """Scaling: delayed (amax history) or current (per-tensor, from the live tensor)."""
+    amax_history_len: int = 1024
+    """Length of the amax history window (delayed scaling)."""
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    margin: int = 0
+    """Scaling-factor margin, as a power of two."""
+
+
+@dataclass
 class ModelConfig:
     preset: str = "tiny-qwen2"
     """Architecture preset name (see megatron_r1v/models/r1v/presets.py)."""
@@ -38,7 +51,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this times TP (padding is never exported)."""
     freeze: Literal["adapter", "adapter+llm", "adapter+vision", "all"] = "adapter"
-    """Which parts train: the report's best setting trains the adapter only."""
+    """Which parts train (the name lists them): the report's best setting trains the adapter only."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 Transformer Engine recipe (GPU only)."""
 
 
 @dataclass

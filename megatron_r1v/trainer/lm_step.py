@@ -2,8 +2,8 @@
 
 One call runs all micro-batches of a step on this rank with the schedule Megatron
 picks for the PP size (no pipelining, or 1F1B), computes the token-mean
-cross-entropy on the last stage with ``vocab_parallel_cross_entropy`` (vocab-padding
-logits masked first), and leaves gradients in the DDP buffers.
+cross-entropy on the last stage with ``vocab_parallel_cross_entropy`` (the model has
+already masked vocab-padding logits), and leaves gradients in the DDP buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_r1v.models.r1v.model import causal_attention_mask, mask_padded_vocab
+from megatron_r1v.models.r1v.model import causal_attention_mask
 from megatron_r1v.platform import ParallelContext
 
 
@@ -42,11 +42,10 @@ class LMStepResult:
     loss: Optional[float]
     """Mean of the micro-batch losses over all data-parallel ranks (every rank receives it)."""
     logits: list[torch.Tensor] = field(default_factory=list)
-    """Per micro-batch masked vocab-parallel logits [B, S, V_pad/tp] (last stage, keep_logits)."""
+    """Per micro-batch vocab-parallel logits [B, S, V_pad/tp] (last stage, keep_logits)."""
 
 
-def _lm_loss(batch: dict, vocab_size: int, tp_rank: int, keep: Optional[list], logits_BSv: torch.Tensor):
-    logits_BSv = mask_padded_vocab(logits_BSv, vocab_size, tp_rank)
+def _lm_loss(batch: dict, keep: Optional[list], logits_BSv: torch.Tensor):
     if keep is not None:
         keep.append(logits_BSv.detach())
     # Megatron's vocab-parallel CE takes sequence-first [S, B, V/tp] logits.
@@ -64,7 +63,6 @@ def lm_forward_backward(
     microbatches: list[dict[str, torch.Tensor]],
     ctx: ParallelContext,
     *,
-    vocab_size: int,
     forward_only: bool = False,
     keep_logits: bool = False,
 ) -> LMStepResult:
@@ -75,8 +73,10 @@ def lm_forward_backward(
 
     def forward_step(data_iterator: Iterator[dict], stage_model: torch.nn.Module):
         batch = {k: v.to(ctx.device) for k, v in next(data_iterator).items()}
-        output = stage_model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-        return output, partial(_lm_loss, batch, vocab_size, ctx.tp_rank, keep)
+        output = stage_model(
+            batch["tokens"], batch["position_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values")
+        )
+        return output, partial(_lm_loss, batch, keep)
 
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -113,13 +113,11 @@ def lm_train_step(
     optimizer: MegatronOptimizer,
     microbatches: list[dict[str, torch.Tensor]],
     ctx: ParallelContext,
-    *,
-    vocab_size: int,
 ) -> tuple[float, Optional[float]]:
     """One optimizer step over ``microbatches``; returns (mean loss, grad norm)."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
-    result = lm_forward_backward(ddp_model, microbatches, ctx, vocab_size=vocab_size)
+    result = lm_forward_backward(ddp_model, microbatches, ctx)
     update_ok, grad_norm, _ = optimizer.step()
     if not update_ok:
         raise FloatingPointError("optimizer step skipped: non-finite gradients")

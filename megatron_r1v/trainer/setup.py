@@ -1,4 +1,4 @@
-"""Model and optimizer construction for one rank: stage model, Megatron DDP, optimizer.
+"""Model and optimizer construction for one rank: R1V stage model, Megatron DDP, optimizer.
 
 The optimizer is Megatron-Core's (``get_megatron_optimizer``): Adam(W) with global
 grad-norm clipping over the model-parallel group, fp32 main params for bf16 models,
@@ -11,61 +11,99 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1v.config import ModelConfig, OptimizerConfig
-from megatron_r1v.models.r1v.hf_mapping import HFDecoderNames, QWEN2_CAUSAL_LM, ShardSpec, TensorMap
-from megatron_r1v.models.r1v.model import TORCH_DTYPES, build_language_model, decoder_transformer_config
-from megatron_r1v.models.r1v.presets import DecoderArch
-from megatron_r1v.models.r1v.spec import resolve_backend
-from megatron_r1v.models.r1v.weights import decoder_stage_maps
+from megatron_r1v.models.r1v.adapter import VisionAdapter, adapter_transformer_config
+from megatron_r1v.models.r1v.hf_mapping import HFLayout, ShardSpec, TensorMap
+from megatron_r1v.models.r1v.model import (
+    TORCH_DTYPES,
+    R1VModel,
+    apply_freeze_policy,
+    build_language_model,
+    decoder_transformer_config,
+)
+from megatron_r1v.models.r1v.presets import R1VArch
+from megatron_r1v.models.r1v.spec import (
+    adapter_mlp_submodules,
+    fp8_transformer_kwargs,
+    resolve_backend,
+    vision_layer_spec,
+)
+from megatron_r1v.models.r1v.vision import InternViT, vision_transformer_config
+from megatron_r1v.models.r1v.weights import model_stage_maps
 from megatron_r1v.platform import ParallelContext
 
 
 @dataclass
-class DecoderStage:
-    """This rank's piece of the language model and the facts needed to map it."""
+class ModelStage:
+    """This rank's piece of the model and the facts needed to map it to HF names."""
 
-    model: GPTModel
+    model: R1VModel
     config: TransformerConfig
-    arch: DecoderArch
+    """The language model's TransformerConfig (what the schedules read)."""
+    arch: R1VArch
     backend: str
     shard_spec: ShardSpec
     stage_maps: dict[str, TensorMap]
+    trainable: list[str]
+    """Names of this stage's parameters that train under the freeze policy."""
 
 
-def build_decoder_stage(
-    arch: DecoderArch,
+def build_model_stage(
+    arch: R1VArch,
     ctx: ParallelContext,
     model_cfg: ModelConfig,
     *,
+    layout: HFLayout,
     sequence_parallel: bool = False,
-    hf_names: HFDecoderNames = QWEN2_CAUSAL_LM,
-) -> DecoderStage:
+) -> ModelStage:
+    """Builds this rank's :class:`R1VModel` stage (vision + adapter on the first stage only)."""
     backend = resolve_backend(model_cfg.backend)
     on_cpu = ctx.device.type == "cpu"
     if on_cpu and model_cfg.params_dtype != "fp32":
         raise ValueError(f"model.params_dtype={model_cfg.params_dtype}: the CPU mode runs fp32 only")
+    if sequence_parallel and backend != "te":
+        raise ValueError("parallel.sequence_parallel needs Transformer Engine layers (model.backend=te)")
+    arch.check_parallel(ctx.tp, ctx.pp)
+    fp8 = fp8_transformer_kwargs(model_cfg.fp8, backend)
     config = decoder_transformer_config(
-        arch, tp=ctx.tp, pp=ctx.pp, sequence_parallel=sequence_parallel,
-        params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu,
+        arch.decoder, tp=ctx.tp, pp=ctx.pp, sequence_parallel=sequence_parallel,
+        params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu, fp8_kwargs=fp8,
     )
-    padded = arch.padded_vocab_size(ctx.tp, model_cfg.make_vocab_size_divisible_by)
-    model = build_language_model(
-        arch, config, backend=backend, padded_vocab_size=padded,
+    shard_spec = ShardSpec.for_model(arch, ctx.tp, model_cfg.make_vocab_size_divisible_by)
+    language_model = build_language_model(
+        arch.decoder, config, backend=backend, padded_vocab_size=shard_spec.padded_vocab_size,
         pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,
     )
+    vision = adapter = None
+    if arch.vision is not None and ctx.is_first_stage:
+        vision_config = vision_transformer_config(
+            arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu, fp8_kwargs=fp8
+        )
+        vision = InternViT(
+            arch.vision, vision_config,
+            vision_layer_spec(backend, real_width=arch.vision.hidden_size, tp_group=ctx.tp_group),
+        )
+        assert arch.adapter is not None
+        adapter = VisionAdapter(
+            arch.adapter, arch.adapter_input_size,
+            adapter_transformer_config(config, arch.decoder.hidden_size, arch.adapter),
+            adapter_mlp_submodules(backend),
+        )
+    model = R1VModel(arch, language_model, vision=vision, adapter=adapter, tp_rank=ctx.tp_rank)
     model.to(ctx.device)
-    return DecoderStage(
+    trainable = apply_freeze_policy(model, model_cfg.freeze)
+    return ModelStage(
         model=model,
         config=config,
         arch=arch,
         backend=backend,
-        shard_spec=ShardSpec.for_decoder(arch, padded),
-        stage_maps=decoder_stage_maps(arch, ctx, hf_names, backend),
+        shard_spec=shard_spec,
+        stage_maps=model_stage_maps(arch, ctx, layout, backend),
+        trainable=trainable,
     )
 
 

@@ -14,6 +14,9 @@ Layouts that need more than a slice (NOTES-megatron-cpu.md, "Checkpoint facts"):
   and up stacked, not the r-th slice of ``[gate; up]``.
 * vocabulary (embedding, output layer): padded with zero rows to a multiple of
   ``divisible_by * tp``; padding is dropped again on the way out, never exported.
+* InternViT attention (MHA): heads padded with zero "dummy" heads to a multiple of TP
+  (25 -> 26/28/32); ``linear_qkv`` rows per head ``[q_h; k_h; v_h]``, q/k norm weights
+  and ``linear_proj`` columns padded with zeros. Dummy entries are dropped on export.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from megatron_r1v.models.r1v.presets import DecoderArch
+from megatron_r1v.models.r1v.presets import DecoderArch, R1VArch, VisionArch
 
-SplitKind = Literal["replicated", "row", "qkv", "fc1", "vocab"]
+SplitKind = Literal["replicated", "column", "row", "qkv", "fc1", "vocab", "vision_qkv", "head_vec", "head_row"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,20 @@ QWEN2_CAUSAL_LM = HFDecoderNames()
 # transformers' InternVLForConditionalGeneration and the released (InternVL-chat) layout.
 INTERNVL_TRANSFORMERS = HFDecoderNames("model.language_model.", "lm_head.weight")
 INTERNVL_CHAT = HFDecoderNames("language_model.model.", "language_model.lm_head.weight")
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """Names of a whole model in one HF layout."""
+
+    decoder: HFDecoderNames
+    vision_prefix: str = ""
+    """Prefix of the vision tower (empty for decoder-only checkpoints)."""
+    projector_prefix: str = ""
+
+
+QWEN2_LAYOUT = HFLayout(QWEN2_CAUSAL_LM)
+TRANSFORMERS_LAYOUT = HFLayout(INTERNVL_TRANSFORMERS, "model.vision_tower.", "model.multi_modal_projector.")
 
 
 @dataclass(frozen=True)
@@ -125,10 +142,26 @@ class ShardSpec:
     head_dim: int
     vocab_size: int
     padded_vocab_size: int
+    vision_heads: int = 0
+    vision_heads_padded: int = 0
+    """Vision heads including dummy heads (a multiple of TP)."""
+    vision_head_dim: int = 0
 
     @classmethod
     def for_decoder(cls, arch: DecoderArch, padded_vocab_size: int) -> "ShardSpec":
         return cls(arch.num_attention_heads, arch.num_query_groups, arch.head_dim, arch.vocab_size, padded_vocab_size)
+
+    @classmethod
+    def for_model(cls, arch: R1VArch, tp: int, divisible_by: int = 128) -> "ShardSpec":
+        dec = arch.decoder
+        base = cls.for_decoder(dec, dec.padded_vocab_size(tp, divisible_by))
+        if arch.vision is None:
+            return base
+        heads = arch.vision.num_attention_heads
+        return cls(
+            base.num_attention_heads, base.num_query_groups, base.head_dim, base.vocab_size, base.padded_vocab_size,
+            vision_heads=heads, vision_heads_padded=-(-heads // tp) * tp, vision_head_dim=arch.vision.head_dim,
+        )
 
 
 def _check_shape(name: str, tensor: torch.Tensor, rows: int) -> None:
@@ -143,8 +176,10 @@ def hf_to_mcore_full(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec
     :func:`hf_to_mcore_shard`).
     """
     tensors = [hf[n] for n in tm.hf]
-    if tm.kind in ("replicated", "row"):
+    if tm.kind in ("replicated", "row", "column"):
         return tensors[0]
+    if tm.kind in ("vision_qkv", "head_vec", "head_row"):
+        return _pad_vision_heads(tm, tensors, spec)
     if tm.kind == "vocab":
         (table,) = tensors
         _check_shape(tm.hf[0], table, spec.vocab_size)
@@ -182,7 +217,7 @@ def hf_to_mcore_shard(
     full = hf_to_mcore_full(tm, hf, spec)
     if tm.kind == "replicated" or tp == 1:
         return full.contiguous()
-    dim = 1 if tm.kind == "row" else 0
+    dim = 1 if tm.kind in ("row", "head_row") else 0
     if full.shape[dim] % tp:
         raise ValueError(f"tp={tp} does not divide dim {dim} of {tm.mcore} {tuple(full.shape)}")
     return full.chunk(tp, dim=dim)[tp_rank].contiguous()
@@ -194,6 +229,10 @@ def mcore_shards_to_hf(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSpe
         return {tm.hf[0]: shards[0]}
     if tm.kind == "row":
         return {tm.hf[0]: torch.cat(shards, dim=1)}
+    if tm.kind == "column":
+        return {tm.hf[0]: torch.cat(shards)}
+    if tm.kind in ("vision_qkv", "head_vec", "head_row"):
+        return _unpad_vision_heads(tm, shards, spec)
     if tm.kind == "fc1":
         halves = [s.chunk(2) for s in shards]
         return {tm.hf[0]: torch.cat([h[0] for h in halves]), tm.hf[1]: torch.cat([h[1] for h in halves])}
@@ -213,6 +252,99 @@ def mcore_shards_to_hf(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSpe
             tm.hf[2]: v.reshape(g * d, *trailing),
         }
     raise AssertionError(tm.kind)
+
+
+def _pad_vision_heads(tm: TensorMap, tensors: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    heads, padded, d = spec.vision_heads, spec.vision_heads_padded, spec.vision_head_dim
+    width, pad = heads * d, (padded - heads) * d
+    if tm.kind == "head_row":
+        (proj,) = tensors
+        if proj.shape[1] != width:
+            raise ValueError(f"tensor {tm.hf[0]!r} has shape {tuple(proj.shape)}; expected {width} columns")
+        return torch.cat([proj, proj.new_zeros(proj.shape[0], pad)], dim=1)
+    for name, t in zip(tm.hf, tensors):
+        _check_shape(name, t, width)
+    padded_rows = [torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in tensors]
+    if tm.kind == "head_vec":
+        return padded_rows[0]
+    # MHA: Megatron's per-group interleave with one head per group.
+    trailing = tensors[0].shape[1:]
+    per_head = torch.stack([t.reshape(padded, d, *trailing) for t in padded_rows], dim=1)
+    return per_head.reshape(padded * 3 * d, *trailing)
+
+
+def _unpad_vision_heads(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSpec) -> dict[str, torch.Tensor]:
+    heads, padded, d = spec.vision_heads, spec.vision_heads_padded, spec.vision_head_dim
+    if tm.kind == "head_row":
+        return {tm.hf[0]: torch.cat(shards, dim=1)[:, : heads * d]}
+    full = torch.cat(shards)
+    if tm.kind == "head_vec":
+        return {tm.hf[0]: full[: heads * d]}
+    trailing = full.shape[1:]
+    per_head = full.reshape(padded, 3, d, *trailing)[:heads]
+    return {name: per_head[:, i].reshape(heads * d, *trailing) for i, name in enumerate(tm.hf)}
+
+
+def vision_tensor_maps(vision: VisionArch, layout: HFLayout, *, mcore_prefix: str = "vision.") -> list[TensorMap]:
+    """InternViT tensors (first pipeline stage) in the transformers InternVL layout."""
+    p, m = layout.vision_prefix, mcore_prefix
+    emb = f"{p}embeddings."
+
+    def first(mcore: str, hf: tuple[str, ...], kind: SplitKind) -> TensorMap:
+        return TensorMap(mcore, hf, kind, None, "first")
+
+    maps = [
+        first(f"{m}class_token", (emb + "cls_token",), "replicated"),
+        first(f"{m}position_embeddings", (emb + "position_embeddings",), "replicated"),
+        first(f"{m}patch_embed.weight", (emb + "patch_embeddings.projection.weight",), "replicated"),
+        first(f"{m}patch_embed.bias", (emb + "patch_embeddings.projection.bias",), "replicated"),
+    ]
+    for i in range(vision.num_layers):
+        ml, hl = f"{m}encoder.layers.{i}.", f"{p}encoder.layer.{i}."
+        attn = hl + "attention."
+        maps += [
+            first(ml + "input_layernorm.weight", (hl + "layernorm_before.weight",), "replicated"),
+            first(
+                ml + "self_attention.linear_qkv.weight",
+                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), "vision_qkv",
+            ),
+            first(ml + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",), "head_vec"),
+            first(ml + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), "head_vec"),
+            first(ml + "self_attention.linear_proj.weight", (attn + "projection_layer.weight",), "head_row"),
+            first(ml + "self_attention.linear_proj.bias", (attn + "projection_layer.bias",), "replicated"),
+            first(ml + "self_attn_bda.weight", (hl + "lambda_1",), "replicated"),
+            first(ml + "pre_mlp_layernorm.weight", (hl + "layernorm_after.weight",), "replicated"),
+            first(ml + "mlp.linear_fc1.weight", (hl + "mlp.fc1.weight",), "column"),
+            first(ml + "mlp.linear_fc1.bias", (hl + "mlp.fc1.bias",), "column"),
+            first(ml + "mlp.linear_fc2.weight", (hl + "mlp.fc2.weight",), "row"),
+            first(ml + "mlp.linear_fc2.bias", (hl + "mlp.fc2.bias",), "replicated"),
+            first(ml + "mlp_bda.weight", (hl + "lambda_2",), "replicated"),
+        ]
+    return maps
+
+
+def adapter_tensor_maps(layout: HFLayout, *, mcore_prefix: str = "adapter.") -> list[TensorMap]:
+    """The mlp1 adapter (first pipeline stage) in the transformers InternVL layout."""
+    p, m = layout.projector_prefix, mcore_prefix
+    rows: list[tuple[str, str, SplitKind]] = [
+        ("layer_norm.weight", "layer_norm.weight", "replicated"),
+        ("layer_norm.bias", "layer_norm.bias", "replicated"),
+        ("mlp.linear_fc1.weight", "linear_1.weight", "column"),
+        ("mlp.linear_fc1.bias", "linear_1.bias", "column"),
+        ("mlp.linear_fc2.weight", "linear_2.weight", "row"),
+        ("mlp.linear_fc2.bias", "linear_2.bias", "replicated"),
+    ]
+    return [TensorMap(m + mc, (p + hf,), kind, None, "first") for mc, hf, kind in rows]
+
+
+def model_tensor_maps(arch: R1VArch, layout: HFLayout, *, backend: str = "local") -> list[TensorMap]:
+    """Every tensor of an :class:`R1VModel` (names under ``vision.``, ``adapter.``, ``language_model.``)."""
+    maps = []
+    if arch.vision is not None:
+        if not layout.vision_prefix:
+            raise ValueError("this HF layout has no vision tower names; use a multimodal layout")
+        maps += vision_tensor_maps(arch.vision, layout) + adapter_tensor_maps(layout)
+    return maps + decoder_tensor_maps(arch.decoder, layout.decoder, backend=backend, mcore_prefix="language_model.")
 
 
 # --- configs ----------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_r1v.models.r1v.presets import DecoderArch
+from megatron_r1v.models.r1v.presets import DecoderArch, R1VArch
 from megatron_r1v.models.r1v.spec import Backend, decoder_layer_spec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,6 +31,7 @@ def decoder_transformer_config(
     params_dtype: str = "fp32",
     backend: Backend = "local",
     on_cpu: bool = False,
+    fp8_kwargs: Optional[dict] = None,
 ) -> TransformerConfig:
     """Megatron TransformerConfig of a Qwen2 decoder.
 
@@ -67,6 +70,7 @@ def decoder_transformer_config(
         persist_layer_norm=gpu_fusions,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **(fp8_kwargs or {}),
     )
 
 
@@ -96,6 +100,8 @@ def build_language_model(
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
         rotary_percent=1.0,
+        # R1VModel scatters image features into the full sequence, then splits it for SP.
+        scatter_embedding_sequence_parallel=False,
     )
 
 
@@ -120,3 +126,111 @@ def mask_padded_vocab(logits_BSv: torch.Tensor, vocab_size: int, tp_rank: int) -
 def causal_attention_mask(seq_len: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Megatron's boolean mask convention: ``True`` marks positions NOT attended. [1,1,S,S]"""
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+# Trainable top-level parts for each freeze policy (Table 4: adapter-only is best).
+FREEZE_POLICIES: dict[str, tuple[str, ...]] = {
+    "adapter": ("adapter",),
+    "adapter+llm": ("adapter", "language_model"),
+    "adapter+vision": ("adapter", "vision"),
+    "all": ("adapter", "vision", "language_model"),
+}
+
+
+class R1VModel(MegatronModule):
+    """Eq. 1 for one pipeline stage: InternViT -> adapter -> scatter -> Qwen2 decoder.
+
+    The vision encoder and adapter exist on the first stage only. ``forward`` takes
+    ``input_ids [B, S]`` holding ``tokens_per_tile`` IMG_CONTEXT ids per tile and
+    ``pixel_values [N_tiles, 3, H, W]`` with tiles in the order their tokens appear
+    (sample by sample, left to right); the adapter output replaces those embeddings.
+    Returns masked vocab-parallel logits ``[B, S, V_pad / tp]`` on the last stage and
+    hidden states ``[S, B, H]`` elsewhere.
+    """
+
+    def __init__(
+        self,
+        arch: R1VArch,
+        language_model: GPTModel,
+        *,
+        vision: Optional[torch.nn.Module] = None,
+        adapter: Optional[torch.nn.Module] = None,
+        tp_rank: int = 0,
+    ) -> None:
+        super().__init__(config=language_model.config)
+        self.arch = arch
+        self.language_model = language_model
+        self.vision = vision
+        self.adapter = adapter
+        self.tp_rank = tp_rank
+        self.pre_process = language_model.pre_process
+        self.post_process = language_model.post_process
+        self.model_type = language_model.model_type  # read by Megatron's schedules
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N_tiles, 3, H, W]`` -> ``[N_tiles, tokens_per_tile, H_llm]`` (f_c(f_v(x_v)))."""
+        assert self.vision is not None and self.adapter is not None, "vision lives on the first stage"
+        return self.adapter(self.vision(pixel_values))
+
+    def _scatter_images(self, embeds_SBH: torch.Tensor, input_ids: torch.Tensor, images_NTH: torch.Tensor):
+        is_image_BS = input_ids == self.arch.image_token_id
+        n_tokens, n_features = int(is_image_BS.sum()), images_NTH.shape[0] * images_NTH.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"the batch has {n_tokens} image tokens (id {self.arch.image_token_id}) but pixel_values give "
+                f"{images_NTH.shape[0]} tiles x {images_NTH.shape[1]} tokens = {n_features} image features"
+            )
+        # Batch-major order, as transformers' masked_scatter on [B, S, H].
+        embeds_BSH = embeds_SBH.transpose(0, 1)
+        mask_BSH = is_image_BS.unsqueeze(-1).expand_as(embeds_BSH)
+        embeds_BSH = embeds_BSH.masked_scatter(mask_BSH, images_NTH.to(embeds_BSH.dtype))
+        return embeds_BSH.transpose(0, 1).contiguous()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        pixel_values: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        decoder_input = None
+        if self.pre_process:
+            embeds_SBH = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                embeds_SBH = self._scatter_images(embeds_SBH, input_ids, self.image_embeddings(pixel_values))
+            elif self.arch.image_token_id is not None and bool((input_ids == self.arch.image_token_id).any()):
+                raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            if self.config.sequence_parallel:
+                embeds_SBH = tensor_parallel.scatter_to_sequence_parallel_region(embeds_SBH)
+            decoder_input = embeds_SBH
+        output = self.language_model(
+            input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
+        )
+        if self.post_process:
+            output = mask_padded_vocab(output, self.arch.decoder.vocab_size, self.tp_rank)
+        return output
+
+
+def apply_freeze_policy(model: R1VModel, policy: str) -> list[str]:
+    """Sets ``requires_grad`` by policy; returns the trainable parameter names of this stage.
+
+    Frozen parameters get no ``.grad``; Megatron DDP allocates no gradient buffer and
+    the optimizer no state for them.
+    """
+    if policy not in FREEZE_POLICIES:
+        raise ValueError(f"model.freeze must be one of {sorted(FREEZE_POLICIES)}, got {policy!r}")
+    trainable_parts = FREEZE_POLICIES[policy]
+    if model.arch.vision is None and "language_model" not in trainable_parts:
+        raise ValueError(
+            f"model.freeze={policy} trains nothing on a decoder-only preset (no vision/adapter); "
+            "use adapter+llm or all"
+        )
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.split(".", 1)[0] in trainable_parts)
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable

@@ -63,3 +63,114 @@ def decoder_layer_spec(backend: Backend) -> ModuleSpec:
     if backend == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def vision_layer_spec(backend: Backend, *, real_width: int, tp_group=None) -> ModuleSpec:
+    """InternViT layer: RMSNorm -> MHA (no QKV bias, all-heads q/k RMSNorm) -> layer scale,
+    RMSNorm -> MLP (exact GELU, biases) -> layer scale. Non-causal, no attention mask.
+
+    Norms stay separate modules with TE too (no fused LayerNorm-Linear), so parameter
+    names are the same for both backends.
+    """
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from megatron_r1v.models.r1v.vision import AllHeadsRMSNorm, ColumnParallelLinearNoBias, LayerScaleBiasDropoutAdd
+
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        class TEColumnParallelLinearNoBias(TEColumnParallelLinear):
+            def __init__(self, *args, bias: bool = False, **kwargs):
+                super().__init__(*args, bias=False, **kwargs)
+
+        norm, qkv, core, row, column = (
+            TENorm, TEColumnParallelLinearNoBias, TEDotProductAttention, TERowParallelLinear, TEColumnParallelLinear,
+        )
+    elif backend == "local":
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        norm, qkv, core, row, column = (
+            WrappedTorchNorm, ColumnParallelLinearNoBias, DotProductAttention, RowParallelLinear, ColumnParallelLinear,
+        )
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    qk_norm = ModuleSpec(module=AllHeadsRMSNorm, params={"real_width": real_width, "tp_group": tp_group})
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv, core_attention=core, linear_proj=row, q_layernorm=qk_norm, k_layernorm=qk_norm
+                ),
+            ),
+            self_attn_bda=ModuleSpec(module=LayerScaleBiasDropoutAdd, params={"hidden_size": real_width}),
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=_mlp_submodules(column, row)),
+            mlp_bda=ModuleSpec(module=LayerScaleBiasDropoutAdd, params={"hidden_size": real_width}),
+        ),
+    )
+
+
+def adapter_mlp_submodules(backend: Backend):
+    """Column-parallel fc1 and row-parallel fc2 of the adapter, for the given backend."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return _mlp_submodules(TEColumnParallelLinear, TERowParallelLinear)
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return _mlp_submodules(ColumnParallelLinear, RowParallelLinear)
+
+
+def _mlp_submodules(column, row):
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    return MLPSubmodules(linear_fc1=column, linear_fc2=row)
+
+
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
+
+
+def fp8_transformer_kwargs(fp8, backend: Backend) -> dict:
+    """TransformerConfig FP8 fields from ``model.fp8`` (see :class:`megatron_r1v.config.FP8Config`).
+
+    FP8 runs only in Transformer Engine layers; asking for it with the local backend is
+    a configuration error. ``current`` scaling is Megatron's ``tensorwise`` recipe.
+    """
+    if fp8 is None or fp8.format is None:
+        return {}
+    if fp8.format not in FP8_FORMATS:
+        raise ValueError(f"model.fp8.format must be one of {FP8_FORMATS}, got {fp8.format!r}")
+    if fp8.recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8.recipe must be one of {tuple(FP8_RECIPES)}, got {fp8.recipe!r}")
+    if fp8.amax_history_len < 1:
+        raise ValueError(f"model.fp8.amax_history_len must be >= 1, got {fp8.amax_history_len}")
+    if fp8.margin < 0:
+        raise ValueError(f"model.fp8.margin must be >= 0, got {fp8.margin}")
+    if backend != "te":
+        raise ValueError(
+            f"model.fp8.format={fp8.format} needs Transformer Engine layers, but the backend is {backend!r} "
+            "(set model.backend=te on a GPU with the [gpu] extra, or model.fp8.format=null)"
+        )
+    return {
+        "fp8": fp8.format,
+        "fp8_recipe": FP8_RECIPES[fp8.recipe],
+        "fp8_margin": fp8.margin,
+        "fp8_amax_history_len": fp8.amax_history_len,
+        "fp8_amax_compute_algo": fp8.amax_compute_algo,
+    }

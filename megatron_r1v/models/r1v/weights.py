@@ -14,16 +14,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.models.r1v.hf_mapping import (
-    QWEN2_CAUSAL_LM,
-    HFDecoderNames,
+    HFLayout,
     ShardSpec,
     TensorMap,
-    decoder_tensor_maps,
     hf_to_mcore_shard,
     mcore_shards_to_hf,
+    model_tensor_maps,
     stage_tensor_maps,
 )
-from megatron_r1v.models.r1v.presets import DecoderArch
+from megatron_r1v.models.r1v.presets import R1VArch
 from megatron_r1v.platform import ParallelContext
 
 
@@ -34,10 +33,10 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def decoder_stage_maps(
-    arch: DecoderArch, ctx: ParallelContext, names: HFDecoderNames = QWEN2_CAUSAL_LM, backend: str = "local"
-) -> dict[str, TensorMap]:
-    return stage_tensor_maps(decoder_tensor_maps(arch, names, backend=backend), arch.num_layers, ctx.pp_rank, ctx.pp)
+def model_stage_maps(arch: R1VArch, ctx: ParallelContext, layout: HFLayout, backend: str = "local") -> dict[str, TensorMap]:
+    """The tensors of this rank's pipeline stage, keyed by their local parameter names."""
+    maps = model_tensor_maps(arch, layout, backend=backend)
+    return stage_tensor_maps(maps, arch.decoder.num_layers, ctx.pp_rank, ctx.pp, mcore_prefix="language_model.")
 
 
 def load_hf_weights(

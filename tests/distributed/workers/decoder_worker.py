@@ -18,7 +18,8 @@ from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.platform import destroy_distributed, init_distributed
 from megatron_r1v.trainer.lm_step import attach_ddp_hooks, lm_forward_backward, lm_train_step, make_lm_microbatch
-from megatron_r1v.trainer.setup import build_decoder_stage, build_optimizer, wrap_ddp
+from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
+from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 
 def main() -> None:
@@ -37,8 +38,9 @@ def main() -> None:
     args = parser.parse_args()
 
     ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
-    arch = get_preset(args.preset).decoder
-    stage = build_decoder_stage(arch, ctx, ModelConfig(preset=args.preset, backend="local"))
+    arch = get_preset(args.preset)
+    model_cfg = ModelConfig(preset=args.preset, backend="local", freeze="all")
+    stage = build_model_stage(arch, ctx, model_cfg, layout=QWEN2_LAYOUT)
     with safe_open(args.hf_file, framework="pt") as reader:
         load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
 
@@ -47,13 +49,13 @@ def main() -> None:
     owner = ctx.rank == 0
     if args.mode == "parity":
         mb = make_lm_microbatch(tokens, labels)
-        result = lm_forward_backward(stage.model, [mb], ctx, vocab_size=arch.vocab_size, keep_logits=True)
+        result = lm_forward_backward(stage.model, [mb], ctx, keep_logits=True)
         if ctx.is_last_stage:
             (local,) = result.logits
             parts = [torch.empty_like(local) for _ in range(ctx.tp)]
             dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
             if ctx.tp_rank == 0 and ctx.dp_rank == 0:
-                torch.save(torch.cat(parts, dim=-1)[..., : arch.vocab_size], os.path.join(args.out, "logits.pt"))
+                torch.save(torch.cat(parts, dim=-1)[..., : arch.decoder.vocab_size], os.path.join(args.out, "logits.pt"))
         grads = gather_hf_tensors(stage.model, stage.stage_maps, stage.shard_spec, ctx, grads=True)
         if owner:
             save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
@@ -72,7 +74,7 @@ def main() -> None:
         ]
         losses, norms = [], []
         for _ in range(args.steps):
-            loss, grad_norm = lm_train_step(ddp, optimizer, mbs, ctx, vocab_size=arch.vocab_size)
+            loss, grad_norm = lm_train_step(ddp, optimizer, mbs, ctx)
             losses.append(loss)
             norms.append(grad_norm)
         weights = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx)
