@@ -146,8 +146,8 @@ class CpuMode:
         return self._device_mode is not None
 
     def enable(self) -> "CpuMode":
-        if torch.cuda.is_available():
-            raise RuntimeError("CPU mode is for machines without CUDA; CUDA is available here")
+        # Also valid with CUDA present (init_distributed(force_cpu=True), e.g. meta-device
+        # size queries on a GPU node): everything then stays on the CPU.
         with CpuMode._active_lock:
             if CpuMode._active is not None:
                 raise RuntimeError("CPU mode is already enabled in this process")

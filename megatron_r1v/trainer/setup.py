@@ -59,8 +59,13 @@ def build_model_stage(
     *,
     layout: HFLayout,
     sequence_parallel: bool = False,
+    meta_device: bool = False,
 ) -> ModelStage:
-    """Builds this rank's :class:`R1VModel` stage (vision + adapter on the first stage only)."""
+    """Builds this rank's :class:`R1VModel` stage (vision + adapter on the first stage only).
+
+    ``meta_device``: build under ``torch.device("meta")`` for shape and size queries;
+    weights are neither initialized nor moved.
+    """
     backend = resolve_backend(model_cfg.backend)
     on_cpu = ctx.device.type == "cpu"
     if on_cpu and model_cfg.params_dtype != "fp32":
@@ -71,8 +76,9 @@ def build_model_stage(
     fp8 = fp8_transformer_kwargs(model_cfg.fp8, backend)
     config = decoder_transformer_config(
         arch.decoder, tp=ctx.tp, pp=ctx.pp, sequence_parallel=sequence_parallel,
-        params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu, fp8_kwargs=fp8,
+        params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8,
     )
+    config.perform_initialization = not meta_device
     shard_spec = ShardSpec.for_model(arch, ctx.tp, model_cfg.make_vocab_size_divisible_by)
     language_model = build_language_model(
         arch.decoder, config, backend=backend, padded_vocab_size=shard_spec.padded_vocab_size,
@@ -81,8 +87,9 @@ def build_model_stage(
     vision = adapter = None
     if arch.vision is not None and ctx.is_first_stage:
         vision_config = vision_transformer_config(
-            arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu, fp8_kwargs=fp8
+            arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8
         )
+        vision_config.perform_initialization = not meta_device
         vision = InternViT(
             arch.vision, vision_config,
             vision_layer_spec(backend, real_width=arch.vision.hidden_size, tp_group=ctx.tp_group),
@@ -94,7 +101,8 @@ def build_model_stage(
             adapter_mlp_submodules(backend),
         )
     model = R1VModel(arch, language_model, vision=vision, adapter=adapter, tp_rank=ctx.tp_rank)
-    model.to(ctx.device)
+    if not meta_device:
+        model.to(ctx.device)
     trainable = apply_freeze_policy(model, model_cfg.freeze)
     return ModelStage(
         model=model,

@@ -41,6 +41,7 @@ def test_logits_and_grads_match_transformers(tp, pp, tmp_path, tiny_qwen2, hf_re
     logits = torch.load(tmp_path / "logits.pt")
     assert logits.shape == hf_reference["logits"].shape
     diff = (logits - hf_reference["logits"]).abs().max().item()
+    print(f"decoder parity tp={tp} pp={pp}: max |logit diff| {diff:.3e}")  # shown with pytest -s
     assert diff <= LOGIT_TOL, f"tp={tp} pp={pp}: max |logit diff| {diff:.3e}"
 
     result = json.loads((tmp_path / "result.json").read_text())

@@ -50,3 +50,11 @@ def test_tp2_three_steps_lower_the_loss(dp1_run, tiny_qwen2, torchrun, tmp_path)
     start = load_file(str(tiny_qwen2["weights"]))
     moved = max((weights[n] - start[n]).abs().max().item() for n in start)
     assert moved > 1e-4, "no weight changed: the optimizer did not step"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 mixed precision runs on CUDA only (CPU mode is fp32)")
+def test_bf16_training_on_gpu_tracks_fp32(dp1_run, tiny_qwen2, torchrun, tmp_path):
+    result, _ = _train(torchrun, tiny_qwen2, tmp_path / "bf16", 1, "--dtype", "bf16")
+    # bf16 weights/activations with fp32 main params: ~3 significant digits on a loss of ~5.5.
+    assert result["losses"] == pytest.approx(dp1_run[0]["losses"], rel=2e-2)
+    assert result["losses"][1] < result["losses"][0]

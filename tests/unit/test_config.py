@@ -91,3 +91,12 @@ def test_cli_prints_resolved_yaml(capsys):
     assert printed["parallel"]["pp"] == 2
     assert main(["--set", "parallel.nope=1"]) == 2
     assert "unknown config key 'parallel.nope'" in capsys.readouterr().err
+
+
+def test_example_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[2] / "examples" / "configs").glob("*.yaml"))
+    assert recipes, "no example recipes found"
+    for recipe in recipes:
+        load_config(recipe)

@@ -125,3 +125,58 @@ def test_qwq_32b_preset_matches_transformers_parameter_count():
     assert QWQ_32B.num_parameters() == reference
     assert round(reference / 1e9, 2) == 32.76
     assert QWQ_32B.padded_vocab_size(8) == 152576 and QWQ_32B.padded_vocab_size(1) == 152064
+
+
+def random_internvl_state(preset="tiny-r1v"):
+    import transformers
+
+    from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+
+    torch.manual_seed(0)
+    config = transformers.InternVLConfig(**transformers_internvl_config(get_preset(preset)))
+    model = transformers.InternVLForConditionalGeneration(config)
+    return {k: v.detach().clone() + 0.01 * torch.randn_like(v) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_r1v_round_trip_is_bit_exact_with_dummy_heads(tp):
+    from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT, model_tensor_maps
+
+    arch = get_preset("tiny-r1v")
+    hf = random_internvl_state()
+    maps = model_tensor_maps(arch, TRANSFORMERS_LAYOUT)
+    assert sorted(n for tm in maps for n in tm.hf) == sorted(hf), "maps must cover every HF tensor exactly once"
+    spec = ShardSpec.for_model(arch, tp)
+    assert spec.vision_heads == 3 and spec.vision_heads_padded == (3 if tp == 1 else 4)
+    d = spec.vision_head_dim
+    back = {}
+    for tm in maps:
+        shards = [hf_to_mcore_shard(tm, hf, spec, tp, r) for r in range(tp)]
+        if tm.kind == "vision_qkv" and tp == 2:
+            # Rank 1 holds real head 2 then dummy head 3: its [q; k; v] rows are zero.
+            assert torch.count_nonzero(shards[1][3 * d :]) == 0 and torch.count_nonzero(shards[1][: 3 * d])
+        if tm.kind == "head_row" and tp == 2:
+            assert torch.count_nonzero(shards[1][:, d:]) == 0
+        if tm.kind == "head_vec" and tp == 2:
+            assert torch.count_nonzero(shards[1][d:]) == 0
+        back.update(mcore_shards_to_hf(tm, shards, spec))
+    for name, tensor in hf.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_vision_qkv_is_per_head_q_k_v():
+    from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT, vision_tensor_maps
+
+    arch = get_preset("tiny-r1v")
+    v = arch.vision
+    tm = next(t for t in vision_tensor_maps(v, TRANSFORMERS_LAYOUT) if t.kind == "vision_qkv")
+    d, heads = v.head_dim, v.num_attention_heads
+    rows = {kind: torch.stack([torch.full((v.hidden_size,), base + i // d) for i in range(heads * d)])
+            for kind, base in (("q", 100.0), ("k", 200.0), ("v", 300.0))}
+    spec = ShardSpec.for_model(arch, 4)  # 3 heads padded to 4
+    full = hf_to_mcore_shard(tm, dict(zip(tm.hf, rows.values())), spec, 1, 0)[:, 0].tolist()
+    expected = []
+    for h in range(4):
+        for base in (100.0, 200.0, 300.0):
+            expected += [base + h if h < heads else 0.0] * d
+    assert full == expected

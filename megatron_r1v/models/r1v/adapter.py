@@ -46,7 +46,8 @@ def adapter_transformer_config(base: TransformerConfig, hidden_size: int, arch: 
         num_layers=1,
         hidden_size=hidden_size,
         ffn_hidden_size=hidden_size,
-        num_attention_heads=1,
+        # Unused by an MLP, but TransformerConfig requires heads divisible by TP.
+        num_attention_heads=base.tensor_model_parallel_size,
         add_bias_linear=True,
         gated_linear_unit=False,
         activation_func=F.gelu,

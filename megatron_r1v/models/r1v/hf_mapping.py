@@ -391,3 +391,43 @@ def decoder_arch_to_hf_config(arch: DecoderArch) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "use_sliding_window": False,
     }
+
+
+def transformers_internvl_config(arch: R1VArch) -> dict[str, Any]:
+    """Keyword arguments of ``transformers.InternVLConfig`` for ``arch`` (transformers layout).
+
+    transformers' pixel shuffle is InternVL's v2 order; a v1 model has no equivalent
+    in this layout (NOTES-megatron-cpu.md), so it is refused rather than mis-exported.
+    """
+    if arch.vision is None or arch.adapter is None:
+        raise ValueError("a decoder-only architecture has no InternVL config")
+    if arch.adapter.ps_version != "v2":
+        raise ValueError("the transformers InternVL layout only expresses ps_version v2; use the skywork layout")
+    v = arch.vision
+    return {
+        "vision_config": {
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.ffn_hidden_size,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "num_channels": v.num_channels,
+            "layer_norm_eps": v.norm_eps,
+            "norm_type": "rms_norm",
+            "use_qk_norm": True,
+            "attention_bias": False,
+            "hidden_act": "gelu",
+            "use_mean_pooling": True,  # no final norm
+            "use_absolute_position_embeddings": True,
+        },
+        "text_config": {"model_type": "qwen2", **decoder_arch_to_hf_config(arch.decoder)},
+        "image_token_id": arch.image_token_id,
+        "image_seq_length": arch.tokens_per_tile,
+        "downsample_ratio": arch.adapter.downsample_ratio,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",  # drop the class token
+        # InternVLConfig defaults to tied; R1V2 is untied and save_pretrained would drop lm_head.
+        "tie_word_embeddings": not arch.decoder.untie_embeddings,
+    }

@@ -36,11 +36,12 @@ def decoder_transformer_config(
     """Megatron TransformerConfig of a Qwen2 decoder.
 
     On CPU, weights are initialized as full master tensors and sliced (identical values
-    for any TP), and the CUDA-only fused kernels are switched off.
+    for any TP). Fused kernels (masked softmax, persistent LayerNorm, bias-dropout-add)
+    come with Transformer Engine / apex, so only the TE backend on GPU turns them on.
     """
     arch.check_parallel(tp, pp)
     dtype = TORCH_DTYPES[params_dtype]
-    gpu_fusions = not on_cpu
+    gpu_fusions = not on_cpu and backend == "te"
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -64,7 +65,7 @@ def decoder_transformer_config(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=on_cpu,
-        bias_activation_fusion=gpu_fusions and backend == "te",
+        bias_activation_fusion=gpu_fusions,
         bias_dropout_fusion=gpu_fusions,
         masked_softmax_fusion=gpu_fusions,
         persist_layer_norm=gpu_fusions,

@@ -151,7 +151,7 @@ def vision_transformer_config(
         use_cpu_initialization=on_cpu,
         bias_activation_fusion=False,  # Megatron's fused bias-GELU is the tanh approximation
         bias_dropout_fusion=False,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=False,  # no mask in the ViT; the fused kernel needs apex/TE
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         **(fp8_kwargs or {}),

@@ -34,12 +34,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    # Parity means fp32: keep cuDNN/cuBLAS from using TF32 when this runs on a GPU.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
     ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
     arch = get_preset(args.preset)
-    model_cfg = ModelConfig(preset=args.preset, backend="local", freeze="all")
+    model_cfg = ModelConfig(preset=args.preset, backend="local", freeze="all", params_dtype=args.dtype)
     stage = build_model_stage(arch, ctx, model_cfg, layout=QWEN2_LAYOUT)
     with safe_open(args.hf_file, framework="pt") as reader:
         load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
@@ -55,7 +59,7 @@ def main() -> None:
             parts = [torch.empty_like(local) for _ in range(ctx.tp)]
             dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
             if ctx.tp_rank == 0 and ctx.dp_rank == 0:
-                torch.save(torch.cat(parts, dim=-1)[..., : arch.decoder.vocab_size], os.path.join(args.out, "logits.pt"))
+                torch.save(torch.cat(parts, dim=-1)[..., : arch.decoder.vocab_size].cpu(), os.path.join(args.out, "logits.pt"))
         grads = gather_hf_tensors(stage.model, stage.stage_maps, stage.shard_spec, ctx, grads=True)
         if owner:
             save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
@@ -63,7 +67,7 @@ def main() -> None:
     else:
         ddp = wrap_ddp(stage.model, stage.config, use_distributed_optimizer=args.distributed_optimizer)
         opt_cfg = OptimizerConfig(lr=args.lr, clip_grad=1.0, use_distributed_optimizer=args.distributed_optimizer)
-        optimizer = build_optimizer([ddp], opt_cfg, "fp32")
+        optimizer = build_optimizer([ddp], opt_cfg, args.dtype)
         attach_ddp_hooks(ddp, optimizer)
         # Each DP rank takes a contiguous slice of the global batch.
         per_rank = tokens.shape[0] // ctx.dp
@@ -79,7 +83,7 @@ def main() -> None:
             norms.append(grad_norm)
         weights = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx)
         if owner:
-            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(args.out, "weights.safetensors"))
+            save_file({k: v.float().contiguous() for k, v in weights.items()}, os.path.join(args.out, "weights.safetensors"))
             json.dump({"losses": losses, "grad_norms": norms}, open(os.path.join(args.out, "result.json"), "w"))
     destroy_distributed(ctx)
 

@@ -1,0 +1,121 @@
+"""R1VModel vs transformers' InternVLForConditionalGeneration (CPU, gloo, fp32).
+
+The tiny preset keeps every structural feature of R1V2: 3 vision heads (no TP > 1
+divides them, so dummy heads are always in play), q/k RMSNorm over all heads, layer
+scale, RMSNorm layers, exact GELU, pixel shuffle v2, an untied Qwen2 decoder whose
+vocabulary (251) no TP divides.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+from megatron_r1v.models.r1v.presets import get_preset
+
+WORKER = "tests/distributed/workers/r1v_worker.py"
+ARCH = get_preset("tiny-r1v")
+IMG = ARCH.image_token_id
+PER_TILE = ARCH.tokens_per_tile  # 4
+
+# fp32 everywhere; the only differences are summation orders in TP-split matmuls, the
+# TP all-reduces (including the q/k-norm variance) and conv vs. matmul patch embedding:
+# a few ulps on logits of size ~1 (measured <= 5e-7). 1e-4 keeps two orders of margin
+# while any mapping or token-order error moves logits by >1e-2.
+LOGIT_TOL = 1e-4
+# Adapter gradients of a mean CE are ~1e-4..1e-2; same rounding sources.
+GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
+
+
+def _text(n, gen):
+    return torch.randint(0, IMG, (n,), generator=gen)  # never the image token
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.InternVLConfig(**transformers_internvl_config(ARCH))
+    model = transformers.InternVLForConditionalGeneration._from_config(config, attn_implementation="eager")
+    model = model.float().eval()
+    with torch.no_grad():  # move every init-constant tensor (zeros, ones, 0.1) somewhere random
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("norm", "bias", "lambda", "cls_token", "position_embeddings")):
+                p.copy_(p + torch.randn_like(p) * 0.2)
+    root = tmp_path_factory.mktemp("internvl")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
+
+    gen = torch.Generator().manual_seed(1)
+    seq = 40
+
+    def image(tiles):
+        return torch.full((tiles * PER_TILE,), IMG)
+
+    samples = [
+        _text(seq, gen),  # no image
+        torch.cat([_text(5, gen), image(2), _text(seq - 5 - 2 * PER_TILE, gen)]),  # 1 image, 2 tiles
+        torch.cat([_text(3, gen), image(1), _text(6, gen), image(3), _text(seq - 9 - 4 * PER_TILE, gen)]),  # 1 + 3
+    ]
+    n_tiles = 2 + 1 + 3
+    side = ARCH.vision.image_size
+    with_images = {
+        "input_ids": torch.stack(samples),
+        "labels": torch.randint(0, ARCH.decoder.vocab_size, (3, seq), generator=gen),
+        "pixel_values": torch.randn(n_tiles, 3, side, side, generator=gen),
+    }
+    text_only = {
+        "input_ids": torch.stack([_text(24, gen), _text(24, gen)]),
+        "labels": torch.randint(0, ARCH.decoder.vocab_size, (2, 24), generator=gen),
+        "pixel_values": None,
+    }
+    batches = [with_images, text_only]
+    torch.save(batches, root / "batches.pt")
+
+    reference = []
+    for batch in batches:
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)).backward()
+        grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                 for n, p in model.named_parameters() if n.startswith("model.multi_modal_projector.")}
+        reference.append({"logits": logits.detach(), "grads": grads})
+    return {"weights": root / "model.safetensors", "batches": root / "batches.pt", "reference": reference}
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_logits_and_adapter_grads_match_transformers(tp, pp, tmp_path, internvl, torchrun):
+    torchrun(WORKER, tp * pp, ["parity", "--hf-file", str(internvl["weights"]), "--data-file",
+                               str(internvl["batches"]), "--tp", str(tp), "--pp", str(pp), "--out", str(tmp_path)])
+    logits = load_file(str(tmp_path / "logits.safetensors"))
+    grads = load_file(str(tmp_path / "grads.safetensors"))
+    for i, ref in enumerate(internvl["reference"]):
+        got = logits[f"logits_{i}"]
+        assert got.shape == ref["logits"].shape
+        diff = (got - ref["logits"]).abs().max().item()
+        print(f"r1v parity tp={tp} pp={pp} batch {i}: max |logit diff| {diff:.3e}")  # shown with pytest -s
+        assert diff <= LOGIT_TOL, f"tp={tp} pp={pp} batch {i}: max |logit diff| {diff:.3e}"
+        for name, ref_grad in ref["grads"].items():
+            torch.testing.assert_close(grads[f"grad_{i}.{name}"], ref_grad, atol=GRAD_ATOL, rtol=GRAD_RTOL,
+                                       msg=lambda m: f"batch {i} {name}: {m}")
+    # The image batch trains the adapter; the text-only batch cannot.
+    assert all(g.abs().max() > 0 for g in internvl["reference"][0]["grads"].values())
+    assert all(g.abs().max() == 0 for g in internvl["reference"][1]["grads"].values())
+
+
+def test_freeze_policies_grads_and_optimizer_state(tmp_path, internvl, torchrun):
+    torchrun(WORKER, 1, ["freeze", "--data-file", str(internvl["batches"]), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "freeze.json").read_text())
+    parts = {"adapter": ("adapter",), "adapter+llm": ("adapter", "language_model"),
+             "adapter+vision": ("adapter", "vision"), "all": ("adapter", "language_model", "vision")}
+    for policy, trainable_parts in parts.items():
+        r = report[policy]
+        expected = sorted(n for n in r["all"] if n.split(".")[0] in trainable_parts)
+        assert sorted(r["trainable"]) == expected, policy
+        assert sorted(r["with_grad"]) == expected, policy
+        assert sorted(r["in_optimizer"]) == expected, policy
+        assert sorted(r["with_state"]) == expected, policy
+    assert all(n.startswith("adapter.") for n in report["adapter"]["trainable"])
