@@ -18,7 +18,9 @@ switched on explicitly with :class:`CpuMode` (a context manager) in tests:
   ``"cuda:N"``, ``torch.device("cuda")`` and bare device indices) to the CPU in every
   torch call, and makes ``Tensor.cuda()`` a no-op. This covers 1 and 2 generically,
   including code paths we have not seen yet, instead of patching call sites;
-* ``torch.cuda.current_device`` returns 0 (rewritten to the CPU by the mode above) and
+* ``torch.cuda.current_device`` returns 0 (rewritten to the CPU by the mode above),
+  ``torch.cuda.current_stream`` returns a stream whose waits are no-ops (CPU ops are
+  synchronous; Megatron-Core >= 0.19 waits on it before grad reduction), and
   ``torch.cuda.synchronize`` / ``torch.cuda.empty_cache`` are no-ops;
 * Megatron's RNG tracker is replaced by :class:`CpuRNGStatesTracker`, which keeps one
   CPU generator state per name and swaps it into the global CPU generator while
@@ -57,6 +59,22 @@ def _is_cuda_device(device: Any) -> bool:
         return device.startswith("cuda")
     # A bare int is a CUDA ordinal in torch's device parsing.
     return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CpuStream:
+    """Stands in for ``torch.cuda.current_stream()``: CPU work is already ordered."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
 
 
 class _CudaDeviceToCpu(TorchFunctionMode):
@@ -154,6 +172,8 @@ class CpuMode:
             CpuMode._active = self
         self._patch(torch.cuda, "current_device", lambda: 0)
         self._patch(torch.cuda, "synchronize", lambda device=None: None)
+        stream = _CpuStream()
+        self._patch(torch.cuda, "current_stream", lambda device=None: stream)
         self._patch(torch.cuda, "empty_cache", lambda: None)
         self._install_rng_tracker()
         self._device_mode = _CudaDeviceToCpu()

@@ -18,6 +18,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_r1v.models.r1v.model import shared_config_kwargs
 from megatron_r1v.models.r1v.presets import AdapterArch
 
 
@@ -42,6 +43,8 @@ def pixel_shuffle(x_NHWC: torch.Tensor, ratio: float, ps_version: str) -> torch.
 
 def adapter_transformer_config(base: TransformerConfig, hidden_size: int, arch: AdapterArch) -> TransformerConfig:
     """Config of the adapter MLP: width ``hidden_size`` in and out, exact GELU, biases."""
+    fp8 = {k: getattr(base, k) for k in ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len",
+                                          "fp8_amax_compute_algo")} if base.fp8 else None
     return TransformerConfig(
         num_layers=1,
         hidden_size=hidden_size,
@@ -51,20 +54,13 @@ def adapter_transformer_config(base: TransformerConfig, hidden_size: int, arch: 
         add_bias_linear=True,
         gated_linear_unit=False,
         activation_func=F.gelu,
-        bias_activation_fusion=False,
+        bias_activation_fusion=False,  # Megatron's fused bias-GELU is the tanh approximation
         layernorm_epsilon=arch.norm_eps,
-        tensor_model_parallel_size=base.tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
-        params_dtype=base.params_dtype,
-        bf16=base.bf16,
-        fp16=base.fp16,
-        use_cpu_initialization=base.use_cpu_initialization,
-        gradient_accumulation_fusion=False,
-        fp8=base.fp8,
-        fp8_recipe=base.fp8_recipe,
-        fp8_margin=base.fp8_margin,
-        fp8_amax_history_len=base.fp8_amax_history_len,
-        fp8_amax_compute_algo=base.fp8_amax_compute_algo,
+        perform_initialization=base.perform_initialization,
+        **shared_config_kwargs(
+            tp=base.tensor_model_parallel_size, pp=1, dtype=base.params_dtype,
+            on_cpu=base.use_cpu_initialization, fused_kernels=False, fp8_kwargs=fp8,
+        ),
     )
 
 

@@ -22,6 +22,35 @@ from megatron_r1v.models.r1v.spec import Backend, decoder_layer_spec
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def shared_config_kwargs(
+    *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, fused_kernels: bool, fp8_kwargs: Optional[dict] = None
+) -> dict:
+    """TransformerConfig fields every block of the model sets the same way.
+
+    On CPU, weights are initialized as full master tensors and sliced (identical values
+    for any TP). Fused kernels (masked softmax, persistent LayerNorm, bias-dropout-add,
+    bias-activation) come with Transformer Engine / apex, so callers enable them only
+    for the TE backend on GPU.
+    """
+    return {
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "use_cpu_initialization": on_cpu,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "bias_dropout_fusion": fused_kernels,
+        "masked_softmax_fusion": fused_kernels,
+        "persist_layer_norm": fused_kernels,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        **(fp8_kwargs or {}),
+    }
+
+
 def decoder_transformer_config(
     arch: DecoderArch,
     *,
@@ -33,15 +62,9 @@ def decoder_transformer_config(
     on_cpu: bool = False,
     fp8_kwargs: Optional[dict] = None,
 ) -> TransformerConfig:
-    """Megatron TransformerConfig of a Qwen2 decoder.
-
-    On CPU, weights are initialized as full master tensors and sliced (identical values
-    for any TP). Fused kernels (masked softmax, persistent LayerNorm, bias-dropout-add)
-    come with Transformer Engine / apex, so only the TE backend on GPU turns them on.
-    """
+    """Megatron TransformerConfig of a Qwen2 decoder (RMSNorm, QKV bias, SwiGLU, GQA)."""
     arch.check_parallel(tp, pp)
-    dtype = TORCH_DTYPES[params_dtype]
-    gpu_fusions = not on_cpu and backend == "te"
+    fused = not on_cpu and backend == "te"
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -55,23 +78,11 @@ def decoder_transformer_config(
         add_qkv_bias=True,
         gated_linear_unit=True,
         activation_func=F.silu,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
+        bias_activation_fusion=fused,
         sequence_parallel=sequence_parallel,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu_initialization=on_cpu,
-        bias_activation_fusion=gpu_fusions,
-        bias_dropout_fusion=gpu_fusions,
-        masked_softmax_fusion=gpu_fusions,
-        persist_layer_norm=gpu_fusions,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        **(fp8_kwargs or {}),
+        **shared_config_kwargs(
+            tp=tp, pp=pp, dtype=TORCH_DTYPES[params_dtype], on_cpu=on_cpu, fused_kernels=fused, fp8_kwargs=fp8_kwargs
+        ),
     )
 
 

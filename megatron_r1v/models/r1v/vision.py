@@ -31,6 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_r1v.models.r1v.model import shared_config_kwargs
 from megatron_r1v.models.r1v.presets import VisionArch
 
 
@@ -140,21 +141,13 @@ def vision_transformer_config(
         add_qkv_bias=False,
         gated_linear_unit=False,
         activation_func=F.gelu,  # exact (erf) GELU, as InternViT
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=1,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        use_cpu_initialization=on_cpu,
         bias_activation_fusion=False,  # Megatron's fused bias-GELU is the tanh approximation
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,  # no mask in the ViT; the fused kernel needs apex/TE
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        **(fp8_kwargs or {}),
+        qk_layernorm=True,  # the spec's AllHeadsRMSNorm; Megatron >= 0.19 checks config and spec agree
+        # pp=1: the whole encoder lives on the first pipeline stage. No mask in the ViT,
+        # so the fused masked softmax (apex/TE) buys nothing.
+        **shared_config_kwargs(
+            tp=tp, pp=1, dtype=params_dtype, on_cpu=on_cpu, fused_kernels=False, fp8_kwargs=fp8_kwargs
+        ),
     )
 
 
