@@ -107,7 +107,8 @@ def test_logits_and_adapter_grads_match_transformers(tp, pp, tmp_path, internvl,
 
 
 def test_freeze_policies_grads_and_optimizer_state(tmp_path, internvl, torchrun):
-    torchrun(WORKER, 1, ["freeze", "--data-file", str(internvl["batches"]), "--out", str(tmp_path)])
+    # TP=2: 3 vision heads become 4, so rank 1 holds a dummy head through a real step.
+    torchrun(WORKER, 2, ["freeze", "--data-file", str(internvl["batches"]), "--tp", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "freeze.json").read_text())
     parts = {"adapter": ("adapter",), "adapter+llm": ("adapter", "language_model"),
              "adapter+vision": ("adapter", "vision"), "all": ("adapter", "language_model", "vision")}
@@ -118,4 +119,7 @@ def test_freeze_policies_grads_and_optimizer_state(tmp_path, internvl, torchrun)
         assert sorted(r["with_grad"]) == expected, policy
         assert sorted(r["in_optimizer"]) == expected, policy
         assert sorted(r["with_state"]) == expected, policy
+        # Dummy heads have zero weights and provably zero gradients: they stay exactly zero
+        # even when the vision tower trains (lr 1e-2, Adam).
+        assert r["dummy_entries"] > 0 and r["dummy_max_abs"] == 0.0, (policy, r["dummy_max_abs"])
     assert all(n.startswith("adapter.") for n in report["adapter"]["trainable"])
