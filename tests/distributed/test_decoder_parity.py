@@ -52,3 +52,14 @@ def test_logits_and_grads_match_transformers(tp, pp, tmp_path, tiny_qwen2, hf_re
     for name, ref in hf_reference["grads"].items():
         assert ref.abs().max() > 0, f"reference grad {name} is zero: the test would be vacuous"
         torch.testing.assert_close(grads[name], ref, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path, tiny_qwen2, torchrun):
+    torchrun(WORKER, 2, ["errors", "--hf-file", str(tiny_qwen2["weights"]), "--data-file", str(tiny_qwen2["data"]),
+                         "--tp", "2", "--out", str(tmp_path)])
+    errors = json.loads((tmp_path / "errors.json").read_text())
+    assert "HF checkpoint has no tensor 'model.layers.1.mlp.up_proj.weight'" in errors["missing"]
+    assert "decoder.layers.1.mlp.linear_fc1.weight" in errors["missing"]
+    # o_proj is row-parallel: 62 columns do not split into the 2 x 32 the model expects.
+    assert "decoder.layers.2.self_attention.linear_proj.weight" in errors["shape"]
+    assert "'model.layers.2.self_attn.o_proj.weight': (64, 62)" in errors["shape"]

@@ -65,9 +65,11 @@ def load_hf_weights(
         shard = hf_to_mcore_shard(tm, hf, spec, ctx.tp, ctx.tp_rank)
         param = params[local_name]
         if shard.shape != param.shape:
+            hf_shapes = {name: tuple(t.shape) for name, t in hf.items()}
             raise ValueError(
-                f"tensor {local_name} from {list(tm.hf)}: built shape {tuple(shard.shape)} but the model "
-                f"expects {tuple(param.shape)} (tp={ctx.tp}, tp_rank={ctx.tp_rank})"
+                f"tensor {local_name} from HF {hf_shapes}: built shard shape {tuple(shard.shape)} but the model "
+                f"expects {tuple(param.shape)} (tp={ctx.tp}, tp_rank={ctx.tp_rank}); does the checkpoint "
+                "match the preset?"
             )
         with torch.no_grad():
             param.copy_(shard.to(param.dtype))

@@ -22,9 +22,28 @@ from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 
+def write_load_errors(stage, ctx, args) -> None:
+    """Loads a checkpoint with one tensor missing, then one with a wrong shape; records the errors."""
+    with safe_open(args.hf_file, framework="pt") as reader:
+        tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+    messages = {}
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    wrong = dict(tensors)
+    wrong["model.layers.2.self_attn.o_proj.weight"] = wrong["model.layers.2.self_attn.o_proj.weight"][:, :-2]
+    for case, source in (("missing", missing), ("shape", wrong)):
+        try:
+            load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, source.__getitem__)
+            messages[case] = None
+        except (KeyError, ValueError) as err:
+            messages[case] = f"{type(err).__name__}: {err}"
+    if ctx.rank == 0:
+        json.dump(messages, open(os.path.join(args.out, "errors.json"), "w"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "train"])
+    parser.add_argument("mode", choices=["parity", "train", "errors"])
     parser.add_argument("--hf-file", required=True)
     parser.add_argument("--data-file", required=True, help="torch file with tokens [N, S+1]")
     parser.add_argument("--preset", default="tiny-qwen2")
@@ -45,6 +64,10 @@ def main() -> None:
     arch = get_preset(args.preset)
     model_cfg = ModelConfig(preset=args.preset, backend="local", freeze="all", params_dtype=args.dtype)
     stage = build_model_stage(arch, ctx, model_cfg, layout=QWEN2_LAYOUT)
+    if args.mode == "errors":
+        write_load_errors(stage, ctx, args)
+        destroy_distributed(ctx)
+        return
     with safe_open(args.hf_file, framework="pt") as reader:
         load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
 
