@@ -24,6 +24,7 @@ setup(
         "zarr>=2.16",
         "tensorboard>=2.14",
         "tqdm>=4.66",
+        "psutil>=5.9",  # megatron.core.dist_checkpointing needs it
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],

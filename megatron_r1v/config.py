@@ -49,7 +49,9 @@ class ModelConfig:
     params_dtype: DType = "fp32"
     """Dtype of model parameters (bf16 on GPU; fp32 on CPU)."""
     make_vocab_size_divisible_by: int = 128
-    """The vocabulary is padded to a multiple of this times TP (padding is never exported)."""
+    """The vocabulary is padded to a multiple of this times lcm(TP, vocab_pad_tp) (never exported)."""
+    vocab_pad_tp: int = 8
+    """Pad the vocabulary for this TP as well, so checkpoints reshard between TP sizes dividing it."""
     freeze: Literal["adapter", "adapter+llm", "adapter+vision", "all"] = "adapter"
     """Which parts train (the name lists them): the report's best setting trains the adapter only."""
     fp8: FP8Config = field(default_factory=FP8Config)

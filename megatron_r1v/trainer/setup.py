@@ -79,7 +79,7 @@ def build_model_stage(
         params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8,
     )
     config.perform_initialization = not meta_device
-    shard_spec = ShardSpec.for_model(arch, ctx.tp, model_cfg.make_vocab_size_divisible_by)
+    shard_spec = ShardSpec.for_model(arch, ctx.tp, model_cfg.make_vocab_size_divisible_by, model_cfg.vocab_pad_tp)
     language_model = build_language_model(
         arch.decoder, config, backend=backend, padded_vocab_size=shard_spec.padded_vocab_size,
         pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage,

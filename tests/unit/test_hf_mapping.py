@@ -124,7 +124,10 @@ def test_qwq_32b_preset_matches_transformers_parameter_count():
     reference = sum(p.numel() for p in model.parameters())
     assert QWQ_32B.num_parameters() == reference
     assert round(reference / 1e9, 2) == 32.76
-    assert QWQ_32B.padded_vocab_size(8) == 152576 and QWQ_32B.padded_vocab_size(1) == 152064
+    # TP-independent padding (checkpoints reshard); reshard_tp=1 is Megatron's own rule.
+    assert [QWQ_32B.padded_vocab_size(tp) for tp in (1, 2, 4, 8)] == [152576] * 4
+    assert QWQ_32B.padded_vocab_size(1, reshard_tp=1) == 152064
+    assert QWQ_32B.padded_vocab_size(16) == 153600
 
 
 def random_internvl_state(preset="tiny-r1v"):

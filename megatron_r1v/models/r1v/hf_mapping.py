@@ -57,7 +57,10 @@ class HFLayout:
 
 
 QWEN2_LAYOUT = HFLayout(QWEN2_CAUSAL_LM)
+# InternVLForConditionalGeneration's in-memory state_dict() names (a live HF model).
 TRANSFORMERS_LAYOUT = HFLayout(INTERNVL_TRANSFORMERS, "model.vision_tower.", "model.multi_modal_projector.")
+# The names transformers' save_pretrained writes to disk for the same model (hub format).
+TRANSFORMERS_FILE_LAYOUT = HFLayout(INTERNVL_CHAT, "vision_tower.", "multi_modal_projector.")
 
 
 @dataclass(frozen=True)
@@ -152,9 +155,9 @@ class ShardSpec:
         return cls(arch.num_attention_heads, arch.num_query_groups, arch.head_dim, arch.vocab_size, padded_vocab_size)
 
     @classmethod
-    def for_model(cls, arch: R1VArch, tp: int, divisible_by: int = 128) -> "ShardSpec":
+    def for_model(cls, arch: R1VArch, tp: int, divisible_by: int = 128, reshard_tp: int = 8) -> "ShardSpec":
         dec = arch.decoder
-        base = cls.for_decoder(dec, dec.padded_vocab_size(tp, divisible_by))
+        base = cls.for_decoder(dec, dec.padded_vocab_size(tp, divisible_by, reshard_tp))
         if arch.vision is None:
             return base
         heads = arch.vision.num_attention_heads
@@ -252,6 +255,51 @@ def mcore_shards_to_hf(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSpe
             tm.hf[2]: v.reshape(g * d, *trailing),
         }
     raise AssertionError(tm.kind)
+
+
+def hf_to_stored(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    """The tensor as dist checkpoints keep it: one shape for every TP/PP.
+
+    Most kinds store the unsharded Megatron tensor; SwiGLU fc1 stores ``[2, F, h]``
+    (gate, up) so that a TP rank's ``[gate_r; up_r]`` is one regular chunk; InternViT
+    attention stores real heads only, head-major (``[heads, 3d, h]``, ``[heads, d]``,
+    ``[h, heads, d]``), so dummy heads never reach a checkpoint.
+    """
+    tensors = [hf[n] for n in tm.hf]
+    heads, d = spec.vision_heads, spec.vision_head_dim
+    if tm.kind == "fc1":
+        gate, up = tensors
+        if gate.shape != up.shape:
+            raise ValueError(f"{tm.hf[0]} {tuple(gate.shape)} and {tm.hf[1]} {tuple(up.shape)} differ in shape")
+        return torch.stack([gate, up])
+    if tm.kind in ("vision_qkv", "head_vec", "head_row"):
+        for name, t in zip(tm.hf, tensors):
+            width = t.shape[1] if tm.kind == "head_row" else t.shape[0]
+            if width != heads * d:
+                raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {heads * d} per-head rows")
+        if tm.kind == "head_vec":
+            return tensors[0].reshape(heads, d)
+        if tm.kind == "head_row":
+            return tensors[0].reshape(tensors[0].shape[0], heads, d)
+        trailing = tensors[0].shape[1:]
+        return torch.stack([t.reshape(heads, d, *trailing) for t in tensors], dim=1).reshape(heads, 3 * d, *trailing)
+    return hf_to_mcore_full(tm, hf, spec)
+
+
+def stored_to_hf(tm: TensorMap, stored: torch.Tensor, spec: ShardSpec) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_stored`."""
+    heads, d = spec.vision_heads, spec.vision_head_dim
+    if tm.kind == "fc1":
+        return {tm.hf[0]: stored[0], tm.hf[1]: stored[1]}
+    if tm.kind == "head_vec":
+        return {tm.hf[0]: stored.reshape(heads * d)}
+    if tm.kind == "head_row":
+        return {tm.hf[0]: stored.reshape(stored.shape[0], heads * d)}
+    if tm.kind == "vision_qkv":
+        trailing = stored.shape[2:]
+        per_head = stored.reshape(heads, 3, d, *trailing)
+        return {name: per_head[:, i].reshape(heads * d, *trailing) for i, name in enumerate(tm.hf)}
+    return mcore_shards_to_hf(tm, [stored], spec)
 
 
 def _pad_vision_heads(tm: TensorMap, tensors: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
@@ -431,3 +479,43 @@ def transformers_internvl_config(arch: R1VArch) -> dict[str, Any]:
         # InternVLConfig defaults to tied; R1V2 is untied and save_pretrained would drop lm_head.
         "tie_word_embeddings": not arch.decoder.untie_embeddings,
     }
+
+
+def arch_from_transformers_config(cfg: dict[str, Any]) -> R1VArch:
+    """An :class:`R1VArch` from an ``InternVLForConditionalGeneration`` config.json (dict),
+    or a decoder-only one from a Qwen2 config.json."""
+    from megatron_r1v.models.r1v.presets import AdapterArch
+
+    if cfg.get("model_type") == "qwen2":
+        return R1VArch(decoder_arch_from_hf_config(cfg), "from a Qwen2 config.json")
+    try:
+        vision_cfg, text_cfg = cfg["vision_config"], cfg["text_config"]
+        image = vision_cfg.get("image_size", 448)
+        patch = vision_cfg.get("patch_size", 14)
+        vision = VisionArch(
+            hidden_size=int(vision_cfg["hidden_size"]),
+            num_layers=int(vision_cfg["num_hidden_layers"]),
+            num_attention_heads=int(vision_cfg["num_attention_heads"]),
+            ffn_hidden_size=int(vision_cfg["intermediate_size"]),
+            image_size=int(image[0] if isinstance(image, (list, tuple)) else image),
+            patch_size=int(patch[0] if isinstance(patch, (list, tuple)) else patch),
+            num_channels=int(vision_cfg.get("num_channels", 3)),
+            norm_eps=float(vision_cfg.get("layer_norm_eps", 1e-6)),
+        )
+        image_token_id = int(cfg["image_token_id"])
+    except KeyError as err:
+        raise ValueError(f"InternVL config is missing key {err.args[0]!r}") from None
+    unsupported = {
+        "norm_type": (vision_cfg.get("norm_type"), "rms_norm"),
+        "use_qk_norm": (vision_cfg.get("use_qk_norm"), True),
+        "use_mean_pooling": (vision_cfg.get("use_mean_pooling", True), True),
+        "vision_feature_layer": (cfg.get("vision_feature_layer", -1), -1),
+        "vision_feature_select_strategy": (cfg.get("vision_feature_select_strategy", "default"), "default"),
+    }
+    for key, (got, want) in unsupported.items():
+        if got != want:
+            raise ValueError(f"InternVL config {key}={got!r} is not an R1V2 architecture (expected {want!r})")
+    decoder = decoder_arch_from_hf_config({**text_cfg, "tie_word_embeddings": cfg.get("tie_word_embeddings", False)})
+    adapter = AdapterArch(downsample_ratio=float(cfg.get("downsample_ratio", 0.5)), ps_version="v2")
+    return R1VArch(decoder, "from a transformers InternVL config.json", vision=vision, adapter=adapter,
+                   image_token_id=image_token_id)

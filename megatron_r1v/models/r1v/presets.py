@@ -8,6 +8,7 @@ TP) so CPU tests exercise the same code paths.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -33,9 +34,15 @@ class DecoderArch:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def padded_vocab_size(self, tp: int, divisible_by: int = 128) -> int:
-        """Megatron's padding: a multiple of ``divisible_by * tp``."""
-        multiple = divisible_by * tp
+    def padded_vocab_size(self, tp: int, divisible_by: int = 128, reshard_tp: int = 8) -> int:
+        """The vocabulary padded to a multiple of ``divisible_by * lcm(tp, reshard_tp)``.
+
+        Megatron pads to ``divisible_by * tp``, which changes the embedding's shape with
+        TP and stops checkpoints from loading at another TP. Padding for ``reshard_tp``
+        too keeps the shape equal for every TP that divides it (152064 -> 152576 for
+        QwQ at TP 1, 2, 4 and 8); ``reshard_tp=1`` gives Megatron's padding.
+        """
+        multiple = divisible_by * math.lcm(tp, reshard_tp)
         return -(-self.vocab_size // multiple) * multiple
 
     def check_parallel(self, tp: int, pp: int, where: str = "decoder") -> None:

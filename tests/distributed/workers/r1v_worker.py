@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
 from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
 from megatron_r1v.models.r1v.model import FREEZE_POLICIES, causal_attention_mask
 from megatron_r1v.models.r1v.presets import get_preset
@@ -43,8 +44,11 @@ def microbatch(batch: dict) -> dict:
 
 def parity(args, ctx, arch) -> None:
     stage = build_model_stage(arch, ctx, ModelConfig(preset=args.preset, backend="local"), layout=TRANSFORMERS_LAYOUT)
-    with safe_open(args.hf_file, framework="pt") as reader:
-        load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
+    if args.mode == "load":  # from a dist checkpoint written at any TP/PP
+        load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, args.mcore_dir)
+    else:
+        with safe_open(args.hf_file, framework="pt") as reader:
+            load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
     batches = torch.load(args.data_file)
     out = {}
     for i, batch in enumerate(batches):
@@ -117,7 +121,8 @@ def freeze(args, ctx, arch) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["parity", "freeze"])
+    parser.add_argument("mode", choices=["parity", "freeze", "load"])
+    parser.add_argument("--mcore-dir", help="model checkpoint to load (mode load)")
     parser.add_argument("--hf-file")
     parser.add_argument("--data-file", required=True, help="torch file: list of batch dicts")
     parser.add_argument("--preset", default="tiny-r1v")
@@ -130,7 +135,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
     arch = get_preset(args.preset)
-    (parity if args.mode == "parity" else freeze)(args, ctx, arch)
+    (freeze if args.mode == "freeze" else parity)(args, ctx, arch)
     destroy_distributed(ctx)
 
 

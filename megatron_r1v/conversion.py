@@ -1,0 +1,252 @@
+"""HF checkpoint <-> Megatron ``dist_checkpointing`` checkpoint, streaming, with validation.
+
+``import_checkpoint`` runs on every rank of a TP x PP job: each rank reads (lazily) only
+the HF tensors of its shard, builds its Megatron fragments and joins one collective
+``torch_dist`` save. ``export_checkpoint`` runs in one process and streams tensors back
+in batches of bounded size into sharded safetensors. Both validate everything they can
+before writing, write into a temporary directory and rename it at the end, so a
+failure leaves no half-written output.
+
+Layouts: ``transformers`` (``InternVLForConditionalGeneration``; files written by its
+``save_pretrained`` use hub names, ``vision_tower.`` etc., and are read and written as
+such; in-memory ``state_dict()`` names, ``model.vision_tower.``, are read too) and plain
+Qwen2 (decoder-only). The released ``skywork`` (InternVL-chat) layout is not
+implemented yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1v.models.r1v import checkpoint_layout
+from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
+from megatron_r1v.models.r1v.hf_mapping import (
+    QWEN2_LAYOUT,
+    TRANSFORMERS_FILE_LAYOUT,
+    TRANSFORMERS_LAYOUT,
+    HFLayout,
+    ShardSpec,
+    arch_from_transformers_config,
+    hf_to_mcore_shard,
+    model_tensor_maps,
+    stored_to_hf,
+    stage_tensor_maps,
+    transformers_internvl_config,
+    decoder_arch_to_hf_config,
+)
+from megatron_r1v.models.r1v.presets import AdapterArch, DecoderArch, R1VArch, VisionArch
+from megatron_r1v.platform import ParallelContext
+
+META_NAME = "r1v_checkpoint.json"
+HF_EXTRA_DIR = "hf_extra"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def detect_layout(config: dict, names: list[str]) -> str:
+    """``transformers`` or ``qwen2`` from config.json and tensor names."""
+    if config.get("model_type") == "qwen2" or config.get("architectures") == ["Qwen2ForCausalLM"]:
+        return "qwen2"
+    if any(n.startswith(("vision_tower.", "model.vision_tower.")) for n in names):
+        return "transformers"
+    if any(n.startswith("vision_model.") for n in names) or "llm_config" in config:
+        raise CheckpointError("this is the released skywork (InternVL-chat) layout, which is not supported yet")
+    raise CheckpointError("cannot tell the checkpoint layout from config.json and tensor names")
+
+
+def _names_layout(name: str, tensor_names: Optional[list[str]] = None) -> HFLayout:
+    """The naming of a layout on disk (state-dict names when a file uses those)."""
+    if name == "qwen2":
+        return QWEN2_LAYOUT
+    if name == "transformers":
+        in_memory = tensor_names is not None and any(n.startswith("model.vision_tower.") for n in tensor_names)
+        return TRANSFORMERS_LAYOUT if in_memory else TRANSFORMERS_FILE_LAYOUT
+    raise CheckpointError(f"the {name} layout is not supported yet; use transformers")
+
+
+def _expected_hf_shapes(arch: R1VArch, layout: HFLayout) -> dict[str, tuple[int, ...]]:
+    """Shapes transformers itself gives each tensor for this config (built on the meta
+    device), under the names of ``layout``."""
+    import transformers
+
+    with torch.device("meta"):
+        if arch.vision is None:
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_arch_to_hf_config(arch.decoder)))
+        else:
+            model = transformers.InternVLForConditionalGeneration(
+                transformers.InternVLConfig(**transformers_internvl_config(arch))
+            )
+    reference = QWEN2_LAYOUT if arch.vision is None else TRANSFORMERS_LAYOUT
+    rename = {}
+    for ref_tm, tm in zip(model_tensor_maps(arch, reference), model_tensor_maps(arch, layout)):
+        rename.update(zip(ref_tm.hf, tm.hf))
+    return {rename[name]: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _validate_hf(reader: HFCheckpointReader, arch: R1VArch, layout: HFLayout) -> None:
+    expected = _expected_hf_shapes(arch, layout)
+    mapped = {n for tm in model_tensor_maps(arch, layout) for n in tm.hf}
+    present = set(reader.names())
+    missing = sorted(mapped - present)
+    if missing:
+        raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(present - mapped)
+    if unexpected:
+        raise CheckpointError(f"{reader.directory}: unexpected tensor {unexpected[0]!r} (not part of the model)" +
+                              (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name in sorted(mapped):
+        got = reader.shape(name)
+        if got != expected[name]:
+            raise CheckpointError(
+                f"{reader.file_of[name]}: tensor {name!r} has shape {got} but config.json implies {expected[name]}"
+            )
+
+
+def _shared_tmp_dir(out: Path, ctx: Optional[ParallelContext]) -> Path:
+    token = [uuid.uuid4().hex[:8]]
+    if ctx is not None and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return out.parent / f".{out.name}.tmp-{token[0]}"
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise CheckpointError(f"output directory {out} exists; pass --force to replace it")
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def import_checkpoint(
+    hf_dir: str | Path, out_dir: str | Path, ctx: ParallelContext, *, layout: str = "auto", dtype: str = "bf16",
+    force: bool = False, vocab_pad_tp: int = 8, divisible_by: int = 128,
+) -> None:
+    """Writes this rank's fragments of the HF checkpoint into a torch_dist checkpoint."""
+    out = Path(out_dir)
+    _check_output(out, force)
+    with HFCheckpointReader(hf_dir) as reader:
+        config = reader.config()
+        layout_name = detect_layout(config, reader.names()) if layout == "auto" else layout
+        hf_layout = _names_layout(layout_name, reader.names())
+        arch = arch_from_transformers_config(config)
+        arch.check_parallel(ctx.tp, ctx.pp, where=str(hf_dir))
+        _validate_hf(reader, arch, hf_layout)
+        spec = ShardSpec.for_model(arch, ctx.tp, divisible_by, vocab_pad_tp)
+        maps = stage_tensor_maps(model_tensor_maps(arch, hf_layout), arch.decoder.num_layers, ctx.pp_rank, ctx.pp,
+                                 mcore_prefix="language_model.")
+        local = []
+        for tm in maps.values():
+            shard = hf_to_mcore_shard(tm, {n: reader.get(n) for n in tm.hf}, spec, ctx.tp, ctx.tp_rank)
+            local.append((tm, shard.to(DTYPES[dtype]).clone()))
+    state, _ = checkpoint_layout.sharded_state_dict(local, spec, tp=ctx.tp, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank)
+    tmp = _shared_tmp_dir(out, ctx)
+    try:
+        if ctx.rank == 0:
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        checkpoint_layout.save_fragments(state, str(tmp))
+        if ctx.rank == 0:
+            meta = {"arch": dataclasses.asdict(arch), "layout": layout_name, "dtype": dtype,
+                    "padded_vocab_size": spec.padded_vocab_size, "source": str(Path(hf_dir).resolve()),
+                    "saved_with": {"tp": ctx.tp, "pp": ctx.pp}}
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / HF_EXTRA_DIR).mkdir()
+            shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_EXTRA_DIR / "config.json")
+            copy_side_files(Path(hf_dir), tmp / HF_EXTRA_DIR)
+            _commit(tmp, out)
+        dist.barrier()
+    finally:
+        if ctx.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_meta(mcore_dir: str | Path) -> tuple[R1VArch, dict]:
+    path = Path(mcore_dir) / META_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{mcore_dir} is not a megatron-r1v model checkpoint ({META_NAME} missing)") from None
+    a = meta["arch"]
+    arch = R1VArch(
+        DecoderArch(**a["decoder"]), a.get("description", ""),
+        vision=VisionArch(**a["vision"]) if a.get("vision") else None,
+        adapter=AdapterArch(**a["adapter"]) if a.get("adapter") else None,
+        image_token_id=a.get("image_token_id"),
+    )
+    return arch, meta
+
+
+def _hf_config(arch: R1VArch, dtype: str) -> dict:
+    import transformers
+
+    if arch.vision is None:
+        config = transformers.Qwen2Config(**decoder_arch_to_hf_config(arch.decoder))
+        config.architectures = ["Qwen2ForCausalLM"]
+    else:
+        config = transformers.InternVLConfig(**transformers_internvl_config(arch))
+        config.architectures = ["InternVLForConditionalGeneration"]
+    out = config.to_dict()
+    out["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+    return out
+
+
+def export_checkpoint(
+    mcore_dir: str | Path, out_dir: str | Path, *, layout: Optional[str] = None, max_shard_bytes: int = 5 * 10**9,
+    force: bool = False, batch_bytes: int = 2 * 10**9, progress: bool = True,
+) -> list[Path]:
+    """Streams a model checkpoint back to HF safetensors (one process; distributed must be up)."""
+    from megatron.core import dist_checkpointing
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    _check_output(out, force)
+    arch, meta = read_meta(mcore_dir)
+    layout_name = layout or meta["layout"]
+    hf_layout = _names_layout(layout_name)
+    spec = dataclasses.replace(ShardSpec.for_model(arch, 1), padded_vocab_size=meta["padded_vocab_size"])
+    metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+    maps = model_tensor_maps(arch, hf_layout)
+    absent = [tm.mcore for tm in maps if tm.mcore not in metadata]
+    if absent:
+        raise CheckpointError(f"{mcore_dir}: checkpoint has no tensor {absent[0]!r}")
+    tmp = _shared_tmp_dir(out, None)
+    tmp.mkdir(parents=True)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        batches, current, size = [], [], 0
+        for tm in maps:
+            meta_t = metadata[tm.mcore]
+            nbytes = torch.Size(meta_t.global_shape).numel() * meta_t.dtype.itemsize
+            if current and size + nbytes > batch_bytes:
+                batches.append(current)
+                current, size = [], 0
+            current.append(tm)
+            size += nbytes
+        if current:
+            batches.append(current)
+        for batch in tqdm(batches, desc="export", unit="batch", disable=not progress):
+            stored = checkpoint_layout.read_stored_tensors(str(mcore_dir), [tm.mcore for tm in batch], metadata)
+            for tm in batch:
+                for name, tensor in stored_to_hf(tm, stored[tm.mcore], spec).items():
+                    writer.add(name, tensor)
+            del stored
+        files = writer.finish()
+        extra = Path(mcore_dir) / HF_EXTRA_DIR
+        copy_side_files(extra, tmp)
+        (tmp / "config.json").write_text(json.dumps(_hf_config(arch, meta["dtype"]), indent=2) + "\n")
+        _commit(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [out / f.name for f in files]

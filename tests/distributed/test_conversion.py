@@ -1,0 +1,150 @@
+"""tools/convert_checkpoint.py: HF <-> Megatron dist checkpoints, resharding, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
+
+REPO = Path(__file__).resolve().parents[2]
+CONVERT = "tools/convert_checkpoint.py"
+WORKER = "tests/distributed/workers/r1v_worker.py"
+# Same bound and reasoning as test_r1v_parity: fp32, only summation order differs.
+LOGIT_TOL = 1e-4
+
+
+def import_ckpt(torchrun, hf_dir, out, tp=1, pp=1, *extra, check=True):
+    return torchrun(CONVERT, tp * pp, ["import", "--hf-dir", str(hf_dir), "--out", str(out), "--tp", str(tp),
+                                       "--pp", str(pp), "--dtype", "fp32", *extra], check=check)
+
+
+def export_ckpt(mcore_dir, out, *extra):
+    return subprocess.run([sys.executable, str(REPO / CONVERT), "export", "--mcore-dir", str(mcore_dir),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def read_all(directory):
+    with HFCheckpointReader(directory) as reader:
+        return {name: reader.get(name) for name in reader.names()}
+
+
+def assert_nothing_half_written(out: Path):
+    assert not out.exists(), f"{out} was written despite the failure"
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "a temporary directory was left behind"
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_round_trip_is_bit_exact(tp, pp, internvl, torchrun, tmp_path):
+    import_ckpt(torchrun, internvl["hf_dir"], tmp_path / "mcore", tp, pp)
+    proc = export_ckpt(tmp_path / "mcore", tmp_path / "hf", "--max-shard-size", "200KB")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, back = read_all(internvl["hf_dir"]), read_all(tmp_path / "hf")
+    assert set(back) == set(source)
+    for name, tensor in source.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1, "--max-shard-size 200KB should give several shards"
+    assert (tmp_path / "hf" / "generation_config.json").exists()
+
+
+def test_export_loads_in_transformers_and_in_memory_names_import(internvl, torchrun, tmp_path):
+    import transformers
+
+    # A directory holding state_dict() names (model.vision_tower...) instead of hub names.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(internvl["weights"], flat / "model.safetensors")
+    shutil.copy(internvl["hf_dir"] / "config.json", flat / "config.json")
+    import_ckpt(torchrun, flat, tmp_path / "mcore", 2, 1)
+    assert export_ckpt(tmp_path / "mcore", tmp_path / "hf").returncode == 0
+    model = transformers.InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").float().eval()
+    batch = torch.load(internvl["batches"])[0]
+    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    # Bit-exact weights give the reference logits up to attention-kernel choice.
+    assert (logits - internvl["reference"][0]["logits"]).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def saved_at_tp2(internvl, torchrun, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2") / "mcore"
+    import_ckpt(torchrun, internvl["hf_dir"], out, 2, 1)
+    return out
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2), (2, 2)])
+def test_checkpoint_saved_at_tp2_loads_at_other_layouts(tp, pp, saved_at_tp2, internvl, torchrun, tmp_path):
+    torchrun(WORKER, tp * pp, ["load", "--mcore-dir", str(saved_at_tp2), "--data-file", str(internvl["batches"]),
+                               "--tp", str(tp), "--pp", str(pp), "--out", str(tmp_path)])
+    logits = load_file(str(tmp_path / "logits.safetensors"))
+    for i, ref in enumerate(internvl["reference"]):
+        diff = (logits[f"logits_{i}"] - ref["logits"]).abs().max().item()
+        assert diff <= LOGIT_TOL, f"loaded at tp={tp} pp={pp}, batch {i}: max |logit diff| {diff:.3e}"
+
+
+def _broken_copy(internvl, tmp_path, edit):
+    broken = tmp_path / "broken"
+    shutil.copytree(internvl["hf_dir"], broken)
+    edit(broken)
+    return broken
+
+
+def _edit_tensors(fn):
+    def edit(directory):
+        (path,) = directory.glob("*.safetensors")
+        tensors = load_file(str(path))
+        fn(tensors)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return edit
+
+
+def _edit_config(directory):
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 2
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _truncate(directory):
+    (path,) = directory.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "case,edit,message",
+    [
+        ("missing", _edit_tensors(lambda t: t.pop("language_model.model.layers.1.mlp.up_proj.weight")),
+         "missing tensor 'language_model.model.layers.1.mlp.up_proj.weight'"),
+        ("unexpected", _edit_tensors(lambda t: t.update({"extra_head.weight": torch.zeros(2)})),
+         "unexpected tensor 'extra_head.weight'"),
+        ("shape", _edit_config, "tensor 'language_model.model.layers.0.mlp.down_proj.weight' has shape (64, 96) but "
+                                "config.json implies (64, 98)"),
+        ("corrupt", _truncate, "is corrupt or unreadable"),
+    ],
+)
+def test_bad_input_is_named_and_nothing_is_written(case, edit, message, internvl, torchrun, tmp_path):
+    broken = _broken_copy(internvl, tmp_path, edit)
+    out = tmp_path / "mcore"
+    proc = import_ckpt(torchrun, broken, out, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert_nothing_half_written(out)
+
+
+def test_existing_output_needs_force(saved_at_tp2, internvl, torchrun, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    proc = import_ckpt(torchrun, internvl["hf_dir"], out, check=False)
+    assert proc.returncode != 0 and f"output directory {out} exists; pass --force" in proc.stderr
+    assert (out / "keep.txt").read_text() == "user data"
+    proc = export_ckpt(saved_at_tp2, out)
+    assert proc.returncode != 0 and "pass --force" in proc.stderr
+    assert export_ckpt(saved_at_tp2, out, "--force").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+    proc = export_ckpt(internvl["hf_dir"], tmp_path / "x")
+    assert proc.returncode != 0 and "is not a megatron-r1v model checkpoint" in proc.stderr
