@@ -7,11 +7,12 @@ in batches of bounded size into sharded safetensors. Both validate everything th
 before writing, write into a temporary directory and rename it at the end, so a
 failure leaves no half-written output.
 
-Layouts: ``transformers`` (``InternVLForConditionalGeneration``; files written by its
-``save_pretrained`` use hub names, ``vision_tower.`` etc., and are read and written as
-such; in-memory ``state_dict()`` names, ``model.vision_tower.``, are read too) and plain
-Qwen2 (decoder-only). The released ``skywork`` (InternVL-chat) layout is not
-implemented yet.
+Layouts: ``skywork`` (the released R1V2 / InternVL-chat checkpoints), ``transformers``
+(``InternVLForConditionalGeneration``; files written by its ``save_pretrained`` use hub
+names, ``vision_tower.`` etc., and are read and written as such; in-memory
+``state_dict()`` names, ``model.vision_tower.``, are read too) and plain Qwen2
+(decoder-only). Any layout can be exported to any other that can express the model
+(the transformers layout has no ``ps_version`` v1).
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ from megatron_r1v.models.r1v import checkpoint_layout
 from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
 from megatron_r1v.models.r1v.hf_mapping import (
     QWEN2_LAYOUT,
+    SKYWORK_LAYOUT,
     TRANSFORMERS_FILE_LAYOUT,
     TRANSFORMERS_LAYOUT,
     HFLayout,
     ShardSpec,
+    arch_from_skywork_config,
     arch_from_transformers_config,
+    skywork_config,
     hf_to_mcore_shard,
     model_tensor_maps,
     stored_to_hf,
@@ -51,13 +55,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def detect_layout(config: dict, names: list[str]) -> str:
-    """``transformers`` or ``qwen2`` from config.json and tensor names."""
+    """``skywork``, ``transformers`` or ``qwen2`` from config.json and tensor names."""
     if config.get("model_type") == "qwen2" or config.get("architectures") == ["Qwen2ForCausalLM"]:
         return "qwen2"
     if any(n.startswith(("vision_tower.", "model.vision_tower.")) for n in names):
         return "transformers"
     if any(n.startswith("vision_model.") for n in names) or "llm_config" in config:
-        raise CheckpointError("this is the released skywork (InternVL-chat) layout, which is not supported yet")
+        return "skywork"
     raise CheckpointError("cannot tell the checkpoint layout from config.json and tensor names")
 
 
@@ -68,26 +72,61 @@ def _names_layout(name: str, tensor_names: Optional[list[str]] = None) -> HFLayo
     if name == "transformers":
         in_memory = tensor_names is not None and any(n.startswith("model.vision_tower.") for n in tensor_names)
         return TRANSFORMERS_LAYOUT if in_memory else TRANSFORMERS_FILE_LAYOUT
-    raise CheckpointError(f"the {name} layout is not supported yet; use transformers")
+    if name == "skywork":
+        return SKYWORK_LAYOUT
+    raise CheckpointError(f"unknown layout {name!r}")
+
+
+def _image_token_id(hf_dir: Path, config: dict, override: Optional[int]) -> int:
+    """IMG_CONTEXT id of a skywork checkpoint: --image-token-id, config, or the tokenizer."""
+    if override is not None:
+        return override
+    if config.get("img_context_token_id") is not None:
+        return int(config["img_context_token_id"])
+    tokenizer = hf_dir / "tokenizer.json"
+    if tokenizer.exists():
+        for token in json.loads(tokenizer.read_text()).get("added_tokens", []):
+            if token.get("content") == "<IMG_CONTEXT>":
+                return int(token["id"])
+    raise CheckpointError(
+        f"{hf_dir}: cannot find the <IMG_CONTEXT> token id (not in config.json or tokenizer.json); "
+        "pass --image-token-id"
+    )
+
+
+def _arch_of(hf_dir: Path, config: dict, layout_name: str, image_token_id: Optional[int]) -> R1VArch:
+    try:
+        if layout_name == "skywork":
+            return arch_from_skywork_config(config, _image_token_id(hf_dir, config, image_token_id))
+        return arch_from_transformers_config(config)
+    except ValueError as err:
+        raise CheckpointError(f"{hf_dir / 'config.json'}: {err}") from None
 
 
 def _expected_hf_shapes(arch: R1VArch, layout: HFLayout) -> dict[str, tuple[int, ...]]:
     """Shapes transformers itself gives each tensor for this config (built on the meta
-    device), under the names of ``layout``."""
+    device), under the names of ``layout`` (a fused [Q; K; V] stacks the three)."""
     import transformers
 
     with torch.device("meta"):
         if arch.vision is None:
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_arch_to_hf_config(arch.decoder)))
         else:
+            # The token order (ps_version) does not change any shape.
+            as_v2 = dataclasses.replace(arch, adapter=dataclasses.replace(arch.adapter, ps_version="v2"))
             model = transformers.InternVLForConditionalGeneration(
-                transformers.InternVLConfig(**transformers_internvl_config(arch))
+                transformers.InternVLConfig(**transformers_internvl_config(as_v2))
             )
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     reference = QWEN2_LAYOUT if arch.vision is None else TRANSFORMERS_LAYOUT
-    rename = {}
+    expected = {}
     for ref_tm, tm in zip(model_tensor_maps(arch, reference), model_tensor_maps(arch, layout)):
-        rename.update(zip(ref_tm.hf, tm.hf))
-    return {rename[name]: tuple(t.shape) for name, t in model.state_dict().items()}
+        parts = [shapes[n] for n in ref_tm.hf]
+        if len(tm.hf) == len(parts):
+            expected.update(zip(tm.hf, parts))
+        else:  # one fused tensor
+            expected[tm.hf[0]] = (sum(p[0] for p in parts), *parts[0][1:])
+    return expected
 
 
 def _validate_hf(reader: HFCheckpointReader, arch: R1VArch, layout: HFLayout) -> None:
@@ -130,7 +169,7 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def import_checkpoint(
     hf_dir: str | Path, out_dir: str | Path, ctx: ParallelContext, *, layout: str = "auto", dtype: str = "bf16",
-    force: bool = False, vocab_pad_tp: int = 8, divisible_by: int = 128,
+    force: bool = False, vocab_pad_tp: int = 8, divisible_by: int = 128, image_token_id: Optional[int] = None,
 ) -> None:
     """Writes this rank's fragments of the HF checkpoint into a torch_dist checkpoint."""
     out = Path(out_dir)
@@ -139,7 +178,7 @@ def import_checkpoint(
         config = reader.config()
         layout_name = detect_layout(config, reader.names()) if layout == "auto" else layout
         hf_layout = _names_layout(layout_name, reader.names())
-        arch = arch_from_transformers_config(config)
+        arch = _arch_of(Path(hf_dir), config, layout_name, image_token_id)
         arch.check_parallel(ctx.tp, ctx.pp, where=str(hf_dir))
         _validate_hf(reader, arch, hf_layout)
         spec = ShardSpec.for_model(arch, ctx.tp, divisible_by, vocab_pad_tp)
@@ -187,9 +226,13 @@ def read_meta(mcore_dir: str | Path) -> tuple[R1VArch, dict]:
     return arch, meta
 
 
-def _hf_config(arch: R1VArch, dtype: str) -> dict:
+def _hf_config(arch: R1VArch, dtype: str, layout_name: str, source_config: Optional[dict]) -> dict:
     import transformers
 
+    if layout_name == "skywork":
+        out = skywork_config(arch, source_config if source_config and "llm_config" in source_config else None)
+        out["torch_dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+        return out
     if arch.vision is None:
         config = transformers.Qwen2Config(**decoder_arch_to_hf_config(arch.decoder))
         config.architectures = ["Qwen2ForCausalLM"]
@@ -214,6 +257,11 @@ def export_checkpoint(
     arch, meta = read_meta(mcore_dir)
     layout_name = layout or meta["layout"]
     hf_layout = _names_layout(layout_name)
+    if layout_name == "transformers":
+        try:
+            transformers_internvl_config(arch)
+        except ValueError as err:
+            raise CheckpointError(f"cannot export {mcore_dir} to the transformers layout: {err}") from None
     spec = dataclasses.replace(ShardSpec.for_model(arch, 1), padded_vocab_size=meta["padded_vocab_size"])
     metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
     maps = model_tensor_maps(arch, hf_layout)
@@ -244,7 +292,9 @@ def export_checkpoint(
         files = writer.finish()
         extra = Path(mcore_dir) / HF_EXTRA_DIR
         copy_side_files(extra, tmp)
-        (tmp / "config.json").write_text(json.dumps(_hf_config(arch, meta["dtype"]), indent=2) + "\n")
+        source_config = json.loads((extra / "config.json").read_text()) if (extra / "config.json").exists() else None
+        config = _hf_config(arch, meta["dtype"], layout_name, source_config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _commit(tmp, out)
     finally:
         if tmp.exists():

@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     imp.add_argument("--tp", type=int, default=1)
     imp.add_argument("--pp", type=int, default=1)
     imp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    imp.add_argument("--image-token-id", type=int, default=None,
+                     help="<IMG_CONTEXT> id for skywork checkpoints whose config/tokenizer do not give it")
     exp = sub.add_parser("export", help="Megatron -> HF (one process)")
     exp.add_argument("--mcore-dir", required=True)
     exp.add_argument("--out", required=True)
@@ -43,7 +45,8 @@ def main(argv=None) -> int:
         if args.command == "import":
             if ctx.dp != 1:
                 raise CheckpointError(f"run import with world size tp*pp = {args.tp * args.pp}, not {ctx.world_size}")
-            import_checkpoint(args.hf_dir, args.out, ctx, layout=args.layout, dtype=args.dtype, force=args.force)
+            import_checkpoint(args.hf_dir, args.out, ctx, layout=args.layout, dtype=args.dtype, force=args.force,
+                              image_token_id=args.image_token_id)
         else:
             if ctx.world_size != 1:
                 raise CheckpointError("run export in one process")

@@ -47,7 +47,9 @@ class LMStepResult:
 
 def _lm_loss(batch: dict, keep: Optional[list], logits_BSv: torch.Tensor):
     if keep is not None:
-        keep.append(logits_BSv.detach())
+        # A copy: Megatron's vocab-parallel CE works in place on its input, which shares
+        # storage with the logits whenever transpose().contiguous() is a no-op (B == 1).
+        keep.append(logits_BSv.detach().clone())
     # Megatron's vocab-parallel CE takes sequence-first [S, B, V/tp] logits.
     token_loss_SB = tensor_parallel.vocab_parallel_cross_entropy(
         logits_BSv.transpose(0, 1).float().contiguous(), batch["labels"].transpose(0, 1).contiguous()

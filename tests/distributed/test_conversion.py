@@ -148,3 +148,78 @@ def test_existing_output_needs_force(saved_at_tp2, internvl, torchrun, tmp_path)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
     proc = export_ckpt(internvl["hf_dir"], tmp_path / "x")
     assert proc.returncode != 0 and "is not a megatron-r1v model checkpoint" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def skywork_dir(saved_at_tp2, tmp_path_factory):
+    """The tiny model in the released (InternVL-chat) layout, made by exporting."""
+    out = tmp_path_factory.mktemp("skywork") / "hf"
+    proc = export_ckpt(saved_at_tp2, out, "--layout", "skywork")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_skywork_layout_names_and_config(skywork_dir):
+    names = set(read_all(skywork_dir))
+    for name in ("vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+                 "vision_model.embeddings.position_embedding", "vision_model.encoder.layers.1.attn.qkv.weight",
+                 "vision_model.encoder.layers.1.attn.q_norm.weight", "vision_model.encoder.layers.0.ls1",
+                 "vision_model.encoder.layers.0.norm2.weight", "mlp1.0.weight", "mlp1.1.bias", "mlp1.3.weight",
+                 "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        assert name in names, name
+    assert not any(".attn.q_proj" in n or "mlp1.2" in n for n in names)
+    config = json.loads((skywork_dir / "config.json").read_text())
+    for key in ("vision_config", "llm_config", "downsample_ratio", "ps_version", "select_layer", "force_image_size",
+                "template"):
+        assert key in config, key
+    assert (config["ps_version"], config["select_layer"], config["force_image_size"]) == ("v2", -1, 56)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_skywork_round_trips_are_bit_exact(tp, pp, skywork_dir, internvl, torchrun, tmp_path):
+    import_ckpt(torchrun, skywork_dir, tmp_path / "mcore", tp, pp)
+    assert export_ckpt(tmp_path / "mcore", tmp_path / "sky").returncode == 0  # default: the source layout
+    source, back = read_all(skywork_dir), read_all(tmp_path / "sky")
+    assert set(back) == set(source) and all(torch.equal(back[n], t) for n, t in source.items())
+    # skywork -> transformers gives back the original transformers checkpoint.
+    assert export_ckpt(tmp_path / "mcore", tmp_path / "tr", "--layout", "transformers").returncode == 0
+    original, converted = read_all(internvl["hf_dir"]), read_all(tmp_path / "tr")
+    assert set(converted) == set(original) and all(torch.equal(converted[n], t) for n, t in original.items())
+
+
+def test_ps_v1_checkpoint_cannot_go_to_transformers_layout(skywork_dir, torchrun, tmp_path):
+    v1 = tmp_path / "v1"
+    shutil.copytree(skywork_dir, v1)
+    config = json.loads((v1 / "config.json").read_text())
+    config["ps_version"] = "v1"
+    (v1 / "config.json").write_text(json.dumps(config))
+    import_ckpt(torchrun, v1, tmp_path / "mcore")
+    proc = export_ckpt(tmp_path / "mcore", tmp_path / "tr", "--layout", "transformers")
+    assert proc.returncode != 0 and "only expresses ps_version v2" in proc.stderr
+    assert_nothing_half_written(tmp_path / "tr")
+
+
+VERIFY = "tools/verify_checkpoint.py"
+
+
+@pytest.mark.parametrize("source,tp,pp", [("transformers", 2, 1), ("skywork", 1, 2)])
+def test_verify_checkpoint_passes(source, tp, pp, saved_at_tp2, skywork_dir, internvl, torchrun):
+    hf_dir = internvl["hf_dir"] if source == "transformers" else skywork_dir
+    proc = torchrun(VERIFY, tp * pp, ["--hf-dir", str(hf_dir), "--mcore-dir", str(saved_at_tp2),
+                                      "--tp", str(tp), "--pp", str(pp)])
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["pass"] and result["max_abs_logit_diff"] <= 1e-4 and result["tolerance"] == 1e-4
+    assert result["hf_layout"] == source
+
+
+def test_verify_checkpoint_fails_on_other_weights(saved_at_tp2, internvl, torchrun, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(internvl["hf_dir"], other)
+    (path,) = other.glob("*.safetensors")
+    tensors = load_file(str(path))
+    tensors["multi_modal_projector.linear_2.bias"] += 0.01
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    proc = torchrun(VERIFY, 1, ["--hf-dir", str(other), "--mcore-dir", str(saved_at_tp2)], check=False)
+    assert proc.returncode == 1
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert not result["pass"] and result["max_abs_logit_diff"] > 1e-3

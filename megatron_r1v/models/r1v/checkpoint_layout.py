@@ -93,11 +93,18 @@ def save_fragments(state: dict[str, ShardedTensor], directory: str) -> None:
 def load_into(state: dict[str, ShardedTensor], views: dict[str, torch.Tensor], directory: str) -> None:
     """Loads the fragments of ``state`` from ``directory`` and copies them into ``views``.
 
-    Loading goes through fresh contiguous buffers, so parameter views that are not
-    contiguous (per-head columns) receive exactly what was saved.
+    Loading goes through fresh contiguous buffers in the checkpoint's dtype, so parameter
+    views that are not contiguous (per-head columns) receive exactly what was saved, and a
+    bf16 checkpoint loads into fp32 parameters (and vice versa) by a plain cast.
     """
-    for st in state.values():
-        st.data = torch.empty(st.data.shape, dtype=st.data.dtype, device=st.data.device)
+    import dataclasses
+
+    metadata = dist_checkpointing.load_tensors_metadata(directory)
+    for dict_key, st in list(state.items()):
+        if st.key not in metadata:
+            raise KeyError(f"checkpoint {directory} has no tensor {st.key!r}")
+        dtype = metadata[st.key].dtype
+        state[dict_key] = dataclasses.replace(st, data=torch.empty(st.data.shape, dtype=dtype), dtype=dtype)
     loaded = dist_checkpointing.load(state, directory, sharded_strategy=("torch_dist", 1))
     with torch.no_grad():
         for dict_key, view in views.items():

@@ -54,6 +54,9 @@ class HFLayout:
     vision_prefix: str = ""
     """Prefix of the vision tower (empty for decoder-only checkpoints)."""
     projector_prefix: str = ""
+    style: Literal["transformers", "skywork"] = "transformers"
+    """Vision/adapter naming: transformers' InternVL, or the released InternVL-chat
+    (``attn.qkv`` fused as rows [Q; K; V], ``norm1``/``ls1``, ``mlp1.{0,1,3}``)."""
 
 
 QWEN2_LAYOUT = HFLayout(QWEN2_CAUSAL_LM)
@@ -61,6 +64,8 @@ QWEN2_LAYOUT = HFLayout(QWEN2_CAUSAL_LM)
 TRANSFORMERS_LAYOUT = HFLayout(INTERNVL_TRANSFORMERS, "model.vision_tower.", "model.multi_modal_projector.")
 # The names transformers' save_pretrained writes to disk for the same model (hub format).
 TRANSFORMERS_FILE_LAYOUT = HFLayout(INTERNVL_CHAT, "vision_tower.", "multi_modal_projector.")
+# The released Skywork-R1V2 / InternVL-chat checkpoints.
+SKYWORK_LAYOUT = HFLayout(INTERNVL_CHAT, "vision_model.", "mlp1.", style="skywork")
 
 
 @dataclass(frozen=True)
@@ -178,10 +183,12 @@ def hf_to_mcore_full(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec
     fc1 is returned as ``[gate; up]``; its TP sharding is not a slice of this (see
     :func:`hf_to_mcore_shard`).
     """
+    if tm.kind == "vision_qkv":
+        return _pad_vision_heads(tm, _vision_qkv_parts(tm, hf, spec), spec)
     tensors = [hf[n] for n in tm.hf]
     if tm.kind in ("replicated", "row", "column"):
         return tensors[0]
-    if tm.kind in ("vision_qkv", "head_vec", "head_row"):
+    if tm.kind in ("head_vec", "head_row"):
         return _pad_vision_heads(tm, tensors, spec)
     if tm.kind == "vocab":
         (table,) = tensors
@@ -257,6 +264,21 @@ def mcore_shards_to_hf(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSpe
     raise AssertionError(tm.kind)
 
 
+def _vision_qkv_parts(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) -> list[torch.Tensor]:
+    """[q, k, v] of an InternViT attention, from separate tensors or one fused [Q; K; V]."""
+    if len(tm.hf) == 3:
+        return [hf[n] for n in tm.hf]
+    (fused,) = (hf[n] for n in tm.hf)
+    _check_shape(tm.hf[0], fused, 3 * spec.vision_heads * spec.vision_head_dim)
+    return list(fused.chunk(3))
+
+
+def _vision_qkv_out(tm: TensorMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    if len(tm.hf) == 3:
+        return dict(zip(tm.hf, (q, k, v)))
+    return {tm.hf[0]: torch.cat([q, k, v])}
+
+
 def hf_to_stored(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) -> torch.Tensor:
     """The tensor as dist checkpoints keep it: one shape for every TP/PP.
 
@@ -265,7 +287,7 @@ def hf_to_stored(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) ->
     attention stores real heads only, head-major (``[heads, 3d, h]``, ``[heads, d]``,
     ``[h, heads, d]``), so dummy heads never reach a checkpoint.
     """
-    tensors = [hf[n] for n in tm.hf]
+    tensors = _vision_qkv_parts(tm, hf, spec) if tm.kind == "vision_qkv" else [hf[n] for n in tm.hf]
     heads, d = spec.vision_heads, spec.vision_head_dim
     if tm.kind == "fc1":
         gate, up = tensors
@@ -273,7 +295,7 @@ def hf_to_stored(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) ->
             raise ValueError(f"{tm.hf[0]} {tuple(gate.shape)} and {tm.hf[1]} {tuple(up.shape)} differ in shape")
         return torch.stack([gate, up])
     if tm.kind in ("vision_qkv", "head_vec", "head_row"):
-        for name, t in zip(tm.hf, tensors):
+        for name, t in zip(tm.hf * 3, tensors):
             width = t.shape[1] if tm.kind == "head_row" else t.shape[0]
             if width != heads * d:
                 raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}; expected {heads * d} per-head rows")
@@ -298,7 +320,7 @@ def stored_to_hf(tm: TensorMap, stored: torch.Tensor, spec: ShardSpec) -> dict[s
     if tm.kind == "vision_qkv":
         trailing = stored.shape[2:]
         per_head = stored.reshape(heads, 3, d, *trailing)
-        return {name: per_head[:, i].reshape(heads * d, *trailing) for i, name in enumerate(tm.hf)}
+        return _vision_qkv_out(tm, *(per_head[:, i].reshape(heads * d, *trailing) for i in range(3)))
     return mcore_shards_to_hf(tm, [stored], spec)
 
 
@@ -310,7 +332,7 @@ def _pad_vision_heads(tm: TensorMap, tensors: list[torch.Tensor], spec: ShardSpe
         if proj.shape[1] != width:
             raise ValueError(f"tensor {tm.hf[0]!r} has shape {tuple(proj.shape)}; expected {width} columns")
         return torch.cat([proj, proj.new_zeros(proj.shape[0], pad)], dim=1)
-    for name, t in zip(tm.hf, tensors):
+    for name, t in zip(tm.hf * 3, tensors):
         _check_shape(name, t, width)
     padded_rows = [torch.cat([t, t.new_zeros((pad, *t.shape[1:]))]) for t in tensors]
     if tm.kind == "head_vec":
@@ -330,7 +352,7 @@ def _unpad_vision_heads(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSp
         return {tm.hf[0]: full[: heads * d]}
     trailing = full.shape[1:]
     per_head = full.reshape(padded, 3, d, *trailing)[:heads]
-    return {name: per_head[:, i].reshape(heads * d, *trailing) for i, name in enumerate(tm.hf)}
+    return _vision_qkv_out(tm, *(per_head[:, i].reshape(heads * d, *trailing) for i in range(3)))
 
 
 def vision_tensor_maps(vision: VisionArch, layout: HFLayout, *, mcore_prefix: str = "vision.") -> list[TensorMap]:
@@ -340,6 +362,9 @@ def vision_tensor_maps(vision: VisionArch, layout: HFLayout, *, mcore_prefix: st
 
     def first(mcore: str, hf: tuple[str, ...], kind: SplitKind) -> TensorMap:
         return TensorMap(mcore, hf, kind, None, "first")
+
+    if layout.style == "skywork":
+        return _skywork_vision_maps(vision, p, m, first)
 
     maps = [
         first(f"{m}class_token", (emb + "cls_token",), "replicated"),
@@ -371,16 +396,46 @@ def vision_tensor_maps(vision: VisionArch, layout: HFLayout, *, mcore_prefix: st
     return maps
 
 
+def _skywork_vision_maps(vision: VisionArch, p: str, m: str, first) -> list[TensorMap]:
+    emb = f"{p}embeddings."
+    maps = [
+        first(f"{m}class_token", (emb + "class_embedding",), "replicated"),
+        first(f"{m}position_embeddings", (emb + "position_embedding",), "replicated"),
+        first(f"{m}patch_embed.weight", (emb + "patch_embedding.weight",), "replicated"),
+        first(f"{m}patch_embed.bias", (emb + "patch_embedding.bias",), "replicated"),
+    ]
+    for i in range(vision.num_layers):
+        ml, hl = f"{m}encoder.layers.{i}.", f"{p}encoder.layers.{i}."
+        maps += [
+            first(ml + "input_layernorm.weight", (hl + "norm1.weight",), "replicated"),
+            first(ml + "self_attention.linear_qkv.weight", (hl + "attn.qkv.weight",), "vision_qkv"),
+            first(ml + "self_attention.q_layernorm.weight", (hl + "attn.q_norm.weight",), "head_vec"),
+            first(ml + "self_attention.k_layernorm.weight", (hl + "attn.k_norm.weight",), "head_vec"),
+            first(ml + "self_attention.linear_proj.weight", (hl + "attn.proj.weight",), "head_row"),
+            first(ml + "self_attention.linear_proj.bias", (hl + "attn.proj.bias",), "replicated"),
+            first(ml + "self_attn_bda.weight", (hl + "ls1",), "replicated"),
+            first(ml + "pre_mlp_layernorm.weight", (hl + "norm2.weight",), "replicated"),
+            first(ml + "mlp.linear_fc1.weight", (hl + "mlp.fc1.weight",), "column"),
+            first(ml + "mlp.linear_fc1.bias", (hl + "mlp.fc1.bias",), "column"),
+            first(ml + "mlp.linear_fc2.weight", (hl + "mlp.fc2.weight",), "row"),
+            first(ml + "mlp.linear_fc2.bias", (hl + "mlp.fc2.bias",), "replicated"),
+            first(ml + "mlp_bda.weight", (hl + "ls2",), "replicated"),
+        ]
+    return maps
+
+
 def adapter_tensor_maps(layout: HFLayout, *, mcore_prefix: str = "adapter.") -> list[TensorMap]:
-    """The mlp1 adapter (first pipeline stage) in the transformers InternVL layout."""
+    """The mlp1 adapter (first pipeline stage)."""
     p, m = layout.projector_prefix, mcore_prefix
+    names = (("0", "1", "3") if layout.style == "skywork" else ("layer_norm", "linear_1", "linear_2"))
+    norm, fc1, fc2 = names
     rows: list[tuple[str, str, SplitKind]] = [
-        ("layer_norm.weight", "layer_norm.weight", "replicated"),
-        ("layer_norm.bias", "layer_norm.bias", "replicated"),
-        ("mlp.linear_fc1.weight", "linear_1.weight", "column"),
-        ("mlp.linear_fc1.bias", "linear_1.bias", "column"),
-        ("mlp.linear_fc2.weight", "linear_2.weight", "row"),
-        ("mlp.linear_fc2.bias", "linear_2.bias", "replicated"),
+        ("layer_norm.weight", f"{norm}.weight", "replicated"),
+        ("layer_norm.bias", f"{norm}.bias", "replicated"),
+        ("mlp.linear_fc1.weight", f"{fc1}.weight", "column"),
+        ("mlp.linear_fc1.bias", f"{fc1}.bias", "column"),
+        ("mlp.linear_fc2.weight", f"{fc2}.weight", "row"),
+        ("mlp.linear_fc2.bias", f"{fc2}.bias", "replicated"),
     ]
     return [TensorMap(m + mc, (p + hf,), kind, None, "first") for mc, hf, kind in rows]
 
@@ -519,3 +574,87 @@ def arch_from_transformers_config(cfg: dict[str, Any]) -> R1VArch:
     adapter = AdapterArch(downsample_ratio=float(cfg.get("downsample_ratio", 0.5)), ps_version="v2")
     return R1VArch(decoder, "from a transformers InternVL config.json", vision=vision, adapter=adapter,
                    image_token_id=image_token_id)
+
+
+SKYWORK_DEFAULTS = {
+    "template": "internvl2_5",
+    "use_thumbnail": True,
+    "dynamic_image_size": True,
+    "min_dynamic_patch": 1,
+    "max_dynamic_patch": 12,
+}
+"""InternVL-chat config keys megatron-r1v does not model; taken from the source checkpoint
+when it had them (kept in ``hf_extra/config.json``), else these values."""
+
+
+def arch_from_skywork_config(cfg: dict[str, Any], image_token_id: int) -> R1VArch:
+    """An :class:`R1VArch` from an InternVL-chat / Skywork-R1V2 config.json (dict).
+
+    The IMG_CONTEXT id is not part of that config (the remote code reads it from the
+    tokenizer), so the caller supplies it.
+    """
+    from megatron_r1v.models.r1v.presets import AdapterArch
+
+    try:
+        v, llm = cfg["vision_config"], cfg["llm_config"]
+        vision = VisionArch(
+            hidden_size=int(v["hidden_size"]),
+            num_layers=int(v["num_hidden_layers"]),
+            num_attention_heads=int(v["num_attention_heads"]),
+            ffn_hidden_size=int(v["intermediate_size"]),
+            image_size=int(cfg.get("force_image_size") or v["image_size"]),
+            patch_size=int(v["patch_size"]),
+            num_channels=int(v.get("num_channels", 3)),
+            norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+        )
+    except KeyError as err:
+        raise ValueError(f"InternVL-chat config is missing key {err.args[0]!r}") from None
+    checks = {
+        "vision_config.qk_normalization": (v.get("qk_normalization"), True),
+        "vision_config.qkv_bias": (v.get("qkv_bias", False), False),
+        "vision_config.norm_type": (v.get("norm_type"), "rms_norm"),
+        "select_layer": (cfg.get("select_layer", -1), -1),
+    }
+    for key, (got, want) in checks.items():
+        if got != want:
+            raise ValueError(f"InternVL-chat config {key}={got!r} is not an R1V2 architecture (expected {want!r})")
+    adapter = AdapterArch(downsample_ratio=float(cfg.get("downsample_ratio", 0.5)), ps_version=cfg.get("ps_version", "v1"))
+    decoder = decoder_arch_from_hf_config(llm)
+    return R1VArch(decoder, "from an InternVL-chat config.json", vision=vision, adapter=adapter,
+                   image_token_id=image_token_id)
+
+
+def skywork_config(arch: R1VArch, extras: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """config.json of the released (InternVL-chat) layout for ``arch``."""
+    if arch.vision is None or arch.adapter is None:
+        raise ValueError("a decoder-only architecture has no InternVL-chat config")
+    v = arch.vision
+    llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **decoder_arch_to_hf_config(arch.decoder)}
+    kept = {k: (extras or {}).get(k, default) for k, default in SKYWORK_DEFAULTS.items()}
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.ffn_hidden_size,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "num_channels": v.num_channels,
+            "layer_norm_eps": v.norm_eps,
+            "norm_type": "rms_norm",
+            "qk_normalization": True,
+            "qkv_bias": False,
+            "hidden_act": "gelu",
+        },
+        "llm_config": llm,
+        "downsample_ratio": arch.adapter.downsample_ratio,
+        "ps_version": arch.adapter.ps_version,
+        "select_layer": -1,
+        "force_image_size": v.image_size,
+        "img_context_token_id": arch.image_token_id,
+        **kept,
+    }
