@@ -246,7 +246,7 @@ def _hf_config(arch: R1VArch, dtype: str, layout_name: str, source_config: Optio
 
 def export_checkpoint(
     mcore_dir: str | Path, out_dir: str | Path, *, layout: Optional[str] = None, max_shard_bytes: int = 5 * 10**9,
-    force: bool = False, batch_bytes: int = 2 * 10**9, progress: bool = True,
+    force: bool = False, batch_bytes: int = 256 * 10**6, progress: bool = True,
 ) -> list[Path]:
     """Streams a model checkpoint back to HF safetensors (one process; distributed must be up)."""
     from megatron.core import dist_checkpointing
