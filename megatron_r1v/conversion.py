@@ -2,8 +2,9 @@
 
 ``import_checkpoint`` runs on every rank of a TP x PP job: each rank reads (lazily) only
 the HF tensors of its shard, builds its Megatron fragments and joins one collective
-``torch_dist`` save. ``export_checkpoint`` runs in one process and streams tensors back
-in batches of bounded size into sharded safetensors. Both validate everything they can
+``torch_dist`` save, so a rank holds its shard. ``export_checkpoint`` runs in one
+process, reads stored tensors in batches of bounded size and streams them to sharded
+safetensors tensor by tensor. Both validate everything they can
 before writing, write into a temporary directory and rename it at the end, so a
 failure leaves no half-written output.
 
@@ -271,7 +272,9 @@ def export_checkpoint(
     tmp = _shared_tmp_dir(out, None)
     tmp.mkdir(parents=True)
     try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        expected = _expected_hf_shapes(arch, hf_layout)
+        plan = [(name, expected[name], metadata[tm.mcore].dtype) for tm in maps for name in tm.hf]
+        writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
         batches, current, size = [], [], 0
         for tm in maps:
             meta_t = metadata[tm.mcore]

@@ -68,7 +68,18 @@ class LaunchEnv:
                 )
         except ValueError as err:
             raise ValueError(f"malformed launcher environment variable: {err}") from None
-        return cls(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), "single")
+        # A one-process job needs a rendezvous port too; a fixed default would collide
+        # with any other one-process job (two exports) on the same machine.
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        return cls(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:

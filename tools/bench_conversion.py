@@ -43,10 +43,11 @@ def synthetic_checkpoint(directory: Path, vision_layers: int, decoder_layers: in
         image_token_id=vocab - 1,
     )
     directory.mkdir(parents=True)
-    writer = ShardedSafetensorsWriter(directory, max_shard_bytes=10**9)
+    shapes = _expected_hf_shapes(arch, TRANSFORMERS_FILE_LAYOUT)
+    writer = ShardedSafetensorsWriter(directory, [(n, s, torch.bfloat16) for n, s in shapes.items()], 10**9)
     largest = 0
     gen = torch.Generator().manual_seed(0)
-    for name, shape in _expected_hf_shapes(arch, TRANSFORMERS_FILE_LAYOUT).items():
+    for name, shape in shapes.items():
         tensor = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
         largest = max(largest, tensor.numel() * tensor.element_size())
         writer.add(name, tensor)

@@ -24,7 +24,7 @@ def count_on_meta(preset: str) -> dict:
     from megatron_r1v.trainer.setup import build_model_stage
 
     arch = get_preset(preset)
-    env = LaunchEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29533")), "single")
+    env = LaunchEnv.from_environ({k: v for k, v in os.environ.items() if k == "MASTER_PORT"})
     ctx = init_distributed(ParallelConfig(), env=env, force_cpu=True)
     try:
         layout = TRANSFORMERS_LAYOUT if arch.vision is not None else QWEN2_LAYOUT

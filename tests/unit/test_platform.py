@@ -23,6 +23,13 @@ def test_slurm_env():
 
 def test_single_process_env():
     assert LaunchEnv.from_environ({}).launcher == "single"
+    assert LaunchEnv.from_environ({"MASTER_PORT": "1234"}).master_port == 1234
+    # Without MASTER_PORT a one-process job picks a port that is free right now.
+    import socket
+
+    port = LaunchEnv.from_environ({}).master_port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
     with pytest.raises(ValueError, match="malformed launcher environment"):
         LaunchEnv.from_environ({"RANK": "x", "WORLD_SIZE": "2"})
 

@@ -1,10 +1,10 @@
 """Reading and writing HF safetensors checkpoints one tensor at a time.
 
 :class:`HFCheckpointReader` opens a checkpoint directory (``model.safetensors`` or
-shards listed in ``model.safetensors.index.json``) lazily: ``get(name)`` reads that one
-tensor from its file. :class:`ShardedSafetensorsWriter` accepts tensors in order and
-flushes a shard whenever the next tensor would exceed the size limit, then writes the
-index; peak memory is one shard. Errors name the file and tensor.
+shards listed in ``model.safetensors.index.json``) lazily: ``get(name)`` maps the file, copies that one
+tensor out and unmaps it again. :class:`ShardedSafetensorsWriter` plans shards from
+known shapes and streams each tensor to disk as it is added; peak memory is one
+tensor. Errors name the file and tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -55,7 +54,7 @@ class HFCheckpointReader:
             self.file_of = {name: single for name in self._keys_of(single)}
         else:
             raise CheckpointError(f"{self.directory} has neither {INDEX_NAME} nor {SINGLE_NAME}")
-        self._handles: dict[Path, object] = {}
+        self._shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
 
     @staticmethod
     def _open(path: Path):
@@ -84,30 +83,33 @@ class HFCheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape from its file header, without reading the data."""
-        self.get_handle(name)
-        return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
+        path = self._path(name)
+        if path not in self._shapes:
+            with self._open(path) as handle:
+                self._shapes[path] = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        return self._shapes[path][name]
 
-    def get_handle(self, name: str):
+    def _path(self, name: str) -> Path:
         path = self.file_of.get(name)
         if path is None:
             raise KeyError(name)
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = self._open(path).__enter__()
-        return handle
+        return path
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor by HF name; KeyError names the tensor when it is absent."""
-        handle = self.get_handle(name)
+        """One tensor by HF name; KeyError names the tensor when it is absent.
+
+        The file is mapped only while the tensor is copied out: a mapping kept open
+        would count every page read so far in this process's resident memory.
+        """
+        path = self._path(name)
         try:
-            return handle.get_tensor(name)
+            with self._open(path) as handle:
+                return handle.get_tensor(name)
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"tensor {name!r} in {self.file_of[name]} cannot be read: {err}") from None
+            raise CheckpointError(f"tensor {name!r} in {path} cannot be read: {err}") from None
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+        """Nothing stays open between reads; kept so the reader works as a context manager."""
 
     def __enter__(self) -> "HFCheckpointReader":
         return self
@@ -116,40 +118,85 @@ class HFCheckpointReader:
         self.close()
 
 
-class ShardedSafetensorsWriter:
-    """Streams tensors into ``model-0000i-of-0000n.safetensors`` shards plus the index."""
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int) -> None:
+
+class ShardedSafetensorsWriter:
+    """Streams tensors into ``model-0000i-of-0000n.safetensors`` shards plus the index.
+
+    The shard plan (names, shapes, dtypes, in write order) is fixed up front, so each
+    shard's header is written first and every tensor's bytes go to disk as soon as it
+    is added: memory holds one tensor, not one shard.
+    """
+
+    def __init__(self, directory: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int) -> None:
         self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
+        self._order = [name for name, _, _ in plan]
+        self._spec = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
+        self._shards: list[list[str]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if self._shards[-1] and size + nbytes > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(name)
+            size += nbytes
+        self.total_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in self._spec.values())
+        self._next = 0
+        self._file = None
+        self._shard_index = -1
+        self._remaining_in_shard = 0
+
+    def _file_name(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{len(self._shards):05d}.safetensors"
+
+    def _open_next_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard_index += 1
+        names = self._shards[self._shard_index]
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            shape, dtype = self._spec[name]
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+        self._file = open(self.directory / (self._file_name(self._shard_index) + ".tmp"), "wb")
+        self._file.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._remaining_in_shard = len(names)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().cpu().contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        index = len(self._shards)
-        save_file(self._pending, str(self.directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise ValueError(f"writer expected tensor {expected!r} next, got {name!r}")
+        shape, dtype = self._spec[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}; planned {shape} {dtype}")
+        if self._remaining_in_shard == 0:
+            self._open_next_shard()
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._remaining_in_shard -= 1
+        self._next += 1
 
     def finish(self) -> list[Path]:
-        """Flushes the last shard, gives shards their final names, writes the index."""
-        if self._pending:
-            self._flush()
-        total = len(self._shards)
+        """Closes the last shard, gives shards their final names, writes the index."""
+        if self._next != len(self._order):
+            raise ValueError(f"writer got {self._next} of {len(self._order)} planned tensors")
+        if self._file is not None:
+            self._file.close()
         weight_map, files = {}, []
         for i, names in enumerate(self._shards):
-            final = self.directory / f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(self.directory / f"shard-{i:05d}.tmp", final)
+            final = self.directory / self._file_name(i)
+            os.replace(self.directory / (final.name + ".tmp"), final)
             files.append(final)
             weight_map.update({name: final.name for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
