@@ -39,8 +39,7 @@ def hf_logits(hf_dir, arch, layout_name, batch) -> torch.Tensor:
 
     from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
     from megatron_r1v.models.r1v.hf_mapping import (
-        QWEN2_LAYOUT, SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, ShardSpec, decoder_arch_to_hf_config,
-        hf_to_stored, model_tensor_maps, stored_to_hf, transformers_internvl_config,
+        SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, ShardSpec, hf_to_stored, model_tensor_maps, stored_to_hf, transformers_internvl_config,
     )
 
     if arch.vision is None:
