@@ -496,6 +496,22 @@ def decoder_arch_to_hf_config(arch: DecoderArch) -> dict[str, Any]:
     }
 
 
+def _vision_config_common(v: VisionArch) -> dict[str, Any]:
+    """InternViT config keys both HF layouts spell the same way."""
+    return {
+        "hidden_size": v.hidden_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_attention_heads,
+        "intermediate_size": v.ffn_hidden_size,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.norm_eps,
+        "norm_type": "rms_norm",
+        "hidden_act": "gelu",
+    }
+
+
 def transformers_internvl_config(arch: R1VArch) -> dict[str, Any]:
     """Keyword arguments of ``transformers.InternVLConfig`` for ``arch`` (transformers layout).
 
@@ -506,21 +522,11 @@ def transformers_internvl_config(arch: R1VArch) -> dict[str, Any]:
         raise ValueError("a decoder-only architecture has no InternVL config")
     if arch.adapter.ps_version != "v2":
         raise ValueError("the transformers InternVL layout only expresses ps_version v2; use the skywork layout")
-    v = arch.vision
     return {
         "vision_config": {
-            "hidden_size": v.hidden_size,
-            "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_attention_heads,
-            "intermediate_size": v.ffn_hidden_size,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": v.num_channels,
-            "layer_norm_eps": v.norm_eps,
-            "norm_type": "rms_norm",
+            **_vision_config_common(arch.vision),
             "use_qk_norm": True,
             "attention_bias": False,
-            "hidden_act": "gelu",
             "use_mean_pooling": True,  # no final norm
             "use_absolute_position_embeddings": True,
         },
@@ -637,18 +643,9 @@ def skywork_config(arch: R1VArch, extras: Optional[dict[str, Any]] = None) -> di
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
-            "hidden_size": v.hidden_size,
-            "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_attention_heads,
-            "intermediate_size": v.ffn_hidden_size,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": v.num_channels,
-            "layer_norm_eps": v.norm_eps,
-            "norm_type": "rms_norm",
+            **_vision_config_common(v),
             "qk_normalization": True,
             "qkv_bias": False,
-            "hidden_act": "gelu",
         },
         "llm_config": llm,
         "downsample_ratio": arch.adapter.downsample_ratio,
