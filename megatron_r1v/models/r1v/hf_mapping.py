@@ -355,72 +355,47 @@ def _unpad_vision_heads(tm: TensorMap, shards: list[torch.Tensor], spec: ShardSp
     return _vision_qkv_out(tm, *(per_head[:, i].reshape(heads * d, *trailing) for i in range(3)))
 
 
+# InternViT tensors: (Megatron name, transformers name(s), skywork name(s), split kind).
+# Embeddings sit under "<vision prefix>embeddings."; layer tensors under "encoder.layer.N."
+# (transformers) or "encoder.layers.N." (skywork). Skywork fuses q/k/v into one [Q; K; V].
+_VISION_EMBEDDINGS: list[tuple[str, str, str]] = [
+    ("class_token", "cls_token", "class_embedding"),
+    ("position_embeddings", "position_embeddings", "position_embedding"),
+    ("patch_embed.weight", "patch_embeddings.projection.weight", "patch_embedding.weight"),
+    ("patch_embed.bias", "patch_embeddings.projection.bias", "patch_embedding.bias"),
+]
+_VISION_LAYER: list[tuple[str, tuple[str, ...], tuple[str, ...], SplitKind]] = [
+    ("input_layernorm.weight", ("layernorm_before.weight",), ("norm1.weight",), "replicated"),
+    ("self_attention.linear_qkv.weight",
+     ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight"), ("attn.qkv.weight",),
+     "vision_qkv"),
+    ("self_attention.q_layernorm.weight", ("attention.q_norm.weight",), ("attn.q_norm.weight",), "head_vec"),
+    ("self_attention.k_layernorm.weight", ("attention.k_norm.weight",), ("attn.k_norm.weight",), "head_vec"),
+    ("self_attention.linear_proj.weight", ("attention.projection_layer.weight",), ("attn.proj.weight",), "head_row"),
+    ("self_attention.linear_proj.bias", ("attention.projection_layer.bias",), ("attn.proj.bias",), "replicated"),
+    ("self_attn_bda.weight", ("lambda_1",), ("ls1",), "replicated"),
+    ("pre_mlp_layernorm.weight", ("layernorm_after.weight",), ("norm2.weight",), "replicated"),
+    ("mlp.linear_fc1.weight", ("mlp.fc1.weight",), ("mlp.fc1.weight",), "column"),
+    ("mlp.linear_fc1.bias", ("mlp.fc1.bias",), ("mlp.fc1.bias",), "column"),
+    ("mlp.linear_fc2.weight", ("mlp.fc2.weight",), ("mlp.fc2.weight",), "row"),
+    ("mlp.linear_fc2.bias", ("mlp.fc2.bias",), ("mlp.fc2.bias",), "replicated"),
+    ("mlp_bda.weight", ("lambda_2",), ("ls2",), "replicated"),
+]
+
+
 def vision_tensor_maps(vision: VisionArch, layout: HFLayout, *, mcore_prefix: str = "vision.") -> list[TensorMap]:
-    """InternViT tensors (first pipeline stage) in the transformers InternVL layout."""
+    """InternViT tensors (first pipeline stage) in the layout's naming."""
     p, m = layout.vision_prefix, mcore_prefix
-    emb = f"{p}embeddings."
-
-    def first(mcore: str, hf: tuple[str, ...], kind: SplitKind) -> TensorMap:
-        return TensorMap(mcore, hf, kind, None, "first")
-
-    if layout.style == "skywork":
-        return _skywork_vision_maps(vision, p, m, first)
-
+    skywork = layout.style == "skywork"
     maps = [
-        first(f"{m}class_token", (emb + "cls_token",), "replicated"),
-        first(f"{m}position_embeddings", (emb + "position_embeddings",), "replicated"),
-        first(f"{m}patch_embed.weight", (emb + "patch_embeddings.projection.weight",), "replicated"),
-        first(f"{m}patch_embed.bias", (emb + "patch_embeddings.projection.bias",), "replicated"),
+        TensorMap(m + mcore, (f"{p}embeddings.{sky if skywork else tr}",), "replicated", None, "first")
+        for mcore, tr, sky in _VISION_EMBEDDINGS
     ]
     for i in range(vision.num_layers):
-        ml, hl = f"{m}encoder.layers.{i}.", f"{p}encoder.layer.{i}."
-        attn = hl + "attention."
-        maps += [
-            first(ml + "input_layernorm.weight", (hl + "layernorm_before.weight",), "replicated"),
-            first(
-                ml + "self_attention.linear_qkv.weight",
-                (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), "vision_qkv",
-            ),
-            first(ml + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",), "head_vec"),
-            first(ml + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), "head_vec"),
-            first(ml + "self_attention.linear_proj.weight", (attn + "projection_layer.weight",), "head_row"),
-            first(ml + "self_attention.linear_proj.bias", (attn + "projection_layer.bias",), "replicated"),
-            first(ml + "self_attn_bda.weight", (hl + "lambda_1",), "replicated"),
-            first(ml + "pre_mlp_layernorm.weight", (hl + "layernorm_after.weight",), "replicated"),
-            first(ml + "mlp.linear_fc1.weight", (hl + "mlp.fc1.weight",), "column"),
-            first(ml + "mlp.linear_fc1.bias", (hl + "mlp.fc1.bias",), "column"),
-            first(ml + "mlp.linear_fc2.weight", (hl + "mlp.fc2.weight",), "row"),
-            first(ml + "mlp.linear_fc2.bias", (hl + "mlp.fc2.bias",), "replicated"),
-            first(ml + "mlp_bda.weight", (hl + "lambda_2",), "replicated"),
-        ]
-    return maps
-
-
-def _skywork_vision_maps(vision: VisionArch, p: str, m: str, first) -> list[TensorMap]:
-    emb = f"{p}embeddings."
-    maps = [
-        first(f"{m}class_token", (emb + "class_embedding",), "replicated"),
-        first(f"{m}position_embeddings", (emb + "position_embedding",), "replicated"),
-        first(f"{m}patch_embed.weight", (emb + "patch_embedding.weight",), "replicated"),
-        first(f"{m}patch_embed.bias", (emb + "patch_embedding.bias",), "replicated"),
-    ]
-    for i in range(vision.num_layers):
-        ml, hl = f"{m}encoder.layers.{i}.", f"{p}encoder.layers.{i}."
-        maps += [
-            first(ml + "input_layernorm.weight", (hl + "norm1.weight",), "replicated"),
-            first(ml + "self_attention.linear_qkv.weight", (hl + "attn.qkv.weight",), "vision_qkv"),
-            first(ml + "self_attention.q_layernorm.weight", (hl + "attn.q_norm.weight",), "head_vec"),
-            first(ml + "self_attention.k_layernorm.weight", (hl + "attn.k_norm.weight",), "head_vec"),
-            first(ml + "self_attention.linear_proj.weight", (hl + "attn.proj.weight",), "head_row"),
-            first(ml + "self_attention.linear_proj.bias", (hl + "attn.proj.bias",), "replicated"),
-            first(ml + "self_attn_bda.weight", (hl + "ls1",), "replicated"),
-            first(ml + "pre_mlp_layernorm.weight", (hl + "norm2.weight",), "replicated"),
-            first(ml + "mlp.linear_fc1.weight", (hl + "mlp.fc1.weight",), "column"),
-            first(ml + "mlp.linear_fc1.bias", (hl + "mlp.fc1.bias",), "column"),
-            first(ml + "mlp.linear_fc2.weight", (hl + "mlp.fc2.weight",), "row"),
-            first(ml + "mlp.linear_fc2.bias", (hl + "mlp.fc2.bias",), "replicated"),
-            first(ml + "mlp_bda.weight", (hl + "ls2",), "replicated"),
-        ]
+        hl = f"{p}encoder.layers.{i}." if skywork else f"{p}encoder.layer.{i}."
+        for mcore, tr, sky, kind in _VISION_LAYER:
+            names = tuple(hl + n for n in (sky if skywork else tr))
+            maps.append(TensorMap(f"{m}encoder.layers.{i}.{mcore}", names, kind, None, "first"))
     return maps
 
 
