@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
     from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT, TRANSFORMERS_LAYOUT
     from megatron_r1v.platform import destroy_distributed, init_distributed
-    from megatron_r1v.trainer.lm_step import lm_forward_backward, make_lm_microbatch
+    from megatron_r1v.trainer.lm_step import gather_vocab_logits, lm_forward_backward, make_lm_microbatch
     from megatron_r1v.trainer.setup import build_model_stage
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -96,11 +96,9 @@ def main(argv=None) -> int:
     result = lm_forward_backward(stage.model, [mb], ctx, forward_only=True, keep_logits=True)
     mine = None
     if ctx.is_last_stage:
-        (local,) = result.logits
-        parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-        dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
+        logits = gather_vocab_logits(result.logits[0], ctx, arch.decoder.vocab_size)
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:
-            mine = torch.cat(parts, dim=-1)[..., : arch.decoder.vocab_size].cpu()
+            mine = logits
     everyone = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine)
     gathered = [next(t for t in everyone if t is not None)]

@@ -101,6 +101,17 @@ def lm_forward_backward(
     return LMStepResult(loss=float(total[0] / total[1]), logits=keep or [])
 
 
+def gather_vocab_logits(logits_BSv: torch.Tensor, ctx: ParallelContext, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits ``[B, S, V]`` on the CPU from this rank's vocab slice.
+
+    Collective over the TP group (last pipeline stage); TP padding columns are dropped.
+    For checks and tests: training never materializes the full vocabulary.
+    """
+    parts = [torch.empty_like(logits_BSv) for _ in range(ctx.tp)]
+    dist.all_gather(parts, logits_BSv.contiguous(), group=ctx.tp_group)
+    return torch.cat(parts, dim=-1)[..., :vocab_size].cpu()
+
+
 def attach_ddp_hooks(ddp_model: torch.nn.Module, optimizer: Optional[MegatronOptimizer] = None) -> None:
     """Lets the schedule drive DDP: no grad sync inside micro-batches, finalize after."""
     config = ddp_model.config

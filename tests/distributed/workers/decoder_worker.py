@@ -9,7 +9,6 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,7 +16,13 @@ from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.platform import destroy_distributed, init_distributed
-from megatron_r1v.trainer.lm_step import attach_ddp_hooks, lm_forward_backward, lm_train_step, make_lm_microbatch
+from megatron_r1v.trainer.lm_step import (
+    attach_ddp_hooks,
+    gather_vocab_logits,
+    lm_forward_backward,
+    lm_train_step,
+    make_lm_microbatch,
+)
 from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
@@ -78,11 +83,9 @@ def main() -> None:
         mb = make_lm_microbatch(tokens, labels)
         result = lm_forward_backward(stage.model, [mb], ctx, keep_logits=True)
         if ctx.is_last_stage:
-            (local,) = result.logits
-            parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-            dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
+            logits = gather_vocab_logits(result.logits[0], ctx, arch.decoder.vocab_size)
             if ctx.tp_rank == 0 and ctx.dp_rank == 0:
-                torch.save(torch.cat(parts, dim=-1)[..., : arch.decoder.vocab_size].cpu(), os.path.join(args.out, "logits.pt"))
+                torch.save(logits, os.path.join(args.out, "logits.pt"))
         grads = gather_hf_tensors(stage.model, stage.stage_maps, stage.shard_spec, ctx, grads=True)
         if owner:
             save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))

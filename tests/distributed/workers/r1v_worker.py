@@ -23,7 +23,7 @@ from megatron_r1v.models.r1v.model import FREEZE_POLICIES, causal_attention_mask
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights, unwrap_model
 from megatron_r1v.platform import destroy_distributed, init_distributed
-from megatron_r1v.trainer.lm_step import attach_ddp_hooks, lm_forward_backward, lm_train_step
+from megatron_r1v.trainer.lm_step import attach_ddp_hooks, gather_vocab_logits, lm_forward_backward, lm_train_step
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 
@@ -55,10 +55,7 @@ def parity(args, ctx, arch) -> None:
         stage.model.zero_grad()
         result = lm_forward_backward(stage.model, [microbatch(batch)], ctx, keep_logits=True)
         if ctx.is_last_stage:
-            (local,) = result.logits
-            parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-            dist.all_gather(parts, local.contiguous(), group=ctx.tp_group)
-            out[f"logits_{i}"] = torch.cat(parts, dim=-1)[..., : arch.decoder.vocab_size].cpu()
+            out[f"logits_{i}"] = gather_vocab_logits(result.logits[0], ctx, arch.decoder.vocab_size)
         grads = gather_hf_tensors(stage.model, stage.stage_maps, stage.shard_spec, ctx, grads=True)
         frozen_with_grad = [n for n, p in stage.model.named_parameters() if not p.requires_grad and p.grad is not None]
         assert not frozen_with_grad, frozen_with_grad
