@@ -163,9 +163,19 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def _commit(tmp: Path, out: Path) -> None:
+    """Puts ``tmp`` at ``out``; a replaced output is deleted only once the new one is in place."""
+    backup = None
     if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        backup = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+        out.rename(backup)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if backup is not None:
+            backup.rename(out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def import_checkpoint(
