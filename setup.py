@@ -27,7 +27,8 @@ setup(
         "psutil>=5.9",  # megatron.core.dist_checkpointing needs it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+        # triton: the kernels run in its interpreter on CPU and compile for sm_90 in tests.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "triton>=3.2"],
         "data": ["nvidia-dali-cuda120>=1.40"],
         "gpu": ["transformer-engine[pytorch]>=1.13"],
         "rollout": ["sglang>=0.4.6"],

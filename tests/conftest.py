@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA, the Triton kernels run in Triton's interpreter. Triton reads this once,
+# when it is first imported, so it is set before any test module imports it; torchrun
+# workers inherit it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
