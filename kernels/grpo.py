@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .dispatch import backend_module, resolve_backend
-from .stats import finite_shift
+from .stats import GRPOInputs, finite_shift
 from .vocab_parallel import check_logits_labels, combine_over_tp, grad_buffer, rowwise_input, tp_size_rank
 
 
@@ -40,19 +40,16 @@ class GRPOStats(NamedTuple):
 
 class _GRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TV, labels_T, old_T, ref_T, adv_T, mask_T, tp_group, inv_temp, clip_low, clip_high,
-                kl_beta, backend, inplace):
+    def forward(ctx, logits_TV, labels_T, inputs, tp_group, inv_temp, backend, inplace):
         impl = backend_module(backend)
         tp, tp_rank = tp_size_rank(tp_group)
         vocab_start = tp_rank * logits_TV.shape[1]
         if tp == 1:
-            shift_T, log_sumexp_T, logp_T, terms = impl.row_stats_grpo(
-                logits_TV, labels_T, inv_temp, old_T, ref_T, adv_T, mask_T, clip_low, clip_high, kl_beta
-            )
+            shift_T, log_sumexp_T, logp_T, terms = impl.row_stats_grpo(logits_TV, labels_T, inv_temp, inputs)
         else:
             stats = combine_over_tp(impl.row_stats(logits_TV, labels_T, vocab_start, inv_temp, False), tp_group)
             shift_T, log_sumexp_T, logp_T = finite_shift(stats.row_max), stats.log_sumexp, stats.logprobs()
-            terms = impl.grpo_token_terms(logp_T, old_T, ref_T, adv_T, mask_T, clip_low, clip_high, kl_beta)
+            terms = impl.grpo_token_terms(logp_T, inputs)
         kl_T = terms.kl if terms.kl is not None else logp_T.new_empty(0)
         ctx.save_for_backward(logits_TV, labels_T, shift_T, log_sumexp_T, terms.dloss_dlogp)
         ctx.impl, ctx.vocab_start, ctx.inv_temp, ctx.inplace = impl, vocab_start, inv_temp, inplace
@@ -67,7 +64,7 @@ class _GRPOLoss(torch.autograd.Function):
         ctx.impl.logits_grad(
             logits_TV, labels_T, ctx.vocab_start, ctx.inv_temp, shift_T, log_sumexp_T, coef_T, None, None, out_TV
         )
-        return (out_TV,) + (None,) * 12
+        return out_TV, None, None, None, None, None, None
 
 
 def _token_vector(name: str, value: torch.Tensor, n_tokens: int, device: torch.device) -> torch.Tensor:
@@ -116,12 +113,15 @@ def grpo_loss(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     impl_name = resolve_backend(backend, logits.device)
     n_tokens, dev = logits.shape[0], logits.device
-    old_T = _token_vector("old_logprobs", old_logprobs, n_tokens, dev)
-    ref_T = _token_vector("ref_logprobs", ref_logprobs, n_tokens, dev) if ref_logprobs is not None else None
-    adv_T = _token_vector("advantages", advantages, n_tokens, dev)
-    mask_T = _token_vector("loss_mask", loss_mask, n_tokens, dev)
-    loss_T, logp_T, ratio_T, clipped_T, kl_T = _GRPOLoss.apply(
-        rowwise_input(logits), labels.to(torch.int64).contiguous(), old_T, ref_T, adv_T, mask_T, tp_group,
-        1.0 / temperature, clip_low, clip_high, kl_beta, impl_name, inplace,
+    inputs = GRPOInputs(
+        old_logp=_token_vector("old_logprobs", old_logprobs, n_tokens, dev),
+        ref_logp=_token_vector("ref_logprobs", ref_logprobs, n_tokens, dev) if ref_logprobs is not None else None,
+        advantages=_token_vector("advantages", advantages, n_tokens, dev),
+        mask=_token_vector("loss_mask", loss_mask, n_tokens, dev),
+        clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta,
     )
-    return loss_T, GRPOStats(logp_T, ratio_T, clipped_T, kl_T if ref_T is not None else None)
+    loss_T, logp_T, ratio_T, clipped_T, kl_T = _GRPOLoss.apply(
+        rowwise_input(logits), labels.to(torch.int64).contiguous(), inputs, tp_group, 1.0 / temperature, impl_name,
+        inplace,
+    )
+    return loss_T, GRPOStats(logp_T, ratio_T, clipped_T, kl_T if ref_logprobs is not None else None)

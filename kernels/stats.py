@@ -53,3 +53,15 @@ class GRPOTerms(NamedTuple):
     ratio: torch.Tensor
     clipped: torch.Tensor
     kl: Optional[torch.Tensor]
+
+
+class GRPOInputs(NamedTuple):
+    """The per-token inputs and scalars of the GRPO loss, fp32 ``[T]`` vectors on the logits' device."""
+
+    old_logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor]
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    clip_low: float
+    clip_high: float
+    kl_beta: float

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .stats import GRPOTerms, RowStats, finite_shift
+from .stats import GRPOInputs, GRPOTerms, RowStats, finite_shift
 
 # 2^20 fp32 elements = 4 MiB per temporary tile: large enough that Python overhead is
 # small at V ~ 152k, small enough to stay far below a [T, V] buffer.
@@ -70,21 +70,13 @@ def row_stats(
     return RowStats(max_T, torch.log(sumexp_T), target_T, centered_mean_T)
 
 
-def grpo_token_terms(
-    logp_T: torch.Tensor,
-    old_logp_T: torch.Tensor,
-    ref_logp_T: Optional[torch.Tensor],
-    adv_T: torch.Tensor,
-    mask_T: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    kl_beta: float,
-) -> GRPOTerms:
+def grpo_token_terms(logp_T: torch.Tensor, inputs: GRPOInputs) -> GRPOTerms:
     """Eq. 8 of the R1V2 report per token, plus ``kl_beta`` times the k3 KL estimator.
 
     Masked tokens take log-ratio 0 (ratio 1, kl 0) before the mask multiplies, so
     garbage behaviour log-probs there cannot turn into nan.
     """
+    old_logp_T, ref_logp_T, adv_T, mask_T, clip_low, clip_high, kl_beta = inputs
     active_T = mask_T != 0
     zeros_T = torch.zeros_like(logp_T)
     ratio_T = torch.exp(torch.where(active_T, logp_T - old_logp_T, zeros_T))
@@ -105,21 +97,12 @@ def grpo_token_terms(
 
 
 def row_stats_grpo(
-    logits_TV: torch.Tensor,
-    labels_T: torch.Tensor,
-    inv_temp: float,
-    old_logp_T: torch.Tensor,
-    ref_logp_T: Optional[torch.Tensor],
-    adv_T: torch.Tensor,
-    mask_T: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    kl_beta: float,
+    logits_TV: torch.Tensor, labels_T: torch.Tensor, inv_temp: float, inputs: GRPOInputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GRPOTerms]:
     """Single-rank forward: (finite row max c, log sum exp(x - c), logp, GRPO terms), [T] each."""
     stats = row_stats(logits_TV, labels_T, 0, inv_temp, want_mean_x=False)
     logp_T = stats.logprobs()
-    terms = grpo_token_terms(logp_T, old_logp_T, ref_logp_T, adv_T, mask_T, clip_low, clip_high, kl_beta)
+    terms = grpo_token_terms(logp_T, inputs)
     return finite_shift(stats.row_max), stats.log_sumexp, logp_T, terms
 
 

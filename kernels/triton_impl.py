@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreting
-from .stats import GRPOTerms, RowStats
+from .stats import GRPOInputs, GRPOTerms, RowStats
 
 
 @triton.jit
@@ -208,16 +208,8 @@ def _grpo_outputs(n: int, device: torch.device, has_ref: bool):
     return _f32(n, device), _f32(n, device), _f32(n, device), torch.empty(n, dtype=torch.int8, device=device), kl_T
 
 
-def grpo_token_terms(
-    logp_T: torch.Tensor,
-    old_logp_T: torch.Tensor,
-    ref_logp_T: Optional[torch.Tensor],
-    adv_T: torch.Tensor,
-    mask_T: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    kl_beta: float,
-) -> GRPOTerms:
+def grpo_token_terms(logp_T: torch.Tensor, inputs: GRPOInputs) -> GRPOTerms:
+    old_logp_T, ref_logp_T, adv_T, mask_T, clip_low, clip_high, kl_beta = inputs
     n = logp_T.shape[0]
     has_ref = ref_logp_T is not None
     loss_T, dloss_T, ratio_T, clipped_T, kl_T = _grpo_outputs(n, logp_T.device, has_ref)
@@ -232,17 +224,9 @@ def grpo_token_terms(
 
 
 def row_stats_grpo(
-    logits_TV: torch.Tensor,
-    labels_T: torch.Tensor,
-    inv_temp: float,
-    old_logp_T: torch.Tensor,
-    ref_logp_T: Optional[torch.Tensor],
-    adv_T: torch.Tensor,
-    mask_T: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    kl_beta: float,
+    logits_TV: torch.Tensor, labels_T: torch.Tensor, inv_temp: float, inputs: GRPOInputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GRPOTerms]:
+    old_logp_T, ref_logp_T, adv_T, mask_T, clip_low, clip_high, kl_beta = inputs
     n_rows, n_cols = logits_TV.shape
     dev = logits_TV.device
     has_ref = ref_logp_T is not None
