@@ -165,7 +165,7 @@ def bench_shape(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.dev
         gbps = moved / fwd_bwd_ms / 1e6
         rows.append(dict(
             T=n_tokens, V=vocab, dtype=str(dtype).replace("torch.", ""), backend=backend, device=device.type,
-            fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(fwd_bwd_ms, 4), gbps=round(gbps, 1),
+            fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(fwd_bwd_ms, 4), gbps=round(gbps, 3),
             roofline_frac=round(gbps / peak_gbps, 4), peak_gbps=round(peak_gbps, 1),
             fused_peak_bytes=fused_peak, naive_peak_bytes=naive_peak,
             fused_to_naive_peak=round(fused_peak / naive_peak, 4) if naive_peak else None,

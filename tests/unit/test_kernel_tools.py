@@ -27,3 +27,20 @@ def test_all_kernels_compile_for_sm90_without_spills():
                                                "_logits_grad_kernel"}
     assert all(0 < r["registers"] <= 128 and r["local_bytes"] == 0 for r in variants)
     assert rows[-1] == {"variants_failed": 0}
+
+
+def test_bench_kernels_cpu_reports_every_field():
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--device", "cpu",
+                           "--shapes", "64x500,33x1001", "--repeats", "1", "--warmup", "0"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(r["T"], r["V"], r["backend"], r["dtype"]) for r in rows] == [
+        (64, 500, "torch", "float32"), (33, 1001, "torch", "float32")]
+    for row in rows:
+        for key in ("fwd_ms", "fwd_bwd_ms", "gbps", "roofline_frac", "fused_peak_bytes", "naive_peak_bytes"):
+            assert row[key] > 0, (key, row)
+        # The naive path holds at least the fp32 log_softmax and the gradient: 2 x T x V x 4 bytes.
+        assert row["naive_peak_bytes"] >= 2 * row["T"] * row["V"] * 4
+        assert row["liger_fwd_bwd_ms"] is None and "CUDA only" in row["liger_note"]
