@@ -1,0 +1,171 @@
+"""The QwQ / R1V2 chat template, with InternVL's image-token expansion.
+
+    <|im_start|>system\\n{system}<|im_end|>\\n
+    <|im_start|>user\\n{question, each <image> -> <img><IMG_CONTEXT> x (tokens_per_tile x tiles)</img>}<|im_end|>\\n
+    <|im_start|>assistant\\n<think>\\n{response}<|im_end|>
+
+The assistant turn is opened with ``<think>\\n`` (QwQ's generation prompt), so a response
+that itself starts with ``<think>\\n`` has it removed rather than doubled. A question with
+no ``<image>`` placeholder gets one per image in front of the text (InternVL's rule).
+``tokens_per_tile`` is 256 for 448px InternViT tiles with pixel shuffle 0.5 (R1V2);
+tiny presets have fewer (``R1VArch.tokens_per_tile``).
+
+Token ids are assembled piece by piece (special tokens spliced in, the text between them
+encoded on its own), which is exactly what encoding the rendered text gives, because
+Hugging Face tokenizers split at added tokens before BPE; a test holds the two equal.
+Text that contains a special token literally is rejected: it would silently add or
+remove image tokens or turns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
+
+import torch
+
+from .tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, SPECIAL_TOKENS, THINK_START
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer in \\boxed{}."
+
+
+class OverlengthError(ValueError):
+    """A sample longer than ``max_seq_len`` that the policy may not (or cannot) shorten."""
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    tokens_per_tile: int = 256
+    """<IMG_CONTEXT> tokens per image tile (256 for InternViT-448px + pixel shuffle 0.5)."""
+    system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
+    """None leaves the system turn out."""
+    max_seq_len: int = 8192
+    overlength: Literal["error", "truncate"] = "error"
+    """``truncate`` cuts the response's end; a prompt (with its image tokens) is never cut."""
+    open_think: bool = True
+    """Open the assistant turn with ``<think>\\n`` as QwQ's generation prompt does."""
+
+
+@dataclass
+class EncodedSample:
+    """One tokenized conversation. ``labels[t]`` is the target of position ``t`` (the next
+    token) when that token belongs to the response, else ``IGNORE_INDEX``."""
+
+    sample_id: str
+    input_ids: torch.Tensor  # [L] int64
+    labels: torch.Tensor  # [L] int64
+    prompt_len: int
+    tiles_per_image: tuple[int, ...]
+    num_image_tokens: int
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+Piece = Union[str, int]  # text, or the id of a special token
+
+
+class ChatTemplate:
+    """Renders and tokenizes conversations for one tokenizer and template configuration."""
+
+    def __init__(self, tokenizer, config: TemplateConfig = TemplateConfig()):
+        if config.tokens_per_tile < 1 or config.max_seq_len < 1:
+            raise ValueError(f"tokens_per_tile and max_seq_len must be >= 1, got {config}")
+        self.tokenizer = tokenizer
+        self.config = config
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, THINK_START) if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks the template's special tokens {missing}")
+        self.ids = {token: vocab[token] for token in SPECIAL_TOKENS if token in vocab}
+        self.image_token_id = self.ids[IMG_CONTEXT]
+
+    def _user_pieces(self, sample_id: str, question: str, tiles_per_image: Sequence[int]) -> list[Piece]:
+        n_placeholders = question.count(IMAGE_PLACEHOLDER)
+        if n_placeholders == 0 and tiles_per_image:
+            question = (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image) + question
+        elif n_placeholders != len(tiles_per_image):
+            raise ValueError(f"sample {sample_id}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                             f"for {len(tiles_per_image)} images")
+        pieces: list[Piece] = []
+        for i, text in enumerate(question.split(IMAGE_PLACEHOLDER)):
+            if i:
+                tiles = tiles_per_image[i - 1]
+                if tiles < 1:
+                    raise ValueError(f"sample {sample_id}: image {i - 1} has {tiles} tiles")
+                pieces += [self.ids[IMG_START]] + [self.image_token_id] * (tiles * self.config.tokens_per_tile)
+                pieces.append(self.ids[IMG_END])
+            pieces.append(text)
+        return pieces
+
+    def _check_text(self, sample_id: str, field: str, text: str) -> None:
+        for token in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT):
+            if token in text:
+                raise ValueError(f"sample {sample_id}: {field} contains the special token {token!r} as text")
+
+    def _prompt_pieces(self, sample_id: str, question: str, tiles_per_image: Sequence[int]) -> list[Piece]:
+        self._check_text(sample_id, "question", question)
+        start, end = self.ids[IM_START], self.ids[IM_END]
+        pieces: list[Piece] = []
+        if self.config.system_prompt is not None:
+            pieces += [start, f"system\n{self.config.system_prompt}", end, "\n"]
+        pieces += [start, "user\n", *self._user_pieces(sample_id, question, tiles_per_image), end, "\n",
+                   start, "assistant\n"]
+        if self.config.open_think:
+            pieces += [self.ids[THINK_START], "\n"]
+        return pieces
+
+    def _encode(self, pieces: Sequence[Piece]) -> list[int]:
+        ids: list[int] = []
+        text = ""
+        for piece in list(pieces) + [None]:
+            if isinstance(piece, str):
+                text += piece
+                continue
+            if text:
+                ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                text = ""
+            if piece is not None:
+                ids.append(piece)
+        return ids
+
+    def render_prompt(self, question: str, tiles_per_image: Sequence[int] = ()) -> str:
+        """The prompt as text (image tokens written out); for inspection and the equality test."""
+        names = {v: k for k, v in self.ids.items()}
+        return "".join(p if isinstance(p, str) else names[p] for p in self._prompt_pieces("-", question, tiles_per_image))
+
+    def prompt_ids(self, sample_id: str, question: str, tiles_per_image: Sequence[int] = ()) -> torch.Tensor:
+        """Token ids of the generation prompt (ends with ``<|im_start|>assistant\\n<think>\\n``)."""
+        ids = self._encode(self._prompt_pieces(sample_id, question, tiles_per_image))
+        if len(ids) > self.config.max_seq_len:
+            raise OverlengthError(f"sample {sample_id}: prompt has {len(ids)} tokens (with "
+                                  f"{self._count_images(ids)} image tokens), max_seq_len is {self.config.max_seq_len}")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _count_images(self, ids: Sequence[int]) -> int:
+        return sum(1 for i in ids if i == self.image_token_id)
+
+    def encode(self, sample_id: str, question: str, response: str, tiles_per_image: Sequence[int] = ()) -> EncodedSample:
+        """Prompt + response + ``<|im_end|>`` with next-token labels on the response only."""
+        self._check_text(sample_id, "response", response)
+        prompt = self.prompt_ids(sample_id, question, tiles_per_image).tolist()
+        if self.config.open_think and response.startswith(THINK_START + "\n"):
+            response = response[len(THINK_START) + 1:]
+        answer = self._encode([response, self.ids[IM_END]])
+        max_len, truncated = self.config.max_seq_len, False
+        if len(prompt) + len(answer) > max_len:
+            if self.config.overlength == "error" or len(prompt) >= max_len:
+                raise OverlengthError(
+                    f"sample {sample_id}: {len(prompt)} prompt + {len(answer)} response tokens exceed max_seq_len "
+                    f"{max_len}" + ("" if self.config.overlength == "error" else
+                                    " and only the response may be truncated (the prompt holds image tokens)"))
+            answer, truncated = answer[: max_len - len(prompt)], True
+        input_ids = torch.tensor(prompt + answer, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        # Position t predicts token t+1: targets for positions prompt_len-1 .. L-2.
+        labels[len(prompt) - 1: -1] = input_ids[len(prompt):]
+        return EncodedSample(sample_id, input_ids, labels, len(prompt), tuple(tiles_per_image),
+                             self._count_images(prompt), truncated)
