@@ -36,13 +36,13 @@ def local_labels(labels_T: torch.Tensor, vocab_start: int, n_cols: int) -> tuple
 
 
 def row_stats(
-    logits_TV: torch.Tensor, labels_T: torch.Tensor, vocab_start: int, inv_temp: float, want_mean_x: bool
+    logits_TV: torch.Tensor, labels_T: torch.Tensor, vocab_start: int, inv_temp: float, want_centered_mean: bool
 ) -> RowStats:
     n_rows, n_cols = logits_TV.shape
     dev = logits_TV.device
     max_T = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=dev)
     sumexp_T = torch.zeros(n_rows, dtype=torch.float32, device=dev)  # sum exp(x - c)
-    centered_T = torch.zeros(n_rows, dtype=torch.float32, device=dev) if want_mean_x else None  # sum e (x - c)
+    centered_T = torch.zeros(n_rows, dtype=torch.float32, device=dev) if want_centered_mean else None  # sum e (x - c)
     for rows, cols in _tiles(n_rows, n_cols):
         x = logits_TV[rows, cols].to(torch.float32) * inv_temp
         m_old = max_T[rows]
@@ -100,7 +100,7 @@ def row_stats_grpo(
     logits_TV: torch.Tensor, labels_T: torch.Tensor, inv_temp: float, inputs: GRPOInputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GRPOTerms]:
     """Single-rank forward: (finite row max c, log sum exp(x - c), logp, GRPO terms), [T] each."""
-    stats = row_stats(logits_TV, labels_T, 0, inv_temp, want_mean_x=False)
+    stats = row_stats(logits_TV, labels_T, 0, inv_temp, want_centered_mean=False)
     logp_T = stats.logprobs()
     terms = grpo_token_terms(logp_T, inputs)
     return finite_shift(stats.row_max), stats.log_sumexp, logp_T, terms

@@ -5,8 +5,8 @@ an online max / sum-exp (Milakov & Gimelshein, 2018) in fp32, plus one load of t
 target logit; writes fp32 [T] vectors only. With one TP rank the GRPO kernel also
 finishes the per-token loss (Eq. 8 + k3 KL, see :mod:`grpo`), so forward is one launch.
 Backward (``_logits_grad_kernel``): one read and one write of the row, recomputing
-p = exp((x - c) - log sum exp(x - c)); the write may target the logits buffer itself (each tile is loaded
-before it is stored, and programs own disjoint rows).
+p = exp((x - c) - log sum exp(x - c)) from saved [T] vectors; the write may target the
+logits buffer itself (each tile is loaded before it is stored; programs own disjoint rows).
 
 Runs compiled on CUDA and, with ``TRITON_INTERPRET=1`` set before Triton is imported,
 in Triton's interpreter on CPU tensors (tests). The interpreter cannot do arithmetic on
@@ -26,7 +26,7 @@ from .stats import GRPOInputs, GRPOTerms, RowStats
 
 
 @triton.jit
-def _online_stats(row_ptr, n_cols, inv_temp, WANT_MEAN_X: tl.constexpr, BLOCK_V: tl.constexpr):
+def _online_stats(row_ptr, n_cols, inv_temp, WANT_CENTERED_MEAN: tl.constexpr, BLOCK_V: tl.constexpr):
     """(max x, log sum exp(x - c), E_p[x - c]) of one row, c the finite max (see stats.RowStats)."""
     run_max = tl.full([], float("-inf"), tl.float32)
     sumexp = tl.zeros([], tl.float32)
@@ -40,7 +40,7 @@ def _online_stats(row_ptr, n_cols, inv_temp, WANT_MEAN_X: tl.constexpr, BLOCK_V:
         rescale = tl.exp(run_max - shift)
         centered_x = x - shift
         e = tl.exp(centered_x)
-        if WANT_MEAN_X:
+        if WANT_CENTERED_MEAN:
             moved = tl.where(rescale > 0, tl.where(run_max == float("-inf"), 0.0, run_max) - shift, 0.0)
             px = e * tl.where(e > 0, centered_x, 0.0)
             centered = rescale * (centered + moved * sumexp) + tl.sum(px, axis=0)
@@ -80,15 +80,15 @@ def _grpo_terms(logp, old, ref, adv, weight, clip_low, clip_high, kl_beta, HAS_R
 def _row_stats_kernel(
     logits_ptr, row_stride, labels_ptr, vocab_start, n_cols, inv_temp,
     max_ptr, log_sumexp_ptr, target_ptr, centered_mean_ptr,
-    WANT_MEAN_X: tl.constexpr, BLOCK_V: tl.constexpr,
+    WANT_CENTERED_MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
-    row_max, log_sumexp, centered_mean = _online_stats(row_ptr, n_cols, inv_temp, WANT_MEAN_X, BLOCK_V)
+    row_max, log_sumexp, centered_mean = _online_stats(row_ptr, n_cols, inv_temp, WANT_CENTERED_MEAN, BLOCK_V)
     tl.store(max_ptr + row, row_max)
     tl.store(log_sumexp_ptr + row, log_sumexp)
     tl.store(target_ptr + row, _target_logit(row_ptr, labels_ptr + row, vocab_start, n_cols, inv_temp))
-    if WANT_MEAN_X:
+    if WANT_CENTERED_MEAN:
         tl.store(centered_mean_ptr + row, centered_mean)
 
 
@@ -187,18 +187,18 @@ def _f32(n: int, device: torch.device) -> torch.Tensor:
 
 
 def row_stats(
-    logits_TV: torch.Tensor, labels_T: torch.Tensor, vocab_start: int, inv_temp: float, want_mean_x: bool
+    logits_TV: torch.Tensor, labels_T: torch.Tensor, vocab_start: int, inv_temp: float, want_centered_mean: bool
 ) -> RowStats:
     n_rows, n_cols = logits_TV.shape
     dev = logits_TV.device
     max_T, log_sumexp_T, target_T = _f32(n_rows, dev), _f32(n_rows, dev), _f32(n_rows, dev)
-    centered_mean_T = _f32(n_rows, dev) if want_mean_x else None
+    centered_mean_T = _f32(n_rows, dev) if want_centered_mean else None
     if n_rows:
         block, warps = launch_config(n_cols)
         _row_stats_kernel[(n_rows,)](
             logits_TV, logits_TV.stride(0), labels_T, vocab_start, n_cols, inv_temp,
-            max_T, log_sumexp_T, target_T, centered_mean_T if want_mean_x else max_T,
-            WANT_MEAN_X=want_mean_x, BLOCK_V=block, num_warps=warps,
+            max_T, log_sumexp_T, target_T, centered_mean_T if want_centered_mean else max_T,
+            WANT_CENTERED_MEAN=want_centered_mean, BLOCK_V=block, num_warps=warps,
         )
     return RowStats(max_T, log_sumexp_T, target_T, centered_mean_T)
 

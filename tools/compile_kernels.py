@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from megatron_r1v.kernels import triton_impl  # noqa: E402
 
 KERNELS = {
-    "_row_stats_kernel": ("WANT_MEAN_X",),
+    "_row_stats_kernel": ("WANT_CENTERED_MEAN",),
     "_grpo_fwd_kernel": ("HAS_REF",),
     "_grpo_terms_kernel": ("HAS_REF",),
     "_logits_grad_kernel": ("HAS_ENTROPY",),
