@@ -24,10 +24,10 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
+from .schema import IMAGE_PLACEHOLDER, RESERVED_TEXT
 from .tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, SPECIAL_TOKENS, THINK_START
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer in \\boxed{}."
 
 
@@ -102,7 +102,7 @@ class ChatTemplate:
         return pieces
 
     def _check_text(self, sample_id: str, field: str, text: str) -> None:
-        for token in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT):
+        for token in RESERVED_TEXT:
             if token in text:
                 raise ValueError(f"sample {sample_id}: {field} contains the special token {token!r} as text")
 
