@@ -1,0 +1,126 @@
+"""GRPO advantages (Eq. 6) and objective (Eq. 8 + k3 KL) of the Skywork R1V2 report.
+
+Eq. 6, group-relative advantage of response i among the G responses to one prompt:
+
+    A_i = (r_i - mean_j r_j) / (std_j r_j + eps)
+
+with the unbiased (Bessel) standard deviation, as DeepSeekMath's GRPO implementations
+compute it; a group whose rewards are all equal has std 0 and gets A = 0 exactly (no
+learning signal: the "vanishing advantages" the Selective Sample Buffer works around).
+
+Eq. 8, the clipped objective averaged per sequence, then over the G sequences:
+
+    J = 1/G sum_i 1/|o_i| sum_t [ min(r_it A_i, clip(r_it, 1 - e_low, 1 + e_high) A_i) - beta KL_it ]
+
+The per-token term comes from :func:`megatron_r1v.kernels.grpo_loss` (fused, vocab
+parallel). Micro-batches hold only some of the sequences, so the normalization is carried
+as a per-token weight: 1 / (|o_i| N) for the per-sequence mean over N sequences of the
+whole step (``normalization="sequence"``, Eq. 8), or 1 / (total response tokens) for a
+token-level mean (``"token"``, as in DAPO). Summing ``weight * loss`` over every
+micro-batch of a step then gives exactly -J.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1v.kernels import grpo_loss
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    clip_low: float = 0.2
+    """The ratio is clipped below at 1 - clip_low."""
+    clip_high: float = 0.2
+    """The ratio is clipped above at 1 + clip_high (a larger value is DAPO's clip-higher)."""
+    kl_beta: float = 0.0
+    """Weight of the k3 KL penalty to the reference policy (0: no reference pass)."""
+    temperature: float = 1.0
+    """The sampling temperature: log-probs are those of softmax(logits / temperature)."""
+    normalization: Literal["sequence", "token"] = "sequence"
+    """``sequence``: mean over each response, then over responses (Eq. 8); ``token``: mean over all tokens."""
+    adv_eps: float = 1e-6
+    """Added to the group's reward std in Eq. 6."""
+
+    def __post_init__(self):
+        if self.normalization not in ("sequence", "token"):
+            raise ValueError(f"normalization must be 'sequence' or 'token', got {self.normalization!r}")
+        if self.adv_eps <= 0:
+            raise ValueError(f"adv_eps must be > 0, got {self.adv_eps}")
+
+
+def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 6 for ``[n_prompts, G]`` rewards; fp32, zero for groups with equal rewards."""
+    if rewards_NG.dim() != 2 or rewards_NG.shape[1] < 2:
+        raise ValueError(f"rewards must be [n_prompts, G] with G >= 2, got {tuple(rewards_NG.shape)}")
+    rewards = rewards_NG.to(torch.float32)
+    mean_N1 = rewards.mean(dim=1, keepdim=True)
+    std_N1 = rewards.std(dim=1, keepdim=True)
+    centered = rewards - mean_N1
+    # An all-equal group can show a centered value of 1 ulp from the mean's rounding.
+    flat_N1 = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(flat_N1, torch.zeros_like(centered), centered / (std_N1 + eps))
+
+
+def token_weights(
+    response_lengths: torch.Tensor, normalization: str, total_sequences: int, total_tokens: int
+) -> torch.Tensor:
+    """Per-sequence weight of each of its tokens so that sum(weight * loss) over a step is the mean.
+
+    ``response_lengths`` [n] are this micro-batch's |o_i|; ``total_sequences`` and
+    ``total_tokens`` count the whole step (all micro-batches, all data-parallel ranks).
+    """
+    if (response_lengths < 1).any():
+        raise ValueError(f"every response needs >= 1 token, got lengths {response_lengths.tolist()}")
+    lengths = response_lengths.to(torch.float32)
+    if normalization == "sequence":
+        return 1.0 / (lengths * total_sequences)
+    if normalization == "token":
+        return torch.full_like(lengths, 1.0 / total_tokens)
+    raise ValueError(f"normalization must be 'sequence' or 'token', got {normalization!r}")
+
+
+@dataclass
+class GRPOLossOutput:
+    loss: torch.Tensor
+    """Scalar: sum_t weight_t loss_t over this micro-batch (differentiable)."""
+    kl_mean: Optional[float]
+    clip_fraction: float
+    """Share of response tokens whose clipped branch is active."""
+    logprobs: torch.Tensor
+    """Per-token log-probs under the current policy (no gradient)."""
+
+
+def grpo_policy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    weights: torch.Tensor,
+    config: GRPOLossConfig,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    backend: str = "auto",
+    inplace: bool = False,
+) -> GRPOLossOutput:
+    """The weighted Eq. 8 loss of one micro-batch, all per-token inputs ``[T]``.
+
+    ``weights`` are per token (see :func:`token_weights`, broadcast over each response);
+    ``advantages`` likewise carry each response's A_i on its tokens.
+    """
+    loss_T, stats = grpo_loss(
+        logits, labels, old_logprobs, ref_logprobs if config.kl_beta else None, advantages, loss_mask,
+        clip_low=config.clip_low, clip_high=config.clip_high, kl_beta=config.kl_beta,
+        temperature=config.temperature, tp_group=tp_group, backend=backend, inplace=inplace,
+    )
+    mask_T = loss_mask.to(torch.float32)
+    n_tokens = float(mask_T.sum())
+    loss = (loss_T * weights.to(loss_T.dtype)).sum()
+    kl_mean = float((stats.kl * mask_T).sum()) / n_tokens if stats.kl is not None and n_tokens else None
+    clip_fraction = float(stats.clipped.float().sum()) / n_tokens if n_tokens else 0.0
+    return GRPOLossOutput(loss, kl_mean, clip_fraction, stats.logprobs)
