@@ -25,6 +25,9 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.66",
         "psutil>=5.9",  # megatron.core.dist_checkpointing needs it
+        # r_rule of the GRPO reward (rewards/rule.py): LaTeX/expression equivalence.
+        # 0.9 is the tested version (parse's parsing_timeout, verify's timeout_seconds).
+        "math-verify>=0.9",
     ],
     extras_require={
         # triton: the kernels run in its interpreter on CPU and compile for sm_90 in tests.

@@ -131,9 +131,26 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     rule_weight: float = 1.0
+    """Weight of r_rule (1 when the final \\boxed{} answer is right, else 0) in the hybrid reward (Eq. 7)."""
     format_weight: float = 1.0
+    """Weight of r_format (1 for <think>...</think> followed by a \\boxed{} answer, else 0) in Eq. 7."""
     model_weight: float = 0.0
+    """Weight of the calibrated reward-model score r_theta in Eq. 7; 0 turns the reward model off."""
     reward_model_url: Optional[str] = None
+    """Base URL of a reward-model server (tools/serve_reward_model.py), e.g. http://127.0.0.1:8000."""
+    model_calibration: Literal["none", "clip", "sigmoid", "step"] = "none"
+    """How the raw reward-model score s becomes r_theta, with t = model_threshold: none: s;
+    clip: min(s, t); sigmoid: 1/(1+exp(-(s-t))); step: 1 if s >= t else 0."""
+    model_threshold: float = 0.0
+    """Calibration threshold t of model_calibration (unused by "none")."""
+    model_timeout_s: float = 60.0
+    """Timeout of one request to the reward-model server."""
+    model_max_retries: int = 3
+    """Retries of a failed request (connection error, timeout, HTTP 5xx) before the run stops with an error."""
+    model_backoff_s: float = 1.0
+    """Sleep before the first retry; it doubles at each further retry (at most 30 s)."""
+    model_batch_size: int = 32
+    """Texts per request to the reward-model server."""
 
 
 @dataclass

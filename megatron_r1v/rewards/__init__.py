@@ -1,0 +1,22 @@
+"""Rewards of the GRPO stage: the hybrid reward of the R1V2 report (Eq. 7).
+
+    r(x, y_i) = w_rule * r_rule + w_theta * c_t(r_theta) + w_format * r_format
+
+- :mod:`.rule`: r_rule, answer correctness (math-verify, choice letters, normalized text);
+- :mod:`.format`: r_format, ``<think>...</think>`` then a final ``\\boxed{}`` answer;
+- :mod:`.reward_model`: r_theta, a sequence-classification reward model in-process or
+  over HTTP (``tools/serve_reward_model.py``);
+- :mod:`.hybrid`: the weighted sum with the calibration c_t, over batches.
+"""
+
+from .format import FormatResult, check_format, extract_answer, format_reward, scan_boxed
+from .hybrid import CALIBRATIONS, HybridReward, RewardBreakdown, calibrate, check_reward_config, default_reward_text
+from .reward_model import HFRewardModel, RewardModelClient, RewardScorer, RewardServerError
+from .rule import choice_letter, math_match, normalize_text, rule_reward, text_match
+
+__all__ = [
+    "CALIBRATIONS", "FormatResult", "HFRewardModel", "HybridReward", "RewardBreakdown", "RewardModelClient",
+    "RewardScorer", "RewardServerError", "calibrate", "check_format", "check_reward_config", "choice_letter",
+    "default_reward_text", "extract_answer", "format_reward", "math_match", "normalize_text", "rule_reward",
+    "scan_boxed", "text_match",
+]

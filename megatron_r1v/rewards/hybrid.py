@@ -1,0 +1,187 @@
+"""The hybrid reward of GRPO (Skywork R1V2 report, Section 3.3.1, Eq. 7).
+
+The report (arXiv 2504.16656): "we again utilize our Skywork-VL reward model to
+introduce a preference reward signal r_theta, supplementing the rule-based reward
+r_rule. Furthermore, we incorporate a format reward r_format to align the model's output
+with the DeepSeek R1-style chat template. Thus, our hybrid reward function is defined as
+
+    r(x, y_i) = r_rule(x, y_i) + r_theta(x, y_i) + r_format(x, y_i)        (7)"
+
+The abstract adds that "excessive reinforcement signals can induce visual
+hallucinations—a phenomenon we systematically monitor and mitigate through calibrated
+reward thresholds", and the conclusion asks for "careful reward calibration"; the report
+gives no formula for either. This module implements Eq. 7 with a weight per term and a
+configurable calibration c_t of the reward-model score s:
+
+    r(x, y_i) = w_rule * r_rule(x, y_i) + w_theta * c_t(s(x, y_i)) + w_format * r_format(x, y_i)
+
+    c_t(s) = s                      "none"     (Eq. 7 as printed)
+             min(s, t)              "clip"     caps the model's reward, so no response can
+                                               collect an excessive signal from it
+             1 / (1 + exp(t - s))   "sigmoid"  maps the unbounded logit into (0, 1), the range
+                                               of r_rule and r_format; t is the score worth 0.5
+             1 if s >= t else 0     "step"     the model's verdict thresholded at t
+
+With all weights 1 and ``"none"`` this is Eq. 7 exactly. ``RewardConfig``'s default
+``model_weight`` is 0 (r_rule + r_format) because a reward model needs a server; the
+calibration defaults to ``"none"``. r_rule is :mod:`.rule`, r_format :mod:`.format`, s
+comes from any :class:`RewardScorer` (:mod:`.reward_model`). The total feeds the group
+advantage of Eq. 6.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from megatron_r1v.config import RewardConfig
+from megatron_r1v.data.schema import PromptRecord
+
+from .format import check_format, extract_answer
+from .reward_model import RewardModelClient, RewardScorer
+from .rule import DEFAULT_TIMEOUT_S, rule_reward
+
+CALIBRATIONS = ("none", "clip", "sigmoid", "step")
+
+RewardText = Callable[[PromptRecord, str], str]
+
+
+@dataclass(frozen=True)
+class RewardBreakdown:
+    """The reward of one completion and its terms (unweighted)."""
+
+    total: float
+    """r(x, y_i) of Eq. 7 with the weights applied."""
+    rule: float
+    """r_rule: 1.0 or 0.0."""
+    format: float
+    """r_format: 1.0 or 0.0."""
+    model: float
+    """r_theta after calibration; 0.0 when the reward model is off."""
+    model_raw: Optional[float]
+    """The reward model's raw score s; None when the reward model is off."""
+    parsed_answer: Optional[str]
+    """The final \\boxed{} content the rule judged; None when none was found."""
+    format_reason: str
+    """"ok", or why r_format is 0."""
+
+
+def calibrate(score: float, mode: str, threshold: float) -> float:
+    """c_t(s) of the module docstring."""
+    if mode == "none":
+        return score
+    if mode == "clip":
+        return min(score, threshold)
+    if mode == "sigmoid":
+        x = score - threshold
+        # Two forms so that exp never overflows for large |x|.
+        return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    if mode == "step":
+        return 1.0 if score >= threshold else 0.0
+    raise ValueError(f"model_calibration: {mode!r} is not one of {', '.join(CALIBRATIONS)}")
+
+
+def default_reward_text(prompt: PromptRecord, completion: str) -> str:
+    """What the reward model judges: the question, a blank line, the whole completion."""
+    return f"{prompt.question}\n\n{completion}"
+
+
+def check_reward_config(config: RewardConfig, has_scorer: bool = False) -> None:
+    """Raises ValueError naming the ``reward.*`` key of a value that cannot work."""
+    for name in ("rule_weight", "format_weight", "model_weight", "model_threshold"):
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise ValueError(f"reward.{name} must be finite, got {value}")
+    if config.model_calibration not in CALIBRATIONS:
+        raise ValueError(f"reward.model_calibration: {config.model_calibration!r} is not one of "
+                         f"{', '.join(CALIBRATIONS)}")
+    if config.model_weight != 0 and not has_scorer and not config.reward_model_url:
+        raise ValueError(f"reward.model_weight={config.model_weight:g} needs reward.reward_model_url "
+                         "(start a server with tools/serve_reward_model.py) or set reward.model_weight=0")
+    if not config.model_timeout_s > 0:
+        raise ValueError(f"reward.model_timeout_s must be > 0, got {config.model_timeout_s}")
+    if config.model_max_retries < 0:
+        raise ValueError(f"reward.model_max_retries must be >= 0, got {config.model_max_retries}")
+    if not config.model_backoff_s >= 0:
+        raise ValueError(f"reward.model_backoff_s must be >= 0, got {config.model_backoff_s}")
+    if config.model_batch_size < 1:
+        raise ValueError(f"reward.model_batch_size must be >= 1, got {config.model_batch_size}")
+
+
+@dataclass
+class HybridReward:
+    """Eq. 7 over batches of (prompt, completion) pairs.
+
+    ``think_opened_by_prompt`` must match the chat template
+    (``data.template.TemplateConfig.open_think``): True when the generation prompt ends
+    with ``<think>\\n`` so completions start inside the thought. ``scorer`` is needed
+    only when ``model_weight`` is not 0; it is called once per :meth:`score_batch`.
+    """
+
+    rule_weight: float = 1.0
+    format_weight: float = 1.0
+    model_weight: float = 0.0
+    model_calibration: str = "none"
+    model_threshold: float = 0.0
+    scorer: Optional[RewardScorer] = None
+    think_opened_by_prompt: bool = True
+    reward_text: RewardText = default_reward_text
+    rule_timeout_s: Optional[int] = DEFAULT_TIMEOUT_S
+    """math-verify's timeout (main thread only; see rule.py)."""
+
+    def __post_init__(self) -> None:
+        calibrate(0.0, self.model_calibration, self.model_threshold)  # rejects an unknown mode now
+        if self.model_weight != 0 and self.scorer is None:
+            raise ValueError(f"model_weight={self.model_weight:g} needs a reward-model scorer")
+
+    @classmethod
+    def from_config(cls, config: RewardConfig, *, think_opened_by_prompt: bool = True,
+                    scorer: Optional[RewardScorer] = None, sleep: Callable[[float], None] = time.sleep,
+                    reward_text: RewardText = default_reward_text) -> "HybridReward":
+        """Builds the reward of a run; a RewardModelClient on ``reward_model_url`` unless ``scorer`` is given."""
+        check_reward_config(config, has_scorer=scorer is not None)
+        if scorer is None and config.model_weight != 0:
+            assert config.reward_model_url is not None  # check_reward_config guarantees it
+            scorer = RewardModelClient(
+                config.reward_model_url, timeout_s=config.model_timeout_s, max_retries=config.model_max_retries,
+                backoff_s=config.model_backoff_s, batch_size=config.model_batch_size, sleep=sleep,
+            )
+        return cls(
+            rule_weight=config.rule_weight, format_weight=config.format_weight, model_weight=config.model_weight,
+            model_calibration=config.model_calibration, model_threshold=config.model_threshold, scorer=scorer,
+            think_opened_by_prompt=think_opened_by_prompt, reward_text=reward_text,
+        )
+
+    def combine(self, rule: float, fmt: float, model: float) -> float:
+        """Eq. 7 with weights, from the (calibrated) terms."""
+        return self.rule_weight * rule + self.model_weight * model + self.format_weight * fmt
+
+    def score_batch(self, prompts: Sequence[PromptRecord], completions: Sequence[str]) -> list[RewardBreakdown]:
+        """One :class:`RewardBreakdown` per completion; ``prompts[i]`` is the prompt of ``completions[i]``.
+
+        Raises RewardServerError when the reward model is on and its server stays down.
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"score_batch: {len(prompts)} prompts but {len(completions)} completions")
+        model_raw: list[Optional[float]] = [None] * len(completions)
+        if self.model_weight != 0 and completions:
+            assert self.scorer is not None
+            texts = [self.reward_text(p, c) for p, c in zip(prompts, completions)]
+            scores = self.scorer.score(texts)
+            if len(scores) != len(texts):
+                raise RuntimeError(f"reward model returned {len(scores)} scores for {len(texts)} texts")
+            model_raw = list(scores)
+        results = []
+        for prompt, completion, raw in zip(prompts, completions, model_raw):
+            fmt = check_format(completion, self.think_opened_by_prompt)
+            answer = extract_answer(completion)
+            rule = rule_reward(answer, prompt.answer, prompt.answer_type, prompt.choices,
+                               timeout_s=self.rule_timeout_s)
+            model = 0.0 if raw is None else calibrate(raw, self.model_calibration, self.model_threshold)
+            results.append(RewardBreakdown(
+                total=self.combine(rule, fmt.score, model), rule=rule, format=fmt.score, model=model,
+                model_raw=raw, parsed_answer=answer, format_reason=fmt.reason,
+            ))
+        return results

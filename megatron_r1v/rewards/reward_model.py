@@ -1,0 +1,240 @@
+"""Reward-model reward r_theta of the hybrid reward (R1V2 report, Eq. 7): HTTP client and in-process scorer.
+
+The report scores responses with its Skywork-VL Reward model ("a preference reward
+signal r_theta, supplementing the rule-based reward r_rule"). Here any Hugging Face
+sequence-classification model plays that part, either in-process
+(:class:`HFRewardModel`) or behind ``tools/serve_reward_model.py`` and reached with
+:class:`RewardModelClient`. Both implement :class:`RewardScorer`.
+
+HTTP protocol (JSON bodies, UTF-8):
+
+    GET  /health -> 200 {"status": "ok", "model": str, "num_labels": int, "score_index": int,
+                         "max_texts": int}
+    POST /score  {"texts": [str, ...]} -> 200 {"scores": [float, ...]}   (same length and order)
+    errors       -> 4xx / 5xx {"error": "message"}
+
+A 4xx means the request is wrong (malformed JSON, no ``texts``, a non-string item, a
+text that encodes to no tokens, more than ``max_texts`` texts): the client raises at once with the server's message, since
+repeating the request cannot help. Connection errors, timeouts and 5xx are retried.
+The texts are scored as given (the server adds no template); images are not sent, so a
+text-only reward model sees the question with its ``<image>`` placeholders.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from urllib.parse import urlsplit
+
+
+class RewardScorer(Protocol):
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """One scalar reward per text, in order."""
+        ...
+
+
+class RewardServerError(RuntimeError):
+    """The reward-model server could not score a request (down, failing, or refusing it)."""
+
+    def __init__(self, message: str, url: str, attempts: int, status: Optional[int] = None):
+        super().__init__(message)
+        self.url = url
+        self.attempts = attempts
+        self.status = status
+
+
+class _HTTPFailure(Exception):
+    """One failed attempt; ``retry`` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, retry: bool, status: Optional[int] = None):
+        super().__init__(message)
+        self.retry = retry
+        self.status = status
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        payload = json.loads(body)
+        if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+            return payload["error"]
+    except ValueError:
+        pass
+    return body.decode("utf-8", "replace").strip()[:500] or "(empty body)"
+
+
+@dataclass
+class RewardModelClient:
+    """Scores texts on a reward-model server, in batches, with bounded retries.
+
+    Each request is tried ``1 + max_retries`` times; before retry k (k = 1, 2, ...) the
+    client sleeps ``min(backoff_s * 2**(k-1), max_backoff_s)``. After the last attempt
+    it raises :class:`RewardServerError` naming the URL, the attempts and the last error.
+    """
+
+    url: str
+    """Base URL of the server, e.g. ``http://127.0.0.1:8000`` (``/score`` and ``/health`` are appended)."""
+    timeout_s: float = 60.0
+    """Socket timeout of one request (connect and each read)."""
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    batch_size: int = 32
+    """Texts per request; longer lists are split, so the server's memory stays bounded."""
+    max_backoff_s: float = 30.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    """Injected so tests (and callers with their own clock) need not wait for real."""
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"reward model url {self.url!r} must look like http://HOST:PORT")
+        self.url = self.url.rstrip("/")
+        for name, minimum in (("timeout_s", 1e-9), ("max_retries", 0), ("backoff_s", 0), ("batch_size", 1),
+                              ("max_backoff_s", 0)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
+                raise ValueError(f"RewardModelClient.{name} must be a finite number >= {minimum}, got {value!r}")
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """One score per text; raises RewardServerError when the server cannot answer."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start:start + self.batch_size])
+            reply = self._request("POST", "/score", {"texts": batch})
+            scores += self._check_scores(reply, len(batch))
+        return scores
+
+    def health(self) -> dict:
+        """The server's /health answer (same retries as score)."""
+        reply = self._request("GET", "/health", None)
+        if not isinstance(reply, dict):
+            raise RewardServerError(f"reward model server at {self.url}/health answered {reply!r}, not an object",
+                                    self.url + "/health", 1)
+        return reply
+
+    def _check_scores(self, reply: Any, expected: int) -> list[float]:
+        scores = reply.get("scores") if isinstance(reply, dict) else None
+        if (not isinstance(scores, list) or len(scores) != expected
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+                           for s in scores)):
+            shown = json.dumps(reply)[:300]
+            raise RewardServerError(
+                f"reward model server at {self.url}/score answered {shown}; expected "
+                f'{{"scores": [{expected} finite numbers]}}', self.url + "/score", 1)
+        return [float(s) for s in scores]
+
+    def _request(self, method: str, path: str, payload: Optional[dict]) -> Any:
+        url = self.url + path
+        attempts = 1 + self.max_retries
+        last: Optional[_HTTPFailure] = None
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                self.sleep(min(self.backoff_s * 2 ** (attempt - 2), self.max_backoff_s))
+            try:
+                return self._once(method, url, payload)
+            except _HTTPFailure as failure:
+                last = failure
+                if not failure.retry:
+                    raise RewardServerError(f"reward model server at {url} rejected the request (not retried): "
+                                            f"{failure}", url, attempt, failure.status) from None
+        assert last is not None
+        raise RewardServerError(
+            f"reward model server at {url} failed after {attempts} attempts ({self.max_retries} retries); "
+            f"last error: {last}", url, attempts, last.status)
+
+    def _once(self, method: str, url: str, payload: Optional[dict]) -> Any:
+        """One HTTP exchange: the decoded JSON answer, or _HTTPFailure."""
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                body = response.read()
+        except urllib.error.HTTPError as err:  # a status >= 400: the server is up and said why
+            status = err.code
+            raise _HTTPFailure(f"HTTP {status}: {_error_message(err.read())}", retry=status >= 500,
+                               status=status) from None
+        except urllib.error.URLError as err:  # refused, unreachable, unknown host, connect timeout
+            if isinstance(err.reason, TimeoutError):
+                raise _HTTPFailure(f"timed out after {self.timeout_s:g} s connecting", retry=True) from None
+            raise _HTTPFailure(f"cannot connect: {err.reason}", retry=True) from None
+        except TimeoutError:  # connected, but the answer did not come in time
+            raise _HTTPFailure(f"timed out after {self.timeout_s:g} s waiting for the answer", retry=True) from None
+        except (OSError, http.client.HTTPException) as err:  # reset or cut mid-answer (a restarting server)
+            raise _HTTPFailure(f"connection broke: {err!r}", retry=True) from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            # A 200 that is not JSON is not our server (wrong port?): retrying cannot help.
+            raise _HTTPFailure(f"answered non-JSON: {body[:200]!r}", retry=False, status=200) from None
+
+
+class HFRewardModel:
+    """A Hugging Face ``AutoModelForSequenceClassification`` scoring texts in-process.
+
+    The score of a text is the logit at ``score_index`` (0 for the usual one-label reward
+    model). Batches are padded on the right: decoder classifiers (Qwen2...) read the last
+    non-pad token, and with right padding every real token keeps the position it has in
+    the text alone, also in models with absolute position embeddings, so a text scores
+    the same in any batch. Texts longer than ``max_length`` tokens lose their
+    beginning, not their end, because the end holds the answer being judged.
+    torch and transformers are imported here, not at module import.
+    """
+
+    def __init__(self, model_dir: Union[str, Path], device: str = "cpu", batch_size: int = 8,
+                 score_index: int = 0, max_length: Optional[int] = None, dtype: str = "fp32"):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(dtypes)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._torch = torch
+        self.model_dir = str(model_dir)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, dtype=dtypes[dtype])
+        self.model.to(self.device).eval()
+        self.num_labels = int(self.model.config.num_labels)
+        if not 0 <= score_index < self.num_labels:
+            raise ValueError(f"score_index {score_index} is out of range for a model with "
+                             f"num_labels={self.num_labels}")
+        self.score_index = score_index
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        if getattr(config, "pad_token_id", None) is None and self.tokenizer.pad_token_id is not None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        # Without a pad token no batch can be padded: score one text at a time.
+        self.batch_size = batch_size if self.tokenizer.pad_token_id is not None else 1
+        limits = [n for n in (max_length, getattr(config, "max_position_embeddings", None),
+                              self.tokenizer.model_max_length) if isinstance(n, int) and 0 < n < 10**9]
+        self.max_length = min(limits) if limits else None
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        torch = self._torch
+        scores: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = list(texts[start:start + self.batch_size])
+                encoded = self.tokenizer(batch, return_tensors="pt", padding=True,
+                                         truncation=self.max_length is not None, max_length=self.max_length)
+                empty = (encoded["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+                if empty:
+                    # A classifier reading the last token has nothing to read: a caller's bug, not a score.
+                    raise ValueError(f"texts[{start + empty[0]}] encodes to no tokens; nothing to score")
+                encoded = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+                logits_BL = self.model(**encoded).logits  # [B, num_labels]
+                scores += logits_BL[:, self.score_index].float().cpu().tolist()
+        return scores

@@ -1,0 +1,314 @@
+"""The reward-model server (tools/serve_reward_model.py) and its client, over real HTTP on localhost.
+
+A tiny random Qwen2ForSequenceClassification is saved to a temporary folder and served
+by the tool in a subprocess started with --port 0; the test reads the URL from the
+tool's startup line (no sleeps). Retry behavior is tested against a closed port, a
+socket that never answers, and small in-thread stub servers; sleeps are recorded by an
+injected ``sleep`` instead of being slept.
+"""
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_r1v.config import RewardConfig
+from megatron_r1v.data.schema import PromptRecord
+from megatron_r1v.rewards import HybridReward, RewardModelClient, RewardServerError
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 300
+# Varied lengths, so every server batch pads some rows.
+TEXTS = [
+    "What is 3 + 4?\n\nr</think> The answer is \\boxed{7}.",
+    "a",
+    "Think step by step. " * 6,
+    "The answer is \\boxed{12}",
+    "<think>\n",
+    "system user assistant",
+    "x y z",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A saved tiny Qwen2 reward model (one label) with a BPE tokenizer of this project."""
+    import transformers
+
+    from megatron_r1v.data.tokenizer import ENDOFTEXT, save_hf_tokenizer, special_token_ids, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_rm")
+    save_hf_tokenizer(train_tokenizer(TEXTS * 2, VOCAB), root)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, num_labels=1,
+        pad_token_id=special_token_ids(VOCAB)[ENDOFTEXT],
+        # A wide init so the scores are O(1) and differ between texts: a parity check
+        # on logits of ~1e-3 would say little at a 1e-5 tolerance.
+        initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForSequenceClassification(config).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_rm, tmp_path_factory):
+    """The tool serving tiny_rm; yields its URL (read from the startup line)."""
+    log = tmp_path_factory.mktemp("rm_server") / "stderr.txt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tools" / "serve_reward_model.py"), "--model", str(tiny_rm),
+             "--port", "0", "--batch-size", "3", "--max-texts", "8"],
+            stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env,
+        )
+    try:
+        # Block on the startup line itself (bounded, in case the tool hangs before printing).
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            proc.kill()
+            raise AssertionError(f"server printed no startup line; stderr:\n{log.read_text()[-4000:]}")
+        info = json.loads(line)
+        assert info["event"] == "listening" and info["url"].startswith("http://127.0.0.1:")
+        assert (info["num_labels"], info["score_index"]) == (1, 0)
+        yield info["url"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def reference_scores(tiny_rm):
+    """Each text scored alone, in this process, with plain transformers (no padding)."""
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_rm).float().eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_rm)
+    with torch.no_grad():
+        return [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in TEXTS]
+
+
+def post(url, body: bytes):
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# --- the real server --------------------------------------------------------------------
+
+
+def test_scores_match_the_model_in_process(server, reference_scores):
+    sleeps = []
+    # Client batches of 4 (4 + 3 texts); the server runs forward batches of at most 3.
+    client = RewardModelClient(server, timeout_s=30, max_retries=0, batch_size=4, sleep=sleeps.append)
+    scores = client.score(TEXTS)
+    # fp32, padded batch vs a text alone: only summation order differs (~1e-7).
+    assert max(abs(a - b) for a, b in zip(scores, reference_scores)) < 1e-5
+    assert max(reference_scores) - min(reference_scores) > 0.1  # distinct texts, distinct scores
+    assert len(scores) == len(TEXTS) and sleeps == []
+    assert client.score([]) == []
+
+
+def test_health(server, tiny_rm):
+    health = RewardModelClient(server).health()
+    assert health == {"status": "ok", "model": str(tiny_rm), "num_labels": 1, "score_index": 0, "max_texts": 8}
+
+
+def test_hybrid_reward_through_the_server(server, reference_scores):
+    # Eq. 7 with w_theta = 0.5: total = r_rule + r_format + 0.5 * s, with s from the server.
+    reward = HybridReward.from_config(RewardConfig(model_weight=0.5, reward_model_url=server))
+    record = PromptRecord("p", (), "What is 3 + 4?", "7", "number", None)
+    completion = "r</think> The answer is \\boxed{7}."
+    out = reward.score_batch([record], [completion])[0]
+    assert TEXTS[0] == f"{record.question}\n\n{completion}"  # the text the reward model sees
+    assert (out.rule, out.format) == (1.0, 1.0)
+    assert out.model_raw == pytest.approx(reference_scores[0], abs=1e-5)
+    assert out.total == pytest.approx(2.0 + 0.5 * reference_scores[0], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"not json", 400, "body is not valid JSON"),
+        (b'{"text": ["a"]}', 400, 'body must be a JSON object {"texts": [str, ...]}'),
+        (b'{"texts": "abc"}', 400, '"texts" must be a list of strings, got str'),
+        (b'{"texts": ["a", 3]}', 400, '"texts"[1] must be a string, got int'),
+        (b'{"texts": ["a", ""]}', 400, "texts[1] encodes to no tokens"),
+        (json.dumps({"texts": ["a"] * 9}).encode(), 400, "9 texts in one request; this server takes at most 8"),
+    ],
+)
+def test_malformed_requests_get_400(server, body, status, message):
+    code, payload = post(server + "/score", body)
+    assert code == status and message in payload["error"]
+
+
+def test_unknown_path_is_404(server):
+    code, payload = post(server + "/scores", b'{"texts": []}')
+    assert code == 404 and "unknown path '/scores'" in payload["error"]
+
+
+def test_4xx_is_not_retried(server):
+    sleeps = []
+    client = RewardModelClient(server, max_retries=3, backoff_s=1.0, batch_size=16, sleep=sleeps.append)
+    with pytest.raises(RewardServerError) as info:
+        client.score(["a"] * 10)
+    assert sleeps == [] and info.value.attempts == 1 and info.value.status == 400
+    assert str(info.value) == (
+        f"reward model server at {server}/score rejected the request (not retried): HTTP 400: 10 texts in one "
+        "request; this server takes at most 8 (lower the client's batch size, reward.model_batch_size, or "
+        "restart with --max-texts)")
+
+
+def test_tool_rejects_a_folder_without_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "serve_reward_model.py"), "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no config.json there" in proc.stderr
+
+
+# --- retries, without the real server ---------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_server_down_retries_with_backoff_then_raises():
+    port = closed_port()
+    sleeps = []
+    client = RewardModelClient(f"http://127.0.0.1:{port}", max_retries=3, backoff_s=0.5, sleep=sleeps.append)
+    with pytest.raises(RewardServerError) as info:
+        client.score(["a", "b"])
+    assert sleeps == [0.5, 1.0, 2.0]  # 3 retries, doubling
+    assert info.value.attempts == 4 and info.value.url == f"http://127.0.0.1:{port}/score"
+    message = str(info.value)
+    assert message.startswith(f"reward model server at http://127.0.0.1:{port}/score failed after 4 attempts "
+                              "(3 retries); last error: cannot connect:")
+    assert "Connection refused" in message
+
+
+def test_backoff_is_capped():
+    sleeps = []
+    client = RewardModelClient(f"http://127.0.0.1:{closed_port()}", max_retries=5, backoff_s=1.0,
+                               max_backoff_s=3.0, sleep=sleeps.append)
+    with pytest.raises(RewardServerError, match="failed after 6 attempts"):
+        client.health()
+    assert sleeps == [1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+def test_silent_server_times_out_and_is_retried():
+    # A listening socket that never accepts: the kernel completes the TCP handshake, the
+    # request is sent, and no answer ever comes.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        sleeps = []
+        client = RewardModelClient(url, timeout_s=0.2, max_retries=1, backoff_s=0.01, sleep=sleeps.append)
+        start = time.monotonic()
+        with pytest.raises(RewardServerError) as info:
+            client.score(["a"])
+        assert time.monotonic() - start < 10
+    assert sleeps == [0.01] and info.value.attempts == 2
+    assert "failed after 2 attempts (1 retries); last error: timed out after 0.2 s" in str(info.value)
+
+
+class StubServer:
+    """An in-thread HTTP server answering POST /score from a list of (status, payload)."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.requests = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append(body)
+                status, payload = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        # A short poll interval: shutdown() waits for the serve loop to look up.
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def test_5xx_is_retried_until_success():
+    answers = [(503, {"error": "overloaded"}), (500, {"error": "CUDA OOM"}), (200, {"scores": [0.5, -1.5]})]
+    sleeps = []
+    with StubServer(answers) as stub:
+        client = RewardModelClient(stub.url, max_retries=2, backoff_s=0.1, sleep=sleeps.append)
+        assert client.score(["a", "b"]) == [0.5, -1.5]
+    assert sleeps == [0.1, 0.2] and stub.requests == [{"texts": ["a", "b"]}] * 3
+
+
+def test_5xx_that_persists_names_the_last_error():
+    sleeps = []
+    with StubServer([(503, {"error": "overloaded"})]) as stub:
+        client = RewardModelClient(stub.url, max_retries=2, backoff_s=0.1, sleep=sleeps.append)
+        with pytest.raises(RewardServerError) as info:
+            client.score(["a"])
+    assert len(stub.requests) == 3 and sleeps == [0.1, 0.2] and info.value.status == 503
+    assert str(info.value) == (f"reward model server at {stub.url}/score failed after 3 attempts (2 retries); "
+                               "last error: HTTP 503: overloaded")
+
+
+def test_batches_and_reply_checks():
+    with StubServer([(200, {"scores": [1, 2]}), (200, {"scores": [3]})]) as stub:
+        client = RewardModelClient(stub.url, batch_size=2)
+        assert client.score(["a", "b", "c"]) == [1.0, 2.0, 3.0]
+    assert stub.requests == [{"texts": ["a", "b"]}, {"texts": ["c"]}]
+    with StubServer([(200, {"scores": [1.0]})]) as stub:
+        with pytest.raises(RewardServerError, match=r'answered \{"scores": \[1.0\]\}; expected \{"scores": \[2 finite'):
+            RewardModelClient(stub.url).score(["a", "b"])
+    with StubServer([(200, {"scores": [float("nan")]})]) as stub:
+        with pytest.raises(RewardServerError, match="expected"):
+            RewardModelClient(stub.url).score(["a"])
+
+
+def test_client_argument_errors():
+    with pytest.raises(ValueError, match=r"reward model url 'localhost:8000' must look like http://HOST:PORT"):
+        RewardModelClient("localhost:8000")
+    with pytest.raises(ValueError, match=r"RewardModelClient\.batch_size must be a finite number >= 1, got 0"):
+        RewardModelClient("http://127.0.0.1:1", batch_size=0)
+    with pytest.raises(TypeError, match=r"texts\[1\] is int, expected str"):
+        RewardModelClient("http://127.0.0.1:1").score(["a", 1])
