@@ -1,17 +1,17 @@
 """Image files to 8-bit RGB, or a clear error naming the file.
 
 Every mode PIL decodes is converted to what a viewer would show: grayscale and 1-bit
-are replicated to RGB, alpha (RGBA, LA, palette transparency) is composited over white
-(dropping it, as a bare ``convert("RGB")`` does, exposes whatever colour the transparent
-pixels happen to hold), CMYK goes through PIL's conversion, 16-bit and 32-bit integer
-images are scaled (not clipped) to 8 bits, and the EXIF orientation is applied.
+are replicated to RGB, alpha (RGBA, LA, palette transparency, a PNG tRNS colour key on
+1-bit/L/RGB) is composited over white (dropping it, as a bare ``convert("RGB")`` does,
+exposes whatever colour the transparent pixels happen to hold), CMYK goes through PIL's
+conversion, 16-bit and 32-bit integer images are scaled (not clipped) to 8 bits, and the
+EXIF orientation is applied.
 Truncated or corrupt files, files that are not images, and images beyond
 ``max_pixels`` raise :class:`ImageError`.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -47,6 +47,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = _integer_to_l(image, 1.0 if float(np.asarray(image).max()) <= 1.0 else None)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode in ("1", "L", "RGB") and image.info.get("transparency") is not None:
+        # A PNG tRNS colour key is transparency too; convert("RGB") alone would ignore it.
+        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -60,21 +63,22 @@ def load_rgb(path: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
     if not path.is_file():
         raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > max_pixels:
-                    raise ImageError(path, f"{image.width}x{image.height} pixels exceed the limit of {max_pixels}")
-                if image.width < 1 or image.height < 1:
-                    raise ImageError(path, f"empty image ({image.width}x{image.height})")
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+        # max_pixels is our limit, checked before decoding. PIL's own bomb check only
+        # warns below 2 x Image.MAX_IMAGE_PIXELS; that warning is left alone (turning it
+        # into an error needs warnings.catch_warnings, which is not thread-safe).
+        with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise ImageError(path, f"{image.width}x{image.height} pixels exceed the limit of {max_pixels}")
+            if image.width < 1 or image.height < 1:
+                raise ImageError(path, f"empty image ({image.width}x{image.height})")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not an image PIL can identify (corrupt or unsupported format)") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
         raise ImageError(path, f"too many pixels: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         # PIL reports truncated data ("image file is truncated") and bad chunks as OSError.

@@ -1,0 +1,425 @@
+"""InternVL dynamic tiling: grid rule, tile order, thumbnail, normalization, PIL vs DALI, bad samples."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_r1v.data import dali_tiling
+from megatron_r1v.data.images import ImageError
+from megatron_r1v.data.tiling import (
+    PILTiler, TilingConfig, candidate_grids, choose_grid, tile_file, tile_image,
+)
+
+S = 448
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- InternVL's rules restated independently (from InternVL-chat's dynamic_preprocess) ---------
+def internvl_target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    ratios = set()
+    for n in range(min_num, max_num + 1):
+        for i in range(1, n + 1):
+            for j in range(1, n + 1):
+                if min_num <= i * j <= max_num:
+                    ratios.add((i, j))
+    return sorted(ratios, key=lambda r: r[0] * r[1])
+
+
+def internvl_closest(width: int, height: int, min_num: int = 1, max_num: int = 12, size: int = S):
+    best_diff, best = float("inf"), (1, 1)
+    for ratio in internvl_target_ratios(min_num, max_num):
+        diff = abs(width / height - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and width * height > 0.5 * size * size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def internvl_literal(image: Image.Image) -> torch.Tensor:
+    """Per-tile PIL crops, then torchvision's Resize/ToTensor/Normalize restated with torch ops."""
+    cols, rows = internvl_closest(*image.size)
+    resized = image.resize((S * cols, S * rows))  # InternVL passes no filter: PIL's default
+    crops = []
+    for i in range(cols * rows):
+        box = ((i % cols) * S, (i // cols) * S, (i % cols + 1) * S, (i // cols + 1) * S)
+        crops.append(resized.crop(box))
+    if cols * rows > 1:
+        crops.append(image.resize((S, S)))
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    out = []
+    for crop in crops:
+        crop = crop.resize((S, S), Image.Resampling.BICUBIC)  # T.Resize on a 448x448 tile: a copy
+        x = torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)  # ToTensor
+        out.append(x.sub(mean).div(std))  # Normalize
+    return torch.stack(out)
+
+
+def normalized(rgb) -> torch.Tensor:
+    """[3] float32: ToTensor then Normalize of one RGB triple, in torchvision's op order."""
+    return torch.tensor(rgb, dtype=torch.uint8).to(torch.float32).div(255).sub(torch.tensor(MEAN)).div(torch.tensor(STD))
+
+
+# --- grid rule -------------------------------------------------------------------------------
+def test_candidate_grids_match_internvl():
+    for lo, hi in [(1, 12), (1, 6), (2, 2), (3, 9)]:
+        assert candidate_grids(TilingConfig(min_tiles=lo, max_tiles=hi)) == internvl_target_ratios(lo, hi)
+    grids = candidate_grids(TilingConfig())
+    assert len(grids) == 35 and grids[0] == (1, 1) and set(grids[-2:]) <= {(12, 1), (1, 12), (2, 6), (6, 2), (3, 4), (4, 3)}
+    assert all(a[0] * a[1] <= b[0] * b[1] for a, b in zip(grids, grids[1:]))
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((1, 1), (1, 1)), ((10000, 10), (12, 1)), ((10, 10000), (1, 12)),
+    # Exact 2:1 tie between (2,1) and (4,2): the larger grid needs area > 0.5*448^2*8 = 802816.
+    ((896, 448), (2, 1)), ((1266, 633), (2, 1)), ((1268, 634), (4, 2)), ((2000, 1000), (4, 2)),
+    # Square: (2,2) needs area > 401408, (3,3) needs > 903168.
+    ((448, 448), (1, 1)), ((633, 633), (1, 1)), ((634, 634), (2, 2)), ((950, 950), (2, 2)), ((951, 951), (3, 3)),
+    ((1344, 896), (3, 2)), ((900, 225), (4, 1)), ((64, 900), (1, 12)),
+])
+def test_choose_grid_cases(size, expected):
+    assert choose_grid(*size, TilingConfig()) == expected == internvl_closest(*size)
+
+
+def test_choose_grid_equal_area_tie_follows_candidate_order():
+    # 5:4 is exactly 0.75 away from both 2:1 and 1:2, the only grids of area 2: the first in
+    # candidate order stays for a small image; a large one (area > 200704) takes the second.
+    cfg = TilingConfig(min_tiles=2, max_tiles=2)
+    small, large = choose_grid(500, 400, cfg), choose_grid(1000, 800, cfg)
+    assert {small, large} == {(1, 2), (2, 1)}
+    assert small == candidate_grids(cfg)[0] == internvl_closest(500, 400, 2, 2)
+    assert large == candidate_grids(cfg)[1] == internvl_closest(1000, 800, 2, 2)
+
+
+def test_choose_grid_sweep_matches_internvl():
+    rng = np.random.default_rng(0)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(1, 4000, (400, 2))]
+    sizes += [(w, h) for w in (1, 7, 448, 449, 896, 1344) for h in (1, 7, 448, 449, 896, 1344)]
+    for max_tiles in (12, 6):
+        cfg = TilingConfig(max_tiles=max_tiles)
+        assert [choose_grid(w, h, cfg) for w, h in sizes] == [internvl_closest(w, h, 1, max_tiles) for w, h in sizes]
+
+
+def test_config_validation_names_the_field():
+    for kwargs, field in [({"max_tiles": 0}, "max_tiles"), ({"min_tiles": 0}, "min_tiles"),
+                          ({"on_bad_sample": "drop"}, "on_bad_sample"), ({"std": (1.0, 0.0, 1.0)}, "std"),
+                          ({"image_size": 0}, "image_size")]:
+        with pytest.raises(ValueError, match=field):
+            TilingConfig(**kwargs)
+
+
+# --- the PIL reference -----------------------------------------------------------------------
+def quadrant_image(cols: int, rows: int) -> tuple[Image.Image, list[tuple[int, int, int]]]:
+    """Solid blocks of S x S, a distinct colour each, listed row-major."""
+    colors = [(20 * k + 10, 255 - 20 * k, (77 * k) % 256) for k in range(cols * rows)]
+    pixels = np.zeros((rows * S, cols * S, 3), np.uint8)
+    for k, color in enumerate(colors):
+        r, c = divmod(k, cols)
+        pixels[r * S:(r + 1) * S, c * S:(c + 1) * S] = color
+    return Image.fromarray(pixels), colors
+
+
+def check_row_major(pixel_values: torch.Tensor, colors, cols: int, rows: int, atol: float) -> None:
+    assert pixel_values.shape == (cols * rows + 1, 3, S, S)
+    for k, color in enumerate(colors):
+        expected = normalized(color).view(3, 1, 1).expand(3, S, S)
+        torch.testing.assert_close(pixel_values[k], expected, atol=atol, rtol=0)
+    # Thumbnail: the whole image at S x S; the centre of block k lands at its scaled centre.
+    thumb = pixel_values[-1]
+    for k, color in enumerate(colors):
+        r, c = divmod(k, cols)
+        y, x = int((r + 0.5) * S / rows), int((c + 0.5) * S / cols)
+        torch.testing.assert_close(thumb[:, y, x], normalized(color), atol=atol, rtol=0)
+
+
+def test_tiles_are_row_major_then_thumbnail():
+    image, colors = quadrant_image(3, 2)
+    tiled = tile_image(image, TilingConfig())
+    assert tiled.grid == (3, 2) and tiled.num_tiles == 7 and tiled.pixel_values.dtype == torch.float32
+    # The grid resize keeps the size (1344x896), so every tile is exactly its block's colour.
+    check_row_major(tiled.pixel_values, colors, 3, 2, atol=0.0)
+
+
+def test_thumbnail_only_with_more_than_one_tile():
+    one = tile_image(Image.new("RGB", (448, 448), (1, 2, 3)), TilingConfig())
+    assert one.grid == (1, 1) and one.num_tiles == 1
+    image, _ = quadrant_image(3, 2)
+    assert tile_image(image, TilingConfig(use_thumbnail=False)).num_tiles == 6
+    assert tile_image(image, TilingConfig(max_tiles=1)).num_tiles == 1  # (1,1) is the only grid
+
+
+def test_normalization_values():
+    tiled = tile_image(Image.new("RGB", (300, 300), (0, 128, 255)), TilingConfig())
+    expected = normalized((0, 128, 255))
+    # ((0/255 - .485)/.229, (128/255 - .456)/.224, (255/255 - .406)/.225)
+    torch.testing.assert_close(expected, torch.tensor([-2.117904, 0.205182, 2.64]), atol=1e-6, rtol=0)
+    assert torch.equal(tiled.pixel_values[0], expected.view(3, 1, 1).expand(3, S, S))
+
+
+@pytest.mark.parametrize("size", [(300, 200), (1000, 150), (37, 900), (1, 1), (1400, 700)])
+def test_bit_identical_to_internvl_literal(size):
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    tiled = tile_image(image, TilingConfig())
+    assert tiled.grid == internvl_closest(*size)
+    assert torch.equal(tiled.pixel_values, internvl_literal(image))
+
+
+def test_extreme_sizes(tmp_path):
+    Image.new("RGB", (1, 1), (200, 10, 40)).save(tmp_path / "dot.png")
+    dot = tile_file(tmp_path / "dot.png", TilingConfig())
+    assert dot.grid == (1, 1) and dot.num_tiles == 1
+    assert torch.equal(dot.pixel_values[0], normalized((200, 10, 40)).view(3, 1, 1).expand(3, S, S))
+    Image.new("RGB", (10000, 10), (5, 6, 7)).save(tmp_path / "wide.png")
+    wide = tile_file(tmp_path / "wide.png", TilingConfig())
+    assert wide.grid == (12, 1) and wide.pixel_values.shape == (13, 3, S, S) and wide.source == str(tmp_path / "wide.png")
+    assert torch.equal(wide.pixel_values, normalized((5, 6, 7)).view(1, 3, 1, 1).expand(13, 3, S, S))
+
+
+# --- bad samples -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_and_good(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(d / "good.png")
+    data = (d / "good.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    (d / "notes.txt").write_text("not an image\n")
+    (d / "good2.jpg").write_bytes(jpeg_bytes(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)))
+    (d / "corrupt_idat.png").write_bytes(corrupt_idat(data))
+    return {"good": d / "good.png", "truncated": d / "truncated.png", "text": d / "notes.txt",
+            "good2": d / "good2.jpg", "corrupt_idat": d / "corrupt_idat.png", "missing": d / "missing.png"}
+
+
+def jpeg_bytes(pixels: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=92, **kwargs)
+    return buf.getvalue()
+
+
+def corrupt_idat(png: bytes) -> bytes:
+    """Zeroes bytes inside the compressed data and fixes the chunk CRC: structurally valid PNG."""
+    start = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[start:start + 4])
+    body = bytearray(png[start + 8:start + 8 + length])
+    body[100:140] = bytes(40)
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + body) & 0xFFFFFFFF)
+    return png[:start + 8] + bytes(body) + crc + png[start + 12 + length:]
+
+
+EXPECTED_REASONS = {
+    "truncated": "cannot decode image: image file is truncated",
+    "text": "not an image PIL can identify (corrupt or unsupported format)",
+    "corrupt_idat": "cannot decode image: broken data stream when reading image file",
+    "missing": "no such file",
+}
+
+
+def check_skip(tiler, files, caplog, backend: str) -> None:
+    names = ["good", "truncated", "text", "good2", "corrupt_idat", "missing"]
+    with caplog.at_level(logging.WARNING, logger="megatron_r1v.data"):
+        result = tiler.tile_files([files[n] for n in names])
+    assert [image is None for image in result.images] == [n in EXPECTED_REASONS for n in names]
+    assert result.num_skipped == 4
+    assert [(s.index, Path(s.path), s.reason) for s in result.skipped] == [
+        (names.index(n), files[n], EXPECTED_REASONS[n]) for n in names if n in EXPECTED_REASONS]
+    assert [i.source for i in result.kept()] == [str(files["good"]), str(files["good2"])]
+    messages = [r.getMessage() for r in caplog.records if r.name == "megatron_r1v.data.tiling"]
+    for n in EXPECTED_REASONS:
+        assert any(str(files[n]) in m and EXPECTED_REASONS[n] in m for m in messages), (n, messages)
+    assert any(m.startswith(f"{backend} tiling skipped 4 of 6 images") for m in messages), messages
+
+
+def test_pil_skip_counts_and_logs(bad_and_good, caplog):
+    check_skip(PILTiler(TilingConfig(on_bad_sample="skip"), num_threads=2), bad_and_good, caplog, "PIL")
+
+
+def test_pil_error_policy_names_the_file(bad_and_good):
+    tiler = PILTiler(TilingConfig(), num_threads=2)
+    with pytest.raises(ImageError, match="truncated.png: cannot decode image: image file is truncated"):
+        tiler.tile_files([bad_and_good["good"], bad_and_good["truncated"], bad_and_good["text"]])
+
+
+# --- DALI ------------------------------------------------------------------------------------
+def _has_dali() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+requires_dali = pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed (extra: data)")
+
+
+@pytest.fixture(scope="module")
+def dali_tiler():
+    if not _has_dali():
+        pytest.skip("NVIDIA DALI is not installed (extra: data)")
+    return dali_tiling.DALITiler(TilingConfig(on_bad_sample="skip"), num_threads=2, batch_size=8)
+
+
+def test_dali_row_major_then_thumbnail(tmp_path, dali_tiler):
+    image, colors = quadrant_image(3, 2)
+    image.save(tmp_path / "blocks.png")
+    (tiled,) = dali_tiler.tile_files([tmp_path / "blocks.png"]).images
+    assert tiled.grid == (3, 2)
+    # A same-size cubic resize is exact in DALI too; CMN computes (x - 255*mean) / (255*std)
+    # instead of (x/255 - mean) / std, which differs in the last float32 bits only.
+    check_row_major(tiled.pixel_values, colors, 3, 2, atol=1e-5)
+
+
+def smooth(rng, h: int, w: int) -> np.ndarray:
+    """Photo-like content: bilinearly upsampled coarse noise plus a few hard-edged boxes."""
+    coarse = Image.fromarray(rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3), dtype=np.uint8))
+    pixels = np.array(coarse.resize((w, h), Image.Resampling.BILINEAR))
+    for _ in range(4):
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        pixels[y:y + h // 5, x:x + w // 5] = rng.integers(0, 256, 3)
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory) -> dict[str, Path]:
+    """Every mode the DALI backend must treat like the reference (decoded by DALI or by load_rgb)."""
+    d = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(2)
+    base = smooth(rng, 240, 320)
+    files = {}
+
+    def save(name, image, **kwargs):
+        files[name] = d / name
+        image.save(d / name, **kwargs)
+
+    save("rgb.png", Image.fromarray(smooth(rng, 400, 600)))
+    save("rgb.jpg", Image.fromarray(smooth(rng, 380, 500)), quality=90)
+    save("big.jpg", Image.fromarray(smooth(rng, 1500, 2000)), quality=90)  # downscaled: antialiasing
+    save("gray.jpg", Image.fromarray(base).convert("L"), quality=90)
+    save("gray16.png", Image.fromarray((np.asarray(Image.fromarray(base).convert("L")).astype(np.uint16) * 257)))
+    save("palette.png", Image.fromarray(base).convert("P"))
+    p = Image.fromarray(base).convert("P")
+    save("palette_trns.png", p, transparency=int(np.asarray(p)[0, 0]))
+    rgba = np.dstack([base, np.where(np.arange(320) < 100, 0, 255).astype(np.uint8)[None, :].repeat(240, 0)])
+    save("rgba.png", Image.fromarray(rgba))
+    save("rgb_trns.png", Image.fromarray(base), transparency=tuple(int(v) for v in base[0, 0]))
+    save("cmyk.jpg", Image.fromarray(base).convert("CMYK"), quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("exif6.jpg", Image.fromarray(smooth(rng, 200, 400)), quality=90, exif=exif)
+    save("noise.png", Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)))
+    save("dot.png", Image.new("RGB", (1, 1), (200, 10, 40)))
+    save("wide.png", Image.fromarray(rng.integers(0, 256, (10, 10000, 3), dtype=np.uint8)))
+    return files
+
+
+def test_dali_decoder_routing(odd_images):  # header parsing only: no DALI needed
+    """Which files DALI decodes itself (None) and which go through load_rgb first (a reason)."""
+    routes = {}
+    for name, path in odd_images.items():
+        data = path.read_bytes()
+        with Image.open(path) as image:
+            routes[name] = dali_tiling.pil_only_reason(image, data, 10**8)
+    assert {n for n, r in routes.items() if r is None} == {
+        "rgb.png", "rgb.jpg", "big.jpg", "gray.jpg", "gray16.png", "palette.png", "exif6.jpg", "noise.png",
+        "dot.png", "wide.png"}
+    assert routes["rgba.png"] == "format/mode ('PNG', 'RGBA', 'RGBA')"
+    assert routes["palette_trns.png"] == routes["rgb_trns.png"] == "transparency"
+    assert routes["cmyk.jpg"] == "format/mode ('JPEG', 'CMYK', 'CMYK;I')"
+    data = odd_images["rgb.png"].read_bytes()[:-100]
+    with Image.open(io.BytesIO(data)) as image:
+        assert dali_tiling.pil_only_reason(image, data, 10**8) == "no PNG IEND chunk (truncated or trailing data)"
+
+
+def test_dali_matches_pil(odd_images, dali_tiler):
+    paths = list(odd_images.values())
+    ref = PILTiler(TilingConfig(), num_threads=2).tile_files(paths)
+    out = dali_tiler.tile_files(paths)
+    assert out.num_skipped == 0
+    diffs = {}
+    for name, a, b in zip(odd_images, ref.images, out.images):
+        assert (a.grid, a.pixel_values.shape, b.source) == (b.grid, b.pixel_values.shape, a.source), name
+        diffs[name] = (a.pixel_values - b.pixel_values).abs()
+    assert out.images[list(odd_images).index("exif6.jpg")].grid == (1, 2)  # 400x200 shown rotated: 200x400
+    assert out.images[list(odd_images).index("wide.png")].num_tiles == 13
+    # Measured (DALI 2.4.0, Pillow 13.0.0, this file's images), |PIL - DALI| in normalized
+    # units, where one 8-bit level is 1/(255*std) = 0.0171..0.0175:
+    #   smooth content (big.jpg, gray.jpg, gray16.png, exif6.jpg): max 0.0175 (1 level), mean 0.0015-0.0023
+    #   smooth content with hard-edged boxes, upscaled (rgb.png, rgb.jpg, cmyk.jpg, rgba.png,
+    #     rgb_trns.png): max 0.23, mean 0.0014-0.0021; dithered palettes: max 0.40, mean 0.0032
+    #   uniform noise: max 0.44, mean 0.0052; 10000x10 noise (45x vertical upscale): max 0.25, mean 0.0080
+    #   a 1x1 image (constant tiles): 0
+    # Both use the same filter (Keys cubic, a = -0.5, widened by the scale when shrinking) and
+    # agree to a level wherever the image is smooth. PIL rounds its horizontal pass to uint8,
+    # clipping the cubic overshoot at hard edges, before the vertical pass; DALI keeps that
+    # intermediate in float. That is where the large (rare: <2% of values beyond 1.5 levels
+    # even for noise) differences are; the edge taps differ too (PIL renormalizes the kernel
+    # cut by the border, DALI repeats the border pixel).
+    level = 1 / (255 * min(STD))
+    smooth_max = max(float(diffs[n].max()) for n in ("big.jpg", "gray.jpg", "gray16.png", "exif6.jpg"))
+    assert smooth_max <= level + 1e-6, smooth_max
+    assert max(float(d.max()) for d in diffs.values()) < 0.6
+    all_but_noise = torch.cat([d.flatten() for n, d in diffs.items() if n not in ("noise.png", "wide.png")])
+    assert float(all_but_noise.mean()) < 0.004, float(all_but_noise.mean())
+    assert float(diffs["noise.png"].mean()) < 0.01 and float(diffs["wide.png"].mean()) < 0.015
+    assert float(diffs["dot.png"].max()) < 1e-5
+
+
+def test_dali_outputs_survive_later_runs(odd_images, dali_tiler):
+    first = dali_tiler.tile_files([odd_images["rgb.png"], odd_images["gray.jpg"]])
+    kept = [i.pixel_values.clone() for i in first.images]
+    dali_tiler.tile_files([odd_images["noise.png"], odd_images["rgb.jpg"], odd_images["big.jpg"]])
+    assert all(torch.equal(k, i.pixel_values) for k, i in zip(kept, first.images))
+
+
+def test_dali_skip_counts_and_logs(bad_and_good, dali_tiler, caplog):
+    # corrupt_idat passes the structural checks, so DALI's decoder fails its batch: the batch
+    # is redone through load_rgb, which names the bad file exactly as the PIL backend does.
+    check_skip(dali_tiler, bad_and_good, caplog, "DALI")
+    assert any("DALI failed on a batch of" in r.getMessage() for r in caplog.records)
+    after = dali_tiler.tile_files([bad_and_good["good"]])  # the rebuilt pipeline works
+    assert after.images[0].grid == (4, 3) and after.images[0].num_tiles == 13  # 80x60: 4:3, however small
+
+
+@requires_dali
+def test_dali_error_policy_names_the_file(bad_and_good):
+    tiler = dali_tiling.DALITiler(TilingConfig(), num_threads=2, batch_size=8)
+    with pytest.raises(ImageError, match="notes.txt: not an image PIL can identify"):
+        tiler.tile_files([bad_and_good["good"], bad_and_good["text"]])
+    with pytest.raises(ImageError, match="corrupt_idat.png: cannot decode image: broken data stream"):
+        tiler.tile_files([bad_and_good["good2"], bad_and_good["corrupt_idat"]])
+
+
+def test_dali_is_imported_lazily():
+    code = ("import sys, megatron_r1v.data.tiling, megatron_r1v.data.dali_tiling; "
+            "assert 'nvidia.dali' not in sys.modules, 'DALI imported at module import'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@requires_dali
+def test_bench_data_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "tools" / "bench_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--num", "6", "--repeats", "1", "--warmup", "2", "--source", "drawn",
+                         "--work-dir", str(tmp_path)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == report
+    assert report["num_images"] == 6 and report["images"] == "drawn"
+    assert report["pil_images_per_s"] > 0 and report["dali_images_per_s"] > 0
+    assert report["speedup"] == pytest.approx(report["dali_images_per_s"] / report["pil_images_per_s"], rel=0.02)

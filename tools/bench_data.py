@@ -1,0 +1,177 @@
+"""Benchmark InternVL tiling: DALI (CPU pipeline) against the PIL reference on the same images.
+
+    PYTHONSAFEPATH=1 python tools/bench_data.py [--num 200] [--threads 2] [--batch-size 16]
+
+Images: ``megatron_r1v.data.synthetic.generate_dataset`` (PNG, 64..900 px, aspect 1:3..4:1)
+when that module is importable, else (or with ``--source drawn``) PNGs drawn here with PIL
+(gradients and shapes, long side 64..1600 px, aspect 1:4..4:1).
+
+Both backends get ``--threads`` threads: the PIL reference tiles one image per worker
+thread (PIL releases the GIL while decoding and resampling, torch while normalizing);
+DALI runs its CPU pipeline with that many worker threads, its Python thread only reading
+files and headers and feeding the pipeline (outputs come out without a copy). torch's
+intra-op pool is set to one thread so neither side gets extra cores from it. After a
+warm-up (pipeline build, page cache) the backends are timed alternately, ``--repeats``
+runs each over all images, and the median run counts. CPU ms per image (all threads of
+the process) is reported too: on a shared machine it moves far less than wall time.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from megatron_r1v.data.tiling import PILTiler, Tiler, TilingConfig, TilingResult
+
+
+def draw_images(out_dir: Path, num: int, seed: int) -> list[Path]:
+    """Fallback data: ellipses and rectangles on a colour ramp, mixed sizes and aspect ratios."""
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(num):
+        aspect = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
+        long_side = int(rng.integers(64, 1601))
+        w, h = (long_side, max(16, round(long_side / aspect))) if aspect >= 1 else (max(16, round(long_side * aspect)), long_side)
+        ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3)[None, None, :]
+        image = Image.fromarray(np.broadcast_to(ramp, (h, w, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(5, 40))):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            box = [x0, y0, x0 + int(rng.integers(4, max(5, w // 3))), y0 + int(rng.integers(4, max(5, h // 3)))]
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+        path = out_dir / f"{i:04d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def make_images(work: Path, num: int, seed: int, source: str) -> tuple[list[Path], str]:
+    if source == "drawn":
+        return draw_images(work / "drawn", num, seed), "drawn"
+    try:
+        from megatron_r1v.data.synthetic import generate_dataset
+    except ImportError:
+        if source == "synthetic":
+            raise
+        return draw_images(work / "drawn", num, seed), "drawn (megatron_r1v.data.synthetic not importable)"
+    generate_dataset(work / "synthetic", num, seed)
+    paths = sorted((work / "synthetic" / "images").glob("*"))
+    if len(paths) != num:
+        raise RuntimeError(f"generate_dataset wrote {len(paths)} images under {work / 'synthetic' / 'images'}, expected {num}")
+    return paths, "megatron_r1v.data.synthetic.generate_dataset"
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: robust to other load on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_backends(tilers: dict[str, Tiler], paths: list[Path], warmup: int,
+                  repeats: int) -> dict[str, tuple[float, float, TilingResult]]:
+    """Per backend: median wall seconds, median CPU seconds and the last result.
+
+    Runs alternate between backends so that load from other processes hits both alike.
+    """
+    for tiler in tilers.values():
+        tiler.tile_files(paths[:warmup])
+    seconds: dict[str, list[float]] = {name: [] for name in tilers}
+    cpu: dict[str, list[float]] = {name: [] for name in tilers}
+    results: dict[str, TilingResult] = {}
+    for r in range(repeats):
+        for name, tiler in tilers.items():
+            results.pop(name, None)  # free the previous run's tensors before timing the next
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            results[name] = tiler.tile_files(paths)
+            seconds[name].append(time.perf_counter() - start)
+            cpu[name].append(cpu_seconds() - start_cpu)
+            print(f"[{name}] run {r + 1}/{repeats}: {len(paths)} images in {seconds[name][-1]:.2f} s "
+                  f"({len(paths) / seconds[name][-1]:.1f} images/s, "
+                  f"{cpu[name][-1] / len(paths) * 1e3:.1f} CPU ms/image)", flush=True)
+            assert results[name].num_skipped == 0, f"{name} skipped images: {results[name].skipped}"
+    return {name: (statistics.median(seconds[name]), statistics.median(cpu[name]), results[name]) for name in tilers}
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
+    from megatron_r1v.data.dali_tiling import DALITiler  # here, so --help works without DALI
+    import nvidia.dali
+
+    cfg = TilingConfig()
+    paths, source = make_images(work, args.num, args.seed, args.source)
+    sizes = []
+    for p in paths:
+        with Image.open(p) as image:
+            sizes.append(image.size)
+    print(f"{len(paths)} images from {source}; widths {min(w for w, _ in sizes)}..{max(w for w, _ in sizes)}, "
+          f"heights {min(h for _, h in sizes)}..{max(h for _, h in sizes)}", flush=True)
+    timings = time_backends({"pil": PILTiler(cfg, num_threads=args.threads),
+                             "dali": DALITiler(cfg, num_threads=args.threads, batch_size=args.batch_size)},
+                            paths, args.warmup, args.repeats)
+    (pil_s, pil_cpu, pil), (dali_s, dali_cpu, dali) = timings["pil"], timings["dali"]
+    tiles = sum(image.num_tiles for image in pil.kept())
+    # Same grids and order by construction; pixels differ by the resampling implementation.
+    assert [i.grid for i in pil.kept()] == [i.grid for i in dali.kept()], "grids differ between backends"
+    diffs = [(a.pixel_values - b.pixel_values).abs() for a, b in zip(pil.kept(), dali.kept())]
+    return {
+        "pil_images_per_s": round(len(paths) / pil_s, 2),
+        "dali_images_per_s": round(len(paths) / dali_s, 2),
+        "speedup": round(pil_s / dali_s, 3),
+        "pil_tiles_per_s": round(tiles / pil_s, 1),
+        "dali_tiles_per_s": round(tiles / dali_s, 1),
+        "pil_cpu_ms_per_image": round(pil_cpu / len(paths) * 1e3, 2),
+        "dali_cpu_ms_per_image": round(dali_cpu / len(paths) * 1e3, 2),
+        "num_images": len(paths),
+        "num_tiles": tiles,
+        "threads": args.threads,
+        "dali_batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "images": source,
+        "max_abs_diff": round(max(float(d.max()) for d in diffs), 4),
+        "mean_abs_diff": round(float(sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs)), 5),
+        "dali_version": nvidia.dali.__version__,
+        "pillow_version": Image.__version__,
+        "torch_version": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num", type=int, default=200, help="number of images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="threads for each backend")
+    parser.add_argument("--batch-size", type=int, default=16, help="DALI pipeline batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median counts)")
+    parser.add_argument("--warmup", type=int, default=16, help="images tiled before timing")
+    parser.add_argument("--source", choices=("auto", "synthetic", "drawn"), default="auto",
+                        help="images: the synthetic data set (auto: when importable) or PIL drawings")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where to write images (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+            report = run_benchmark(args, args.work_dir or Path(tmp))
+    finally:
+        torch.set_num_threads(torch_threads)  # main() is also called in-process by a smoke test
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
