@@ -1,10 +1,12 @@
 """HF checkpoint <-> Megatron ``dist_checkpointing`` checkpoint, streaming, with validation.
 
-``import_checkpoint`` runs on every rank of a TP x PP job: each rank reads (lazily) only
-the HF tensors of its shard, builds its Megatron fragments and joins one collective
-``torch_dist`` save, so a rank holds its shard. ``export_checkpoint`` runs in one
-process, reads stored tensors in batches of bounded size and streams them to sharded
-safetensors tensor by tensor. Both validate everything they can
+``import_checkpoint`` runs on every rank of a TP x PP job and joins one collective
+``torch_dist`` save of the rank's fragments; each fragment is read from the HF files
+(only the rows and columns inside it) when the writer reaches it, so a rank holds a few
+fragments, not its shard. ``export_checkpoint`` runs in one process and streams
+stored tensors, read piece by piece straight from the checkpoint files, to sharded
+safetensors tensor by tensor. Memory of both stays near the largest tensor
+(docs/benchmarks.md). Both validate everything they can
 before writing, write into a temporary directory and rename it at the end, so a
 failure leaves no half-written output.
 
@@ -19,6 +21,7 @@ names, ``vision_tower.`` etc., and are read and written as such; in-memory
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import uuid
@@ -27,6 +30,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_r1v.models.r1v import checkpoint_layout
 from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
@@ -40,14 +44,17 @@ from megatron_r1v.models.r1v.hf_mapping import (
     arch_from_skywork_config,
     arch_from_transformers_config,
     skywork_config,
+    hf_from_stored,
     hf_to_mcore_shard,
     model_tensor_maps,
-    stored_to_hf,
     stage_tensor_maps,
+    stored_box_from_hf,
+    stored_shape,
     transformers_internvl_config,
     decoder_arch_to_hf_config,
 )
 from megatron_r1v.models.r1v.presets import AdapterArch, DecoderArch, R1VArch, VisionArch
+from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
 from megatron_r1v.platform import ParallelContext
 
 META_NAME = "r1v_checkpoint.json"
@@ -185,6 +192,7 @@ def import_checkpoint(
     """Writes this rank's fragments of the HF checkpoint into a torch_dist checkpoint."""
     out = Path(out_dir)
     _check_output(out, force)
+    target = DTYPES[dtype]
     with HFCheckpointReader(hf_dir) as reader:
         config = reader.config()
         layout_name = detect_layout(config, reader.names()) if layout == "auto" else layout
@@ -195,30 +203,39 @@ def import_checkpoint(
         spec = ShardSpec.for_model(arch, ctx.tp, divisible_by, vocab_pad_tp)
         maps = stage_tensor_maps(model_tensor_maps(arch, hf_layout), arch.decoder.num_layers, ctx.pp_rank, ctx.pp,
                                  mcore_prefix="language_model.")
+        # Fragments are described from meta tensors (the split rules run, shape checks
+        # included, without data); each one's data is read from the HF files only when
+        # the checkpoint writer reaches it, so a rank never holds its whole shard.
         local = []
         for tm in maps.values():
-            shard = hf_to_mcore_shard(tm, {n: reader.get(n) for n in tm.hf}, spec, ctx.tp, ctx.tp_rank)
-            local.append((tm, shard.to(DTYPES[dtype]).clone()))
-    state, _ = checkpoint_layout.sharded_state_dict(local, spec, tp=ctx.tp, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank)
-    tmp = _shared_tmp_dir(out, ctx)
-    try:
-        if ctx.rank == 0:
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        checkpoint_layout.save_fragments(state, str(tmp))
-        if ctx.rank == 0:
-            meta = {"arch": dataclasses.asdict(arch), "layout": layout_name, "dtype": dtype,
-                    "padded_vocab_size": spec.padded_vocab_size, "source": str(Path(hf_dir).resolve()),
-                    "saved_with": {"tp": ctx.tp, "pp": ctx.pp}}
-            (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp / HF_EXTRA_DIR).mkdir()
-            shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_EXTRA_DIR / "config.json")
-            copy_side_files(Path(hf_dir), tmp / HF_EXTRA_DIR)
-            _commit(tmp, out)
-        dist.barrier()
-    finally:
-        if ctx.rank == 0 and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shapes_only = {n: torch.empty(reader.shape(n), dtype=target, device="meta") for n in tm.hf}
+            local.append((tm, hf_to_mcore_shard(tm, shapes_only, spec, ctx.tp, ctx.tp_rank)))
+        state, _ = checkpoint_layout.sharded_state_dict(local, spec, tp=ctx.tp, tp_rank=ctx.tp_rank,
+                                                        dp_rank=ctx.dp_rank)
+        by_key = {tm.mcore: tm for tm in maps.values()}
+
+        def produce(st: ShardedTensor) -> torch.Tensor:
+            return stored_box_from_hf(by_key[st.key], reader.read, spec, st.global_offset, st.local_shape, target)
+
+        tmp = _shared_tmp_dir(out, ctx)
+        try:
+            if ctx.rank == 0:
+                tmp.mkdir(parents=True)
+            dist.barrier()
+            checkpoint_layout.save_fragments_streaming(state, produce, str(tmp))
+            if ctx.rank == 0:
+                meta = {"arch": dataclasses.asdict(arch), "layout": layout_name, "dtype": dtype,
+                        "padded_vocab_size": spec.padded_vocab_size, "source": str(Path(hf_dir).resolve()),
+                        "saved_with": {"tp": ctx.tp, "pp": ctx.pp}}
+                (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+                (tmp / HF_EXTRA_DIR).mkdir()
+                shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_EXTRA_DIR / "config.json")
+                copy_side_files(Path(hf_dir), tmp / HF_EXTRA_DIR)
+                _commit(tmp, out)
+            dist.barrier()
+        finally:
+            if ctx.rank == 0 and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_meta(mcore_dir: str | Path) -> tuple[R1VArch, dict]:
@@ -257,10 +274,13 @@ def _hf_config(arch: R1VArch, dtype: str, layout_name: str, source_config: Optio
 
 def export_checkpoint(
     mcore_dir: str | Path, out_dir: str | Path, *, layout: Optional[str] = None, max_shard_bytes: int = 5 * 10**9,
-    force: bool = False, batch_bytes: int = 256 * 10**6, progress: bool = True,
+    force: bool = False, progress: bool = True,
 ) -> list[Path]:
-    """Streams a model checkpoint back to HF safetensors (one process; distributed must be up)."""
-    from megatron.core import dist_checkpointing
+    """Streams a model checkpoint back to HF safetensors (one process, no process group).
+
+    Stored tensors are read straight from the checkpoint files in pieces no larger than
+    the HF tensors they become, and each HF tensor goes to disk before the next is read.
+    """
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -274,34 +294,25 @@ def export_checkpoint(
         except ValueError as err:
             raise CheckpointError(f"cannot export {mcore_dir} to the transformers layout: {err}") from None
     spec = dataclasses.replace(ShardSpec.for_model(arch, 1), padded_vocab_size=meta["padded_vocab_size"])
-    metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+    stored = TorchDistReader(mcore_dir)
     maps = model_tensor_maps(arch, hf_layout)
-    absent = [tm.mcore for tm in maps if tm.mcore not in metadata]
-    if absent:
-        raise CheckpointError(f"{mcore_dir}: checkpoint has no tensor {absent[0]!r}")
+    expected = _expected_hf_shapes(arch, hf_layout)
+    for tm in maps:
+        if tm.mcore not in stored:
+            raise CheckpointError(f"{mcore_dir}: checkpoint has no tensor {tm.mcore!r}")
+        implied = stored_shape(tm, expected, spec)
+        if stored.shape(tm.mcore) != implied:
+            raise CheckpointError(f"{mcore_dir}: tensor {tm.mcore!r} has shape {stored.shape(tm.mcore)} but "
+                                  f"{META_NAME} implies {implied}")
     tmp = _shared_tmp_dir(out, None)
     tmp.mkdir(parents=True)
     try:
-        expected = _expected_hf_shapes(arch, hf_layout)
-        plan = [(name, expected[name], metadata[tm.mcore].dtype) for tm in maps for name in tm.hf]
+        plan = [(name, expected[name], stored.dtype(tm.mcore)) for tm in maps for name in tm.hf]
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
-        batches, current, size = [], [], 0
-        for tm in maps:
-            meta_t = metadata[tm.mcore]
-            nbytes = torch.Size(meta_t.global_shape).numel() * meta_t.dtype.itemsize
-            if current and size + nbytes > batch_bytes:
-                batches.append(current)
-                current, size = [], 0
-            current.append(tm)
-            size += nbytes
-        if current:
-            batches.append(current)
-        for batch in tqdm(batches, desc="export", unit="batch", disable=not progress):
-            stored = checkpoint_layout.read_stored_tensors(str(mcore_dir), [tm.mcore for tm in batch], metadata)
-            for tm in batch:
-                for name, tensor in stored_to_hf(tm, stored[tm.mcore], spec).items():
-                    writer.add(name, tensor)
-            del stored
+        for tm in tqdm(maps, desc="export", unit="tensor", disable=not progress):
+            for name, tensor in hf_from_stored(tm, functools.partial(stored.read, tm.mcore), spec):
+                writer.add(name, tensor)
+                del tensor  # before the generator reads the next piece: two never coexist
         files = writer.finish()
         extra = Path(mcore_dir) / HF_EXTRA_DIR
         copy_side_files(extra, tmp)

@@ -60,3 +60,39 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("1024") == 1024
     with pytest.raises(ValueError, match="cannot parse size"):
         parse_size("five")
+
+
+def test_reader_reads_parts_into_any_destination(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(37, 11, generator=gen).to(torch.bfloat16)
+    cube = torch.randn(4, 6, 5, generator=gen)
+    save_file({"table": table, "cube": cube, "scalar": torch.tensor(2.5)}, str(tmp_path / "model.safetensors"))
+    with HFCheckpointReader(tmp_path) as reader:
+        assert torch.equal(reader.read("table", (slice(5, 20),)), table[5:20])
+        assert torch.equal(reader.read("table", (slice(3, 9), slice(2, 7))), table[3:9, 2:7])  # columns too
+        assert torch.equal(reader.read("cube", (slice(1, 3), slice(0, 6), slice(4, 5))), cube[1:3, :, 4:5])
+        assert reader.read("scalar").item() == 2.5
+        out = torch.zeros(20, 11)  # fp32 destination: converted while read
+        reader.read("table", (slice(0, 10),), out[::2])  # a strided view of it
+        assert torch.equal(out[::2], table[:10].float()) and not out[1::2].any()
+        with pytest.raises(ValueError, match="has shape"):
+            reader.read("table", (slice(0, 2),), torch.empty(3, 11))
+
+
+@pytest.mark.parametrize("buffer_bytes", [8, 64, 1 << 20])
+def test_read_box_matches_slicing_for_every_buffer_size(tmp_path, buffer_bytes):
+    from megatron_r1v.models.r1v.box_io import read_box
+
+    array = torch.arange(3 * 5 * 7 * 2, dtype=torch.int16).reshape(3, 5, 7, 2)
+    path = tmp_path / "blob"
+    path.write_bytes(b"xyz" + array.numpy().tobytes())  # at an odd offset
+    boxes = [((0, 0, 0, 0), (3, 5, 7, 2)), ((1, 2, 3, 0), (3, 4, 7, 2)), ((0, 1, 2, 1), (2, 4, 6, 2)),
+             ((2, 4, 6, 1), (3, 5, 7, 2))]
+    with open(path, "rb", buffering=0) as file:
+        for lo, hi in boxes:
+            index = tuple(slice(a, b) for a, b in zip(lo, hi))
+            out = torch.empty(array[index].shape, dtype=torch.int32)  # another dtype: staged and converted
+            read_box(file, 3, array.shape, torch.int16, lo, hi, out, buffer_bytes=buffer_bytes)
+            same = torch.empty(array[index].shape, dtype=torch.int16)  # same dtype: straight into it
+            read_box(file, 3, array.shape, torch.int16, lo, hi, same, buffer_bytes=buffer_bytes)
+            assert torch.equal(out, array[index].int()) and torch.equal(same, array[index]), (lo, hi)

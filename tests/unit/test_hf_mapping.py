@@ -183,3 +183,54 @@ def test_vision_qkv_is_per_head_q_k_v():
         for base in (100.0, 200.0, 300.0):
             expected += [base + h if h < heads else 0.0] * d
     assert full == expected
+
+
+def _hf_in_layout(arch, layout, spec):
+    """Random HF tensors of ``arch`` under the names of ``layout`` (fused qkv for skywork)."""
+    from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT, hf_to_stored, model_tensor_maps, stored_to_hf
+
+    source = random_internvl_state()
+    hf = {}
+    for ref, tm in zip(model_tensor_maps(arch, TRANSFORMERS_LAYOUT), model_tensor_maps(arch, layout)):
+        hf.update(stored_to_hf(tm, hf_to_stored(ref, source, spec), spec))
+    return hf
+
+
+@pytest.mark.parametrize("layout_name", ["transformers", "skywork"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_stored_boxes_read_only_their_part_and_match_the_whole(layout_name, tp):
+    from megatron_r1v.models.r1v import hf_mapping
+    from megatron_r1v.models.r1v.checkpoint_layout import tensor_fragments
+
+    arch = get_preset("tiny-r1v")
+    layout = {"transformers": hf_mapping.TRANSFORMERS_LAYOUT, "skywork": hf_mapping.SKYWORK_LAYOUT}[layout_name]
+    spec = ShardSpec.for_model(arch, tp)
+    hf = _hf_in_layout(arch, layout, spec)
+    touched = []
+
+    def read(name, index, out):
+        touched.append(hf[name][index].numel())
+        out.copy_(hf[name][index])
+
+    for tm in hf_mapping.model_tensor_maps(arch, layout):
+        whole = hf_mapping.hf_to_stored(tm, hf, spec)
+        assert hf_mapping.stored_shape(tm, {n: tuple(hf[n].shape) for n in tm.hf}, spec) == tuple(whole.shape)
+        meta = {n: hf[n].to("meta") for n in tm.hf}
+        boxes = []
+        for rank in range(tp):  # exactly the fragments a checkpoint holds
+            local = hf_to_mcore_shard(tm, meta, spec, tp, rank)
+            boxes += [(st.global_offset, st.local_shape)
+                      for _, st, _ in tensor_fragments(tm, local, spec, tp=tp, tp_rank=rank, dp_rank=0)]
+        if tm.kind in ("qkv", "vocab", "column"):  # and rows that cut across groups / the padding
+            boxes.append(((3,) + (0,) * (whole.dim() - 1), (whole.shape[0] - 5,) + tuple(whole.shape[1:])))
+        for offsets, sizes in boxes:
+            touched.clear()
+            box = hf_mapping.stored_box_from_hf(tm, read, spec, offsets, sizes, torch.bfloat16)
+            expected = whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+            assert box.dtype == torch.bfloat16 and torch.equal(box, expected.to(torch.bfloat16)), (tm.mcore, offsets)
+            assert box.untyped_storage().nbytes() == box.nbytes  # a writer saves it without copying
+            assert sum(touched) <= box.numel(), f"{tm.mcore}: read more than the box"
+        pieces = list(hf_mapping.hf_from_stored(tm, lambda index: whole[index].clone(), spec))
+        expected = hf_mapping.stored_to_hf(tm, whole, spec)
+        assert [n for n, _ in pieces] == list(tm.hf) == list(expected)
+        assert all(torch.equal(t, expected[n]) for n, t in pieces), tm.mcore

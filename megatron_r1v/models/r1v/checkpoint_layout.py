@@ -9,7 +9,8 @@ the fragments it holds:
 * TP-split tensors (column, vocabulary, GQA qkv, row): one regular chunk along the
   split axis; the vocabulary padding is the same at every TP (see
   ``DecoderArch.padded_vocab_size``), so the global shape is too;
-* SwiGLU fc1: chunk r of ``[2, F, h]`` is this rank's ``[gate_r; up_r]``;
+* SwiGLU fc1: chunk r of ``[2, F, h]`` along F is this rank's ``[gate_r; up_r]``, saved
+  as two fragments (gate_r, up_r) so that no fragment is larger than an HF tensor;
 * InternViT attention: one fragment per real head (dummy heads are skipped), because
   25 heads over 26/28/32 padded slots are not a regular chunking.
 
@@ -19,13 +20,14 @@ reads whatever fragments the new layout asks for.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_r1v.models.r1v.hf_mapping import ShardSpec, TensorMap
+from megatron_r1v.models.r1v.torch_dist_io import StreamingSaveStrategy
 
 _VISION_HEAD_KINDS = {"vision_qkv": 0, "head_vec": 0, "head_row": 1}  # kind -> head axis of the stored shape
 
@@ -64,8 +66,13 @@ def tensor_fragments(
             fragments.append((f"{key}#head{head}", st, view))
         return fragments
     if tm.kind == "fc1":
-        view = local.view(2, local.shape[0] // 2, *local.shape[1:])
-        return [(key, ShardedTensor.from_rank_offsets(key, view, (1, tp_rank, tp), replica_id=replica), view)]
+        pair = local.view(2, local.shape[0] // 2, *local.shape[1:])
+        fragments = []
+        for i, part in enumerate(("gate", "up")):
+            view = pair[i:i + 1]
+            st = ShardedTensor.from_rank_offsets(key, view, (0, i, 2), (1, tp_rank, tp), replica_id=replica)
+            fragments.append((f"{key}#{part}", st, view))
+        return fragments
     axis = 1 if tm.kind == "row" else 0
     return [(key, ShardedTensor.from_rank_offsets(key, local, (axis, tp_rank, tp), replica_id=replica), local)]
 
@@ -90,6 +97,16 @@ def save_fragments(state: dict[str, ShardedTensor], directory: str) -> None:
     dist_checkpointing.save(state, directory, sharded_strategy=("torch_dist", 1))
 
 
+def save_fragments_streaming(
+    state: dict[str, ShardedTensor], produce: Callable[[ShardedTensor], torch.Tensor], directory: str
+) -> None:
+    """Like :func:`save_fragments` for fragments that only describe their data (meta
+    tensors): ``produce`` makes each one's data when the writer reaches it, so a rank
+    holds a few fragments instead of its shard (see ``torch_dist_io``). Same format,
+    same collective."""
+    dist_checkpointing.save(state, directory, sharded_strategy=StreamingSaveStrategy(produce))
+
+
 def load_into(state: dict[str, ShardedTensor], views: dict[str, torch.Tensor], directory: str) -> None:
     """Loads the fragments of ``state`` from ``directory`` and copies them into ``views``.
 
@@ -109,15 +126,6 @@ def load_into(state: dict[str, ShardedTensor], views: dict[str, torch.Tensor], d
     with torch.no_grad():
         for dict_key, view in views.items():
             view.copy_(loaded[dict_key])
-
-
-def read_stored_tensors(directory: str, keys: list[str], metadata: dict) -> dict[str, torch.Tensor]:
-    """Whole stored tensors (global shape) for ``keys``, read in one process."""
-    state = {}
-    for key in keys:
-        meta = metadata[key]
-        state[key] = ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype))
-    return dist_checkpointing.load(state, directory, sharded_strategy=("torch_dist", 1))
 
 
 def model_fragments(

@@ -1,8 +1,9 @@
 """Reading and writing HF safetensors checkpoints one tensor at a time.
 
 :class:`HFCheckpointReader` opens a checkpoint directory (``model.safetensors`` or
-shards listed in ``model.safetensors.index.json``) lazily: ``get(name)`` maps the file, copies that one
-tensor out and unmaps it again. :class:`ShardedSafetensorsWriter` plans shards from
+shards listed in ``model.safetensors.index.json``) lazily: only the headers are parsed up
+front, and ``read(name, index)`` reads one tensor, or the rows/columns of it a caller
+needs, with plain file reads. :class:`ShardedSafetensorsWriter` plans shards from
 known shapes and streams each tensor to disk as it is added; peak memory is one
 tensor. Errors name the file and tensor.
 """
@@ -10,13 +11,16 @@ tensor. Errors name the file and tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+
+from megatron_r1v.models.r1v.box_io import read_box
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -35,6 +39,31 @@ def parse_size(text: str) -> int:
     return int(number * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors file, from its header."""
+
+    dtype: Optional[torch.dtype]
+    """None for a safetensors dtype conversion has no use for (an error if it is read)."""
+    dtype_name: str
+    shape: tuple[int, ...]
+    offset: int
+    """Absolute file offset of its first byte."""
+
+
+def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """``index`` (unit-step slices of the leading dims) as the box ``[lo, hi)``."""
+    if len(index) > len(shape):
+        raise ValueError(f"index {index} has more dims than shape {shape}")
+    lo, hi = [0] * len(shape), list(shape)
+    for j, part in enumerate(index):
+        start, stop, step = part.indices(shape[j])
+        if step != 1:
+            raise ValueError(f"index {index} has a step; only contiguous slices are read")
+        lo[j], hi[j] = start, max(start, stop)
+    return lo, hi
+
+
 class HFCheckpointReader:
     """Lazy access to the tensors of an HF checkpoint directory."""
 
@@ -42,6 +71,7 @@ class HFCheckpointReader:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"HF checkpoint directory {self.directory} does not exist")
+        self._headers: dict[Path, dict[str, _Entry]] = {}
         index = self.directory / INDEX_NAME
         if index.exists():
             try:
@@ -51,23 +81,49 @@ class HFCheckpointReader:
             self.file_of = {name: self.directory / file for name, file in weight_map.items()}
         elif (self.directory / SINGLE_NAME).exists():
             single = self.directory / SINGLE_NAME
-            self.file_of = {name: single for name in self._keys_of(single)}
+            self.file_of = {name: single for name in self._header(single)}
         else:
             raise CheckpointError(f"{self.directory} has neither {INDEX_NAME} nor {SINGLE_NAME}")
-        self._shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
 
-    @staticmethod
-    def _open(path: Path):
+    def _header(self, path: Path) -> dict[str, _Entry]:
+        """The tensors of one file (parsed once): dtype, shape and where the bytes are."""
+        if path in self._headers:
+            return self._headers[path]
         if not path.exists():
             raise CheckpointError(f"safetensors file {path} is listed but missing")
         try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError, ValueError) as err:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                length = int.from_bytes(file.read(8), "little")
+                if length > size - 8:
+                    raise ValueError(f"header length {length} exceeds the file ({size} bytes)")
+                header = json.loads(file.read(length))
+            entries = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _DTYPES_BY_NAME.get(info["dtype"])
+                shape = tuple(int(n) for n in info["shape"])
+                begin, end = (int(n) for n in info["data_offsets"])
+                fits = dtype is None or end - begin == math.prod(shape) * dtype.itemsize
+                if not fits or not 0 <= begin <= end or 8 + length + end > size:
+                    raise ValueError(f"tensor {name!r}: data offsets {[begin, end]} do not fit {shape} {dtype}")
+                entries[name] = _Entry(dtype, info["dtype"], shape, 8 + length + begin)
+        except KeyError as err:
+            raise CheckpointError(f"safetensors file {path} is corrupt or unreadable: missing field {err}") from None
+        except (OSError, ValueError, TypeError, AttributeError) as err:
             raise CheckpointError(f"safetensors file {path} is corrupt or unreadable: {err}") from None
+        self._headers[path] = entries
+        return entries
 
-    def _keys_of(self, path: Path) -> list[str]:
-        with self._open(path) as handle:
-            return list(handle.keys())
+    def _entry(self, name: str) -> tuple[Path, _Entry]:
+        path = self.file_of.get(name)
+        if path is None:
+            raise KeyError(name)
+        entry = self._header(path).get(name)
+        if entry is None:
+            raise CheckpointError(f"{path} has no tensor {name!r}, though {INDEX_NAME} lists it there")
+        return path, entry
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -83,30 +139,32 @@ class HFCheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape from its file header, without reading the data."""
-        path = self._path(name)
-        if path not in self._shapes:
-            with self._open(path) as handle:
-                self._shapes[path] = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        return self._shapes[path][name]
-
-    def _path(self, name: str) -> Path:
-        path = self.file_of.get(name)
-        if path is None:
-            raise KeyError(name)
-        return path
+        return self._entry(name)[1].shape
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor by HF name; KeyError names the tensor when it is absent.
+        """One tensor by HF name; KeyError names the tensor when it is absent."""
+        return self.read(name)
 
-        The file is mapped only while the tensor is copied out: a mapping kept open
-        would count every page read so far in this process's resident memory.
-        """
-        path = self._path(name)
+    def read(self, name: str, index: tuple[slice, ...] = (), out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Part of one tensor, ``index`` slicing its leading dims (unit steps), into ``out``
+        (converting the dtype) or a new tensor. Only the bytes inside the part are read,
+        with plain reads: a mapped file would count every touched page as resident."""
+        path, entry = self._entry(name)
+        if entry.dtype is None:
+            raise CheckpointError(f"tensor {name!r} in {path} has dtype {entry.dtype_name}, "
+                                  "which conversion does not read")
+        lo, hi = _box(index, entry.shape)
+        sizes = tuple(h - l for l, h in zip(lo, hi))
+        if out is None:
+            out = torch.empty(sizes, dtype=entry.dtype)
+        elif tuple(out.shape) != sizes:
+            raise ValueError(f"tensor {name!r}{list(index)} has shape {sizes}; out has {tuple(out.shape)}")
         try:
-            with self._open(path) as handle:
-                return handle.get_tensor(name)
-        except (SafetensorError, OSError) as err:
+            with open(path, "rb", buffering=0) as file:
+                read_box(file, entry.offset, entry.shape, entry.dtype, lo, hi, out)
+        except (OSError, EOFError) as err:
             raise CheckpointError(f"tensor {name!r} in {path} cannot be read: {err}") from None
+        return out
 
     def close(self) -> None:
         """Nothing stays open between reads; kept so the reader works as a context manager."""
@@ -123,6 +181,7 @@ _SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 class ShardedSafetensorsWriter:

@@ -4,7 +4,9 @@ Every tensor of the Megatron model is described by a :class:`TensorMap`: its glo
 Megatron name (layer indices counted over the whole model, not per pipeline stage),
 the HF tensors it is built from, and how it is split over tensor-parallel ranks.
 The conversion tool, the parity tests and the rollout weight sync all go through
-:func:`hf_to_mcore_shard` and :func:`mcore_shards_to_hf`; nothing else knows HF names.
+:func:`hf_to_mcore_shard` and :func:`mcore_shards_to_hf` (checkpoint conversion through
+their streaming forms, :func:`stored_box_from_hf` and :func:`hf_from_stored`); nothing
+else knows HF names.
 
 Layouts that need more than a slice (NOTES-megatron-cpu.md, "Checkpoint facts"):
 
@@ -22,7 +24,7 @@ Layouts that need more than a slice (NOTES-megatron-cpu.md, "Checkpoint facts"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
@@ -311,6 +313,8 @@ def hf_to_stored(tm: TensorMap, hf: dict[str, torch.Tensor], spec: ShardSpec) ->
 def stored_to_hf(tm: TensorMap, stored: torch.Tensor, spec: ShardSpec) -> dict[str, torch.Tensor]:
     """Inverse of :func:`hf_to_stored`."""
     heads, d = spec.vision_heads, spec.vision_head_dim
+    if tm.kind in ("replicated", "column", "row"):
+        return {tm.hf[0]: stored}  # kept as HF has it (a one-shard torch.cat would copy it)
     if tm.kind == "fc1":
         return {tm.hf[0]: stored[0], tm.hf[1]: stored[1]}
     if tm.kind == "head_vec":
@@ -322,6 +326,106 @@ def stored_to_hf(tm: TensorMap, stored: torch.Tensor, spec: ShardSpec) -> dict[s
         per_head = stored.reshape(heads, 3, d, *trailing)
         return _vision_qkv_out(tm, *(per_head[:, i].reshape(heads * d, *trailing) for i in range(3)))
     return mcore_shards_to_hf(tm, [stored], spec)
+
+
+# --- streaming: one box of a stored tensor at a time ------------------------------------
+# Conversion of a large checkpoint must not hold whole tensors it does not need: import
+# writes each checkpoint fragment from just the HF rows (or columns) inside it, and export
+# reads a stored tensor in pieces no larger than the HF tensors they become.
+
+HFSliceReader = Callable[[str, tuple[slice, ...], torch.Tensor], Any]
+"""``(HF name, index of its leading dims, out)``: fills ``out`` with that part of the tensor."""
+StoredBoxReader = Callable[[tuple[slice, ...]], torch.Tensor]
+"""``index of the stored tensor's leading dims`` -> a new tensor holding that box."""
+
+
+def _stored_row_runs(tm: TensorMap, spec: ShardSpec) -> list[tuple[int, str, int, int]]:
+    """(first stored row, HF name, first HF row, rows) for kinds whose stored rows are HF
+    rows reordered: ``qkv`` per query group, ``vision_qkv`` per head (rows of ``[heads * 3d]``)."""
+    runs, row = [], 0
+    if tm.kind == "qkv":
+        g, d = spec.num_query_groups, spec.head_dim
+        q_rows = spec.num_attention_heads // g * d
+        for group in range(g):
+            for name, start, n in ((tm.hf[0], group * q_rows, q_rows), (tm.hf[1], group * d, d),
+                                   (tm.hf[2], group * d, d)):
+                runs.append((row, name, start, n))
+                row += n
+        return runs
+    assert tm.kind == "vision_qkv", tm.kind
+    heads, d = spec.vision_heads, spec.vision_head_dim
+    for head in range(heads):
+        for part in range(3):  # q, k, v: separate tensors or one fused [Q; K; V]
+            name, start = (tm.hf[part], head * d) if len(tm.hf) == 3 else (tm.hf[0], (part * heads + head) * d)
+            runs.append((row, name, start, d))
+            row += d
+    return runs
+
+
+def stored_box_from_hf(
+    tm: TensorMap, read: HFSliceReader, spec: ShardSpec, offsets: Sequence[int], sizes: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``hf_to_stored(tm, hf, spec)[box]`` in ``dtype`` for the box ``[offsets, offsets + sizes)``.
+
+    Only the HF rows (and columns) inside the box are read, each straight into its place
+    in the result, so producing a checkpoint fragment costs the fragment. Boxes are those
+    of checkpoint fragments: any rows/columns of the plain kinds, whole heads of the
+    InternViT head kinds.
+    """
+    box = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+    out = torch.empty(tuple(sizes), dtype=dtype)
+    kind = tm.kind
+    heads, d = spec.vision_heads, spec.vision_head_dim
+    if kind in ("replicated", "column", "row"):
+        read(tm.hf[0], box, out)
+    elif kind == "head_vec":  # stored [heads, d]
+        assert box[1] == slice(0, d), "fragments hold whole heads"
+        read(tm.hf[0], (slice(box[0].start * d, box[0].stop * d),), out.view(-1))
+    elif kind == "head_row":  # stored [h, heads, d]
+        assert box[2] == slice(0, d), "fragments hold whole heads"
+        read(tm.hf[0], (box[0], slice(box[1].start * d, box[1].stop * d)), out.view(out.shape[0], -1))
+    elif kind == "vocab":  # rows past the real vocabulary are zero padding
+        rows = box[0]
+        real = max(0, min(rows.stop, spec.vocab_size) - rows.start)
+        if real:
+            read(tm.hf[0], (slice(rows.start, rows.start + real), *box[1:]), out[:real])
+        out[real:].zero_()
+    elif kind == "fc1":  # stored [2, F, h]: gate, up
+        for i, which in enumerate(range(box[0].start, box[0].stop)):
+            read(tm.hf[which], box[1:], out[i])
+    else:  # qkv [rows, ...] or vision_qkv [heads, 3d, ...] (as rows of [heads * 3d, ...])
+        if kind == "vision_qkv":
+            assert box[1] == slice(0, 3 * d), "fragments hold whole heads"
+            first, last, rest = box[0].start * 3 * d, box[0].stop * 3 * d, box[2:]
+            flat = out.view(last - first, *out.shape[2:])
+        else:
+            first, last, rest, flat = box[0].start, box[0].stop, box[1:], out
+        for row, name, start, n in _stored_row_runs(tm, spec):
+            lo, hi = max(row, first), min(row + n, last)
+            if lo < hi:
+                read(name, (slice(start + lo - row, start + hi - row), *rest), flat[lo - first:hi - first])
+    return out
+
+
+def hf_from_stored(tm: TensorMap, read: StoredBoxReader, spec: ShardSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of ``tm`` in ``tm.hf`` order, as :func:`stored_to_hf` gives them, but
+    read in pieces no larger than the tensors they become: fc1's gate and up one at a
+    time, a vocabulary without its padding rows. Holds nothing between pieces."""
+    if tm.kind == "fc1":
+        for i, name in enumerate(tm.hf):
+            yield name, read((slice(i, i + 1),))[0]
+        return
+    if tm.kind == "vocab":
+        yield tm.hf[0], read((slice(0, spec.vocab_size),))
+        return
+    yield from stored_to_hf(tm, read(()), spec).items()
+
+
+def stored_shape(tm: TensorMap, hf_shapes: dict[str, tuple[int, ...]], spec: ShardSpec) -> tuple[int, ...]:
+    """Shape of :func:`hf_to_stored`'s result for HF tensors of these shapes (nothing is read)."""
+    meta = {n: torch.empty(hf_shapes[n], device="meta") for n in tm.hf}
+    return tuple(hf_to_stored(tm, meta, spec).shape)
 
 
 def _pad_vision_heads(tm: TensorMap, tensors: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
