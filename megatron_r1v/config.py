@@ -156,11 +156,18 @@ class RewardConfig:
 @dataclass
 class SSBConfig:
     enabled: bool = True
+    """Keep a Selective Sample Buffer (R1V2 section 3.3) and top GRPO batches up from it."""
     capacity: int = 4096
     """Maximum number of stored groups per data-parallel rank."""
     max_age: int = 8
     """Groups older than this many steps are dropped."""
     target_effective_ratio: float = 1.0
+    """Replace zero-advantage groups of a batch with buffered ones until this share of the
+    batch's groups has non-zero advantage (0: no reuse)."""
+    max_reuse: int = 0
+    """A buffered group leaves the buffer once it has been drawn this many times (0: no limit)."""
+    seed: int = 0
+    """Seed of the buffer's weighted draws; a resumed run keeps the seed and draw counter of its checkpoint."""
 
 
 @dataclass

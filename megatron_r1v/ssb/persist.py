@@ -1,0 +1,253 @@
+"""Saving and loading the Selective Sample Buffer as a zarr store, with re-sharding.
+
+The SSB (Skywork R1V2, arXiv 2504.16656, section 3.3) is training state: a resumed run
+must draw the same groups as an uninterrupted one, so it is saved with every checkpoint.
+
+Layout (zarr format 2 on disk, which zarr 2.x and 3.x both read and write)::
+
+    <path>/                .zattrs: format, format_version, dp_size, seed, draw_counter,
+                           step, config (the SSBConfig it was saved with)
+      rank_00000/          one zarr group per DP rank; .zattrs: complete, n_groups,
+                           prompt_ids, image_paths, reward_keys
+        uid, step, times_drawn, n_samples   int64 [N]      per group
+        advantages                          float32 [S]    per response (S = sum n_samples)
+        rewards                             float64 [S, K] NaN where a group lacks key k
+        token_offsets, response_offsets     int64 [S + 1]  into the two ragged arrays below
+        token_ids                           int32 [T]      prompt + response, concatenated
+        loss_mask                           bool [R]       response tokens, concatenated
+        old_logprobs                        float32 [R]
+      rank_00001/ ...
+
+Saving is atomic: rank 0 creates ``.<name>.partial`` beside ``<path>``, every rank
+writes its own ``rank_XXXXX`` group (marking it complete last), a barrier, rank 0 checks
+that all groups are complete and renames the directory to ``<path>``, a barrier. A save
+killed at any point before the rename leaves ``<path>`` as it was (absent, or the
+previous store), and the next save removes the stale ``.partial`` directory.
+
+Loading onto a different number of DP ranks re-shards while reading as few shards as
+possible: with fewer ranks, saved shard s goes whole to rank s % dp_size (2 -> 1: rank 0
+takes everything); with more, the ranks r = s (mod saved size) split shard s round-robin
+in uid order (1 -> 2: alternate groups). The capacity is then enforced per rank. Draws
+do not depend on where groups live (see :mod:`.buffer`), so the next draw is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch.distributed as dist
+import zarr
+
+from megatron_r1v.config import SSBConfig, from_dict
+
+from .buffer import SelectiveSampleBuffer, SSBGroup, group_rank_size
+
+FORMAT = "megatron_r1v.ssb"
+FORMAT_VERSION = 1
+_ZARR3 = int(zarr.__version__.split(".")[0]) >= 3
+_CHUNK = 1 << 22  # elements per chunk of the ragged arrays (16 MiB of int32)
+
+
+@dataclass(frozen=True)
+class StoreMetadata:
+    dp_size: int
+    seed: int
+    draw_counter: int
+    step: int
+    config: dict[str, Any]
+
+
+def shard_name(rank: int) -> str:
+    return f"rank_{rank:05d}"
+
+
+def _partial_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
+
+
+def _open_group(path: Path, mode: str) -> Any:
+    if _ZARR3 and mode == "w":
+        return zarr.open_group(str(path), mode=mode, zarr_format=2)
+    return zarr.open_group(str(path), mode=mode)
+
+
+def _write_array(grp: Any, name: str, data: np.ndarray) -> None:
+    chunks = tuple(max(1, min(n, _CHUNK)) for n in data.shape)
+    if _ZARR3:
+        grp.create_array(name, data=data, chunks=chunks)
+    else:
+        grp.create_dataset(name, data=data, chunks=chunks)
+
+
+def _metadata_file(path: Path) -> Path:
+    for name in (".zattrs", "zarr.json"):
+        if (path / name).exists():
+            return path / name
+    return path / ".zattrs"
+
+
+def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
+         group: Optional[dist.ProcessGroup] = None) -> None:
+    """Writes every DP rank's buffer to the store ``path`` (collective over ``group``)."""
+    path = Path(path)
+    rank, world = group_rank_size(group)
+    partial = _partial_path(path)
+    if rank == 0:
+        if partial.exists():
+            shutil.rmtree(partial)  # left by a killed save
+        path.parent.mkdir(parents=True, exist_ok=True)
+        root = _open_group(partial, "w")
+        root.attrs.update({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dp_size": world, "seed": buffer.seed,
+            "draw_counter": buffer.draw_counter, "step": int(step), "config": dataclasses.asdict(buffer.config),
+        })
+    _barrier(group)
+    _write_shard(_open_group(partial / shard_name(rank), "w"), buffer)
+    _barrier(group)
+    if rank == 0:
+        for r in range(world):
+            shard = partial / shard_name(r)
+            if not dict(_open_group(shard, "r").attrs).get("complete"):
+                raise RuntimeError(f"SSB save: {shard} is incomplete; {path} was left unchanged")
+        if path.exists():
+            # A directory cannot be renamed over a non-empty one; the short window in
+            # which <path> is absent only exists when a store is overwritten in place.
+            old = path.parent / f".{path.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old)
+        else:
+            partial.rename(path)
+    _barrier(group)
+
+
+def _barrier(group: Optional[dist.ProcessGroup]) -> None:
+    if group_rank_size(group)[1] > 1:
+        dist.barrier(group=group)
+
+
+def _write_shard(grp: Any, buffer: SelectiveSampleBuffer) -> None:
+    groups = buffer.groups
+    responses = [(g, i) for g in groups for i in range(g.n_samples)]
+    reward_keys = sorted({k for g in groups for k in g.rewards})
+    rewards = np.full((len(responses), len(reward_keys)), np.nan, dtype=np.float64)
+    for row, (g, i) in enumerate(responses):
+        for col, key in enumerate(reward_keys):
+            if key in g.rewards:
+                rewards[row, col] = g.rewards[key][i]
+
+    def offsets(lengths: list[int]) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+
+    def cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros((0,), dtype=dtype)
+
+    arrays = {
+        "uid": np.array([g.uid for g in groups], dtype=np.int64),
+        "step": np.array([g.step for g in groups], dtype=np.int64),
+        "times_drawn": np.array([buffer.times_drawn(g.uid) for g in groups], dtype=np.int64),
+        "n_samples": np.array([g.n_samples for g in groups], dtype=np.int64),
+        "advantages": cat([g.advantages for g in groups], np.float32),
+        "rewards": rewards,
+        "token_offsets": offsets([g.token_ids[i].size for g, i in responses]),
+        "response_offsets": offsets([g.loss_mask[i].size for g, i in responses]),
+        "token_ids": cat([g.token_ids[i] for g, i in responses], np.int32),
+        "loss_mask": cat([g.loss_mask[i] for g, i in responses], np.bool_),
+        "old_logprobs": cat([g.old_logprobs[i] for g, i in responses], np.float32),
+    }
+    for name, data in arrays.items():
+        _write_array(grp, name, data)
+    # Written last: a shard without it was interrupted.
+    grp.attrs.update({
+        "n_groups": len(groups), "prompt_ids": [g.prompt_id for g in groups],
+        "image_paths": [list(g.image_paths) for g in groups], "reward_keys": reward_keys, "complete": True,
+    })
+
+
+def read_metadata(path: str | Path) -> StoreMetadata:
+    """The store's root metadata; ValueError naming the file if it is not an SSB store of this version."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"SSB store {path} does not exist")
+    meta_file = _metadata_file(path)
+    try:
+        attrs = dict(_open_group(path, "r").attrs)
+    except Exception as err:  # zarr raises several types for a missing or broken group
+        raise ValueError(f"{meta_file}: not a readable zarr group ({type(err).__name__}: {err})") from None
+    if attrs.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: not an SSB store (format {attrs.get('format')!r}, expected {FORMAT!r})")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: SSB store format version {attrs.get('format_version')!r}, "
+                         f"this code reads version {FORMAT_VERSION}")
+    return StoreMetadata(dp_size=int(attrs["dp_size"]), seed=int(attrs["seed"]),
+                         draw_counter=int(attrs["draw_counter"]), step=int(attrs["step"]),
+                         config=dict(attrs["config"]))
+
+
+def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
+         config: Optional[SSBConfig] = None) -> SelectiveSampleBuffer:
+    """This DP rank's buffer from the store ``path`` saved with any DP size.
+
+    ``config`` is the current run's (its capacity applies); None uses the saved one.
+    The random state (seed, draw counter) always comes from the store.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+    path = Path(path)
+    meta = read_metadata(path)
+    if config is None:
+        config = from_dict(SSBConfig, meta.config, "ssb")
+    saved = meta.dp_size
+    if dp_size <= saved:
+        sources = [(s, 0, 1) for s in range(dp_rank, saved, dp_size)]
+    else:  # ranks dp_rank, dp_rank +- saved, ... share shard dp_rank % saved
+        shard = dp_rank % saved
+        sources = [(shard, dp_rank // saved, len(range(shard, dp_size, saved)))]
+    buffer = SelectiveSampleBuffer(config, seed=meta.seed, draw_counter=meta.draw_counter)
+    for shard, part, parts in sources:
+        groups = _read_shard(path / shard_name(shard))
+        groups.sort(key=lambda pair: pair[0].uid)
+        buffer.restore(groups[part::parts])
+    buffer.evict_to(config.capacity)
+    return buffer
+
+
+def _read_shard(shard: Path) -> list[tuple[SSBGroup, int]]:
+    """(group, times drawn) pairs of one saved rank."""
+    if not shard.is_dir():
+        raise ValueError(f"SSB store {shard.parent}: shard {shard.name} is missing")
+    grp = _open_group(shard, "r")
+    attrs = dict(grp.attrs)
+    if not attrs.get("complete"):
+        raise ValueError(f"{_metadata_file(shard)}: shard was not completely written")
+    a = {name: np.asarray(grp[name][...]) for name in (
+        "uid", "step", "times_drawn", "n_samples", "advantages", "rewards", "token_offsets",
+        "response_offsets", "token_ids", "loss_mask", "old_logprobs")}
+    keys = list(attrs["reward_keys"])
+    tok, resp = a["token_offsets"], a["response_offsets"]
+    groups, first = [], 0
+    for g in range(int(attrs["n_groups"])):
+        rows = range(first, first + int(a["n_samples"][g]))
+        first = rows.stop
+        rewards = {k: a["rewards"][rows.start:rows.stop, c] for c, k in enumerate(keys)}
+        grp_ = SSBGroup(
+            prompt_id=attrs["prompt_ids"][g], step=int(a["step"][g]),
+            token_ids=[a["token_ids"][tok[i]:tok[i + 1]] for i in rows],
+            loss_mask=[a["loss_mask"][resp[i]:resp[i + 1]] for i in rows],
+            old_logprobs=[a["old_logprobs"][resp[i]:resp[i + 1]] for i in rows],
+            advantages=a["advantages"][rows.start:rows.stop],
+            rewards={k: v for k, v in rewards.items() if not np.isnan(v).any()},
+            image_paths=tuple(attrs["image_paths"][g]),
+        )
+        if grp_.uid != int(a["uid"][g]):
+            raise ValueError(f"{shard}: group {g} (prompt {grp_.prompt_id!r}) does not match its stored uid; "
+                             "the store is corrupt")
+        groups.append((grp_, int(a["times_drawn"][g])))
+    return groups
