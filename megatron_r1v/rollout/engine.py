@@ -1,0 +1,75 @@
+"""The rollout engine contract: what the GRPO trainer asks of a generator.
+
+Two implementations: ``hf_engine`` (transformers' InternVL model; the CPU default and
+the reference) and, on GPU clusters, SGLang engines colocated with training. The
+trainer owns tokenization and images: a request carries prompt token ids made by
+``data.template.ChatTemplate.prompt_ids`` and the tiles of its images; a sample carries
+the generated ids and their log-probs under the sampling distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    seed: int = 0
+    """Sampling is reproducible for a given seed, request order and weights."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a sample ends after any of these (e.g. ``<|im_end|>``)."""
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n and max_new_tokens must be >= 1, got n={self.n}, max_new_tokens={self.max_new_tokens}")
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class RolloutRequest:
+    prompt_id: str
+    prompt_ids: torch.Tensor
+    """[P] int64, ending with the assistant turn's opening (``<think>\\n``)."""
+    pixel_values: Optional[torch.Tensor] = None
+    """[tiles, 3, S, S] float32 in the order of the prompt's image tokens, or None."""
+
+
+@dataclass
+class RolloutSample:
+    prompt_id: str
+    response_ids: torch.Tensor
+    """[R] int64 generated ids, the stop token included when one ended the sample."""
+    logprobs: torch.Tensor
+    """[R] fp32 log-probs of the generated ids under the sampling distribution."""
+    finished: bool
+    """A stop token ended the sample (False: cut at max_new_tokens)."""
+    text: str
+    """The decoded response (special tokens kept: the format reward reads the tags)."""
+
+
+class RolloutEngine(Protocol):
+    def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[list[RolloutSample]]:
+        """``params.n`` samples for each request, in request order."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads tensors named as transformers' ``InternVLForConditionalGeneration`` names
+        them in memory (``model.vision_tower.*``, ``model.multi_modal_projector.*``,
+        ``model.language_model.*``, ``lm_head.weight``); a subset updates only those."""
+
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The engine's current weights under the same names (for the sync invariant check)."""
+
+    def release_memory(self) -> None:
+        """Frees accelerator memory between rollouts (weights may be kept on the host)."""
+
+    def resume_memory(self) -> None:
+        """Undoes :meth:`release_memory` before the next rollout."""
