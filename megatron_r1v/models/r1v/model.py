@@ -179,6 +179,12 @@ class R1VModel(MegatronModule):
         self.post_process = language_model.post_process
         self.model_type = language_model.model_type  # read by Megatron's schedules
 
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        # finalize_model_grads asks the pre_process module (us, not the GPTModel inside)
+        # whether word-embedding grads must be all-reduced with the last stage's output layer.
+        return self.language_model.share_embeddings_and_output_weights
+
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 

@@ -1,0 +1,80 @@
+"""torchrun worker: one GRPO forward/backward of packed micro-batches on a TP/PP/DP layout.
+
+Loads the tiny Qwen2 weights, packs this DP rank's share of the samples (every
+dp-th sample) into fixed-length rows, runs ``grpo_forward_backward`` under Megatron DDP,
+and writes the step's loss and the DP-reduced gradients under HF names (rank 0).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_r1v.config import ModelConfig, ParallelConfig
+from megatron_r1v.data.packing import pack_samples
+from megatron_r1v.data.template import EncodedSample
+from megatron_r1v.losses.grpo import GRPOLossConfig, token_weights
+from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
+from megatron_r1v.models.r1v.presets import get_preset
+from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
+from megatron_r1v.platform import destroy_distributed, init_distributed
+from megatron_r1v.trainer.grpo_step import grpo_forward_backward, make_grpo_microbatch
+from megatron_r1v.trainer.lm_step import attach_ddp_hooks
+from megatron_r1v.trainer.setup import build_model_stage, wrap_ddp
+
+BUDGET = 48
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf-file", required=True)
+    parser.add_argument("--cases", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
+    stage = build_model_stage(get_preset("tiny-qwen2"), ctx, ModelConfig(preset="tiny-qwen2", backend="local",
+                                                                         freeze="all"), layout=QWEN2_LAYOUT)
+    with safe_open(args.hf_file, framework="pt") as reader:
+        load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
+    ddp = wrap_ddp(stage.model, stage.config)
+    attach_ddp_hooks(ddp)
+
+    cases = torch.load(args.cases)
+    cfg = GRPOLossConfig(**cases["config"])
+    samples = cases["samples"]
+    n_total = len(samples)
+    mine = list(range(ctx.dp_rank, n_total, ctx.dp))
+    encoded = [EncodedSample(str(i), samples[i]["tokens"], samples[i]["labels"], 0, (), 0) for i in mine]
+    packed = pack_samples(encoded, [None] * len(encoded), BUDGET, pad_id=0, pad_to_multiple=BUDGET)
+    microbatches = []
+    for mb in packed:
+        parts = {k: [] for k in ("old", "ref", "adv", "w")}
+        for local in mb.sample_indices:
+            s = samples[mine[local]]
+            targets = s["labels"] != -100
+            n_resp = int(targets.sum())
+            parts["old"].append(s["old"])
+            parts["ref"].append(s["ref"])
+            parts["adv"].append(torch.full_like(s["old"], s["adv"]))
+            weight = token_weights(torch.tensor([n_resp]), cfg.normalization, n_total, 0)[0]
+            parts["w"].append(torch.where(targets, weight, 0.0))
+        pad = BUDGET - sum(len(p) for p in parts["old"])
+        vec = {k: torch.cat(v + [torch.zeros(pad)]) for k, v in parts.items()}
+        microbatches.append(make_grpo_microbatch(mb, vec["old"], vec["ref"], vec["adv"], vec["w"]))
+    ddp.zero_grad_buffer()
+    result = grpo_forward_backward(ddp, microbatches, ctx, cfg)
+    grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
+    if ctx.rank == 0:
+        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
+        json.dump({"loss": result.loss, "kl": result.kl, "clip_fraction": result.clip_fraction,
+                   "microbatches": len(microbatches)}, open(os.path.join(args.out, "result.json"), "w"))
+    destroy_distributed(ctx)
+
+
+if __name__ == "__main__":
+    main()
