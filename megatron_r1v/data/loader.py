@@ -92,12 +92,12 @@ class PromptLoader:
         mine = self.next_indices(n_prompts)[self.dp_rank::self.dp_size]
         items = []
         for index in mine:
-            item = self._prepare(self.records[index])
+            item = self.prepare(self.records[index])
             if item is not None:
                 items.append(item)
         return items
 
-    def _prepare(self, record: PromptRecord) -> Optional[PromptItem]:
+    def prepare(self, record: PromptRecord) -> Optional[PromptItem]:
         try:
             tiled = self.tiler.tile_files(record.images) if record.images else None
             if tiled is not None and tiled.num_skipped:

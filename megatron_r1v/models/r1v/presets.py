@@ -8,6 +8,8 @@ TP) so CPU tests exercise the same code paths.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -227,6 +229,13 @@ _PRESETS: dict[str, R1VArch] = {
         vision=TINY_VIT, adapter=AdapterArch(ps_version="v1"), image_token_id=250,
     ),
     "tiny-qwen2": R1VArch(TINY_QWEN2, "4-layer Qwen2 decoder for CPU tests"),
+    # For end-to-end runs with the byte-level BPE of data/tokenizer.py built with
+    # --vocab-size 640: its special tokens take the top ids, <IMG_CONTEXT> = 639.
+    "tiny-r1v-chat": R1VArch(
+        dataclasses.replace(TINY_QWEN2, vocab_size=640, max_position_embeddings=2048),
+        "tiny-r1v with a 640-token vocabulary matching data/tokenizer.py's BPE",
+        vision=TINY_VIT, adapter=AdapterArch(), image_token_id=639,
+    ),
 }
 
 

@@ -1,0 +1,274 @@
+"""transformers' ``InternVLForConditionalGeneration`` as a rollout engine (the CPU default).
+
+Generation is a plain sampling loop over the model with its KV cache, not
+``model.generate``: the loop controls the random stream, the stop rule and the
+log-probs exactly, and is short.
+
+* Batching: the prompts of one ``generate`` call are left-padded into one batch
+  (position ids count real tokens only, so padding changes no number) and prefilled
+  once, images included; the KV cache is then repeated ``n`` times, so the vision
+  tower and the prompt run once per request, not once per sample.
+* Randomness: one ``torch.Generator`` seeded with ``params.seed`` per call; the global
+  RNG is never touched. Samples are reproducible for a seed, request order and weights
+  (sample k of a request may change when other requests join the call).
+* Log-probs: ``logprobs[t] = log_softmax(logits_t / temperature)[token_t]`` over the
+  whole vocabulary, i.e. the temperature-scaled policy the GRPO loss evaluates
+  (``losses.grpo``, ``temperature``), NOT renormalized over the top-p nucleus. The
+  sampler draws from that distribution truncated to the nucleus and with the image
+  token banned; a sampled token's nucleus log-prob is its policy log-prob minus the
+  log of the nucleus mass. With ``top_p=1`` the two coincide up to the banned image
+  token, whose mass is negligible for a trained model (and whose appearance in a
+  response would break the trainer's image-token count, hence the ban).
+* Samples that end keep decoding in the batch (their tokens are dropped) until every
+  sample has ended or ``max_new_tokens`` is reached: rows of a batch never interact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+
+import torch
+
+from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import InternVLForConditionalGeneration
+
+    from megatron_r1v.models.r1v.presets import R1VArch
+
+
+class HFRolloutEngine:
+    """A :class:`~megatron_r1v.rollout.engine.RolloutEngine` on a transformers InternVL model.
+
+    ``tokenizer``: anything with ``decode(ids, skip_special_tokens=False)``; without one,
+    ``RolloutSample.text`` is ``""``. ``ban_image_token``: never sample the image token
+    (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        model: "InternVLForConditionalGeneration",
+        tokenizer: Any = None,
+        device: Union[str, torch.device, None] = None,
+        *,
+        ban_image_token: bool = True,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.ban_image_token = ban_image_token
+        self.image_token_id = int(model.config.image_token_id)
+        self.tokens_per_tile = int(model.config.image_seq_length)
+        # Left padding needs some id that is not the image token (the model counts those).
+        self.pad_id = 1 if self.image_token_id == 0 else 0
+        self._params: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
+        self.released = False
+
+    @classmethod
+    def from_arch(
+        cls,
+        arch: "R1VArch",
+        *,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        seed: int = 0,
+        tokenizer: Any = None,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "eager",
+    ) -> "HFRolloutEngine":
+        """An engine for ``arch``: random weights from ``seed`` (the global RNG is saved and
+        restored), or ``state_dict`` under the in-memory transformers names, which must
+        cover every weight."""
+        import transformers
+
+        from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+
+        config = transformers.InternVLConfig(**transformers_internvl_config(arch))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.InternVLForConditionalGeneration._from_config(
+                config, attn_implementation=attn_implementation
+            )
+        engine = cls(model.to(dtype), tokenizer, device)
+        if state_dict is not None:
+            missing = sorted(set(engine._params) - set(state_dict))
+            if missing:
+                raise KeyError(f"state_dict lacks {len(missing)} engine weights, e.g. {missing[:3]}")
+            engine.update_weights(state_dict.items())
+        return engine
+
+    # --- weights ---------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies tensors into the parameters of the same name (cast to the engine's dtype
+        and device). The whole batch is checked before anything is copied."""
+        items = list(named_tensors)
+        for name, tensor in items:
+            param = self._params.get(name)
+            if param is None:
+                raise KeyError(f"engine has no weight {name!r} (expected transformers' in-memory InternVL names)")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"weight {name!r}: got shape {tuple(tensor.shape)}, the engine holds {tuple(param.shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in items:
+                self._params[name].copy_(tensor, non_blocking=False)
+
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return ((name, p.detach()) for name, p in self._params.items())
+
+    # --- memory ----------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """On CUDA: weights and buffers move to pinned host memory and the allocator cache
+        is emptied (the KV cache only lives inside ``generate``). On CPU: nothing to free;
+        the state is tracked so that ``generate`` refuses to run while released.
+        ``update_weights`` works in both states."""
+        if self.released:
+            return
+        if self.device.type == "cuda":
+            for t in self._tensors():
+                t.data = t.data.to("cpu").pin_memory()
+            torch.cuda.empty_cache()
+        self.released = True
+
+    def resume_memory(self) -> None:
+        if not self.released:
+            return
+        if self.device.type == "cuda":
+            for t in self._tensors():
+                t.data = t.data.to(self.device, non_blocking=True)
+            torch.cuda.synchronize(self.device)
+        self.released = False
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    # --- generation ------------------------------------------------------------------
+
+    def _check_request(self, req: RolloutRequest) -> None:
+        ids = req.prompt_ids
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"request {req.prompt_id}: prompt_ids must be a non-empty 1-D integer tensor, "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
+        n_image_tokens = int((ids == self.image_token_id).sum())
+        tiles = 0 if req.pixel_values is None else req.pixel_values.shape[0]
+        if req.pixel_values is not None and req.pixel_values.dim() != 4:
+            raise ValueError(f"request {req.prompt_id}: pixel_values must be [tiles, 3, S, S], "
+                             f"got {tuple(req.pixel_values.shape)}")
+        if n_image_tokens != tiles * self.tokens_per_tile:
+            raise ValueError(
+                f"request {req.prompt_id}: {n_image_tokens} image tokens (id {self.image_token_id}) but "
+                f"{tiles} tiles x {self.tokens_per_tile} tokens per tile"
+            )
+
+    def _sample(
+        self, logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws one token per row; returns (tokens [B], policy log-probs [B])."""
+        scaled_BV = logits_BV.float() / params.temperature
+        logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
+        masked_BV = scaled_BV.clone()
+        if self.ban_image_token and self.image_token_id < masked_BV.shape[-1]:
+            masked_BV[:, self.image_token_id] = float("-inf")
+        if params.top_p < 1.0:
+            # Nucleus: the most likely tokens until their mass reaches top_p; a token is
+            # kept when the mass strictly before it is below top_p (the top one always).
+            probs_BV = torch.softmax(masked_BV, dim=-1)
+            sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+            before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
+            drop_BV = torch.zeros_like(masked_BV, dtype=torch.bool).scatter(-1, order_BV, before_BV >= params.top_p)
+            masked_BV = masked_BV.masked_fill(drop_BV, float("-inf"))
+        tokens_B = torch.multinomial(torch.softmax(masked_BV, dim=-1), 1, generator=gen).squeeze(-1)
+        return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[list[RolloutSample]]:
+        if self.released:
+            raise RuntimeError("generate() after release_memory(): call resume_memory() first")
+        if not requests:
+            return []
+        for req in requests:
+            self._check_request(req)
+        dev, n = self.device, params.n
+        lengths = [int(r.prompt_ids.numel()) for r in requests]
+        width = max(lengths)
+        ids_BL = torch.full((len(requests), width), self.pad_id, dtype=torch.long, device=dev)
+        mask_BL = torch.zeros((len(requests), width), dtype=torch.long, device=dev)
+        for i, (req, length) in enumerate(zip(requests, lengths)):
+            ids_BL[i, width - length:] = req.prompt_ids.to(dev, torch.long)
+            mask_BL[i, width - length:] = 1
+        # Tiles in the order their tokens appear, request by request (the model scatters batch-major).
+        tiles = [r.pixel_values for r in requests if r.pixel_values is not None and r.pixel_values.shape[0]]
+        pixel_values = torch.cat(tiles).to(dev, self.model.dtype) if tiles else None
+        out = self.model(
+            input_ids=ids_BL, pixel_values=pixel_values, attention_mask=mask_BL,
+            position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        # Row r of the sampling batch is sample r % n of request r // n.
+        cache.batch_repeat_interleave(n)
+        logits_NV = out.logits[:, -1].repeat_interleave(n, dim=0)
+        mask_NL = mask_BL.repeat_interleave(n, dim=0)
+        next_pos_N = torch.tensor(lengths, device=dev).repeat_interleave(n)
+        rows = logits_NV.shape[0]
+
+        gen = torch.Generator(device=dev).manual_seed(params.seed)
+        stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
+        tokens, logprobs = [], []
+        length_N = torch.full((rows,), params.max_new_tokens, dtype=torch.long, device=dev)
+        done_N = torch.zeros(rows, dtype=torch.bool, device=dev)
+        for step in range(params.max_new_tokens):
+            tok_N, lp_N = self._sample(logits_NV, params, gen)
+            tokens.append(tok_N)
+            logprobs.append(lp_N)
+            ends_N = torch.isin(tok_N, stops) & ~done_N
+            length_N[ends_N] = step + 1
+            done_N |= ends_N
+            if bool(done_N.all()) or step + 1 == params.max_new_tokens:
+                break
+            mask_NL = torch.cat([mask_NL, mask_NL.new_ones((rows, 1))], dim=1)
+            out = self.model(
+                input_ids=tok_N[:, None], attention_mask=mask_NL, position_ids=next_pos_N[:, None],
+                past_key_values=cache, use_cache=True,
+            )
+            cache = out.past_key_values
+            logits_NV = out.logits[:, -1]
+            next_pos_N = next_pos_N + 1
+        del cache
+        tokens_NR, logprobs_NR = torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu()
+        length_N, done_N = length_N.cpu(), done_N.cpu()
+
+        results: list[list[RolloutSample]] = []
+        for i, req in enumerate(requests):
+            group = []
+            for r in range(i * n, (i + 1) * n):
+                length = int(length_N[r])
+                ids = tokens_NR[r, :length].clone()
+                text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False) if self.tokenizer else ""
+                group.append(RolloutSample(req.prompt_id, ids, logprobs_NR[r, :length].clone(), bool(done_N[r]), text))
+            results.append(group)
+        return results
+
+
+
+def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[str, "os.PathLike", None] = None,
+                   device: Union[str, torch.device] = "cpu") -> tuple[HFRolloutEngine, "R1VArch", Any]:
+    """(engine, architecture, tokenizer) from a transformers-layout InternVL checkpoint folder."""
+    import transformers
+
+    from megatron_r1v.models.r1v.hf_mapping import arch_from_transformers_config
+
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist: --model must be a transformers-layout InternVL "
+                                "checkpoint (tools/convert_checkpoint.py export --layout transformers)")
+    model = transformers.InternVLForConditionalGeneration.from_pretrained(str(model_dir), attn_implementation="eager")
+    arch = arch_from_transformers_config(model.config.to_dict())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+    if len(tokenizer) > arch.decoder.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir or model_dir} has {len(tokenizer)} tokens, more than the model's "
+                         f"vocabulary of {arch.decoder.vocab_size}")
+    return HFRolloutEngine(model.float().eval(), tokenizer, device), arch, tokenizer

@@ -1,0 +1,183 @@
+"""HFRolloutEngine on a tiny random transformers InternVL (tiny-r1v, CPU, fp32)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_r1v.models.r1v.presets import get_preset
+from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
+from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+
+ARCH = get_preset("tiny-r1v")
+IMG, PER_TILE, SIDE = ARCH.image_token_id, ARCH.tokens_per_tile, ARCH.vision.image_size
+# Engine log-probs come from the KV-cached, left-padded batch; the reference is one
+# unpadded full forward. Both are fp32 with identical math: padding is masked with the
+# dtype minimum (exp underflows to exactly 0) and positions count real tokens, so only
+# summation order differs (cached single-token matmuls vs. full-sequence ones). With the
+# scaled head, logits reach |16| and log-probs -28, where an fp32 ulp is ~2e-6; measured
+# max difference 4.8e-6. A position, padding or temperature error moves log-probs > 1e-2.
+LOGPROB_TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = HFRolloutEngine.from_arch(ARCH, seed=0)
+    # A random head gives near-uniform next-token distributions (logits ~0.1); scaled, the
+    # distributions are peaked, so temperature and top-p change which tokens are drawn.
+    head = dict(eng.named_weights())["lm_head.weight"]
+    eng.update_weights([("lm_head.weight", head * 25)])
+    return eng
+
+
+def text_prompt(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, IMG, (n,), generator=torch.Generator().manual_seed(seed))  # never the image token
+
+
+def image_prompt(tiles: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(0, IMG, (3,), generator=gen), torch.full((tiles * PER_TILE,), IMG),
+                     torch.randint(0, IMG, (4,), generator=gen)])
+    return ids, torch.randn(tiles, 3, SIDE, SIDE, generator=gen)
+
+
+def reference_logprobs(model, prompt, response, temperature, pixel_values=None) -> torch.Tensor:
+    """log_softmax(logits / T) of each response token from one full forward, no cache."""
+    with torch.no_grad():
+        logits_LV = model(input_ids=torch.cat([prompt, response])[None], pixel_values=pixel_values).logits[0]
+    logprobs_RV = F.log_softmax(logits_LV[prompt.numel() - 1: -1].float() / temperature, dim=-1)
+    return logprobs_RV.gather(-1, response[:, None]).squeeze(-1)
+
+
+def test_n_samples_per_request_and_determinism_for_a_seed(engine):
+    requests = [RolloutRequest(f"p{i}", text_prompt(n, i)) for i, n in enumerate([5, 9, 3])]
+    params = SamplingParams(n=4, max_new_tokens=6, seed=7)
+    rng_before = torch.get_rng_state()
+    first = engine.generate(requests, params)
+    assert torch.equal(torch.get_rng_state(), rng_before), "the global RNG must not be used"
+    again = engine.generate(requests, params)
+    other = engine.generate(requests, SamplingParams(n=4, max_new_tokens=6, seed=8))
+
+    assert [len(g) for g in first] == [4, 4, 4]
+    assert [[s.prompt_id for s in g] for g in first] == [["p0"] * 4, ["p1"] * 4, ["p2"] * 4]
+    flat = [s for g in first for s in g]
+    assert all(s.response_ids.dtype == torch.int64 and s.logprobs.dtype == torch.float32 for s in flat)
+    assert all(len(s.response_ids) == 6 and not s.finished and s.text == "" for s in flat)  # no stop tokens
+    for a, b in zip(flat, (s for g in again for s in g)):
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    changed = sum(not torch.equal(a.response_ids, b.response_ids) for a, b in zip(flat, (s for g in other for s in g)))
+    assert changed >= 6, f"another seed changed only {changed} of 12 samples"
+    # The n samples of a request are distinct draws, not copies.
+    assert all(len({tuple(s.response_ids.tolist()) for s in g}) > 1 for g in first)
+
+
+def test_stop_tokens_end_samples_and_max_new_tokens_cuts_the_rest(engine):
+    stops = tuple(range(1, IMG, 3))
+    requests = [RolloutRequest(f"p{i}", text_prompt(n, 10 + i)) for i, n in enumerate([5, 9, 3])]
+    params = SamplingParams(n=8, max_new_tokens=6, temperature=2.0, seed=1, stop_token_ids=stops)
+    groups = engine.generate(requests, params)
+    flat = [s for g in groups for s in g]
+    finished = [s for s in flat if s.finished]
+    cut = [s for s in flat if not s.finished]
+    assert len(finished) >= 8 and len(cut) >= 2, (len(finished), len(cut))  # both kinds occur
+    assert len({len(s.response_ids) for s in finished}) >= 3  # samples of one batch end at different steps
+    for s in finished:
+        ids = s.response_ids.tolist()
+        assert 1 <= len(ids) <= 6 and ids[-1] in stops and not set(ids[:-1]) & set(stops), ids
+        assert len(s.logprobs) == len(ids)
+    for s in cut:
+        assert len(s.response_ids) == 6 and not set(s.response_ids.tolist()) & set(stops)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_logprobs_are_the_temperature_scaled_policy_of_a_full_forward(engine, temperature, top_p):
+    requests = [RolloutRequest(f"p{i}", text_prompt(n, 20 + i)) for i, n in enumerate([4, 11])]
+    params = SamplingParams(n=3, max_new_tokens=8, temperature=temperature, top_p=top_p, seed=3)
+    in_nucleus = 0
+    for req, group in zip(requests, engine.generate(requests, params)):
+        for s in group:
+            ref = reference_logprobs(engine.model, req.prompt_ids, s.response_ids, temperature)
+            torch.testing.assert_close(s.logprobs, ref, atol=LOGPROB_TOL, rtol=0)
+            # Every drawn token lies in the top-p nucleus of the (image-token-banned) distribution.
+            with torch.no_grad():
+                ids = torch.cat([req.prompt_ids, s.response_ids])[None]
+                logits_RV = engine.model(input_ids=ids).logits[0, req.prompt_ids.numel() - 1: -1] / temperature
+            logits_RV[:, IMG] = float("-inf")
+            probs_RV = logits_RV.softmax(-1)
+            for probs_V, tok in zip(probs_RV, s.response_ids):
+                mass_before = probs_V[probs_V > probs_V[tok]].sum()
+                assert mass_before < top_p + 1e-6, (float(mass_before), top_p)
+                in_nucleus += 1
+    assert in_nucleus == 2 * 3 * 8
+
+
+def test_images_are_encoded_and_match_a_full_forward(engine):
+    ids_a, pix_a = image_prompt(2, 30)
+    ids_b, pix_b = image_prompt(1, 31)
+    requests = [RolloutRequest("img2", ids_a, pix_a), RolloutRequest("text", text_prompt(7, 32)),
+                RolloutRequest("img1", ids_b, pix_b)]
+    groups = engine.generate(requests, SamplingParams(n=2, max_new_tokens=5, seed=4))
+    for req, group in zip(requests, groups):
+        for s in group:
+            assert IMG not in s.response_ids.tolist()
+            ref = reference_logprobs(engine.model, req.prompt_ids, s.response_ids, 1.0, req.pixel_values)
+            torch.testing.assert_close(s.logprobs, ref, atol=LOGPROB_TOL, rtol=0)
+    # The image reaches the logits: other pixels give other log-probs for the same tokens.
+    s = groups[0][0]
+    other = reference_logprobs(engine.model, ids_a, s.response_ids, 1.0, torch.randn_like(pix_a))
+    assert (other - s.logprobs).abs().max() > 1e-2
+
+
+def test_request_errors_name_the_prompt(engine):
+    ids, pix = image_prompt(2, 40)
+    with pytest.raises(ValueError, match=r"request bad: 8 image tokens .* 0 tiles"):
+        engine.generate([RolloutRequest("bad", ids)], SamplingParams(n=1, max_new_tokens=1))
+    with pytest.raises(ValueError, match=r"request short: 8 image tokens .* 1 tiles"):
+        engine.generate([RolloutRequest("short", ids, pix[:1])], SamplingParams(n=1, max_new_tokens=1))
+
+
+def test_update_weights_checks_names_and_shapes_before_copying():
+    eng = HFRolloutEngine.from_arch(ARCH, seed=1)
+    weights = {k: v.clone() for k, v in eng.named_weights()}
+    norm = "model.language_model.norm.weight"
+    bad = "model.multi_modal_projector.linear_1.weight"
+    with pytest.raises(ValueError, match=rf"weight '{bad}': got shape \(3, 4\), the engine holds \(64, 96\)"):
+        eng.update_weights([(norm, weights[norm] + 1), (bad, torch.zeros(3, 4))])
+    assert torch.equal(dict(eng.named_weights())[norm], weights[norm])  # nothing copied
+    with pytest.raises(KeyError, match="engine has no weight 'vision_tower.x'"):
+        eng.update_weights([("vision_tower.x", torch.zeros(1))])
+
+
+def test_weights_round_trip_and_release_resume(engine):
+    requests = [RolloutRequest("a", text_prompt(6, 50))]
+    params = SamplingParams(n=2, max_new_tokens=4, seed=5)
+    # Another random init, then the first engine's weights: identical rollouts.
+    copy = HFRolloutEngine.from_arch(ARCH, seed=2, state_dict=dict(engine.named_weights()))
+    assert len(dict(copy.named_weights())) == len(dict(engine.named_weights())) > 50
+    want = engine.generate(requests, params)
+    got = copy.generate(requests, params)
+    assert all(torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+               for a, b in zip(want[0], got[0]))
+    copy.release_memory()
+    with pytest.raises(RuntimeError, match="resume_memory"):
+        copy.generate(requests, params)
+    norm = "model.language_model.norm.weight"
+    copy.update_weights([(norm, dict(copy.named_weights())[norm] * 2)])  # allowed while released
+    copy.resume_memory()
+    moved = copy.generate(requests, params)
+    assert any(not torch.equal(a.logprobs, b.logprobs) for a, b in zip(want[0], moved[0]))
+
+
+def test_text_is_decoded_with_special_tokens_kept(engine):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.calls.append((list(ids), skip_special_tokens))
+            return "|".join(map(str, ids))
+
+    tok = Recorder()
+    eng = HFRolloutEngine(engine.model, tokenizer=tok)
+    (group,) = eng.generate([RolloutRequest("a", text_prompt(4, 60))], SamplingParams(n=2, max_new_tokens=3, seed=0))
+    assert [s.text for s in group] == ["|".join(map(str, s.response_ids.tolist())) for s in group]
+    assert [kept for _, kept in tok.calls] == [False, False]
