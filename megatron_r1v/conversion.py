@@ -56,6 +56,7 @@ from megatron_r1v.models.r1v.hf_mapping import (
 from megatron_r1v.models.r1v.presets import AdapterArch, DecoderArch, R1VArch, VisionArch
 from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
 from megatron_r1v.platform import ParallelContext
+from megatron_r1v.atomic_dir import commit_directory
 
 META_NAME = "r1v_checkpoint.json"
 HF_EXTRA_DIR = "hf_extra"
@@ -169,22 +170,6 @@ def _check_output(out: Path, force: bool) -> None:
         raise CheckpointError(f"output directory {out} exists; pass --force to replace it")
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Puts ``tmp`` at ``out``; a replaced output is deleted only once the new one is in place."""
-    backup = None
-    if out.exists():
-        backup = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-        out.rename(backup)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if backup is not None:
-            backup.rename(out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def import_checkpoint(
     hf_dir: str | Path, out_dir: str | Path, ctx: ParallelContext, *, layout: str = "auto", dtype: str = "bf16",
     force: bool = False, vocab_pad_tp: int = 8, divisible_by: int = 128, image_token_id: Optional[int] = None,
@@ -231,7 +216,7 @@ def import_checkpoint(
                 (tmp / HF_EXTRA_DIR).mkdir()
                 shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_EXTRA_DIR / "config.json")
                 copy_side_files(Path(hf_dir), tmp / HF_EXTRA_DIR)
-                _commit(tmp, out)
+                commit_directory(tmp, out)
             dist.barrier()
         finally:
             if ctx.rank == 0 and tmp.exists():
@@ -319,7 +304,7 @@ def export_checkpoint(
         source_config = json.loads((extra / "config.json").read_text()) if (extra / "config.json").exists() else None
         config = _hf_config(arch, meta["dtype"], layout_name, source_config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _commit(tmp, out)
+        commit_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

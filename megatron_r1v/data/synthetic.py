@@ -47,6 +47,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from megatron_r1v.atomic_dir import commit_directory
+
 from .schema import CHOICE_LETTERS, IMAGE_PLACEHOLDER
 
 TASKS = ("count", "digit_sum", "majority_color")
@@ -280,22 +282,6 @@ def _records(sample: Sample, seed: int, index: int) -> tuple[dict, dict, dict]:
     return prompt, preference, meta
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Puts ``tmp`` at ``out``; a replaced output is deleted only once the new one is in place."""
-    backup = None
-    if out.exists():
-        backup = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-        out.rename(backup)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if backup is not None:
-            backup.rename(out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def _write_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")  # PIL adds no time chunk unless asked: deterministic bytes
 
@@ -326,7 +312,7 @@ def generate_dataset(out_dir: Union[str, Path], num: int, seed: int, *, force: b
             heights.append(sample.height)
         for name, rows in lines.items():
             (tmp / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
-        _commit(tmp, out)
+        commit_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from megatron_r1v.atomic_dir import atomic_directory
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_START, THINK_END = "<think>", "</think>"
@@ -106,16 +106,8 @@ def build_tokenizer(corpus_files: list[Path], vocab_size: int, out_dir: Path, fo
         if not Path(path).is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
     tokenizer = train_tokenizer(corpus_texts(corpus_files), vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_hf_tokenizer(tokenizer, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out_dir), "vocab_size": vocab_size, **special_token_ids(vocab_size)}
 
 

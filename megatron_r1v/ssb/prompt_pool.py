@@ -20,8 +20,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_r1v.atomic_dir import atomic_directory
 from megatron_r1v.config import RewardConfig
 from megatron_r1v.data.loader import PromptItem, PromptLoader
 from megatron_r1v.data.schema import PromptRecord, load_records
@@ -103,9 +102,7 @@ def write_pool(prompts_path: Path, kept: Sequence[PromptRecord], stats: PoolStat
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
     keep_ids = {r.id for r in kept}
     base = prompts_path.parent
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         with open(prompts_path, encoding="utf-8-sig") as src, open(tmp / "prompts.jsonl", "w", encoding="utf-8") as dst:
             for line in src:
                 if not line.strip():
@@ -116,12 +113,6 @@ def write_pool(prompts_path: Path, kept: Sequence[PromptRecord], stats: PoolStat
                     obj["images"] = [os.path.abspath(base / p) for p in obj.get("images", [])]
                     dst.write(json.dumps(obj, ensure_ascii=False) + "\n")
         (tmp / "stats.json").write_text(json.dumps(asdict(stats), indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
