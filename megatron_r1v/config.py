@@ -56,6 +56,8 @@ class ModelConfig:
     """Which parts train (the name lists them): the report's best setting trains the adapter only."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 Transformer Engine recipe (GPU only)."""
+    checkpoint: Optional[str] = None
+    """Megatron checkpoint to start from (``tools/convert_checkpoint.py import``); None: random init."""
 
 
 @dataclass
@@ -115,6 +117,8 @@ class DataConfig:
     eval_path: Optional[str] = None
     max_tiles: int = 12
     """Maximum dynamic tiles per image (a thumbnail is added when more than one)."""
+    tokenizer: Optional[str] = None
+    """Hugging Face tokenizer folder (``python -m megatron_r1v.data.tokenizer`` builds one for tiny models)."""
     on_bad_sample: Literal["error", "skip"] = "error"
 
 
@@ -171,6 +175,22 @@ class SSBConfig:
 
 
 @dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8
+    """Prompts rolled out per optimizer step over all data-parallel ranks (x rollout.n_samples responses)."""
+    clip_low: float = 0.2
+    """Ratio clipped below at 1 - clip_low (Eq. 8)."""
+    clip_high: float = 0.2
+    """Ratio clipped above at 1 + clip_high."""
+    kl_beta: float = 0.0
+    """Weight of the k3 KL penalty to the initial policy (0: no reference pass)."""
+    normalization: Literal["sequence", "token"] = "sequence"
+    """Per-response then per-group mean (Eq. 8), or a mean over all response tokens."""
+    micro_batch_tokens: int = 1024
+    """Token budget of one packed micro-batch (first-fit decreasing)."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     log_interval: int = 1
@@ -186,6 +206,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ssb: SSBConfig = field(default_factory=SSBConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":

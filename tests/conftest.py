@@ -1,9 +1,12 @@
-"""Shared fixtures: a tiny random Qwen2 reference model and a torchrun launcher."""
+"""Shared fixtures: a tiny random Qwen2 reference model, a torchrun launcher, a reward server."""
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -73,3 +76,55 @@ def unused_tcp_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def save_tiny_reward_model(root: Path, vocab_size: int, texts: Optional[list] = None) -> Path:
+    """A tiny random Qwen2 reward model (one label) saved with a BPE tokenizer of this project.
+
+    ``texts`` train a new tokenizer into ``root``; without them ``root`` must already hold
+    one with ``vocab_size`` tokens.
+    """
+    import transformers
+
+    from megatron_r1v.data.tokenizer import ENDOFTEXT, save_hf_tokenizer, special_token_ids, train_tokenizer
+
+    if texts is not None:
+        save_hf_tokenizer(train_tokenizer(texts, vocab_size), root)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=2048, num_labels=1,
+        pad_token_id=special_token_ids(vocab_size)[ENDOFTEXT],
+        # A wide init so the scores are O(1) and differ between texts.
+        initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForSequenceClassification(config).save_pretrained(root)
+    return root
+
+
+@contextlib.contextmanager
+def reward_server(model_dir: Path, log: Path, *extra: str):
+    """tools/serve_reward_model.py on a free port; yields its startup info (read from its first line)."""
+    import select
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tools" / "serve_reward_model.py"), "--model", str(model_dir),
+             "--port", "0", *extra], stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env)
+    try:
+        # Block on the startup line itself (bounded, in case the tool hangs before printing).
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            proc.kill()
+            raise AssertionError(f"server printed no startup line; stderr:\n{log.read_text()[-4000:]}")
+        yield json.loads(line)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

@@ -68,6 +68,13 @@ class PromptLoader:
         self.template, self.tiler, self.seed = template, tiler, seed
         self.dp_rank, self.dp_size, self.on_bad_sample = dp_rank, dp_size, on_bad_sample
         self.cursor = DataCursor()
+        self._by_id = {r.id: r for r in self.records}
+
+    def record(self, prompt_id: str) -> PromptRecord:
+        """The record with this id (e.g. for a group drawn from the Selective Sample Buffer)."""
+        if prompt_id not in self._by_id:
+            raise KeyError(f"prompt {prompt_id!r} is not in this run's data ({len(self.records)} records)")
+        return self._by_id[prompt_id]
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))

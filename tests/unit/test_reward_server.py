@@ -26,6 +26,7 @@ import torch
 from megatron_r1v.config import RewardConfig
 from megatron_r1v.data.schema import PromptRecord
 from megatron_r1v.rewards import HybridReward, RewardModelClient, RewardServerError
+from conftest import reward_server, save_tiny_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -44,55 +45,17 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):
     """A saved tiny Qwen2 reward model (one label) with a BPE tokenizer of this project."""
-    import transformers
-
-    from megatron_r1v.data.tokenizer import ENDOFTEXT, save_hf_tokenizer, special_token_ids, train_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny_rm")
-    save_hf_tokenizer(train_tokenizer(TEXTS * 2, VOCAB), root)
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, num_labels=1,
-        pad_token_id=special_token_ids(VOCAB)[ENDOFTEXT],
-        # A wide init so the scores are O(1) and differ between texts: a parity check
-        # on logits of ~1e-3 would say little at a 1e-5 tolerance.
-        initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForSequenceClassification(config).save_pretrained(root)
-    return root
+    return save_tiny_reward_model(tmp_path_factory.mktemp("tiny_rm"), VOCAB, TEXTS * 2)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_rm, tmp_path_factory):
     """The tool serving tiny_rm; yields its URL (read from the startup line)."""
     log = tmp_path_factory.mktemp("rm_server") / "stderr.txt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tools" / "serve_reward_model.py"), "--model", str(tiny_rm),
-             "--port", "0", "--batch-size", "3", "--max-texts", "8"],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env,
-        )
-    try:
-        # Block on the startup line itself (bounded, in case the tool hangs before printing).
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        line = proc.stdout.readline() if ready else ""
-        if not line:
-            proc.kill()
-            raise AssertionError(f"server printed no startup line; stderr:\n{log.read_text()[-4000:]}")
-        info = json.loads(line)
+    with reward_server(tiny_rm, log, "--batch-size", "3", "--max-texts", "8") as info:
         assert info["event"] == "listening" and info["url"].startswith("http://127.0.0.1:")
         assert (info["num_labels"], info["score_index"]) == (1, 0)
         yield info["url"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,63 @@
+"""End to end: 4 GRPO steps of the tiny R1V with TP=2 on CPU write every TensorBoard tag.
+
+A random tiny policy never answers right, so rule and format rewards are all 0 and every
+group would have zero advantage; a tiny random reward model served over HTTP
+(tools/serve_reward_model.py) gives graded scores, so groups carry advantages, the
+Selective Sample Buffer fills and the adapter actually trains.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_r1v.data.synthetic import generate_dataset
+from megatron_r1v.data.tokenizer import build_tokenizer
+from megatron_r1v.trainer.grpo import TAGS
+
+from conftest import reward_server, save_tiny_reward_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_four_grpo_steps_tp2_write_all_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    generate_dataset(tmp_path / "data", 12, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
+           "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
+           "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}", "--metrics-jsonl", str(tmp_path / "m.jsonl")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
+    save_tiny_reward_model(tmp_path / "rm", 640)
+    with reward_server(tmp_path / "rm", tmp_path / "rm.log") as info:
+        cmd += ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
+                "--set", "reward.model_calibration=sigmoid"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == [f"step {i}/4" for i in range(1, 5)]
+    assert all("effective ratio" in line and "step time" in line for line in lines)
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert set(TAGS) <= scalars, sorted(set(TAGS) - scalars)
+    for tag in TAGS:
+        assert [e.step for e in events.Scalars(tag)] == [0, 1, 2, 3], tag
+    metrics = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert 0.0 <= m["train/accuracy"] <= 1.0 and m["train/response_length"] > 0
+        assert m["train/entropy"] > 0 and m["perf/step_time_s"] > m["perf/train_time_s"] > 0
+        assert 0.0 <= m["ssb/effective_ratio_fresh"] <= m["ssb/effective_ratio_batch"] <= 1.0
+        assert 0.0 < m["train/rm_reward"] < 1.0  # sigmoid-calibrated model scores
+    # Graded rewards: every fresh group has non-zero advantage, the loss and KL move, the buffer fills.
+    assert all(m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics)
+    assert all(m["train/grpo_loss"] != 0.0 for m in metrics)
+    assert metrics[0]["train/kl"] == 0.0 and metrics[-1]["train/kl"] > 0.0  # the adapter left its start
+    assert metrics[-1]["ssb/size"] > 0
