@@ -93,7 +93,7 @@ def build_trainer(cfg: RunConfig):
 def progress_line(step: int, total: int, metrics: dict) -> str:
     return (f"step {step + 1}/{total} | reward {metrics['train/reward_mean']:.3f} | "
             f"accuracy {metrics['train/accuracy']:.3f} | effective ratio {metrics['ssb/effective_ratio_fresh']:.2f}"
-            f" -> {metrics['ssb/effective_ratio_batch']:.2f} | loss {metrics['train/grpo_loss']:.4f} | "
+            f" -> {metrics['ssb/effective_ratio_batch']:.2f} | loss {metrics['train/grpo_loss']:+.3e} | "
             f"step time {metrics['perf/step_time_s']:.1f}s")
 
 

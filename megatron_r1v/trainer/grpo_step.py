@@ -73,7 +73,7 @@ def _grpo_loss_func(cfg: GRPOLossConfig, ctx: ParallelContext, scale: float, met
         logits_BLv[0], labels_L, batch["old_logprobs"][0], batch["ref_logprobs"][0], batch["advantages"][0],
         mask_L, batch["weights"][0], cfg, tp_group=ctx.tp_group,
     )
-    metrics.append({"loss": float(out.loss), "kl": out.kl_mean, "clip_fraction": out.clip_fraction,
+    metrics.append({"loss": float(out.loss.detach()), "kl": out.kl_mean, "clip_fraction": out.clip_fraction,
                     "tokens": float(mask_L.sum())})
     return out.loss * scale, {"grpo_loss": out.loss.detach().clone()}
 
