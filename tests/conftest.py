@@ -128,3 +128,12 @@ def reward_server(model_dir: Path, log: Path, *extra: str):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def reward_tools():
+    """``save_model(root, vocab_size, texts=None)`` and ``serve(model_dir, log, *args)`` (a context
+    manager yielding the server's startup info) for tests that need a real reward server."""
+    import types
+
+    return types.SimpleNamespace(save_model=save_tiny_reward_model, serve=reward_server)

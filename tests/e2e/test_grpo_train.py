@@ -17,12 +17,10 @@ from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
 from megatron_r1v.trainer.grpo import TAGS
 
-from conftest import reward_server, save_tiny_reward_model
-
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_four_grpo_steps_tp2_write_all_tags(tmp_path):
+def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     generate_dataset(tmp_path / "data", 12, seed=0)
@@ -34,8 +32,8 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path):
            "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}", "--metrics-jsonl", str(tmp_path / "m.jsonl")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
     shutil.copytree(tmp_path / "tok", tmp_path / "rm")
-    save_tiny_reward_model(tmp_path / "rm", 640)
-    with reward_server(tmp_path / "rm", tmp_path / "rm.log") as info:
+    reward_tools.save_model(tmp_path / "rm", 640)
+    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
         cmd += ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
                 "--set", "reward.model_calibration=sigmoid"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)

@@ -26,7 +26,6 @@ import torch
 from megatron_r1v.config import RewardConfig
 from megatron_r1v.data.schema import PromptRecord
 from megatron_r1v.rewards import HybridReward, RewardModelClient, RewardServerError
-from conftest import reward_server, save_tiny_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -43,16 +42,16 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory):
+def tiny_rm(tmp_path_factory, reward_tools):
     """A saved tiny Qwen2 reward model (one label) with a BPE tokenizer of this project."""
-    return save_tiny_reward_model(tmp_path_factory.mktemp("tiny_rm"), VOCAB, TEXTS * 2)
+    return reward_tools.save_model(tmp_path_factory.mktemp("tiny_rm"), VOCAB, TEXTS * 2)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_rm, tmp_path_factory):
+def server(tiny_rm, tmp_path_factory, reward_tools):
     """The tool serving tiny_rm; yields its URL (read from the startup line)."""
     log = tmp_path_factory.mktemp("rm_server") / "stderr.txt"
-    with reward_server(tiny_rm, log, "--batch-size", "3", "--max-texts", "8") as info:
+    with reward_tools.serve(tiny_rm, log, "--batch-size", "3", "--max-texts", "8") as info:
         assert info["event"] == "listening" and info["url"].startswith("http://127.0.0.1:")
         assert (info["num_labels"], info["score_index"]) == (1, 0)
         yield info["url"]
