@@ -6,7 +6,9 @@ by ``tools/convert_checkpoint.py import``, or random weights), the optimizer, th
 loader, the hybrid reward, the Selective Sample Buffer, and one rollout engine per
 data-parallel replica; then prints one progress line per step and writes the
 TensorBoard scalars of :data:`megatron_r1v.trainer.grpo.TAGS` under
-``logging.tensorboard_dir``. Checkpointing and ``--resume`` are not implemented yet.
+``logging.tensorboard_dir``. With ``train.save_dir`` it writes a training checkpoint
+every ``train.save_interval`` steps and at the end (``trainer/checkpoint.py``);
+``--resume`` continues from the newest one there, exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--metrics-jsonl", help="also append each step's metrics to this file (rank 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in train.save_dir (an error when there is none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -111,15 +115,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from megatron_r1v.platform import destroy_distributed
 
+    if args.resume and not cfg.train.save_dir:
+        print("error: --resume needs train.save_dir", file=sys.stderr)
+        return 2
+    from megatron_r1v.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
     trainer, ctx = build_trainer(cfg)
+    start = 0
+    if args.resume:
+        latest = latest_checkpoint(cfg.train.save_dir)
+        if latest is None:
+            destroy_distributed(ctx)
+            print(f"error: --resume: no checkpoint in {cfg.train.save_dir}", file=sys.stderr)
+            return 2
+        start = load_checkpoint(latest, trainer, ctx)
+        if ctx.rank == 0:
+            print(f"resumed from {latest} after step {start}", flush=True)
     writer = None
     if ctx.rank == 0 and cfg.logging.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(cfg.logging.tensorboard_dir)
     try:
-        for step in range(cfg.train.steps):
+        for step in range(start, cfg.train.steps):
             metrics = trainer.step(step)
+            done = step + 1
+            interval = cfg.train.save_interval
+            if cfg.train.save_dir and ((interval and done % interval == 0) or done == cfg.train.steps):
+                save_checkpoint(cfg.train.save_dir, done, trainer, ctx)
             if ctx.rank != 0:
                 continue
             if step % cfg.logging.log_interval == 0 or step == cfg.train.steps - 1:

@@ -59,3 +59,57 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     assert all(m["train/grpo_loss"] != 0.0 for m in metrics)
     assert metrics[0]["train/kl"] == 0.0 and metrics[-1]["train/kl"] > 0.0  # the adapter left its start
     assert metrics[-1]["ssb/size"] > 0
+
+
+def _run(tmp_path, name, steps, *extra, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
+           "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
+           "--set", "logging.tensorboard_dir=null", "--set", f"train.steps={steps}",
+           "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_resume_is_bit_identical(tmp_path, reward_tools):
+    """6 steps in one run == 3 steps, then --resume for 3 more: metrics, weights, optimizer, SSB."""
+    import torch
+
+    from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
+
+    generate_dataset(tmp_path / "data", 12, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl"], 640, tmp_path / "tok")
+    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
+    reward_tools.save_model(tmp_path / "rm", 640)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
+        rm = ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
+              "--set", "reward.model_calibration=sigmoid", "--set", "train.save_interval=3"]
+        _run(tmp_path, "full", 6, *rm, env=env)
+        _run(tmp_path, "split", 3, *rm, env=env)
+        # The same save_dir, now asked for 6 steps: continues after step 3.
+        shutil.copy(tmp_path / "split.jsonl", tmp_path / "split_first.jsonl")
+        proc = _run(tmp_path, "split", 6, *rm, "--resume", env=env)
+    assert "resumed from" in proc.stdout and "after step 3" in proc.stdout
+    full = [json.loads(x) for x in (tmp_path / "full.jsonl").read_text().splitlines()]
+    split = [json.loads(x) for x in (tmp_path / "split.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in split] == list(range(6))
+    drop = ("perf/", "train/grad_norm")  # timings differ; the rest must not
+    for a, b in zip(full, split):
+        assert {k: v for k, v in a.items() if not k.startswith(drop)} == \
+               {k: v for k, v in b.items() if not k.startswith(drop)}, a["step"]
+    assert any(m["train/grpo_loss"] != 0 for m in full)
+    end_full, end_split = tmp_path / "full" / "step_000006", tmp_path / "split" / "step_000006"
+    a, b = TorchDistReader(end_full / "model"), TorchDistReader(end_split / "model")
+    assert a.keys() == b.keys() and len(a.keys()) > 20
+    for rank in (0, 1):
+        sa = torch.load(end_full / f"rank_{rank:05d}.pt", weights_only=False)
+        sb = torch.load(end_split / f"rank_{rank:05d}.pt", weights_only=False)
+        for (pa, va), (pb, vb) in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].items()):
+            for name in va:
+                assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), (rank, pa, name)
+    for key in a.keys():
+        assert torch.equal(a.read(key), b.read(key)), key
+    start = TorchDistReader(tmp_path / "split" / "step_000003" / "model")
+    assert any(not torch.equal(start.read(k), a.read(k)) for k in a.keys() if "adapter" in k)  # it trained

@@ -309,6 +309,10 @@ class TorchDistReader:
                 ))
         self._raw: dict[_Fragment, Optional[int]] = {}
 
+    def keys(self) -> list[str]:
+        """The stored tensors' keys, sorted."""
+        return sorted(self._meta)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._meta_of(key).size)
 
