@@ -188,6 +188,8 @@ class GRPOConfig:
     """Per-response then per-group mean (Eq. 8), or a mean over all response tokens."""
     micro_batch_tokens: int = 1024
     """Token budget of one packed micro-batch (first-fit decreasing)."""
+    ppo_epochs: int = 1
+    """Optimizer steps per rollout batch, each over all its micro-batches (old log-probs stay fixed)."""
 
 
 @dataclass

@@ -32,6 +32,8 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.grpo.micro_batch_tokens < cfg.train.seq_length:
         raise ValueError(f"grpo.micro_batch_tokens ({cfg.grpo.micro_batch_tokens}) must be >= train.seq_length "
                          f"({cfg.train.seq_length}): a sample must fit one micro-batch")
+    if cfg.grpo.ppo_epochs < 1:
+        raise ValueError(f"grpo.ppo_epochs must be >= 1, got {cfg.grpo.ppo_epochs}")
     if cfg.rollout.engine != "hf":
         raise ValueError(f"rollout.engine: {cfg.rollout.engine!r} needs GPU rollout engines; only 'hf' runs here")
 

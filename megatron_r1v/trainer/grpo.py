@@ -216,12 +216,15 @@ class GRPOTrainer:
                 entropy_tokens += float(mb.loss_mask.sum())
             ref = refs[k] if refs[k] is not None else None
             microbatches.append(make_grpo_microbatch(mb, old, ref, adv, w))
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        result = grpo_forward_backward(self.ddp, microbatches, ctx, self.loss_cfg)
-        update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise FloatingPointError(f"step {step}: optimizer step skipped (non-finite gradients)")
+        for epoch in range(self.cfg.grpo.ppo_epochs):
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            epoch_result = grpo_forward_backward(self.ddp, microbatches, ctx, self.loss_cfg)
+            result = epoch_result if epoch == 0 else result  # metrics describe the on-policy pass
+            update_ok, grad_norm, _ = self.optimizer.step()
+            if not update_ok:
+                raise FloatingPointError(f"step {step}, PPO epoch {epoch}: optimizer step skipped "
+                                         "(non-finite gradients)")
         train_s = time.perf_counter() - t_train
 
         t_sync = time.perf_counter()

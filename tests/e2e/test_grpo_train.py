@@ -21,16 +21,30 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
+    import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_r1v.models.r1v.presets import get_preset
+    from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
+    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
     generate_dataset(tmp_path / "data", 12, seed=0)
     build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
                     tmp_path / "tok")
+    # Start from converted weights, as users do: transformers layout -> Megatron checkpoint.
+    HFRolloutEngine.from_arch(get_preset("tiny-r1v-chat"), seed=3).model.save_pretrained(str(tmp_path / "hf"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    convert = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "tools/convert_checkpoint.py"), "import", "--hf-dir", str(tmp_path / "hf"), "--out",
+         str(tmp_path / "mcore"), "--tp", "2", "--dtype", "fp32"], capture_output=True, text=True, env=env, timeout=600)
+    assert convert.returncode == 0, convert.stderr[-4000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
            "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
-           "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}", "--metrics-jsonl", str(tmp_path / "m.jsonl")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+           "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}", "--metrics-jsonl", str(tmp_path / "m.jsonl"),
+           "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", f"train.save_dir={tmp_path / 'ckpt'}",
+           "--set", "grpo.ppo_epochs=2"]
     shutil.copytree(tmp_path / "tok", tmp_path / "rm")
     reward_tools.save_model(tmp_path / "rm", 640)
     with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
@@ -59,6 +73,12 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     assert all(m["train/grpo_loss"] != 0.0 for m in metrics)
     assert metrics[0]["train/kl"] == 0.0 and metrics[-1]["train/kl"] > 0.0  # the adapter left its start
     assert metrics[-1]["ssb/size"] > 0
+    # Frozen tensors end as the converted checkpoint had them (the run started from it);
+    # the adapter trained.
+    start, end = TorchDistReader(tmp_path / "mcore"), TorchDistReader(tmp_path / "ckpt" / "step_000004" / "model")
+    assert start.keys() == end.keys()
+    changed = {k for k in start.keys() if not torch.equal(start.read(k), end.read(k))}
+    assert changed and all(k.startswith("adapter.") for k in changed), sorted(changed)[:5]
 
 
 def _run(tmp_path, name, steps, *extra, env=None):
