@@ -205,7 +205,9 @@ class GRPOTrainer:
         refs = [None] * len(packed)
         if self.loss_cfg.kl_beta:
             with self._reference_weights():
-                refs = [lp for lp, _ in compute_logprobs(self.ddp, plain, ctx, self.loss_cfg)]
+                ref_logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg)
+            if ctx.is_last_stage:  # other stages get no log-probs (and need none)
+                refs = [lp for lp, _ in ref_logprobs]
         microbatches, entropy_sum, entropy_tokens = [], 0.0, 0.0
         for k, (mb, adv, w, stored, has_stored) in enumerate(packed):
             old = None
@@ -214,8 +216,7 @@ class GRPOTrainer:
                 old = torch.where(has_stored, stored, lp)
                 entropy_sum += float(entropy.sum())
                 entropy_tokens += float(mb.loss_mask.sum())
-            ref = refs[k] if refs[k] is not None else None
-            microbatches.append(make_grpo_microbatch(mb, old, ref, adv, w))
+            microbatches.append(make_grpo_microbatch(mb, old, refs[k], adv, w))
         for epoch in range(self.cfg.grpo.ppo_epochs):
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()

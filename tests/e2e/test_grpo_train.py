@@ -133,3 +133,24 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
         assert torch.equal(a.read(key), b.read(key)), key
     start = TorchDistReader(tmp_path / "split" / "step_000003" / "model")
     assert any(not torch.equal(start.read(k), a.read(k)) for k in a.keys() if "adapter" in k)  # it trained
+
+
+def test_pipeline_and_data_parallel_layouts_train(tmp_path, reward_tools):
+    """PP=2 (stage 0 rolls out, the last stage holds the loss) and DP=2 (one engine per
+    replica, every other prompt each): 2 steps each with real advantages and a KL term."""
+    generate_dataset(tmp_path / "data", 8, seed=1)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl"], 640, tmp_path / "tok")
+    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
+    reward_tools.save_model(tmp_path / "rm", 640)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
+        common = ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
+                  "--set", "reward.model_calibration=sigmoid", "--set", "grpo.kl_beta=0.05",
+                  "--set", "parallel.tp=1", "--set", "rollout.n_samples=3"]
+        for name, layout in (("pp2", ["--set", "parallel.pp=2"]), ("dp2", [])):
+            _run(tmp_path, name, 2, *common, *layout, env=env)
+            metrics = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            assert [m["step"] for m in metrics] == [0, 1], name
+            assert all(m["train/grpo_loss"] != 0.0 and m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics), name
+            assert metrics[0]["train/kl"] == 0.0 and metrics[1]["train/kl"] > 0.0, name
+            assert metrics[0]["train/entropy"] > 0.0, name
