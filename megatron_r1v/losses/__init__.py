@@ -1,1 +1,2 @@
-"""Training objectives: GRPO (Eq. 6 advantages, Eq. 8 objective) and, with its issue, MPO."""
+"""Training objectives: GRPO (``grpo``: Eq. 6 advantages, Eq. 8 objective) and MPO
+(``mpo``: Eq. 2-5, the preference stage's losses)."""
