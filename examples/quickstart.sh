@@ -21,19 +21,9 @@ echo "[quickstart] 2/4 tokenizer (640 tokens, <IMG_CONTEXT> = 639 as preset tiny
     --vocab-size 640 --out "${OUT}/tokenizer"
 
 echo "[quickstart] 3/4 a tiny random reward model, served on localhost"
-"${PY}" - "${OUT}" <<'PY'
-import shutil, sys
-from pathlib import Path
-import torch, transformers
-from megatron_r1v.data.tokenizer import ENDOFTEXT, special_token_ids
-out = Path(sys.argv[1])
-shutil.copytree(out / "tokenizer", out / "reward_model")
-config = transformers.Qwen2Config(vocab_size=640, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                                  num_labels=1, pad_token_id=special_token_ids(640)[ENDOFTEXT], initializer_range=0.5)
-torch.manual_seed(0)
-transformers.Qwen2ForSequenceClassification(config).save_pretrained(out / "reward_model")
-PY
+cp -r "${OUT}/tokenizer" "${OUT}/reward_model"
+"${PY}" -c "import sys; from megatron_r1v.rewards.reward_model import save_random_reward_model as s; s(sys.argv[1], 640)" \
+    "${OUT}/reward_model"
 "${PY}" tools/serve_reward_model.py --model "${OUT}/reward_model" --port 0 > "${OUT}/rm.url" 2> "${OUT}/rm.log" &
 RM_PID=$!
 trap 'kill ${RM_PID} 2>/dev/null || true' EXIT

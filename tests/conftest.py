@@ -79,27 +79,14 @@ def unused_tcp_port():
 
 
 def save_tiny_reward_model(root: Path, vocab_size: int, texts: Optional[list] = None) -> Path:
-    """A tiny random Qwen2 reward model (one label) saved with a BPE tokenizer of this project.
-
-    ``texts`` train a new tokenizer into ``root``; without them ``root`` must already hold
-    one with ``vocab_size`` tokens.
-    """
-    import transformers
-
-    from megatron_r1v.data.tokenizer import ENDOFTEXT, save_hf_tokenizer, special_token_ids, train_tokenizer
+    """``rewards.reward_model.save_random_reward_model`` into ``root``; ``texts`` first train a
+    project tokenizer there (otherwise ``root`` must already hold one of ``vocab_size`` tokens)."""
+    from megatron_r1v.data.tokenizer import save_hf_tokenizer, train_tokenizer
+    from megatron_r1v.rewards.reward_model import save_random_reward_model
 
     if texts is not None:
         save_hf_tokenizer(train_tokenizer(texts, vocab_size), root)
-    config = transformers.Qwen2Config(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=2048, num_labels=1,
-        pad_token_id=special_token_ids(vocab_size)[ENDOFTEXT],
-        # A wide init so the scores are O(1) and differ between texts.
-        initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForSequenceClassification(config).save_pretrained(root)
-    return root
+    return save_random_reward_model(root, vocab_size)
 
 
 @contextlib.contextmanager

@@ -238,3 +238,28 @@ class HFRewardModel:
                 logits_BL = self.model(**encoded).logits  # [B, num_labels]
                 scores += logits_BL[:, self.score_index].float().cpu().tolist()
         return scores
+
+
+def save_random_reward_model(out_dir: Union[str, Path], vocab_size: int, seed: int = 0) -> Path:
+    """A tiny random Qwen2 sequence classifier (one label) for demos and tests, saved next to
+    the project tokenizer already in ``out_dir`` (``data/tokenizer.py``, ``vocab_size`` tokens).
+
+    Its scores carry no meaning, but they are graded, so GRPO groups of a random policy get
+    non-zero advantages and the whole loop can be exercised.
+    """
+    import torch
+    import transformers
+
+    from megatron_r1v.data.tokenizer import ENDOFTEXT, special_token_ids
+
+    config = transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=2048, num_labels=1,
+        pad_token_id=special_token_ids(vocab_size)[ENDOFTEXT],
+        # A wide init so the scores are O(1) and differ between texts.
+        initializer_range=0.5,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformers.Qwen2ForSequenceClassification(config).save_pretrained(str(out_dir))
+    return Path(out_dir)

@@ -33,9 +33,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT, ShardSpec, TensorMap, mcore_shards_to_hf
+from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT, ShardSpec, TensorMap
 from megatron_r1v.models.r1v.presets import R1VArch
-from megatron_r1v.models.r1v.weights import model_stage_maps, unwrap_model
+from megatron_r1v.models.r1v.weights import iter_stage_hf_tensors, model_stage_maps, unwrap_model
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rollout.engine import RolloutEngine
 
@@ -174,25 +174,15 @@ class WeightSync:
         ctx = self.ctx
         bucket: Bucket = []
         size = 0
-        for local_name, tm in self.stage_maps.items():
-            param = self.params[local_name]
-            if not full and not param.requires_grad:  # same on every TP rank: set by name
-                continue
-            local = param.detach()
-            if ctx.tp > 1:
-                shards = [torch.empty_like(local) for _ in range(ctx.tp)]
-                dist.all_gather(shards, local.contiguous(), group=ctx.tp_group)
-            else:
-                shards = [local]
-            if ctx.tp_rank != 0:
-                continue
-            for hf_name, tensor in mcore_shards_to_hf(tm, shards, self.spec).items():
-                tensor = tensor.contiguous()
-                if bucket and (size + _nbytes(tensor) > self.bucket_bytes or tensor.dtype != bucket[0][1].dtype):
-                    yield bucket
-                    bucket, size = [], 0
-                bucket.append((hf_name, tensor))
-                size += _nbytes(tensor)
+        # requires_grad is set by name, so the filter agrees on every TP rank.
+        include = None if full else (lambda param: param.requires_grad)
+        for hf_name, tensor in iter_stage_hf_tensors(self.params, self.stage_maps, self.spec, ctx, include=include):
+            tensor = tensor.contiguous()
+            if bucket and (size + _nbytes(tensor) > self.bucket_bytes or tensor.dtype != bucket[0][1].dtype):
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((hf_name, tensor))
+            size += _nbytes(tensor)
         if bucket:
             yield bucket
 

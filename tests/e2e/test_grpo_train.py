@@ -6,6 +6,7 @@ group would have zero advantage; a tiny random reward model served over HTTP
 Selective Sample Buffer fills and the adapter actually trains.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,38 @@ from megatron_r1v.data.tokenizer import build_tokenizer
 from megatron_r1v.trainer.grpo import TAGS
 
 REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+
+
+@contextlib.contextmanager
+def served_reward(tmp_path, reward_tools, num_prompts: int, seed: int):
+    """Synthetic prompts, a 640-token tokenizer and a random reward model served on localhost;
+    yields the --set arguments that point the run at it (sigmoid-calibrated scores)."""
+    generate_dataset(tmp_path / "data", num_prompts, seed=seed)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
+    reward_tools.save_model(tmp_path / "rm", 640)
+    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
+        yield ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
+               "--set", "reward.model_calibration=sigmoid"]
+
+
+def _run(tmp_path, name, steps, *extra):
+    """``steps`` GRPO steps (TP=2 recipe) saving to ``tmp_path/name``, metrics to ``name.jsonl``;
+    later ``--set`` in ``extra`` override the earlier ones."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
+           "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
+           "--set", "logging.tensorboard_dir=null", "--set", f"train.steps={steps}",
+           "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _metrics(tmp_path, name) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
 
 
 def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
@@ -28,30 +61,17 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
     from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
-    generate_dataset(tmp_path / "data", 12, seed=0)
-    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
-                    tmp_path / "tok")
-    # Start from converted weights, as users do: transformers layout -> Megatron checkpoint.
-    HFRolloutEngine.from_arch(get_preset("tiny-r1v-chat"), seed=3).model.save_pretrained(str(tmp_path / "hf"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
-    convert = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tools/convert_checkpoint.py"), "import", "--hf-dir", str(tmp_path / "hf"), "--out",
-         str(tmp_path / "mcore"), "--tp", "2", "--dtype", "fp32"], capture_output=True, text=True, env=env, timeout=600)
-    assert convert.returncode == 0, convert.stderr[-4000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
-           "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
-           "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}", "--metrics-jsonl", str(tmp_path / "m.jsonl"),
-           "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", f"train.save_dir={tmp_path / 'ckpt'}",
-           "--set", "grpo.ppo_epochs=2"]
-    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
-    reward_tools.save_model(tmp_path / "rm", 640)
-    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
-        cmd += ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
-                "--set", "reward.model_calibration=sigmoid"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
+        # Start from converted weights, as users do: transformers layout -> Megatron checkpoint.
+        HFRolloutEngine.from_arch(get_preset("tiny-r1v-chat"), seed=3).model.save_pretrained(str(tmp_path / "hf"))
+        convert = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(REPO / "tools/convert_checkpoint.py"), "import", "--hf-dir", str(tmp_path / "hf"), "--out",
+             str(tmp_path / "mcore"), "--tp", "2", "--dtype", "fp32"], capture_output=True, text=True, env=ENV,
+            timeout=600)
+        assert convert.returncode == 0, convert.stderr[-4000:]
+        proc = _run(tmp_path, "ckpt", 4, *reward_args, "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+                    "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", "grpo.ppo_epochs=2")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == [f"step {i}/4" for i in range(1, 5)]
     assert all("effective ratio" in line and "step time" in line for line in lines)
@@ -62,7 +82,7 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     assert set(TAGS) <= scalars, sorted(set(TAGS) - scalars)
     for tag in TAGS:
         assert [e.step for e in events.Scalars(tag)] == [0, 1, 2, 3], tag
-    metrics = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    metrics = _metrics(tmp_path, "ckpt")
     for m in metrics:
         assert 0.0 <= m["train/accuracy"] <= 1.0 and m["train/response_length"] > 0
         assert m["train/entropy"] > 0 and m["perf/step_time_s"] > m["perf/train_time_s"] > 0
@@ -81,16 +101,6 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     assert changed and all(k.startswith("adapter.") for k in changed), sorted(changed)[:5]
 
 
-def _run(tmp_path, name, steps, *extra, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
-           "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
-           "--set", "logging.tensorboard_dir=null", "--set", f"train.steps={steps}",
-           "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
 
 def test_resume_is_bit_identical(tmp_path, reward_tools):
     """6 steps in one run == 3 steps, then --resume for 3 more: metrics, weights, optimizer, SSB."""
@@ -98,22 +108,14 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
 
     from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
 
-    generate_dataset(tmp_path / "data", 12, seed=0)
-    build_tokenizer([tmp_path / "data" / "prompts.jsonl"], 640, tmp_path / "tok")
-    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
-    reward_tools.save_model(tmp_path / "rm", 640)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
-    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
-        rm = ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
-              "--set", "reward.model_calibration=sigmoid", "--set", "train.save_interval=3"]
-        _run(tmp_path, "full", 6, *rm, env=env)
-        _run(tmp_path, "split", 3, *rm, env=env)
+    with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
+        every3 = [*reward_args, "--set", "train.save_interval=3"]
+        _run(tmp_path, "full", 6, *every3)
+        _run(tmp_path, "split", 3, *every3)
         # The same save_dir, now asked for 6 steps: continues after step 3.
-        shutil.copy(tmp_path / "split.jsonl", tmp_path / "split_first.jsonl")
-        proc = _run(tmp_path, "split", 6, *rm, "--resume", env=env)
+        proc = _run(tmp_path, "split", 6, *every3, "--resume")
     assert "resumed from" in proc.stdout and "after step 3" in proc.stdout
-    full = [json.loads(x) for x in (tmp_path / "full.jsonl").read_text().splitlines()]
-    split = [json.loads(x) for x in (tmp_path / "split.jsonl").read_text().splitlines()]
+    full, split = _metrics(tmp_path, "full"), _metrics(tmp_path, "split")
     assert [m["step"] for m in split] == list(range(6))
     drop = ("perf/", "train/grad_norm")  # timings differ; the rest must not
     for a, b in zip(full, split):
@@ -138,18 +140,11 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
 def test_pipeline_and_data_parallel_layouts_train(tmp_path, reward_tools):
     """PP=2 (stage 0 rolls out, the last stage holds the loss) and DP=2 (one engine per
     replica, every other prompt each): 2 steps each with real advantages and a KL term."""
-    generate_dataset(tmp_path / "data", 8, seed=1)
-    build_tokenizer([tmp_path / "data" / "prompts.jsonl"], 640, tmp_path / "tok")
-    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
-    reward_tools.save_model(tmp_path / "rm", 640)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
-    with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
-        common = ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
-                  "--set", "reward.model_calibration=sigmoid", "--set", "grpo.kl_beta=0.05",
-                  "--set", "parallel.tp=1", "--set", "rollout.n_samples=3"]
+    with served_reward(tmp_path, reward_tools, 8, seed=1) as reward_args:
+        common = [*reward_args, "--set", "grpo.kl_beta=0.05", "--set", "parallel.tp=1", "--set", "rollout.n_samples=3"]
         for name, layout in (("pp2", ["--set", "parallel.pp=2"]), ("dp2", [])):
-            _run(tmp_path, name, 2, *common, *layout, env=env)
-            metrics = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            _run(tmp_path, name, 2, *common, *layout)
+            metrics = _metrics(tmp_path, name)
             assert [m["step"] for m in metrics] == [0, 1], name
             assert all(m["train/grpo_loss"] != 0.0 and m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics), name
             assert metrics[0]["train/kl"] == 0.0 and metrics[1]["train/kl"] > 0.0, name

@@ -8,7 +8,7 @@ stages are collected on global rank 0, and names come back through hf_mapping.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,6 +87,35 @@ def _local_tensor(param: torch.nn.Parameter, grads: bool) -> torch.Tensor:
     return grad.detach().to(param.dtype) if grad.dtype != param.dtype else grad.detach()
 
 
+def iter_stage_hf_tensors(
+    params: dict[str, torch.nn.Parameter],
+    stage_maps: dict[str, TensorMap],
+    spec: ShardSpec,
+    ctx: ParallelContext,
+    *,
+    grads: bool = False,
+    include: Optional[Callable[[torch.nn.Parameter], bool]] = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's parameters (or gradients) under HF names, one Megatron tensor at a time.
+
+    Collective over the TP group (each tensor's shards are all-gathered); the HF tensors
+    come out on the stage's first TP rank only. ``include`` filters parameters and must
+    answer the same on every TP rank (e.g. ``requires_grad``, set by name).
+    """
+    for local_name, tm in stage_maps.items():
+        param = params[local_name]
+        if include is not None and not include(param):
+            continue
+        local = _local_tensor(param, grads).contiguous()
+        if ctx.tp > 1:
+            shards = [torch.empty_like(local) for _ in range(ctx.tp)]
+            dist.all_gather(shards, local, group=ctx.tp_group)
+        else:
+            shards = [local]
+        if ctx.tp_rank == 0:
+            yield from mcore_shards_to_hf(tm, shards, spec).items()
+
+
 def gather_hf_tensors(
     model: torch.nn.Module,
     stage_maps: dict[str, TensorMap],
@@ -101,13 +130,7 @@ def gather_hf_tensors(
     and small models; the checkpoint converter streams tensor by tensor instead.
     """
     params = dict(unwrap_model(model).named_parameters())
-    stage: dict[str, torch.Tensor] = {}
-    for local_name, tm in stage_maps.items():
-        local = _local_tensor(params[local_name], grads).contiguous()
-        shards = [torch.empty_like(local) for _ in range(ctx.tp)]
-        dist.all_gather(shards, local, group=ctx.tp_group)
-        if ctx.tp_rank == 0:
-            stage.update({k: v.cpu() for k, v in mcore_shards_to_hf(tm, shards, spec).items()})
+    stage = {k: v.cpu() for k, v in iter_stage_hf_tensors(params, stage_maps, spec, ctx, grads=grads)}
     per_stage: list[Optional[dict]] = [None] * ctx.pp
     dist.all_gather_object(per_stage, stage if ctx.tp_rank == 0 else {}, group=ctx.pp_group)
     if ctx.rank != 0:
