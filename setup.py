@@ -23,6 +23,7 @@ setup(
         "pyyaml>=6.0",
         "zarr>=2.16",
         "tensorboard>=2.14",
+        "matplotlib>=3.8",  # megatron_r1v.plotting / tools/plot_run.py: PNGs of the TensorBoard scalars
         "tqdm>=4.66",
         "psutil>=5.9",  # megatron.core.dist_checkpointing needs it
         # r_rule of the GRPO reward (rewards/rule.py): LaTeX/expression equivalence.

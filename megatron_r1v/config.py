@@ -193,6 +193,33 @@ class GRPOConfig:
 
 
 @dataclass
+class MPOConfig:
+    data_format: Literal["preferences", "scored"] = "preferences"
+    """data.train_path holds ready-made preference pairs, or scored responses to build pairs from
+    (``python -m megatron_r1v.data.pairs`` documents both)."""
+    margin_threshold: Optional[float] = None
+    """Keep pairs whose reward margin (chosen - rejected score) exceeds this (the report compares
+    7, 10 and 15); null keeps every ready-made pair. Required for data_format scored."""
+    max_pairs_per_prompt: int = 1
+    """Pairs built from one prompt's scored responses (0: every rejected candidate)."""
+    pairs_per_step: int = 16
+    """Preference pairs per optimizer step over all data-parallel ranks."""
+    beta: float = 0.1
+    """Scale of the implicit reward r = beta log(pi / pi_ref) (Eq. 3-4)."""
+    preference_weight: float = 0.8
+    """w_p of Eq. 2: the DPO term (Eq. 3)."""
+    quality_weight: float = 0.2
+    """w_q of Eq. 2: the BCO term (Eq. 4)."""
+    generation_weight: float = 1.0
+    """w_g of Eq. 2: the length-normalized NLL of the chosen response (Eq. 5)."""
+    micro_batch_tokens: int = 2048
+    """Token budget of one packed micro-batch; a pair's two sequences share a micro-batch."""
+    reference_cache: Optional[str] = None
+    """Directory of the cached reference log-probs (computed once with the initial policy);
+    null: <train.save_dir>/reference_logprobs, or no cache without save_dir."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     log_interval: int = 1
@@ -209,6 +236,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ssb: SSBConfig = field(default_factory=SSBConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    mpo: MPOConfig = field(default_factory=MPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":

@@ -1,14 +1,19 @@
 """Training entry point: ``torchrun --nproc_per_node N -m megatron_r1v.train --config RECIPE [--set a.b=c]``.
 
-Runs the GRPO stage (``train.stage: grpo``; the MPO stage arrives with its own issue):
-builds this rank's model stage (from ``model.checkpoint``, a Megatron checkpoint written
-by ``tools/convert_checkpoint.py import``, or random weights), the optimizer, the data
-loader, the hybrid reward, the Selective Sample Buffer, and one rollout engine per
-data-parallel replica; then prints one progress line per step and writes the
-TensorBoard scalars of :data:`megatron_r1v.trainer.grpo.TAGS` under
-``logging.tensorboard_dir``. With ``train.save_dir`` it writes a training checkpoint
-every ``train.save_interval`` steps and at the end (``trainer/checkpoint.py``);
-``--resume`` continues from the newest one there, exactly as the uninterrupted run would.
+Runs the stage ``train.stage`` names (``trainer/build.py`` builds it):
+
+- ``mpo``: Mixed Preference Optimization on preference pairs (``trainer/mpo.py``);
+  reference log-probs are computed once and cached (``trainer/reference_cache.py``).
+- ``grpo``: GRPO with the hybrid reward, the Selective Sample Buffer and one rollout
+  engine per data-parallel replica (``trainer/grpo.py``).
+
+Both start from ``model.checkpoint`` (a Megatron checkpoint written by
+``tools/convert_checkpoint.py import``, or the ``model/`` folder of an earlier stage's
+training checkpoint) or random weights, print one progress line per step and write the
+TensorBoard scalars of their ``TAGS`` under ``logging.tensorboard_dir``. With
+``train.save_dir`` they write a training checkpoint every ``train.save_interval`` steps
+and at the end (``trainer/checkpoint.py``); ``--resume`` continues from the newest one
+there, exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -23,12 +28,21 @@ from megatron_r1v.config import RunConfig, add_config_args, load_config
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Settings the GRPO stage needs, each error naming its key."""
-    if cfg.train.stage != "grpo":
-        raise ValueError(f"train.stage: {cfg.train.stage!r} is not runnable yet; only 'grpo' is implemented")
+    """Settings the chosen stage needs, each error naming its key."""
     for key, value in (("data.train_path", cfg.data.train_path), ("data.tokenizer", cfg.data.tokenizer)):
         if not value:
-            raise ValueError(f"{key} must be set for the GRPO stage")
+            raise ValueError(f"{key} must be set for the {cfg.train.stage} stage")
+    if cfg.train.stage == "mpo":
+        m = cfg.mpo
+        if m.micro_batch_tokens < 2 * cfg.train.seq_length:
+            raise ValueError(f"mpo.micro_batch_tokens ({m.micro_batch_tokens}) must be >= 2 * train.seq_length "
+                             f"({2 * cfg.train.seq_length}): a pair's two sequences share a micro-batch")
+        if m.data_format == "scored" and m.margin_threshold is None:
+            raise ValueError("mpo.margin_threshold must be set with mpo.data_format=scored (the report uses 7, 10 "
+                             "or 15)")
+        if m.pairs_per_step < 1 or m.max_pairs_per_prompt < 0:
+            raise ValueError("mpo.pairs_per_step must be >= 1 and mpo.max_pairs_per_prompt >= 0")
+        return
     if cfg.grpo.micro_batch_tokens < cfg.train.seq_length:
         raise ValueError(f"grpo.micro_batch_tokens ({cfg.grpo.micro_batch_tokens}) must be >= train.seq_length "
                          f"({cfg.train.seq_length}): a sample must fit one micro-batch")
@@ -38,63 +52,12 @@ def preflight(cfg: RunConfig) -> None:
         raise ValueError(f"rollout.engine: {cfg.rollout.engine!r} needs GPU rollout engines; only 'hf' runs here")
 
 
-def build_trainer(cfg: RunConfig):
-    """Everything a GRPO run holds on this rank; returns (trainer, ctx)."""
-    from transformers import AutoTokenizer
-
-    from megatron_r1v.data.loader import PromptLoader
-    from megatron_r1v.data.schema import load_records
-    from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tiling import PILTiler, TilingConfig
-    from megatron_r1v.data.tokenizer import IM_END
-    from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
-    from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
-    from megatron_r1v.models.r1v.presets import get_preset
-    from megatron_r1v.platform import init_distributed
-    from megatron_r1v.rewards.hybrid import HybridReward
-    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
-    from megatron_r1v.rollout.weight_sync import WeightSync
-    from megatron_r1v.ssb import SelectiveSampleBuffer
-    from megatron_r1v.trainer.grpo import GRPOTrainer
-    from megatron_r1v.trainer.lm_step import attach_ddp_hooks
-    from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
-
-    ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    arch = get_preset(cfg.model.preset)
-    if arch.vision is None:
-        raise ValueError(f"model.preset {cfg.model.preset!r} has no vision tower; GRPO needs an R1V preset")
-    stage = build_model_stage(arch, ctx, cfg.model, layout=TRANSFORMERS_LAYOUT,
-                              sequence_parallel=cfg.parallel.sequence_parallel)
-    if cfg.model.checkpoint:
-        load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, cfg.model.checkpoint)
-    ddp = wrap_ddp(stage.model, stage.config, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
-    optimizer = build_optimizer([ddp], cfg.optimizer, cfg.model.params_dtype)
-    attach_ddp_hooks(ddp, optimizer)
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
-    if len(tokenizer) > arch.decoder.vocab_size:
-        raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens; model.preset {cfg.model.preset!r} has "
-                         f"{arch.decoder.vocab_size}")
-    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
-                                                      max_seq_len=cfg.train.seq_length))
-    if template.image_token_id != arch.image_token_id:
-        raise ValueError(f"data.tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; model.preset "
-                         f"{cfg.model.preset!r} expects {arch.image_token_id}")
-    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
-                                  on_bad_sample=cfg.data.on_bad_sample))
-    records = load_records(cfg.data.train_path, "prompts", cfg.data.on_bad_sample).records
-    loader = PromptLoader(records, template, tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
-                          on_bad_sample=cfg.data.on_bad_sample)
-    sync = WeightSync(arch, ctx, [ddp], shard_spec=stage.shard_spec, backend=stage.backend, every_dp_replica=True)
-    engine = HFRolloutEngine.from_arch(arch, tokenizer=tokenizer, seed=cfg.train.seed) if sync.is_owner else None
-    sync.sync(engine, full=True)  # the engine starts from the trainer's weights
-    trainer = GRPOTrainer(cfg, ctx, stage, ddp, optimizer, loader, HybridReward.from_config(cfg.reward),
-                          SelectiveSampleBuffer(cfg.ssb), sync, engine,
-                          stop_token_ids=(tokenizer.convert_tokens_to_ids(IM_END),))
-    return trainer, ctx
-
-
-def progress_line(step: int, total: int, metrics: dict) -> str:
+def progress_line(stage: str, step: int, total: int, metrics: dict) -> str:
+    if stage == "mpo":
+        return (f"step {step + 1}/{total} | loss {metrics['mpo/loss']:.4f} (pref {metrics['mpo/pref_loss']:.4f}, "
+                f"quality {metrics['mpo/quality_loss']:.4f}, gen {metrics['mpo/gen_loss']:.4f}) | "
+                f"reward margin {metrics['mpo/reward_margin']:+.4f} | accuracy {metrics['mpo/accuracy']:.2f} | "
+                f"delta {metrics['mpo/delta']:+.4f} | step time {metrics['perf/step_time_s']:.1f}s")
     return (f"step {step + 1}/{total} | reward {metrics['train/reward_mean']:.3f} | "
             f"accuracy {metrics['train/accuracy']:.3f} | effective ratio {metrics['ssb/effective_ratio_fresh']:.2f}"
             f" -> {metrics['ssb/effective_ratio_batch']:.2f} | loss {metrics['train/grpo_loss']:+.3e} | "
@@ -120,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resume and not cfg.train.save_dir:
         print("error: --resume needs train.save_dir", file=sys.stderr)
         return 2
+    from megatron_r1v.trainer.build import build_trainer
     from megatron_r1v.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     trainer, ctx = build_trainer(cfg)
@@ -148,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if ctx.rank != 0:
                 continue
             if step % cfg.logging.log_interval == 0 or step == cfg.train.steps - 1:
-                print(progress_line(step, cfg.train.steps, metrics), flush=True)
+                print(progress_line(cfg.train.stage, step, cfg.train.steps, metrics), flush=True)
             if writer is not None:
                 for tag, value in metrics.items():
                     writer.add_scalar(tag, value, step)

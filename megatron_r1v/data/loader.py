@@ -1,4 +1,5 @@
-"""Prompt batches for rollouts: records -> tiles -> chat-template prompt ids, with a cursor.
+"""Prompt batches for rollouts (:class:`PromptLoader`) and preference-pair batches for MPO
+(:class:`PairLoader`): records -> tiles -> chat-template token ids, with a cursor.
 
 Each epoch visits the records in a permutation drawn from ``(seed, epoch)``; a step's
 global batch is the next ``n`` positions (running into the next epoch's permutation when
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from .images import ImageError
-from .schema import PromptRecord
-from .template import ChatTemplate, OverlengthError
+from .schema import PreferenceRecord, PromptRecord
+from .template import ChatTemplate, EncodedSample, OverlengthError
 from .tiling import Tiler
 
 logger = logging.getLogger(__name__)
@@ -104,24 +105,30 @@ class PromptLoader:
                 items.append(item)
         return items
 
+    def _tiles(self, record) -> tuple[Optional[torch.Tensor], tuple[int, ...]]:
+        """(tiles of all the record's images in order, tiles per image); raises ImageError."""
+        tiled = self.tiler.tile_files(record.images) if record.images else None
+        if tiled is not None and tiled.num_skipped:
+            first = tiled.skipped[0]
+            raise ImageError(first.path, first.reason)
+        images = tiled.kept() if tiled is not None else []
+        pixels = torch.cat([img.pixel_values for img in images]) if images else None
+        return pixels, tuple(img.num_tiles for img in images)
+
+    def _skip(self, record, err: Exception) -> None:
+        if self.on_bad_sample == "error":
+            raise err
+        self.cursor.skipped += 1
+        kind = "prompt" if isinstance(record, PromptRecord) else "pair"
+        logger.warning("skipping %s %s (on_bad_sample=skip; %d skipped so far): %s",
+                       kind, record.id, self.cursor.skipped, err)
+
     def prepare(self, record: PromptRecord) -> Optional[PromptItem]:
         try:
-            tiled = self.tiler.tile_files(record.images) if record.images else None
-            if tiled is not None and tiled.num_skipped:
-                first = tiled.skipped[0]
-                raise ImageError(first.path, first.reason)
-            images = tiled.kept() if tiled is not None else []
-            tiles = tuple(img.num_tiles for img in images)
-            prompt_ids = self.template.prompt_ids(record.id, record.question, tiles)
+            pixels, tiles = self._tiles(record)
+            return PromptItem(record, self.template.prompt_ids(record.id, record.question, tiles), pixels, tiles)
         except (ImageError, OverlengthError) as err:
-            if self.on_bad_sample == "error":
-                raise
-            self.cursor.skipped += 1
-            logger.warning("skipping prompt %s (on_bad_sample=skip; %d skipped so far): %s",
-                           record.id, self.cursor.skipped, err)
-            return None
-        pixels = torch.cat([img.pixel_values for img in images]) if images else None
-        return PromptItem(record, prompt_ids, pixels, tiles)
+            return self._skip(record, err)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "num_records": len(self.records), **asdict(self.cursor)}
@@ -131,3 +138,25 @@ class PromptLoader:
             raise ValueError(f"data cursor was saved for seed {state['seed']} over {state['num_records']} records; "
                              f"this run has seed {self.seed} over {len(self.records)} records")
         self.cursor = DataCursor(state["epoch"], state["position"], state["skipped"])
+
+
+@dataclass
+class PairItem:
+    record: PreferenceRecord
+    chosen: EncodedSample
+    rejected: EncodedSample
+    pixel_values: Optional[torch.Tensor]  # the prompt's tiles; both sequences hold the same image tokens
+
+
+class PairLoader(PromptLoader):
+    """:class:`PromptLoader` over preference pairs: each item is the pair's two full
+    conversations (prompt + chosen, prompt + rejected), labels on the responses only."""
+
+    def prepare(self, record: PreferenceRecord) -> Optional[PairItem]:
+        try:
+            pixels, tiles = self._tiles(record)
+            chosen = self.template.encode(record.id, record.prompt, record.chosen, tiles)
+            rejected = self.template.encode(record.id, record.prompt, record.rejected, tiles)
+            return PairItem(record, chosen, rejected, pixels)
+        except (ImageError, OverlengthError) as err:
+            return self._skip(record, err)

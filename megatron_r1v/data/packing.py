@@ -74,11 +74,15 @@ def pack_samples(
     token_budget: int,
     pad_id: int,
     pad_to_multiple: int = 1,
+    groups: Optional[Sequence[Sequence[int]]] = None,
 ) -> list[PackedMicroBatch]:
     """Packs ``samples`` (with each one's tiles ``[n_tiles, 3, S, S]`` or None) by FFD.
 
     ``pad_to_multiple`` pads each micro-batch's length (e.g. to the TP size for sequence
-    parallelism); padding is a separate segment with no targets.
+    parallelism); padding is a separate segment with no targets. ``groups`` (sample
+    indices, each sample in exactly one group) keeps a group in one micro-batch, in its
+    order: a loss over a group (MPO's chosen and rejected of a pair) then needs nothing
+    from other micro-batches.
     """
     if len(pixel_values) != len(samples):
         raise ValueError(f"{len(samples)} samples but {len(pixel_values)} pixel_values entries")
@@ -87,7 +91,13 @@ def pack_samples(
         if n_tiles != sum(sample.tiles_per_image):
             raise ValueError(f"sample {sample.sample_id}: {n_tiles} image tiles given, its tokens expect "
                              f"{sum(sample.tiles_per_image)} ({list(sample.tiles_per_image)} per image)")
-    plan = first_fit_decreasing([len(s) for s in samples], token_budget, [s.sample_id for s in samples])
+    if groups is None:
+        groups = [[i] for i in range(len(samples))]
+    if sorted(i for g in groups for i in g) != list(range(len(samples))):
+        raise ValueError(f"groups must hold each of the {len(samples)} sample indices exactly once")
+    bins = first_fit_decreasing([sum(len(samples[i]) for i in g) for g in groups], token_budget,
+                                ["+".join(samples[i].sample_id for i in g) for g in groups])
+    plan = [[i for g in members for i in groups[g]] for members in bins]
     return [_pack_bin([samples[i] for i in members], [pixel_values[i] for i in members], members, pad_id,
                       pad_to_multiple) for members in plan]
 

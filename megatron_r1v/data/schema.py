@@ -1,4 +1,4 @@
-"""JSON Lines schemas for prompts (GRPO) and preference pairs (MPO), with validation.
+"""JSON Lines schemas for prompts (GRPO), preference pairs (MPO) and scored responses, with validation.
 
 One JSON object per line; blank lines are ignored.
 
@@ -6,6 +6,8 @@ One JSON object per line; blank lines are ignored.
                   "answer_type": "number"|"choice"|"expression"|"text", "choices"?: [...]}
     preferences: {"id", "images": [...], "prompt", "chosen", "rejected",
                   "chosen_score"?, "rejected_score"?}
+    scored:      {"id", "images": [...], "prompt",
+                  "responses": [{"text": str, "score": number}, ...]}
 
 Conventions:
 
@@ -26,6 +28,10 @@ Conventions:
 - For ``answer_type`` "number" the answer may be a JSON number; it is kept as a string.
 - Scores are finite numbers (not booleans); when both are given, ``chosen_score`` must
   not be below ``rejected_score``.
+- ``scored`` holds the sampled responses of one prompt with their rewards, the input of
+  MPO pair construction (``data.pairs``): at least one response, each an object with
+  exactly ``text`` and ``score``. Problems name the entry, e.g. ``responses[2]: missing
+  field 'score'``. Repeated texts are allowed (sampling repeats itself).
 
 Every problem is reported as ``FILE:LINE: message`` and a file is read to the end, so one
 run lists them all. ``load_records`` turns them into a :class:`DataError` or, with
@@ -49,8 +55,8 @@ from .tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["prompts", "preferences"]
-KINDS: tuple[str, ...] = ("prompts", "preferences")
+Kind = Literal["prompts", "preferences", "scored"]
+KINDS: tuple[str, ...] = ("prompts", "preferences", "scored")
 ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "expression", "text")
 IMAGE_PLACEHOLDER = "<image>"
 # Written literally in a text, these would add or remove image tokens or chat turns.
@@ -63,8 +69,11 @@ MAX_PROBLEMS_IN_ERROR = 20
 _REQUIRED = {
     "prompts": ("id", "images", "question", "answer", "answer_type"),
     "preferences": ("id", "images", "prompt", "chosen", "rejected"),
+    "scored": ("id", "images", "prompt", "responses"),
 }
-_OPTIONAL = {"prompts": ("choices",), "preferences": ("chosen_score", "rejected_score")}
+_OPTIONAL = {"prompts": ("choices",), "preferences": ("chosen_score", "rejected_score"), "scored": ()}
+# The fields of one entry of a scored record's ``responses``; both required.
+_RESPONSE_FIELDS = ("text", "score")
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,25 @@ class PreferenceRecord:
     rejected_score: Optional[float]
 
 
-Record = Union[PromptRecord, PreferenceRecord]
+@dataclass(frozen=True)
+class ScoredResponse:
+    """One sampled response and its reward (any scale: MPO margins are in its units)."""
+
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ScoredRecord:
+    """A prompt with its sampled responses in file order (order breaks score ties)."""
+
+    id: str
+    images: tuple[Path, ...]
+    prompt: str
+    responses: tuple[ScoredResponse, ...]
+
+
+Record = Union[PromptRecord, PreferenceRecord, ScoredRecord]
 
 
 @dataclass(frozen=True)
@@ -157,7 +184,9 @@ class _RecordChecker:
         self.errors: list[str] = []
 
     def text(self, name: str) -> Optional[str]:
-        value = self.obj.get(name)
+        return self._text_value(name, self.obj.get(name))
+
+    def _text_value(self, name: str, value: Any) -> Optional[str]:
         if not isinstance(value, str):
             self.errors.append(f"{name}: expected a string, got {_json_type(value)}")
             return None
@@ -215,9 +244,13 @@ class _RecordChecker:
             )
 
     def score(self, name: str) -> Optional[float]:
+        """An optional score: None when absent."""
         value = self.obj.get(name)
         if value is None:
             return None
+        return self._score_value(name, value)
+
+    def _score_value(self, name: str, value: Any) -> Optional[float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.errors.append(f"{name}: expected a number, got {_json_type(value)}")
             return None
@@ -225,6 +258,40 @@ class _RecordChecker:
             self.errors.append(f"{name}: expected a finite number, got {value}")
             return None
         return float(value)
+
+    def responses(self) -> Optional[tuple[ScoredResponse, ...]]:
+        """The ``responses`` of a scored record; None if any entry has a problem."""
+        value = self.obj.get("responses")
+        if not isinstance(value, list):
+            self.errors.append(f"responses: expected a non-empty array of {{\"text\", \"score\"}} objects, "
+                               f"got {_json_type(value)}")
+            return None
+        if not value:
+            self.errors.append("responses: empty array; a scored record needs at least one response")
+            return None
+        parsed: list[ScoredResponse] = []
+        for i, entry in enumerate(value):
+            where = f"responses[{i}]"
+            if not isinstance(entry, dict):
+                self.errors.append(f"{where}: expected an object with 'text' and 'score', got {_json_type(entry)}")
+                continue
+            before = len(self.errors)
+            for key in getattr(entry, "duplicates", ()):
+                self.errors.append(f"{where}: field {key!r} appears more than once")
+            for key in entry:
+                if key not in _RESPONSE_FIELDS:
+                    close = difflib.get_close_matches(key, _RESPONSE_FIELDS, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    self.errors.append(f"{where}: unknown field {key!r}{hint}")
+            for key in _RESPONSE_FIELDS:
+                if key not in entry:
+                    self.errors.append(f"{where}: missing field {key!r}")
+            text = self._text_value(f"{where}.text", entry["text"]) if "text" in entry else None
+            # Unlike chosen_score / rejected_score a response score is required, so null is an error.
+            score = self._score_value(f"{where}.score", entry["score"]) if "score" in entry else None
+            if len(self.errors) == before:
+                parsed.append(ScoredResponse(text, score))
+        return tuple(parsed) if len(parsed) == len(value) else None
 
     def answer(self, answer_type: Optional[str]) -> Optional[str]:
         value = self.obj.get("answer")
@@ -315,6 +382,12 @@ def _parse_record(obj: dict, kind: str, checker: _RecordChecker) -> tuple[Option
         checker.placeholders("question", question, images)
         if not checker.errors:
             record = PromptRecord(record_id, images, question, answer, answer_type, choices)
+    elif kind == "scored":
+        prompt = checker.text("prompt") if "prompt" in obj else None
+        responses = checker.responses() if "responses" in obj else None
+        checker.placeholders("prompt", prompt, images)
+        if not checker.errors:
+            record = ScoredRecord(record_id, images, prompt, responses)
     else:
         prompt = checker.text("prompt") if "prompt" in obj else None
         chosen = checker.text("chosen") if "chosen" in obj else None

@@ -10,13 +10,16 @@ via Mixed Preference Optimization", 2024) sums three losses over preference pair
                                                          quality, BCO         (Eq. 4)
     L_g = -log pi(y_c|x) / |y_c|                         generation, NLL      (Eq. 5)
 
-delta is the running mean of past rewards (BCO, Jung et al., 2024): each batch's mean of
-its chosen and rejected rewards is folded into the mean before the batch's loss is
-computed, so delta is stateful; :class:`RewardMean` holds that state and is saved with
-training checkpoints. Default weights (w_p, w_q, w_g) = (0.8, 0.2, 1.0) as in the report.
+delta is the running mean of past rewards (BCO, Jung et al., 2024): the trainer keeps a
+:class:`RewardMean` over the implicit rewards of all earlier steps (saved with training
+checkpoints), passes its value to :func:`mpo_loss`, and folds the step's rewards in after
+the step. Using past batches only keeps the loss of a step a sum of per-pair terms, so
+a step can be split into micro-batches and data-parallel shards without changing it.
+Default weights (w_p, w_q, w_g) = (0.8, 0.2, 1.0) as in the report.
 
-All functions take per-sequence summed log-probs ``[N]`` (response tokens only) and
-return the batch mean; they are pure apart from :meth:`RewardMean.update`.
+All functions take per-sequence summed log-probs ``[N]`` (response tokens only) and are
+pure; :func:`mpo_loss` returns the batch mean and :func:`mpo_pair_losses` the per-pair
+terms.
 """
 
 from __future__ import annotations
@@ -54,10 +57,13 @@ class RewardMean:
     def update(self, rewards: torch.Tensor) -> float:
         """Folds ``rewards`` (any shape) into the mean; returns the new mean (delta)."""
         n = rewards.numel()
+        return self.update_sum(float(rewards.detach().double().sum()), n) if n else self.mean
+
+    def update_sum(self, total: float, n: int) -> float:
+        """Folds ``n`` rewards summing to ``total`` (e.g. reduced over ranks) into the mean."""
         if n:
-            batch_mean = float(rewards.detach().double().mean())
             self.count += n
-            self.mean += (batch_mean - self.mean) * n / self.count
+            self.mean += (total / n - self.mean) * n / self.count
         return self.mean
 
     def state_dict(self) -> dict:
@@ -73,20 +79,49 @@ def implicit_rewards(policy_logp: torch.Tensor, ref_logp: torch.Tensor, beta: fl
 
 
 def preference_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
-    """Eq. 3 (DPO): mean of -log sigma(r(y_c) - r(y_r))."""
-    return -F.logsigmoid(reward_chosen - reward_rejected).mean()
+    """Eq. 3 (DPO) per pair: -log sigma(r(y_c) - r(y_r))."""
+    return -F.logsigmoid(reward_chosen - reward_rejected)
 
 
 def quality_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor, delta: float) -> torch.Tensor:
-    """Eq. 4 (BCO): mean of -log sigma(r(y_c) - delta) - log sigma(-(r(y_r) - delta))."""
-    return (-F.logsigmoid(reward_chosen - delta) - F.logsigmoid(-(reward_rejected - delta))).mean()
+    """Eq. 4 (BCO) per pair: -log sigma(r(y_c) - delta) - log sigma(-(r(y_r) - delta))."""
+    return -F.logsigmoid(reward_chosen - delta) - F.logsigmoid(-(reward_rejected - delta))
 
 
 def generation_loss(policy_logp_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: mean of -log pi(y_c|x) / |y_c| (the chosen response's per-token NLL)."""
+    """Eq. 5 per pair: -log pi(y_c|x) / |y_c| (the chosen response's per-token NLL)."""
     if (chosen_lengths < 1).any():
         raise ValueError(f"chosen responses need >= 1 token, got lengths {chosen_lengths.tolist()}")
-    return (-policy_logp_chosen / chosen_lengths.to(policy_logp_chosen.dtype)).mean()
+    return -policy_logp_chosen / chosen_lengths.to(policy_logp_chosen.dtype)
+
+
+class MPOPairLosses(NamedTuple):
+    """Per-pair terms ``[N]`` of Eq. 2-5 and the implicit rewards they came from."""
+
+    loss: torch.Tensor
+    preference: torch.Tensor
+    quality: torch.Tensor
+    generation: torch.Tensor
+    reward_chosen: torch.Tensor
+    reward_rejected: torch.Tensor
+
+
+def mpo_pair_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    config: MPOConfig,
+    delta: float,
+) -> MPOPairLosses:
+    """Eq. 2 for each pair (no mean): the terms a micro-batch of a larger step sums."""
+    r_c = implicit_rewards(policy_chosen, ref_chosen, config.beta)
+    r_r = implicit_rewards(policy_rejected, ref_rejected, config.beta)
+    l_p, l_q = preference_loss(r_c, r_r), quality_loss(r_c, r_r, delta)
+    l_g = generation_loss(policy_chosen, chosen_lengths)
+    total = config.preference_weight * l_p + config.quality_weight * l_q + config.generation_weight * l_g
+    return MPOPairLosses(total, l_p, l_q, l_g, r_c.detach(), r_r.detach())
 
 
 class MPOLoss(NamedTuple):
@@ -107,14 +142,10 @@ def mpo_loss(
     ref_rejected: torch.Tensor,
     chosen_lengths: torch.Tensor,
     config: MPOConfig,
-    reward_mean: RewardMean,
+    delta: float,
 ) -> MPOLoss:
-    """Eq. 2 over a batch of pairs; updates ``reward_mean`` (delta) with this batch first."""
-    r_c = implicit_rewards(policy_chosen, ref_chosen, config.beta)
-    r_r = implicit_rewards(policy_rejected, ref_rejected, config.beta)
-    delta = reward_mean.update(torch.cat([r_c, r_r]))
-    l_p, l_q = preference_loss(r_c, r_r), quality_loss(r_c, r_r, delta)
-    l_g = generation_loss(policy_chosen, chosen_lengths)
-    total = config.preference_weight * l_p + config.quality_weight * l_q + config.generation_weight * l_g
-    margin = (r_c - r_r).detach()
-    return MPOLoss(total, l_p, l_q, l_g, delta, float((margin > 0).float().mean()), float(margin.mean()))
+    """Eq. 2 averaged over a batch of pairs, with BCO's ``delta`` from past batches."""
+    terms = mpo_pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, config, delta)
+    margin = terms.reward_chosen - terms.reward_rejected
+    return MPOLoss(terms.loss.mean(), terms.preference.mean(), terms.quality.mean(), terms.generation.mean(), delta,
+                   float((margin > 0).float().mean()), float(margin.mean()))

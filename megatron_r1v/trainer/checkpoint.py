@@ -1,13 +1,19 @@
-"""Training checkpoints of the GRPO stage: everything a resumed run needs to continue
-exactly as an uninterrupted one would.
+"""Training checkpoints of the MPO and GRPO stages: everything a resumed run needs to
+continue exactly as an uninterrupted one would.
 
     <save_dir>/step_000003/
-        model/           Megatron dist checkpoint (torch_dist), TP/PP-independent fragments
-        ssb/             the Selective Sample Buffer (zarr, one group per DP rank)
-        rank_00000.pt    per rank: optimizer state, the reference (initial trainable) weights,
-                         torch RNG states
-        trainer.json     step, data cursor, parallel layout
+        model/           Megatron dist checkpoint (torch_dist), TP/PP-independent fragments,
+                         with r1v_checkpoint.json: ``tools/convert_checkpoint.py export``
+                         turns it into an HF checkpoint, and ``model.checkpoint`` of the next
+                         stage can start from it
+        ssb/             GRPO: the Selective Sample Buffer (zarr, one group per DP rank)
+        rank_00000.pt    per rank: optimizer state, the trainer's own state (GRPO: the
+                         reference weights; MPO: BCO's running reward mean), torch RNG states
+        trainer.json     stage, step, data cursor, parallel layout
     <save_dir>/latest    the name of the newest complete checkpoint
+
+A trainer provides ``rank_state()`` / ``load_rank_state(state)`` and
+``save_files(dir, step)`` / ``load_files(dir)`` (collective) for what only it has.
 
 A checkpoint is written into ``.step_000003.partial`` and renamed by rank 0 after every
 rank has finished, then ``latest`` is replaced atomically; a save killed halfway leaves
@@ -28,8 +34,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint, save_model_checkpoint
-from megatron_r1v.ssb import load as load_ssb
-from megatron_r1v.ssb import save as save_ssb
 
 LATEST = "latest"
 
@@ -40,6 +44,27 @@ def _layout(ctx) -> dict:
 
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _write_model_meta(model_dir: Path, trainer) -> None:
+    """What export needs besides the tensors: the architecture, the HF layout and config
+    of the checkpoint the run started from (or the skywork layout for random weights)."""
+    from megatron_r1v.conversion import HF_EXTRA_DIR, META_NAME
+
+    cfg, stage = trainer.cfg, trainer.stage
+    source = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    if source is not None and (source / META_NAME).is_file():
+        meta = json.loads((source / META_NAME).read_text())
+        if (source / HF_EXTRA_DIR).is_dir():
+            shutil.copytree(source / HF_EXTRA_DIR, model_dir / HF_EXTRA_DIR)
+    else:
+        import dataclasses
+
+        meta = {"arch": dataclasses.asdict(stage.arch), "layout": "skywork", "dtype": cfg.model.params_dtype,
+                "padded_vocab_size": stage.shard_spec.padded_vocab_size}
+    meta.update({"source": str(source.resolve()) if source else None,
+                 "saved_with": {"tp": trainer.ctx.tp, "pp": trainer.ctx.pp}, "dtype": cfg.model.params_dtype})
+    (model_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
@@ -55,12 +80,13 @@ def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
     dist.barrier()
     stage = trainer.stage
     save_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(partial / "model"))
-    if ctx.tp_rank == 0 and ctx.pp_rank == 0:  # the buffer is replicated over a replica's TP/PP ranks
-        save_ssb(trainer.buffer, partial / "ssb", step, ctx.dp_group)
-    torch.save({"optimizer": trainer.optimizer.state_dict(), "reference": trainer.initial_trainable,
+    trainer.save_files(partial, step)
+    torch.save({"optimizer": trainer.optimizer.state_dict(), "trainer": trainer.rank_state(),
                 "rng": _rng_state()}, partial / f"rank_{ctx.rank:05d}.pt")
     if ctx.rank == 0:
-        meta = {"step": step, "data": trainer.loader.state_dict(), "layout": _layout(ctx)}
+        _write_model_meta(partial / "model", trainer)
+        meta = {"stage": trainer.cfg.train.stage, "step": step, "data": trainer.loader.state_dict(),
+                "layout": _layout(ctx)}
         (partial / "trainer.json").write_text(json.dumps(meta, indent=1))
     dist.barrier()
     if ctx.rank == 0:
@@ -89,6 +115,9 @@ def load_checkpoint(path: str | Path, trainer, ctx) -> int:
     """Restores ``trainer`` from ``path``; returns the number of steps already done."""
     path = Path(path)
     meta = json.loads((path / "trainer.json").read_text())
+    if meta.get("stage", "grpo") != trainer.cfg.train.stage:
+        raise ValueError(f"{path} is a {meta.get('stage', 'grpo')} checkpoint; this run is train.stage="
+                         f"{trainer.cfg.train.stage} (start a new stage from it with model.checkpoint={path}/model)")
     if meta["layout"] != _layout(ctx):
         raise ValueError(f"{path} was saved with parallel layout {meta['layout']}, this run is {_layout(ctx)}: "
                          "the optimizer state is per rank, resume with the same tp/pp/dp")
@@ -96,12 +125,10 @@ def load_checkpoint(path: str | Path, trainer, ctx) -> int:
     load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(path / "model"))
     per_rank = torch.load(path / f"rank_{ctx.rank:05d}.pt", weights_only=False)
     trainer.optimizer.load_state_dict(per_rank["optimizer"])
-    trainer.initial_trainable = per_rank["reference"]
-    trainer.buffer = load_ssb(path / "ssb", ctx.dp_rank, ctx.dp, trainer.buffer.config)
+    trainer.load_rank_state(per_rank["trainer"])
+    trainer.load_files(path)
     trainer.loader.load_state_dict(meta["data"])
     torch.set_rng_state(per_rank["rng"]["torch"])
     if per_rank["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(per_rank["rng"]["cuda"])
-    # The engine restarts from the restored weights: a full sync, not trainable-only.
-    trainer.sync.sync(trainer.engine, full=True)
     return int(meta["step"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -35,6 +36,8 @@ from megatron_r1v.rewards.hybrid import HybridReward
 from megatron_r1v.rollout.engine import RolloutEngine, RolloutRequest, SamplingParams
 from megatron_r1v.rollout.weight_sync import WeightSync
 from megatron_r1v.ssb import SelectiveSampleBuffer, SSBGroup, plan_batch
+from megatron_r1v.ssb import load as load_ssb
+from megatron_r1v.ssb import save as save_ssb
 from megatron_r1v.trainer.grpo_step import compute_logprobs, grpo_forward_backward, make_grpo_microbatch
 from megatron_r1v.trainer.setup import ModelStage
 
@@ -201,11 +204,11 @@ class GRPOTrainer:
 
         # Old log-probs (and entropy for monitoring) from the policy before this update.
         plain = [make_grpo_microbatch(mb) for mb, *_ in packed]
-        logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg, want_entropy=True)
+        logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg.temperature, want_entropy=True)
         refs = [None] * len(packed)
         if self.loss_cfg.kl_beta:
             with self._reference_weights():
-                ref_logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg)
+                ref_logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg.temperature)
             if ctx.is_last_stage:  # other stages get no log-probs (and need none)
                 refs = [lp for lp, _ in ref_logprobs]
         microbatches, entropy_sum, entropy_tokens = [], 0.0, 0.0
@@ -235,6 +238,22 @@ class GRPOTrainer:
         self.buffer.insert(self._fresh_groups(items, payload, advantages, logprobs, packed, step))
         return self._metrics(payload, result, plan, entropy_sum, entropy_tokens, grad_norm,
                              time.perf_counter() - t_start, rollout_s, train_s, sync_s)
+
+    # -- checkpoint hooks (trainer/checkpoint.py) ------------------------------------------
+    def rank_state(self) -> dict:
+        return {"reference": self.initial_trainable}
+
+    def load_rank_state(self, state: dict) -> None:
+        self.initial_trainable = state["reference"]
+
+    def save_files(self, directory: Path, step: int) -> None:
+        if self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:  # replicated over a replica's TP/PP ranks
+            save_ssb(self.buffer, directory / "ssb", step, self.ctx.dp_group)
+
+    def load_files(self, directory: Path) -> None:
+        self.buffer = load_ssb(directory / "ssb", self.ctx.dp_rank, self.ctx.dp, self.buffer.config)
+        # The engine restarts from the restored weights: a full sync, not trainable-only.
+        self.sync.sync(self.engine, full=True)
 
     def _fresh_groups(self, items, payload, advantages, logprobs, packed, step: int) -> list[SSBGroup]:
         # Behaviour log-probs of fresh responses by sample id, read back from the packed rows.

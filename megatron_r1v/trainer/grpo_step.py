@@ -30,6 +30,20 @@ from megatron_r1v.losses.grpo import GRPOLossConfig, grpo_policy_loss
 from megatron_r1v.platform import ParallelContext
 
 
+def packed_batch(packed: PackedMicroBatch) -> dict[str, torch.Tensor]:
+    """The tensors every schedule step needs from a packed row (the model's inputs and targets)."""
+    batch = {
+        "tokens": packed.input_ids,
+        "labels": packed.labels,
+        "loss_mask": packed.loss_mask,
+        "position_ids": packed.position_ids,
+        "attention_mask": packed.attention_mask(),
+    }
+    if packed.pixel_values is not None:
+        batch["pixel_values"] = packed.pixel_values
+    return batch
+
+
 def make_grpo_microbatch(
     packed: PackedMicroBatch,
     old_logprobs: Optional[torch.Tensor] = None,
@@ -40,26 +54,20 @@ def make_grpo_microbatch(
     """The schedule's micro-batch dict; per-position vectors are ``[L]`` (zeros if not given)."""
     length = packed.input_ids.shape[1]
     zeros = torch.zeros(length, dtype=torch.float32)
-    batch = {
-        "tokens": packed.input_ids,
-        "labels": packed.labels,
-        "loss_mask": packed.loss_mask,
-        "position_ids": packed.position_ids,
-        "attention_mask": packed.attention_mask(),
+    batch = packed_batch(packed)
+    batch.update({
         "old_logprobs": (zeros if old_logprobs is None else old_logprobs.float())[None],
         "ref_logprobs": (zeros if ref_logprobs is None else ref_logprobs.float())[None],
         "advantages": (zeros if advantages is None else advantages.float())[None],
         "weights": (zeros if weights is None else weights.float())[None],
-    }
-    if packed.pixel_values is not None:
-        batch["pixel_values"] = packed.pixel_values
+    })
     for key in ("old_logprobs", "ref_logprobs", "advantages", "weights"):
         if batch[key].shape != (1, length):
             raise ValueError(f"{key} must be [L] = [{length}], got {tuple(batch[key].shape[1:])}")
     return batch
 
 
-def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def label_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     labels_L = batch["labels"][0]
     mask_L = batch["loss_mask"][0]
     # Ignored positions need a valid id for the kernel; their loss and gradient are masked.
@@ -68,7 +76,7 @@ def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _grpo_loss_func(cfg: GRPOLossConfig, ctx: ParallelContext, scale: float, metrics: list, batch: dict,
                     logits_BLv: torch.Tensor):
-    labels_L, mask_L = _targets(batch)
+    labels_L, mask_L = label_targets(batch)
     out = grpo_policy_loss(
         logits_BLv[0], labels_L, batch["old_logprobs"][0], batch["ref_logprobs"][0], batch["advantages"][0],
         mask_L, batch["weights"][0], cfg, tp_group=ctx.tp_group,
@@ -78,18 +86,21 @@ def _grpo_loss_func(cfg: GRPOLossConfig, ctx: ParallelContext, scale: float, met
     return out.loss * scale, {"grpo_loss": out.loss.detach().clone()}
 
 
-def _logprob_func(cfg: GRPOLossConfig, ctx: ParallelContext, collected: list, want_entropy: bool, batch: dict,
+def _logprob_func(temperature: float, ctx: ParallelContext, collected: list, want_entropy: bool, batch: dict,
                   logits_BLv: torch.Tensor):
-    labels_L, mask_L = _targets(batch)
+    labels_L, mask_L = label_targets(batch)
     logp_L, entropy_L = vocab_parallel_logprobs(
-        logits_BLv[0], labels_L, tp_group=ctx.tp_group, temperature=cfg.temperature, return_entropy=want_entropy)
+        logits_BLv[0], labels_L, tp_group=ctx.tp_group, temperature=temperature, return_entropy=want_entropy)
     collected.append((logp_L.detach() * mask_L, None if entropy_L is None else entropy_L.detach() * mask_L))
     zero = logp_L.sum() * 0.0
     return zero, {"unused": zero.detach()}
 
 
-def _run_schedule(model, microbatches, ctx: ParallelContext, loss_func, forward_only: bool) -> list:
-    assert microbatches, "no micro-batches"
+def run_schedule(model, microbatches, ctx: ParallelContext, loss_func, forward_only: bool) -> list:
+    """Runs Megatron's schedule over packed micro-batch dicts; ``loss_func(batch, logits)``
+    is called on the last stage."""
+    if not microbatches:
+        raise ValueError("no micro-batches on this rank: every data-parallel rank needs at least one sample")
 
     def forward_step(data_iterator: Iterator[dict], stage_model: torch.nn.Module):
         batch = {k: v.to(ctx.device) for k, v in next(data_iterator).items()}
@@ -122,7 +133,7 @@ def grpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext,
     """Forward and backward of every micro-batch; gradients are left in the DDP buffers."""
     metrics: list[dict] = []
     scale = float(len(microbatches) * ctx.dp)
-    _run_schedule(model, microbatches, ctx, partial(_grpo_loss_func, cfg, ctx, scale, metrics), forward_only=False)
+    run_schedule(model, microbatches, ctx, partial(_grpo_loss_func, cfg, ctx, scale, metrics), forward_only=False)
     totals = torch.zeros(4, dtype=torch.float64)
     if ctx.is_last_stage:
         tokens = sum(m["tokens"] for m in metrics)
@@ -140,13 +151,13 @@ def grpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext,
                           float(totals[2]) / n_tokens, metrics)
 
 
-def compute_logprobs(model, microbatches: list[dict], ctx: ParallelContext, cfg: GRPOLossConfig,
+def compute_logprobs(model, microbatches: list[dict], ctx: ParallelContext, temperature: float = 1.0,
                      want_entropy: bool = False) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Per-position log-probs of the labels (0 where masked) for each micro-batch, and
     optionally the entropy; on the last pipeline stage (other stages get an empty list)."""
     collected: list = []
     with torch.no_grad():
-        _run_schedule(model, microbatches, ctx,
-                      partial(_logprob_func, cfg, ctx, collected, want_entropy),
+        run_schedule(model, microbatches, ctx,
+                      partial(_logprob_func, temperature, ctx, collected, want_entropy),
                       forward_only=True)
     return [(lp.cpu(), None if h is None else h.cpu()) for lp, h in collected]

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from megatron_r1v.losses.mpo import MPOConfig, RewardMean, generation_loss, mpo_loss, preference_loss, quality_loss
+from megatron_r1v.losses.mpo import (
+    MPOConfig,
+    RewardMean,
+    generation_loss,
+    mpo_loss,
+    mpo_pair_losses,
+    preference_loss,
+    quality_loss,
+)
 
 
 def log_sigmoid(x: float) -> float:
@@ -17,12 +25,10 @@ def test_terms_hand_computed():
     policy_c, ref_c = torch.tensor([-3.0, -6.0]), torch.tensor([-5.0, -5.0])
     policy_r, ref_r = torch.tensor([-7.0, -4.5]), torch.tensor([-5.0, -5.0])
     lengths = torch.tensor([3, 4])
-    state = RewardMean()
-    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, lengths, MPOConfig(beta=0.5), state)
+    delta = -0.0625  # from earlier batches (RewardMean), an argument of the pure loss
+    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, lengths, MPOConfig(beta=0.5), delta)
     # Eq. 3: -mean(log sigma(1 - -1), log sigma(-0.5 - 0.25)).
     l_p = -(log_sigmoid(2.0) + log_sigmoid(-0.75)) / 2
-    # delta: the mean of this batch's 4 rewards (no history) = (1 - 0.5 - 1 + 0.25) / 4 = -0.0625.
-    delta = -0.0625
     l_q = -(log_sigmoid(1.0 - delta) + log_sigmoid(-(-1.0 - delta))
             + log_sigmoid(-0.5 - delta) + log_sigmoid(-(0.25 - delta))) / 2
     # Eq. 5: mean(3/3, 6/4) = 1.25.
@@ -42,13 +48,30 @@ def test_delta_is_a_running_mean_and_round_trips():
     restored = RewardMean()
     restored.load_state_dict(state.state_dict())
     assert restored == state and restored.count == 6
+    # Sums reduced over ranks fold in the same way as the tensors they came from.
+    summed = RewardMean()
+    summed.update_sum(4.0, 2)
+    summed.update_sum(32.0, 4)
+    assert summed.mean == pytest.approx(state.mean) and summed.count == 6
+
+
+def test_pair_terms_average_to_the_batch_loss():
+    torch.manual_seed(0)
+    args = [torch.randn(5) - 4 for _ in range(4)] + [torch.tensor([1, 2, 3, 4, 5])]
+    cfg = MPOConfig(beta=0.3, preference_weight=0.5, quality_weight=0.7, generation_weight=0.2)
+    terms = mpo_pair_losses(*args, cfg, 0.1)
+    batch = mpo_loss(*args, cfg, 0.1)
+    # Splitting the step into micro-batches relies on the mean of per-pair terms being the loss.
+    torch.testing.assert_close(terms.loss.mean(), batch.loss, rtol=1e-6, atol=0)
+    manual = (0.5 * terms.preference + 0.7 * terms.quality + 0.2 * terms.generation)
+    torch.testing.assert_close(terms.loss, manual, rtol=1e-6, atol=0)
 
 
 def test_gradients_flow_to_the_policy_only():
     policy_c = torch.tensor([-2.0, -3.0], requires_grad=True)
     policy_r = torch.tensor([-2.5, -1.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -1.0])
-    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, torch.tensor([2, 2]), MPOConfig(beta=1.0), RewardMean())
+    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, torch.tensor([2, 2]), MPOConfig(beta=1.0), 0.0)
     out.loss.backward()
     # At policy == reference every reward is 0 and delta 0: d/dr_c of L_p = -sigma(0) / 2 = -0.25 per pair,
     # of L_q = -sigma(0) / 2 = -0.25; L_g adds -1 / (2 |y_c|) = -0.25. Weighted: 0.8 (-0.25) + 0.2 (-0.25) - 0.25 = -0.5.

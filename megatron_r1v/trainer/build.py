@@ -1,0 +1,114 @@
+"""Builds everything one rank of a training run holds, for the stage ``train.stage`` names.
+
+Shared by both stages: the process group and Megatron parallel state, this rank's model
+stage (``model.checkpoint`` or random weights), DDP, the optimizer, the tokenizer (checked
+against the preset's vocabulary and image token), the chat template and the tiler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_r1v.config import RunConfig
+
+
+@dataclass
+class _Common:
+    ctx: Any
+    arch: Any
+    stage: Any
+    ddp: Any
+    optimizer: Any
+    tokenizer: Any
+    template: Any
+    tiler: Any
+
+
+def _build_common(cfg: RunConfig) -> _Common:
+    from transformers import AutoTokenizer
+
+    from megatron_r1v.data.template import ChatTemplate, TemplateConfig
+    from megatron_r1v.data.tiling import PILTiler, TilingConfig
+    from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
+    from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
+    from megatron_r1v.models.r1v.presets import get_preset
+    from megatron_r1v.platform import init_distributed
+    from megatron_r1v.trainer.lm_step import attach_ddp_hooks
+    from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
+
+    ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    arch = get_preset(cfg.model.preset)
+    if arch.vision is None:
+        raise ValueError(f"model.preset {cfg.model.preset!r} has no vision tower; the R1V stages need an R1V preset")
+    stage = build_model_stage(arch, ctx, cfg.model, layout=TRANSFORMERS_LAYOUT,
+                              sequence_parallel=cfg.parallel.sequence_parallel)
+    if cfg.model.checkpoint:
+        load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, cfg.model.checkpoint)
+    ddp = wrap_ddp(stage.model, stage.config, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
+    optimizer = build_optimizer([ddp], cfg.optimizer, cfg.model.params_dtype)
+    attach_ddp_hooks(ddp, optimizer)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    if len(tokenizer) > arch.decoder.vocab_size:
+        raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens; model.preset {cfg.model.preset!r} has "
+                         f"{arch.decoder.vocab_size}")
+    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
+                                                      max_seq_len=cfg.train.seq_length))
+    if template.image_token_id != arch.image_token_id:
+        raise ValueError(f"data.tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; model.preset "
+                         f"{cfg.model.preset!r} expects {arch.image_token_id}")
+    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
+                                  on_bad_sample=cfg.data.on_bad_sample))
+    return _Common(ctx, arch, stage, ddp, optimizer, tokenizer, template, tiler)
+
+
+def build_grpo_trainer(cfg: RunConfig):
+    from megatron_r1v.data.loader import PromptLoader
+    from megatron_r1v.data.schema import load_records
+    from megatron_r1v.data.tokenizer import IM_END
+    from megatron_r1v.rewards.hybrid import HybridReward
+    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+    from megatron_r1v.rollout.weight_sync import WeightSync
+    from megatron_r1v.ssb import SelectiveSampleBuffer
+    from megatron_r1v.trainer.grpo import GRPOTrainer
+
+    c = _build_common(cfg)
+    ctx = c.ctx
+    records = load_records(cfg.data.train_path, "prompts", cfg.data.on_bad_sample).records
+    loader = PromptLoader(records, c.template, c.tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
+                          on_bad_sample=cfg.data.on_bad_sample)
+    sync = WeightSync(c.arch, ctx, [c.ddp], shard_spec=c.stage.shard_spec, backend=c.stage.backend,
+                      every_dp_replica=True)
+    engine = HFRolloutEngine.from_arch(c.arch, tokenizer=c.tokenizer, seed=cfg.train.seed) if sync.is_owner else None
+    sync.sync(engine, full=True)  # the engine starts from the trainer's weights
+    trainer = GRPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, HybridReward.from_config(cfg.reward),
+                          SelectiveSampleBuffer(cfg.ssb), sync, engine,
+                          stop_token_ids=(c.tokenizer.convert_tokens_to_ids(IM_END),))
+    return trainer, ctx
+
+
+def build_mpo_trainer(cfg: RunConfig):
+    from megatron_r1v.data.loader import PairLoader
+    from megatron_r1v.data.pairs import load_pairs
+    from megatron_r1v.trainer.mpo import MPOTrainer
+    from megatron_r1v.trainer.reference_cache import reference_logprobs
+
+    c = _build_common(cfg)
+    ctx = c.ctx
+    m = cfg.mpo
+    pairs = load_pairs(cfg.data.train_path, m.data_format, m.margin_threshold, m.max_pairs_per_prompt,
+                       on_bad_sample=cfg.data.on_bad_sample)
+    if ctx.rank == 0:
+        print(f"MPO pairs: {pairs.summary()}", flush=True)
+    loader = PairLoader(pairs.records, c.template, c.tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank,
+                        dp_size=ctx.dp, on_bad_sample=cfg.data.on_bad_sample)
+    # Before any optimizer step (and before --resume loads trained weights): the
+    # reference policy is the model as it starts.
+    reference = reference_logprobs(cfg, ctx, c.ddp, loader)
+    return MPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, reference), ctx
+
+
+def build_trainer(cfg: RunConfig):
+    """(trainer, parallel context) for ``cfg.train.stage``."""
+    return {"mpo": build_mpo_trainer, "grpo": build_grpo_trainer}[cfg.train.stage](cfg)

@@ -1,0 +1,113 @@
+"""The MPO stage of R1V2 (report section 3.2): one optimizer step per :meth:`MPOTrainer.step`.
+
+    preference pairs (data.pairs: ready-made, or built from scored responses by reward
+    margin) -> tiles + chat template (data.loader.PairLoader) -> pack whole pairs ->
+    Eq. 2-5 forward/backward through Megatron's schedules (trainer.mpo_step) -> optimizer
+    step -> fold the step's implicit rewards into BCO's running mean (delta)
+
+The reference log-probs come from :mod:`trainer.reference_cache`, computed once with
+the initial policy before the first step. Checkpoints (``trainer/checkpoint.py``) keep
+the model, optimizer, data cursor and delta's running mean, so ``--resume`` continues
+exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_r1v.config import RunConfig
+from megatron_r1v.data.loader import PairLoader
+from megatron_r1v.data.packing import pack_samples
+from megatron_r1v.losses.mpo import MPOConfig as MPOLossConfig
+from megatron_r1v.losses.mpo import RewardMean
+from megatron_r1v.platform import ParallelContext
+from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward
+from megatron_r1v.trainer.reference_cache import ReferenceLogprobs
+from megatron_r1v.trainer.setup import ModelStage
+
+TAGS = (
+    "mpo/loss", "mpo/pref_loss", "mpo/quality_loss", "mpo/gen_loss", "mpo/reward_margin", "mpo/accuracy",
+    "mpo/delta", "mpo/chosen_reward", "mpo/rejected_reward", "train/grad_norm", "perf/step_time_s",
+)
+
+
+def loss_config(cfg: RunConfig) -> MPOLossConfig:
+    m = cfg.mpo
+    return MPOLossConfig(beta=m.beta, preference_weight=m.preference_weight, quality_weight=m.quality_weight,
+                         generation_weight=m.generation_weight)
+
+
+@dataclass
+class MPOTrainer:
+    cfg: RunConfig
+    ctx: ParallelContext
+    stage: ModelStage
+    ddp: torch.nn.Module
+    optimizer: object
+    loader: PairLoader
+    reference: ReferenceLogprobs
+    reward_mean: RewardMean = field(default_factory=RewardMean)
+    """BCO's delta (Eq. 4): the running mean of all earlier steps' implicit rewards."""
+
+    def __post_init__(self):
+        self.loss_cfg = loss_config(self.cfg)
+
+    def _microbatches(self, items) -> list[dict]:
+        budget = self.cfg.mpo.micro_batch_tokens
+        pad_to = budget if self.ctx.pp > 1 else 1  # pipelines need one shape for every micro-batch
+        samples = [s for it in items for s in (it.chosen, it.rejected)]
+        pixels = [it.pixel_values for it in items for _ in range(2)]
+        packed = pack_samples(samples, pixels, budget, pad_id=0, pad_to_multiple=pad_to,
+                              groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
+        out = []
+        for mb in packed:
+            row = {sample: pos for pos, sample in enumerate(mb.sample_indices)}
+            pairs = sorted({k // 2 for k in mb.sample_indices})
+            refs = [self.reference[items[k].record.id] for k in pairs]
+            out.append(make_mpo_microbatch(mb, [(row[2 * k], row[2 * k + 1]) for k in pairs],
+                                           [c for c, _ in refs], [r for _, r in refs]))
+        return out
+
+    def step(self, step: int) -> dict[str, float]:
+        ctx, t_start = self.ctx, time.perf_counter()
+        items = self.loader.next_batch(self.cfg.mpo.pairs_per_step)
+        missing = [it.record.id for it in items if it.record.id not in self.reference]
+        if missing:
+            raise KeyError(f"no reference log-probs for pairs {missing[:3]}: the reference cache does not match "
+                           "this run's data")
+        count = torch.tensor([float(len(items))], dtype=torch.float64, device=ctx.device)
+        torch.distributed.all_reduce(count, group=ctx.dp_group)
+        delta = self.reward_mean.mean
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        result = mpo_forward_backward(self.ddp, self._microbatches(items), ctx, self.loss_cfg, delta,
+                                      int(count.item()))
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise FloatingPointError(f"step {step}: optimizer step skipped (non-finite gradients)")
+        self.reward_mean.update_sum((result.reward_chosen + result.reward_rejected) * result.pairs, 2 * result.pairs)
+        return {
+            "mpo/loss": result.loss, "mpo/pref_loss": result.preference, "mpo/quality_loss": result.quality,
+            "mpo/gen_loss": result.generation, "mpo/reward_margin": result.reward_margin,
+            "mpo/accuracy": result.accuracy, "mpo/delta": delta, "mpo/chosen_reward": result.reward_chosen,
+            "mpo/rejected_reward": result.reward_rejected, "train/grad_norm": float(grad_norm or 0.0),
+            "perf/step_time_s": time.perf_counter() - t_start,
+        }
+
+    # -- checkpoint hooks (trainer/checkpoint.py) ------------------------------------------
+    def rank_state(self) -> dict:
+        return {"reward_mean": self.reward_mean.state_dict()}
+
+    def load_rank_state(self, state: dict) -> None:
+        self.reward_mean.load_state_dict(state["reward_mean"])
+
+    def save_files(self, directory: Path, step: int) -> None:
+        """Nothing beyond the model, optimizer and cursor: the reference log-probs are keyed
+        on the initial checkpoint and data, not on training progress."""
+
+    def load_files(self, directory: Path) -> None:
+        """See :meth:`save_files`."""

@@ -1,0 +1,121 @@
+"""MPO forward/backward (Eq. 2-5) and sequence log-probs through Megatron-Core's schedules.
+
+A micro-batch is a packed row holding whole preference pairs (``pack_samples(...,
+groups=...)`` keeps a pair's chosen and rejected sequences together), plus per-pair
+vectors: the row positions of each pair's two sequences, their cached reference
+log-probs and the chosen response's length. The last pipeline stage turns its
+``[L, V/tp]`` logits into per-token log-probs with the fused vocab-parallel kernel, sums
+them per sequence, and evaluates :func:`losses.mpo.mpo_pair_losses` for the pairs in the
+row, so TP and PP work as in pre-training.
+
+Scaling (as in ``grpo_step``): the step's loss is the mean over every pair of every
+data-parallel rank. Each micro-batch returns its pairs' summed terms divided by the
+global pair count, multiplied by the number of micro-batches and the DP size, which the
+schedule and DDP divide by again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1v.data.packing import PackedMicroBatch
+from megatron_r1v.data.template import IGNORE_INDEX
+from megatron_r1v.kernels import vocab_parallel_logprobs
+from megatron_r1v.losses.mpo import MPOConfig, mpo_pair_losses
+from megatron_r1v.platform import ParallelContext
+from megatron_r1v.trainer.grpo_step import label_targets, packed_batch, run_schedule
+
+# Sums reduced over the pipeline and DP groups; their means are the step's metrics.
+_SUMS = ("loss", "preference", "quality", "generation", "reward_chosen", "reward_rejected", "margin", "correct",
+         "pairs")
+
+
+def sequence_sums(values_L: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-segment sums ``[S]`` of a per-position vector ``[L]`` (segments from ``cu_seqlens``)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(values_L.device)
+    segment_L = torch.repeat_interleave(torch.arange(len(lengths), device=values_L.device), lengths)
+    return torch.zeros(len(lengths), dtype=values_L.dtype, device=values_L.device).index_add(0, segment_L, values_L)
+
+
+def make_mpo_microbatch(
+    packed: PackedMicroBatch,
+    pairs: Sequence[tuple[int, int]],
+    ref_chosen: Sequence[float],
+    ref_rejected: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """The schedule's micro-batch dict. ``pairs``: (chosen, rejected) positions in the row's
+    sample order; ``ref_*``: their summed reference log-probs (response tokens only)."""
+    if not pairs or not len(pairs) == len(ref_chosen) == len(ref_rejected):
+        raise ValueError(f"need one reference value per pair, got {len(pairs)} pairs, {len(ref_chosen)} chosen and "
+                         f"{len(ref_rejected)} rejected values")
+    targets_S = sequence_sums((packed.labels[0] != IGNORE_INDEX).long(), packed.cu_seqlens)
+    chosen = torch.tensor([c for c, _ in pairs], dtype=torch.long)
+    batch = packed_batch(packed)
+    batch.update({
+        "cu_seqlens": packed.cu_seqlens.long(),
+        "pair_chosen": chosen,
+        "pair_rejected": torch.tensor([r for _, r in pairs], dtype=torch.long),
+        "ref_chosen": torch.tensor(ref_chosen, dtype=torch.float32),
+        "ref_rejected": torch.tensor(ref_rejected, dtype=torch.float32),
+        "chosen_lengths": targets_S[chosen],
+    })
+    return batch
+
+
+def _mpo_loss_func(cfg: MPOConfig, delta: float, pair_weight: float, ctx: ParallelContext, scale: float,
+                   sums: list, batch: dict, logits_BLv: torch.Tensor):
+    labels_L, mask_L = label_targets(batch)
+    logp_L, _ = vocab_parallel_logprobs(logits_BLv[0], labels_L, tp_group=ctx.tp_group)
+    seq_S = sequence_sums(logp_L * mask_L, batch["cu_seqlens"])
+    terms = mpo_pair_losses(seq_S[batch["pair_chosen"]], seq_S[batch["pair_rejected"]], batch["ref_chosen"],
+                            batch["ref_rejected"], batch["chosen_lengths"], cfg, delta)
+    margin = terms.reward_chosen - terms.reward_rejected
+    sums.append([float(terms.loss.detach().sum()), float(terms.preference.detach().sum()),
+                 float(terms.quality.detach().sum()), float(terms.generation.detach().sum()),
+                 float(terms.reward_chosen.sum()), float(terms.reward_rejected.sum()), float(margin.sum()),
+                 float((margin > 0).sum()), float(len(margin))])
+    loss = terms.loss.sum() * pair_weight
+    return loss * scale, {"mpo_loss": loss.detach().clone()}
+
+
+@dataclass
+class MPOStepResult:
+    """Means over the step's pairs (all micro-batches, all DP ranks)."""
+
+    loss: float
+    preference: float
+    quality: float
+    generation: float
+    reward_chosen: float
+    reward_rejected: float
+    reward_margin: float
+    accuracy: float
+    """Share of pairs whose implicit reward prefers the chosen response."""
+    pairs: int
+
+
+def mpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, cfg: MPOConfig, delta: float,
+                         num_pairs: int) -> MPOStepResult:
+    """Forward and backward of every micro-batch (``num_pairs``: pairs of the step over all
+    DP ranks); gradients are left in the DDP buffers."""
+    sums: list = []
+    scale = float(len(microbatches) * ctx.dp)
+    run_schedule(model, microbatches, ctx, partial(_mpo_loss_func, cfg, delta, 1.0 / num_pairs, ctx, scale, sums),
+                 forward_only=False)
+    totals = torch.zeros(len(_SUMS), dtype=torch.float64)
+    if ctx.is_last_stage and ctx.tp_rank == 0:  # TP ranks compute the same sums: count one of them
+        totals += torch.tensor(sums, dtype=torch.float64).sum(0) if sums else 0.0
+    totals = totals.to(ctx.device)
+    dist.all_reduce(totals, group=ctx.pp_group)
+    dist.all_reduce(totals, group=ctx.dp_group)
+    dist.all_reduce(totals, group=ctx.tp_group)
+    t = dict(zip(_SUMS, totals.tolist()))
+    n = max(t["pairs"], 1.0)
+    return MPOStepResult(t["loss"] / n, t["preference"] / n, t["quality"] / n, t["generation"] / n,
+                         t["reward_chosen"] / n, t["reward_rejected"] / n, t["margin"] / n, t["correct"] / n,
+                         int(t["pairs"]))

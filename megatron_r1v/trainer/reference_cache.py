@@ -1,0 +1,186 @@
+"""Reference log-probs of MPO's chosen and rejected responses, computed once and cached.
+
+MPO's implicit reward r(y) = beta log(pi(y|x) / pi_ref(y|x)) (Eq. 3-4) needs the
+reference policy's summed log-prob of every chosen and rejected response. The reference
+is the initial policy, so these numbers never change during a run: they are computed
+once, before the first step, by a forward-only pass over all pairs (data-parallel ranks
+take every dp-th pair, each replica runs Megatron's schedule, then everything is
+gathered), and stored as
+
+    <cache dir>/reference_logprobs-<key>.npz     ids, chosen, rejected (float64)
+    <cache dir>/reference_logprobs-<key>.json    what the key was made of (for people)
+
+``key`` is a hash of everything that changes the numbers: the data file's bytes and the
+size and mtime of each image, the initial checkpoint (every file's name, size and mtime;
+hashing tens of GB of weights would cost minutes), the model, tokenizer, template and
+tiling settings, the parallel layout of a random initialization. A changed input gives
+a new key: the old file is stale, is removed, and the numbers are recomputed. A resumed
+run finds the file of its key, so it never recomputes with trained weights; if the cache
+was deleted, the build recomputes it before the training checkpoint is loaded, with the
+initial weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_r1v.config import RunConfig
+from megatron_r1v.data.loader import PairLoader
+from megatron_r1v.data.packing import pack_samples
+from megatron_r1v.data.schema import PreferenceRecord
+from megatron_r1v.platform import ParallelContext
+from megatron_r1v.trainer.grpo_step import compute_logprobs, packed_batch
+from megatron_r1v.trainer.mpo_step import sequence_sums
+
+PREFIX = "reference_logprobs-"
+# The tokenizer may live in a checkpoint folder: hash its files, not the weights next to them.
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template")
+ReferenceLogprobs = dict[str, tuple[float, float]]
+"""pair id -> (log pi_ref(chosen | x), log pi_ref(rejected | x)), summed over response tokens."""
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _tree_stats(root: Path) -> list:
+    return [[str(p.relative_to(root)), *_stat(p)[1:]] for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def cache_inputs(cfg: RunConfig, ctx: ParallelContext, records: Sequence[PreferenceRecord]) -> dict:
+    """Everything the reference log-probs depend on, as plain data (hashed into the key)."""
+    images = sorted({p for r in records for p in r.images})
+    tokenizer = Path(cfg.data.tokenizer)
+    checkpoint: object
+    if cfg.model.checkpoint:
+        checkpoint = {"path": str(Path(cfg.model.checkpoint).resolve()), "files": _tree_stats(Path(cfg.model.checkpoint))}
+    else:  # random weights depend on the seed and on how they were split over ranks
+        checkpoint = {"random_init_seed": cfg.train.seed, "tp": ctx.tp, "pp": ctx.pp}
+    return {
+        "data": {"path": str(Path(cfg.data.train_path).resolve()), "sha256": _file_digest(Path(cfg.data.train_path)),
+                 "images": [_stat(p) for p in images], "format": cfg.mpo.data_format,
+                 "margin_threshold": cfg.mpo.margin_threshold, "max_pairs_per_prompt": cfg.mpo.max_pairs_per_prompt},
+        "pairs": [r.id for r in records],
+        "checkpoint": checkpoint,
+        "model": {"preset": cfg.model.preset, "params_dtype": cfg.model.params_dtype, "backend": cfg.model.backend},
+        "tokenizer": {p.name: _file_digest(p) for p in sorted(tokenizer.iterdir())
+                      if p.is_file() and p.name.startswith(_TOKENIZER_FILES)},
+        "template": {"seq_length": cfg.train.seq_length, "max_tiles": cfg.data.max_tiles,
+                     "on_bad_sample": cfg.data.on_bad_sample},
+    }
+
+
+def cache_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_cached(cache_dir: Path, key: str) -> Optional[ReferenceLogprobs]:
+    path = cache_dir / f"{PREFIX}{key}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {str(i): (float(c), float(r)) for i, c, r in zip(data["ids"], data["chosen"], data["rejected"])}
+
+
+def write_cache(cache_dir: Path, key: str, inputs: dict, values: ReferenceLogprobs) -> Path:
+    """Writes the cache atomically and removes files of other (stale) keys."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / f"{PREFIX}{key}.npz"
+    tmp = cache_dir / f".{PREFIX}{key}.{os.getpid()}.tmp.npz"
+    ids = sorted(values)
+    np.savez(tmp, ids=np.array(ids, dtype=str), chosen=np.array([values[i][0] for i in ids], dtype=np.float64),
+             rejected=np.array([values[i][1] for i in ids], dtype=np.float64))
+    os.replace(tmp, final)
+    side = cache_dir / f"{PREFIX}{key}.json"
+    side_tmp = cache_dir / f".{PREFIX}{key}.json.tmp"
+    side_tmp.write_text(json.dumps({k: v for k, v in inputs.items() if k != "pairs"}, indent=1))
+    os.replace(side_tmp, side)
+    for stale in cache_dir.glob(f"{PREFIX}*"):
+        if not stale.name.startswith(f"{PREFIX}{key}."):
+            stale.unlink()
+    return final
+
+
+def _chunks(indices: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start:start + size]
+
+
+def compute_reference_logprobs(model, loader: PairLoader, ctx: ParallelContext, token_budget: int,
+                               chunk_pairs: int = 64) -> ReferenceLogprobs:
+    """Summed log-probs of every pair's chosen and rejected response under ``model`` as it
+    is now (collective over all ranks; every rank gets the whole dict). Pairs that are
+    bad samples (on_bad_sample=skip) are left out, as the loader leaves them out later."""
+    mine = list(range(ctx.dp_rank, len(loader.records), ctx.dp))
+    skipped_before = loader.cursor.skipped  # training counts its own skips
+    pad_to = token_budget if ctx.pp > 1 else 1
+    local: ReferenceLogprobs = {}
+    done = 0
+    for chunk in _chunks(mine, chunk_pairs):
+        items = [it for it in (loader.prepare(loader.records[i]) for i in chunk) if it is not None]
+        if items:
+            samples = [s for it in items for s in (it.chosen, it.rejected)]
+            pixels = [it.pixel_values for it in items for _ in range(2)]
+            packed = pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=pad_to,
+                                  groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
+            logprobs = compute_logprobs(model, [packed_batch(mb) for mb in packed], ctx)
+            if ctx.is_last_stage:
+                for mb, (lp, _) in zip(packed, logprobs):
+                    sums = sequence_sums(lp.double(), mb.cu_seqlens).tolist()
+                    by_id = dict(zip(mb.sample_indices, sums))
+                    for k in range(len(items)):
+                        if 2 * k in by_id:
+                            local[items[k].record.id] = (by_id[2 * k], by_id[2 * k + 1])
+        done += len(chunk)
+        if ctx.rank == 0:
+            print(f"reference log-probs: {min(done * ctx.dp, len(loader.records))}/{len(loader.records)} pairs",
+                  flush=True)
+    loader.cursor.skipped = skipped_before
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, local if ctx.is_last_stage and ctx.tp_rank == 0 else {})
+    out: ReferenceLogprobs = {}
+    for part in gathered:
+        out.update(part)
+    return out
+
+
+def reference_logprobs(cfg: RunConfig, ctx: ParallelContext, model, loader: PairLoader) -> ReferenceLogprobs:
+    """The cached values for this run's inputs, or freshly computed (and cached) ones.
+    Call before any optimizer step: the model's weights must be the initial policy's."""
+    cache_dir = cfg.mpo.reference_cache or (str(Path(cfg.train.save_dir) / "reference_logprobs")
+                                            if cfg.train.save_dir else None)
+    inputs = cache_inputs(cfg, ctx, loader.records) if cache_dir else None
+    key = cache_key(inputs) if inputs else None
+    if cache_dir:
+        cached = load_cached(Path(cache_dir), key)
+        if cached is not None:
+            if ctx.rank == 0:
+                print(f"reference log-probs: {len(cached)} pairs from {cache_dir} (key {key})", flush=True)
+            return cached
+        if ctx.rank == 0 and any(Path(cache_dir).glob(f"{PREFIX}*.npz")):
+            print(f"reference log-probs: the cache in {cache_dir} is stale (data, checkpoint or settings "
+                  "changed); recomputing", flush=True)
+    with torch.no_grad():
+        values = compute_reference_logprobs(model, loader, ctx, cfg.mpo.micro_batch_tokens)
+    if cache_dir:
+        if ctx.rank == 0:
+            write_cache(Path(cache_dir), key, inputs, values)
+        dist.barrier()
+    return values
