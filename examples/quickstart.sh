@@ -1,41 +1,77 @@
 #!/usr/bin/env bash
-# The main job on a CPU machine: synthetic visual-reasoning data, a tokenizer for the
-# tiny model, a tiny reward model served over HTTP, then GRPO + Selective Sample Buffer
-# on the tiny R1V with TP=2 (torchrun, 2 processes). Output under runs/quickstart/:
-# data/, tokenizer/, metrics.jsonl and TensorBoard events in tb/.
-# (The MPO stage, HF checkpoint in/out and plots join this script with issue 8.)
+# The main job on a CPU machine: the whole R1V2 recipe on a tiny model, start to end.
+#
+#   synthetic visual-reasoning data (train + held-out) -> a tiny random R1V2 checkpoint in
+#   the released (skywork) HF layout -> import to Megatron (TP=2) -> MPO -> GRPO with the
+#   Selective Sample Buffer (both under torchrun, 2 processes) -> export back to HF,
+#   with held-out accuracy measured by the HF engine at the start, after MPO and after GRPO.
+#
+# Output under runs/quickstart/: summary.json, curves.png, TensorBoard events in tb/,
+# the HF checkpoints hf_start/, hf_after_mpo/, hf_after_grpo/, and every stage's log.
+# Knobs (environment): MPO_STEPS, GRPO_STEPS, NUM_TRAIN, NUM_HELDOUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+T0=$(date +%s)
 source tools/ensure_venv.sh
 export PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
 OUT=runs/quickstart
-STEPS="${STEPS:-4}"
-rm -rf "${OUT}" && mkdir -p "${OUT}"
+MPO_STEPS="${MPO_STEPS:-150}"
+GRPO_STEPS="${GRPO_STEPS:-40}"
+NUM_TRAIN="${NUM_TRAIN:-1200}"
+NUM_HELDOUT="${NUM_HELDOUT:-240}"
+MAX_TILES=6
+TORCHRUN=("${PY}" -m torch.distributed.run --standalone --nproc_per_node 2)
+rm -rf "${OUT}" && mkdir -p "${OUT}/logs"
+mark() { date +%s > "${OUT}/logs/$1.t"; }
+step() { echo; echo "[quickstart] $*"; }
 
-echo "[quickstart] 1/4 synthetic data"
-"${PY}" -m megatron_r1v.data.synthetic --out "${OUT}/data" --num 64 --seed 0
-"${PY}" -m megatron_r1v.data.validate "${OUT}/data/prompts.jsonl" --kind prompts
+step "1/8 synthetic data: ${NUM_TRAIN} training samples (seed 0), ${NUM_HELDOUT} held-out prompts (seed 1)"
+"${PY}" -m megatron_r1v.data.synthetic --out "${OUT}/data/train" --num "${NUM_TRAIN}" --seed 0
+"${PY}" -m megatron_r1v.data.synthetic --out "${OUT}/data/heldout" --num "${NUM_HELDOUT}" --seed 1
+"${PY}" -m megatron_r1v.data.validate "${OUT}/data/train/preferences.jsonl" --kind preferences
 
-echo "[quickstart] 2/4 tokenizer (640 tokens, <IMG_CONTEXT> = 639 as preset tiny-r1v-chat expects)"
-"${PY}" -m megatron_r1v.data.tokenizer --corpus "${OUT}/data/prompts.jsonl" "${OUT}/data/preferences.jsonl" \
-    --vocab-size 640 --out "${OUT}/tokenizer"
+step "2/8 a tiny random R1V2 checkpoint in the released HF layout, with its tokenizer"
+"${PY}" tools/make_tiny_checkpoint.py --out "${OUT}/hf_start" --seed 0
 
-echo "[quickstart] 3/4 a tiny random reward model, served on localhost"
-cp -r "${OUT}/tokenizer" "${OUT}/reward_model"
-"${PY}" -c "import sys; from megatron_r1v.rewards.reward_model import save_random_reward_model as s; s(sys.argv[1], 640)" \
-    "${OUT}/reward_model"
-"${PY}" tools/serve_reward_model.py --model "${OUT}/reward_model" --port 0 > "${OUT}/rm.url" 2> "${OUT}/rm.log" &
-RM_PID=$!
-trap 'kill ${RM_PID} 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do [ -s "${OUT}/rm.url" ] && break; sleep 1; done
-RM_URL=$("${PY}" -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['url'])" "${OUT}/rm.url")
-echo "[quickstart] reward model at ${RM_URL}"
+step "3/8 import to Megatron, TP=2"
+"${TORCHRUN[@]}" tools/convert_checkpoint.py import --hf-dir "${OUT}/hf_start" --out "${OUT}/mcore_start" \
+    --tp 2 --dtype fp32
 
-echo "[quickstart] 4/4 GRPO + SSB, ${STEPS} steps, TP=2"
-"${PY}" -m torch.distributed.run --standalone --nproc_per_node 2 -m megatron_r1v.train \
-    --config examples/configs/tiny_grpo_cpu.yaml \
-    --set "train.steps=${STEPS}" \
-    --set "data.train_path=${OUT}/data/prompts.jsonl" --set "data.tokenizer=${OUT}/tokenizer" \
-    --set "reward.reward_model_url=${RM_URL}" --set reward.model_weight=1.0 --set reward.model_calibration=sigmoid \
-    --set "logging.tensorboard_dir=${OUT}/tb" --metrics-jsonl "${OUT}/metrics.jsonl"
-echo "[quickstart] done: ${OUT}/metrics.jsonl, TensorBoard: tensorboard --logdir ${OUT}/tb"
+evaluate() {  # evaluate NAME HF_DIR
+    "${PY}" -m megatron_r1v.evaluate --model "$2" --data "${OUT}/data/heldout/prompts.jsonl" \
+        --max-tiles "${MAX_TILES}" --max-new-tokens 160 --out "${OUT}/eval_$1.json" \
+        --samples-out "${OUT}/logs/eval_$1.samples.jsonl" 2> "${OUT}/logs/eval_$1.log" | tail -n 1
+}
+export_hf() {  # export_hf STAGE_SAVE_DIR HF_OUT
+    "${PY}" tools/convert_checkpoint.py export --mcore-dir "$1/$(cat "$1/latest")/model" --out "$2" \
+        > "${OUT}/logs/export_$(basename "$2").log" 2>&1
+}
+
+step "4/8 held-out accuracy at the start (HF engine, greedy)"
+evaluate start "${OUT}/hf_start"
+
+step "5/8 MPO, ${MPO_STEPS} steps (reference log-probs cached first)"
+mark mpo_start
+"${TORCHRUN[@]}" -m megatron_r1v.train --config examples/configs/tiny_mpo_cpu.yaml \
+    --set "train.steps=${MPO_STEPS}" --set "data.max_tiles=${MAX_TILES}" \
+    --set "data.train_path=${OUT}/data/train/preferences.jsonl" --set "data.tokenizer=${OUT}/hf_start" \
+    --set "model.checkpoint=${OUT}/mcore_start" --set "train.save_dir=${OUT}/mpo" \
+    --set "logging.tensorboard_dir=${OUT}/tb/mpo" --metrics-jsonl "${OUT}/logs/mpo_metrics.jsonl"
+mark mpo_end
+export_hf "${OUT}/mpo" "${OUT}/hf_after_mpo"
+step "6/8 held-out accuracy after MPO"
+evaluate after_mpo "${OUT}/hf_after_mpo"
+
+step "7/8 GRPO + Selective Sample Buffer, ${GRPO_STEPS} steps, from the MPO checkpoint"
+mark grpo_start
+"${TORCHRUN[@]}" -m megatron_r1v.train --config examples/configs/quickstart_grpo.yaml \
+    --set "train.steps=${GRPO_STEPS}" --set "data.max_tiles=${MAX_TILES}" \
+    --set "data.train_path=${OUT}/data/train/prompts.jsonl" --set "data.tokenizer=${OUT}/hf_start" \
+    --set "model.checkpoint=${OUT}/mpo/$(cat "${OUT}/mpo/latest")/model" --set "train.save_dir=${OUT}/grpo" \
+    --set "logging.tensorboard_dir=${OUT}/tb/grpo" --metrics-jsonl "${OUT}/logs/grpo_metrics.jsonl"
+mark grpo_end
+export_hf "${OUT}/grpo" "${OUT}/hf_after_grpo"
+step "8/8 held-out accuracy after GRPO, summary and curves"
+evaluate after_grpo "${OUT}/hf_after_grpo"
+
+"${PY}" tools/run_report.py quickstart --run-dir "${OUT}" --started "${T0}"

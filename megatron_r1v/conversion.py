@@ -34,6 +34,11 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_r1v.models.r1v import checkpoint_layout
 from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
+# detect_layout stays importable from here (tools use it); the three live in layouts.py,
+# which the rollout engine reads checkpoints with, without importing Megatron-Core.
+from megatron_r1v.models.r1v.layouts import detect_layout
+from megatron_r1v.models.r1v.layouts import expected_hf_shapes as _expected_hf_shapes
+from megatron_r1v.models.r1v.layouts import validate_hf as _validate_hf
 from megatron_r1v.models.r1v.hf_mapping import (
     QWEN2_LAYOUT,
     SKYWORK_LAYOUT,
@@ -61,17 +66,6 @@ from megatron_r1v.atomic_dir import commit_directory
 META_NAME = "r1v_checkpoint.json"
 HF_EXTRA_DIR = "hf_extra"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def detect_layout(config: dict, names: list[str]) -> str:
-    """``skywork``, ``transformers`` or ``qwen2`` from config.json and tensor names."""
-    if config.get("model_type") == "qwen2" or config.get("architectures") == ["Qwen2ForCausalLM"]:
-        return "qwen2"
-    if any(n.startswith(("vision_tower.", "model.vision_tower.")) for n in names):
-        return "transformers"
-    if any(n.startswith("vision_model.") for n in names) or "llm_config" in config:
-        return "skywork"
-    raise CheckpointError("cannot tell the checkpoint layout from config.json and tensor names")
 
 
 def _names_layout(name: str, tensor_names: Optional[list[str]] = None) -> HFLayout:
@@ -110,52 +104,6 @@ def _arch_of(hf_dir: Path, config: dict, layout_name: str, image_token_id: Optio
         return arch_from_transformers_config(config)
     except ValueError as err:
         raise CheckpointError(f"{hf_dir / 'config.json'}: {err}") from None
-
-
-def _expected_hf_shapes(arch: R1VArch, layout: HFLayout) -> dict[str, tuple[int, ...]]:
-    """Shapes transformers itself gives each tensor for this config (built on the meta
-    device), under the names of ``layout`` (a fused [Q; K; V] stacks the three)."""
-    import transformers
-
-    with torch.device("meta"):
-        if arch.vision is None:
-            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_arch_to_hf_config(arch.decoder)))
-        else:
-            # The token order (ps_version) does not change any shape.
-            as_v2 = dataclasses.replace(arch, adapter=dataclasses.replace(arch.adapter, ps_version="v2"))
-            model = transformers.InternVLForConditionalGeneration(
-                transformers.InternVLConfig(**transformers_internvl_config(as_v2))
-            )
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    reference = QWEN2_LAYOUT if arch.vision is None else TRANSFORMERS_LAYOUT
-    expected = {}
-    for ref_tm, tm in zip(model_tensor_maps(arch, reference), model_tensor_maps(arch, layout)):
-        parts = [shapes[n] for n in ref_tm.hf]
-        if len(tm.hf) == len(parts):
-            expected.update(zip(tm.hf, parts))
-        else:  # one fused tensor
-            expected[tm.hf[0]] = (sum(p[0] for p in parts), *parts[0][1:])
-    return expected
-
-
-def _validate_hf(reader: HFCheckpointReader, arch: R1VArch, layout: HFLayout) -> None:
-    expected = _expected_hf_shapes(arch, layout)
-    mapped = {n for tm in model_tensor_maps(arch, layout) for n in tm.hf}
-    present = set(reader.names())
-    missing = sorted(mapped - present)
-    if missing:
-        raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]!r}" +
-                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(present - mapped)
-    if unexpected:
-        raise CheckpointError(f"{reader.directory}: unexpected tensor {unexpected[0]!r} (not part of the model)" +
-                              (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for name in sorted(mapped):
-        got = reader.shape(name)
-        if got != expected[name]:
-            raise CheckpointError(
-                f"{reader.file_of[name]}: tensor {name!r} has shape {got} but config.json implies {expected[name]}"
-            )
 
 
 def _shared_tmp_dir(out: Path, ctx: Optional[ParallelContext]) -> Path:

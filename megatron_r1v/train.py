@@ -46,6 +46,9 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.grpo.micro_batch_tokens < cfg.train.seq_length:
         raise ValueError(f"grpo.micro_batch_tokens ({cfg.grpo.micro_batch_tokens}) must be >= train.seq_length "
                          f"({cfg.train.seq_length}): a sample must fit one micro-batch")
+    if not cfg.rollout.temperature > 0:
+        raise ValueError(f"rollout.temperature must be > 0 for GRPO (the ratio of Eq. 8 needs sampling "
+                         f"log-probs), got {cfg.rollout.temperature}")
     if cfg.grpo.ppo_epochs < 1:
         raise ValueError(f"grpo.ppo_epochs must be >= 1, got {cfg.grpo.ppo_epochs}")
     if cfg.rollout.engine != "hf":

@@ -20,6 +20,8 @@ class SamplingParams:
     n: int = 8
     """Samples per prompt (the GRPO group size)."""
     temperature: float = 1.0
+    """0 means greedy decoding: the most likely token (never the image token), ``top_p``
+    ignored, log-probs those of the untempered distribution (temperature 1)."""
     top_p: float = 1.0
     max_new_tokens: int = 1024
     seed: int = 0
@@ -27,11 +29,18 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sample ends after any of these (e.g. ``<|im_end|>``)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError(f"n and max_new_tokens must be >= 1, got n={self.n}, max_new_tokens={self.max_new_tokens}")
-        if not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        # "not >= 0" also rejects NaN.
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"need temperature >= 0 (0: greedy) and 0 < top_p <= 1, got temperature="
+                             f"{self.temperature}, top_p={self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: argmax decoding, the same response for every seed."""
+        return self.temperature == 0
 
 
 @dataclass
@@ -49,7 +58,8 @@ class RolloutSample:
     response_ids: torch.Tensor
     """[R] int64 generated ids, the stop token included when one ended the sample."""
     logprobs: torch.Tensor
-    """[R] fp32 log-probs of the generated ids under the sampling distribution."""
+    """[R] fp32 log-probs of the generated ids under the sampling distribution (greedy:
+    under the untempered one, temperature 1)."""
     finished: bool
     """A stop token ended the sample (False: cut at max_new_tokens)."""
     text: str

@@ -19,6 +19,10 @@ log-probs exactly, and is short.
   log of the nucleus mass. With ``top_p=1`` the two coincide up to the banned image
   token, whose mass is negligible for a trained model (and whose appearance in a
   response would break the trainer's image-token count, hence the ban).
+* Greedy (``temperature == 0``): each step takes the most likely token that is not the
+  image token, ``top_p`` and the seed play no part, and log-probs are those of the
+  untempered distribution (``log_softmax(logits)``). The ``n`` samples of a request are
+  then identical.
 * Samples that end keep decoding in the batch (their tokens are dropped) until every
   sample has ended or ``max_new_tokens`` is reached: rows of a batch never interact.
 """
@@ -168,11 +172,16 @@ class HFRolloutEngine:
         self, logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws one token per row; returns (tokens [B], policy log-probs [B])."""
-        scaled_BV = logits_BV.float() / params.temperature
+        # Greedy decoding reports the untempered policy: temperature 0 has no distribution.
+        scaled_BV = logits_BV.float() / (1.0 if params.greedy else params.temperature)
         logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
         masked_BV = scaled_BV.clone()
         if self.ban_image_token and self.image_token_id < masked_BV.shape[-1]:
             masked_BV[:, self.image_token_id] = float("-inf")
+        if params.greedy:
+            # argmax takes the first of tied maxima, so the choice never depends on the seed.
+            tokens_B = masked_BV.argmax(dim=-1)
+            return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
         if params.top_p < 1.0:
             # Nucleus: the most likely tokens until their mass reaches top_p; a token is
             # kept when the mass strictly before it is below top_p (the top one always).
@@ -253,22 +262,89 @@ class HFRolloutEngine:
         return results
 
 
+def _skywork_image_token_id(model_dir: Union[str, "os.PathLike"], config: dict, tokenizer: Any,
+                            tokenizer_dir: Union[str, "os.PathLike"]) -> int:
+    """The <IMG_CONTEXT> id of a skywork checkpoint: the tokenizer's (InternVL-chat reads it
+    from there at run time), which must agree with config.json's when that names one."""
+    from megatron_r1v.data.tokenizer import IMG_CONTEXT
+
+    token_id = tokenizer.get_vocab().get(IMG_CONTEXT)
+    if token_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir} has no {IMG_CONTEXT} token; a skywork-layout checkpoint "
+                         "takes its image token id from the tokenizer")
+    in_config = config.get("img_context_token_id")
+    if in_config is not None and int(in_config) != token_id:
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: img_context_token_id={in_config} but tokenizer "
+                         f"{tokenizer_dir} has {IMG_CONTEXT} at id {token_id}")
+    return int(token_id)
+
 
 def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[str, "os.PathLike", None] = None,
                    device: Union[str, torch.device] = "cpu") -> tuple[HFRolloutEngine, "R1VArch", Any]:
-    """(engine, architecture, tokenizer) from a transformers-layout InternVL checkpoint folder."""
+    """(engine, architecture, tokenizer) from an InternVL checkpoint folder, fp32.
+
+    Layouts (told apart by ``layouts.detect_layout``): transformers (``save_pretrained``
+    output), loaded by transformers itself; or the released skywork / InternVL-chat one,
+    whose tensors are read lazily one tensor map at a time and converted in memory to
+    transformers' names (``layouts.convert_layout``) after validating every name and
+    shape. The tokenizer comes from ``tokenizer_dir``, else ``model_dir``; for skywork
+    checkpoints it also gives the <IMG_CONTEXT> id. Raises FileNotFoundError for a
+    missing folder or config.json, ValueError (CheckpointError) for anything that does
+    not fit.
+    """
+    import json
+
     import transformers
 
-    from megatron_r1v.models.r1v.hf_mapping import arch_from_transformers_config
+    from megatron_r1v.data.tokenizer import IMG_CONTEXT
+    from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
+    from megatron_r1v.models.r1v.hf_mapping import (
+        SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, arch_from_skywork_config, arch_from_transformers_config,
+    )
+    from megatron_r1v.models.r1v.layouts import convert_layout, detect_layout, validate_hf
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist: --model must be a transformers-layout InternVL "
-                                "checkpoint (tools/convert_checkpoint.py export --layout transformers)")
-    model = transformers.InternVLForConditionalGeneration.from_pretrained(str(model_dir), attn_implementation="eager")
-    arch = arch_from_transformers_config(model.config.to_dict())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+        raise FileNotFoundError(f"{config_path} does not exist: --model must be an InternVL checkpoint folder in the "
+                                "transformers or the skywork (released R1V2) layout")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    tokenizer_from = tokenizer_dir or model_dir
+    with HFCheckpointReader(model_dir) as reader:
+        layout = detect_layout(config, reader.names())
+        if layout == "qwen2":
+            raise ValueError(f"{config_path}: a decoder-only Qwen2 checkpoint has no vision tower; the rollout "
+                             "engine needs an InternVL (R1V) checkpoint")
+        # AutoTokenizer reads the folder's config.json too, and warns about the InternVL-chat
+        # model type it does not know; the tokenizer class comes from tokenizer_config.json.
+        no_model_config = {"config": transformers.PretrainedConfig()} if layout == "skywork" else {}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_from), **no_model_config)
+        if layout == "skywork":
+            image_token_id = _skywork_image_token_id(model_dir, config, tokenizer, tokenizer_from)
+            try:
+                arch = arch_from_skywork_config(config, image_token_id)
+            except ValueError as err:
+                raise ValueError(f"{config_path}: {err}") from None
+            if arch.adapter is not None and arch.adapter.ps_version != "v2":
+                raise ValueError(f"{config_path}: ps_version={arch.adapter.ps_version!r}; transformers' InternVL, "
+                                 "which the rollout engine runs, only has the v2 pixel-shuffle order")
+            validate_hf(reader, arch, SKYWORK_LAYOUT)
+            state = dict(convert_layout(reader.read, arch, SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT))
+            engine = HFRolloutEngine.from_arch(arch, state_dict=state, tokenizer=tokenizer, device=device)
+            del state
+        else:
+            model = transformers.InternVLForConditionalGeneration.from_pretrained(str(model_dir),
+                                                                                  attn_implementation="eager")
+            arch = arch_from_transformers_config(model.config.to_dict())
+            engine = HFRolloutEngine(model.float().eval(), tokenizer, device)
     if len(tokenizer) > arch.decoder.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_dir or model_dir} has {len(tokenizer)} tokens, more than the model's "
+        raise ValueError(f"tokenizer {tokenizer_from} has {len(tokenizer)} tokens, more than the model's "
                          f"vocabulary of {arch.decoder.vocab_size}")
-    return HFRolloutEngine(model.float().eval(), tokenizer, device), arch, tokenizer
+    tokenizer_image_id = tokenizer.get_vocab().get(IMG_CONTEXT)
+    if tokenizer_image_id is not None and tokenizer_image_id != arch.image_token_id:
+        raise ValueError(f"tokenizer {tokenizer_from} has {IMG_CONTEXT} at id {tokenizer_image_id}; the model at "
+                         f"{model_dir} expects image token id {arch.image_token_id}")
+    return engine, arch, tokenizer

@@ -181,3 +181,145 @@ def test_text_is_decoded_with_special_tokens_kept(engine):
     (group,) = eng.generate([RolloutRequest("a", text_prompt(4, 60))], SamplingParams(n=2, max_new_tokens=3, seed=0))
     assert [s.text for s in group] == ["|".join(map(str, s.response_ids.tolist())) for s in group]
     assert [kept for _, kept in tok.calls] == [False, False]
+
+
+# --- greedy decoding ---------------------------------------------------------------------
+
+
+def plain_greedy(model, prompt, max_new_tokens, stops=(), pixel_values=None):
+    """transformers by hand: full forward each step (no cache, no padding), argmax with the
+    image token banned; returns (tokens, untempered log-probs of them)."""
+    ids, tokens, logprobs = prompt.clone(), [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits_V = model(input_ids=ids[None], pixel_values=pixel_values).logits[0, -1].float()
+            logprobs_V = F.log_softmax(logits_V, dim=-1)
+            logits_V[IMG] = float("-inf")
+            tok = int(logits_V.argmax())
+            tokens.append(tok)
+            logprobs.append(float(logprobs_V[tok]))
+            ids = torch.cat([ids, torch.tensor([tok])])
+            if tok in stops:
+                break
+    return torch.tensor(tokens), torch.tensor(logprobs)
+
+
+def test_temperature_zero_is_allowed_and_negative_is_not():
+    assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=0.5).greedy
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="need temperature >= 0"):
+            SamplingParams(temperature=bad)
+
+
+def test_greedy_equals_a_plain_argmax_loop_for_every_seed(engine):
+    ids_a, pix_a = image_prompt(2, 70)
+    requests = [RolloutRequest("img", ids_a, pix_a), RolloutRequest("long", text_prompt(11, 71)),
+                RolloutRequest("short", text_prompt(3, 72))]
+    # Stops drawn from what the first greedy run produces, so that some samples end early.
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=7, seed=0)
+    first = engine.generate(requests, params)
+    stops = (int(first[1][0].response_ids[2]),)
+    runs = [engine.generate(requests, SamplingParams(n=2, temperature=0, top_p=top_p, max_new_tokens=7, seed=seed,
+                                                     stop_token_ids=stops))
+            for seed, top_p in ((0, 1.0), (1, 0.3), (12345, 1.0))]
+    finished = 0
+    for i, req in enumerate(requests):
+        want_ids, want_lp = plain_greedy(engine.model, req.prompt_ids, 7, stops, req.pixel_values)
+        for groups in runs:
+            for s in groups[i]:
+                assert torch.equal(s.response_ids, want_ids), (req.prompt_id, s.response_ids, want_ids)
+                assert IMG not in s.response_ids.tolist()
+                # Untempered log-probs; same tolerance and reasoning as LOGPROB_TOL above.
+                torch.testing.assert_close(s.logprobs, want_lp, atol=LOGPROB_TOL, rtol=0)
+                finished += s.finished
+    assert finished >= 2 * 3, "the stop token should end the 'long' request's samples"
+    # Seeds and top_p change nothing: every run, every sample, bit for bit.
+    flat = [[s for g in groups for s in g] for groups in runs]
+    for other in flat[1:]:
+        assert all(torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+                   for a, b in zip(flat[0], other))
+
+
+def test_greedy_never_picks_the_image_token(engine):
+    logits_BV = torch.randn(3, ARCH.decoder.vocab_size, generator=torch.Generator().manual_seed(80))
+    logits_BV[:, IMG] = 100.0  # the image token is everyone's argmax
+    tokens_B, logprobs_B = engine._sample(logits_BV, SamplingParams(temperature=0), torch.Generator())
+    expected_B = torch.cat([logits_BV[:, :IMG], logits_BV[:, IMG + 1:]], dim=1).argmax(-1)  # IMG is the last id
+    assert torch.equal(tokens_B, expected_B)
+    assert torch.equal(logprobs_B, F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None]).squeeze(-1))
+
+
+# --- loading checkpoints -----------------------------------------------------------------
+
+
+def test_skywork_checkpoint_loads_with_the_logits_of_its_transformers_export(tmp_path):
+    """The same weights written in the released (skywork) layout and by transformers'
+    save_pretrained load through load_hf_engine into engines with identical logits."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from megatron_r1v.data.tokenizer import save_hf_tokenizer, train_tokenizer
+    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, skywork_config
+    from megatron_r1v.models.r1v.layouts import convert_layout
+    from megatron_r1v.rollout.hf_engine import load_hf_engine
+
+    arch = get_preset("tiny-r1v-chat")  # its image token id (639) is the project tokenizer's <IMG_CONTEXT>
+    source = HFRolloutEngine.from_arch(arch, seed=3)
+    # Init constants (norms of ones, zero biases, layer scales) made distinct, so a swapped
+    # or dropped tensor cannot go unnoticed.
+    gen = torch.Generator().manual_seed(4)
+    source.update_weights([(n, w + torch.randn(w.shape, generator=gen) * 0.2) for n, w in source.named_weights()])
+    weights = dict(source.named_weights())
+    tokenizer = train_tokenizer(["The answer is \\boxed{42}. Count the red squares."], arch.decoder.vocab_size)
+
+    sky, tr = tmp_path / "skywork", tmp_path / "transformers"
+    sky.mkdir()
+    save_file(dict(convert_layout(weights.__getitem__, arch, TRANSFORMERS_LAYOUT, SKYWORK_LAYOUT)),
+              str(sky / "model.safetensors"))
+    (sky / "config.json").write_text(json.dumps(skywork_config(arch)))
+    source.model.save_pretrained(tr)
+    for folder in (sky, tr):
+        save_hf_tokenizer(tokenizer, folder)
+
+    loaded_sky, arch_sky, tok_sky = load_hf_engine(sky)
+    loaded_tr, arch_tr, _ = load_hf_engine(tr)
+    assert (arch_sky.decoder, arch_sky.vision, arch_sky.adapter, arch_sky.image_token_id) == \
+        (arch.decoder, arch.vision, arch.adapter, arch.image_token_id)
+    assert tok_sky.convert_tokens_to_ids("<IMG_CONTEXT>") == 639 and loaded_sky.tokenizer is tok_sky
+    got = dict(loaded_sky.named_weights())
+    assert set(got) == set(weights) and all(torch.equal(got[n], w) for n, w in weights.items())
+
+    per_tile, side = arch.tokens_per_tile, arch.vision.image_size
+    ids = torch.cat([torch.arange(5), torch.full((3 * per_tile,), 639), torch.arange(100, 112)])[None]
+    pixels = torch.randn(3, 3, side, side, generator=gen)
+    with torch.no_grad():
+        logits_sky = loaded_sky.model(input_ids=ids, pixel_values=pixels).logits
+        logits_tr = loaded_tr.model(input_ids=ids, pixel_values=pixels).logits
+        logits_src = source.model(input_ids=ids, pixel_values=pixels).logits
+    # Bit-identical weights in the same fp32 model class with the same (eager) attention
+    # on the same input: the same operations, hence identical numbers, not merely close.
+    assert torch.equal(logits_sky, logits_tr) and torch.equal(logits_sky, logits_src)
+    assert logits_sky.abs().max() > 0.1  # not a degenerate all-zero model
+
+
+def test_loading_refuses_a_tokenizer_with_another_image_token(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from megatron_r1v.data.tokenizer import save_hf_tokenizer, train_tokenizer
+    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, skywork_config
+    from megatron_r1v.models.r1v.layouts import convert_layout
+    from megatron_r1v.rollout.hf_engine import load_hf_engine
+
+    arch = get_preset("tiny-r1v-chat")
+    weights = dict(HFRolloutEngine.from_arch(arch, seed=0).named_weights())
+    save_file(dict(convert_layout(weights.__getitem__, arch, TRANSFORMERS_LAYOUT, SKYWORK_LAYOUT)),
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(skywork_config(arch)))
+    save_hf_tokenizer(train_tokenizer(["some text"], 600), tmp_path)  # <IMG_CONTEXT> = 599
+    with pytest.raises(ValueError, match="img_context_token_id=639 but tokenizer .* has <IMG_CONTEXT> at id 599"):
+        load_hf_engine(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        load_hf_engine(tmp_path / "missing")

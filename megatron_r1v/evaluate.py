@@ -1,0 +1,245 @@
+"""Held-out accuracy of a checkpoint, generated with the HF rollout engine.
+
+    python -m megatron_r1v.evaluate --model HF_DIR --data prompts.jsonl [--tokenizer DIR] \\
+        [--max-tiles 12] [--max-new-tokens 256] [--batch-size 64] [--temperature 0] [--seed 0] \\
+        [--limit N] [--out result.json] [--samples-out samples.jsonl] [--device cpu]
+
+``HF_DIR`` is an InternVL checkpoint in the transformers or the released skywork layout
+(``rollout.hf_engine.load_hf_engine``). Each prompt record is prepared exactly as the
+GRPO trainer prepares it (images tiled by ``data.tiling.PILTiler``, the chat template
+of ``data.template`` opening the assistant turn with ``<think>\\n``) and answered once;
+``--temperature 0`` (the default) decodes greedily, so a checkpoint has one score. A
+response ends at ``<|im_end|>`` or after ``--max-new-tokens``.
+
+Scores per response, both 1 or 0:
+
+* correct: the rule reward r_rule of Eq. 7 (``rewards.rule.rule_reward``) on the final
+  answer, the last ``\\boxed{}`` after ``</think>`` (``rewards.format.extract_answer``);
+* format: the format reward r_format (``rewards.format.check_format``, with the thought
+  opened by the prompt, as the template does).
+
+Progress goes to stderr, one line per batch; the last line of stdout is the result,
+``{"accuracy", "format", "num_prompts", "by_answer_type", "seconds", "model", ...}``,
+which ``--out`` also writes (atomically). ``--samples-out`` writes one JSON line per
+prompt: id, answer, extracted, correct, format, finished, text. User errors (a missing
+model folder, bad data) print ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Optional, Sequence, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    """How one response scores against its prompt record."""
+
+    extracted: Optional[str]
+    """The final ``\\boxed{}`` content after ``</think>``; None when there is none."""
+    correct: bool
+    """r_rule == 1."""
+    format_ok: bool
+    """r_format == 1."""
+
+
+def score_text(record: Any, text: str, think_opened_by_prompt: bool = True) -> SampleScore:
+    """Scores one decoded response (special tokens kept) for a ``PromptRecord``."""
+    from megatron_r1v.rewards.format import check_format, extract_answer
+    from megatron_r1v.rewards.rule import rule_reward
+
+    extracted = extract_answer(text)
+    correct = rule_reward(extracted, record.answer, record.answer_type, record.choices) == 1.0
+    return SampleScore(extracted, correct, check_format(text, think_opened_by_prompt).score == 1.0)
+
+
+def summarize(records: Sequence[Any], scores: Sequence[SampleScore]) -> dict:
+    """Accuracy and format fractions, overall and per answer type (keys sorted)."""
+    by_type: dict[str, list[SampleScore]] = defaultdict(list)
+    for record, score in zip(records, scores, strict=True):
+        by_type[record.answer_type].append(score)
+
+    def fractions(group: Sequence[SampleScore]) -> dict:
+        n = len(group)
+        return {"accuracy": sum(s.correct for s in group) / n if n else 0.0,
+                "format": sum(s.format_ok for s in group) / n if n else 0.0, "num_prompts": n}
+
+    return {**fractions(scores), "by_answer_type": {t: fractions(by_type[t]) for t in sorted(by_type)}}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file beside it (no half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _stderr_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def evaluate(
+    model_dir: PathLike,
+    data_path: PathLike,
+    *,
+    tokenizer_dir: Optional[PathLike] = None,
+    max_tiles: int = 12,
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    limit: Optional[int] = None,
+    samples_out: Optional[PathLike] = None,
+    device: str = "cpu",
+    progress: Optional[Callable[[str], None]] = _stderr_progress,
+) -> dict:
+    """Generates one response per prompt of ``data_path`` with the checkpoint ``model_dir``
+    and scores it (module docstring); returns the result dict the CLI prints.
+
+    Batch ``b`` samples with seed ``seed + b`` (only matters for ``temperature > 0``), so
+    a run is reproducible for a batch size. ``limit`` keeps the first ``limit`` records.
+    Raises FileNotFoundError / ValueError (DataError, ImageError, CheckpointError, ...)
+    with a message naming the file for user errors.
+    """
+    from megatron_r1v.data.loader import PromptLoader
+    from megatron_r1v.data.schema import load_records
+    from megatron_r1v.data.template import ChatTemplate, TemplateConfig
+    from megatron_r1v.data.tiling import PILTiler, TilingConfig
+    from megatron_r1v.data.tokenizer import IM_END
+    from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
+    from megatron_r1v.rollout.hf_engine import load_hf_engine
+
+    start = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    # SamplingParams checks temperature and max_new_tokens before anything slow runs.
+    SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    records = load_records(data_path, "prompts").records[:limit]
+    engine, arch, tokenizer = load_hf_engine(model_dir, tokenizer_dir, device)
+    # The whole sequence must fit the model's positions: the prompt gets what the
+    # response budget leaves.
+    max_prompt = arch.decoder.max_position_embeddings - max_new_tokens
+    if max_prompt < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{arch.decoder.max_position_embeddings} positions")
+    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile, max_seq_len=max_prompt))
+    if template.image_token_id != arch.image_token_id:
+        raise ValueError(f"the tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; the model at {model_dir} "
+                         f"expects {arch.image_token_id}")
+    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=max_tiles))
+    # Only prepare() is used (no shuffling): evaluation visits the records in file order.
+    loader = PromptLoader(records, template, tiler, seed=seed)
+    stop_ids = (tokenizer.convert_tokens_to_ids(IM_END),)
+    think_opened = template.config.open_think
+
+    scores: list[SampleScore] = []
+    generated_tokens = cut = 0
+    samples_file: Optional[IO[str]] = None
+    samples_tmp = None
+    if samples_out is not None:
+        samples_path = Path(samples_out)
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, samples_tmp = tempfile.mkstemp(prefix=f".{samples_path.name}.", suffix=".tmp", dir=samples_path.parent)
+        samples_file = os.fdopen(fd, "w", encoding="utf-8")
+    try:
+        num_batches = -(-len(records) // batch_size)
+        for b in range(num_batches):
+            batch = records[b * batch_size:(b + 1) * batch_size]
+            requests = []
+            for record in batch:
+                item = loader.prepare(record)
+                assert item is not None  # on_bad_sample="error": a bad prompt raises instead
+                requests.append(RolloutRequest(record.id, item.prompt_ids, item.pixel_values))
+            params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + b,
+                                    stop_token_ids=stop_ids)
+            groups = engine.generate(requests, params)
+            for record, (sample,) in zip(batch, groups, strict=True):
+                score = score_text(record, sample.text, think_opened)
+                scores.append(score)
+                generated_tokens += len(sample.response_ids)
+                cut += not sample.finished
+                if samples_file is not None:
+                    samples_file.write(json.dumps({
+                        "id": record.id, "answer": record.answer, "answer_type": record.answer_type,
+                        "extracted": score.extracted, "correct": score.correct, "format": score.format_ok,
+                        "finished": sample.finished, "text": sample.text,
+                    }, ensure_ascii=False) + "\n")
+            if progress is not None:
+                so_far = summarize(records[:len(scores)], scores)
+                progress(f"batch {b + 1}/{num_batches} | prompts {len(scores)}/{len(records)} | "
+                         f"accuracy {so_far['accuracy']:.3f} | format {so_far['format']:.3f} | "
+                         f"{time.perf_counter() - start:.1f}s")
+        if samples_file is not None:
+            samples_file.close()
+            os.replace(samples_tmp, samples_out)
+    finally:
+        if samples_file is not None and not samples_file.closed:
+            samples_file.close()
+        if samples_tmp is not None and os.path.exists(samples_tmp):
+            os.unlink(samples_tmp)
+    result = summarize(records, scores)
+    return {
+        "accuracy": result["accuracy"], "format": result["format"], "num_prompts": result["num_prompts"],
+        "by_answer_type": result["by_answer_type"], "seconds": round(time.perf_counter() - start, 3),
+        "model": str(model_dir), "data": str(data_path), "temperature": temperature,
+        "max_new_tokens": max_new_tokens, "generated_tokens": generated_tokens,
+        "cut_at_max_new_tokens": cut / len(records),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_r1v.evaluate",
+                                     description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="InternVL checkpoint folder (transformers or skywork layout)")
+    parser.add_argument("--data", required=True, help="prompts JSONL (data/schema.py, kind prompts)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--max-tiles", type=int, default=12, help="most grid tiles per image (default 12)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0 only)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result JSON here")
+    parser.add_argument("--samples-out", type=Path, default=None, help="one JSON line per prompt")
+    parser.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(
+            args.model, args.data, tokenizer_dir=args.tokenizer, max_tiles=args.max_tiles,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+            seed=args.seed, limit=args.limit, samples_out=args.samples_out, device=args.device,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    line = json.dumps(result)
+    if args.out is not None:
+        _write_atomically(args.out, line + "\n")
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

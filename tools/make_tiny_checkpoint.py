@@ -1,0 +1,137 @@
+"""Write a tiny random R1V2-architecture checkpoint in the released (skywork) HF layout.
+
+    python tools/make_tiny_checkpoint.py --out DIR [--preset tiny-r1v-chat] [--seed 0] \
+        [--tokenizer TOKENIZER_DIR] [--force]
+
+The folder looks like a released Skywork-R1V2 checkpoint, only tiny: InternVL-chat
+tensor names (``vision_model.``, ``mlp1.``, ``language_model.``) in safetensors with an
+index, fp32, the InternVL-chat ``config.json``, and the tokenizer files, so it goes
+wherever a real one goes (``tools/convert_checkpoint.py import``, the HF rollout
+engine, ``python -m megatron_r1v.evaluate``). Weights are the random initialization of
+transformers' ``InternVLForConditionalGeneration`` for the preset, drawn from ``--seed``
+(the same seed gives byte-identical safetensors), renamed into the skywork layout with
+``layouts.convert_layout``.
+
+Without ``--tokenizer`` the byte-level BPE of ``megatron_r1v.data.tokenizer`` is trained
+with the preset's vocabulary size on a synthetic corpus (``data.synthetic``, seed 0,
+200 samples); its ``<IMG_CONTEXT>`` must have the preset's image token id (639 for
+tiny-r1v-chat). The output appears complete or not at all. Prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+CORPUS_SAMPLES = 200
+CORPUS_SEED = 0
+
+
+def _tokenizer_into(out: Path, vocab_size: int, tokenizer_dir: Optional[Path]) -> None:
+    """Puts tokenizer files into ``out``: copied from ``tokenizer_dir``, or a BPE trained here."""
+    from megatron_r1v.data.synthetic import generate_dataset
+    from megatron_r1v.data.tokenizer import corpus_texts, save_hf_tokenizer, train_tokenizer
+    from megatron_r1v.models.r1v.hf_io import copy_side_files
+
+    if tokenizer_dir is not None:
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"--tokenizer {tokenizer_dir} is not a folder")
+        if not copy_side_files(tokenizer_dir, out):
+            raise FileNotFoundError(f"--tokenizer {tokenizer_dir} holds no tokenizer files")
+        return
+    with tempfile.TemporaryDirectory(prefix="tiny-corpus-") as tmp:
+        data = Path(tmp) / "data"
+        generate_dataset(data, num=CORPUS_SAMPLES, seed=CORPUS_SEED)
+        tokenizer = train_tokenizer(corpus_texts([data / "prompts.jsonl", data / "preferences.jsonl"]), vocab_size)
+    save_hf_tokenizer(tokenizer, out)
+
+
+def _check_tokenizer(directory: Path, arch: Any, source: str) -> None:
+    """The tokenizer in ``directory`` loads and fits the preset (vocabulary, image token)."""
+    from transformers import AutoTokenizer
+
+    from megatron_r1v.data.tokenizer import IMG_CONTEXT
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    image_id = tokenizer.get_vocab().get(IMG_CONTEXT)
+    if image_id != arch.image_token_id:
+        raise ValueError(f"{source}: {IMG_CONTEXT} has id {image_id}, but the preset's image token id is "
+                         f"{arch.image_token_id}")
+    if len(tokenizer) > arch.decoder.vocab_size:
+        raise ValueError(f"{source} has {len(tokenizer)} tokens, more than the preset's vocabulary of "
+                         f"{arch.decoder.vocab_size}")
+
+
+def random_skywork_tensors(arch: Any, seed: int) -> dict[str, Any]:
+    """The random initialization of transformers' InternVL for ``arch`` (from ``seed``), under
+    skywork names, fp32. The pixel-shuffle order changes no weight, so a v1 preset gets the
+    weights of its v2 twin (transformers has no v1)."""
+    import torch
+
+    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
+    from megatron_r1v.models.r1v.layouts import convert_layout
+    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+
+    as_v2 = dataclasses.replace(arch, adapter=dataclasses.replace(arch.adapter, ps_version="v2"))
+    engine = HFRolloutEngine.from_arch(as_v2, seed=seed, dtype=torch.float32)
+    state = dict(engine.named_weights())
+    return dict(convert_layout(state.__getitem__, arch, TRANSFORMERS_LAYOUT, SKYWORK_LAYOUT))
+
+
+def make_tiny_checkpoint(out: str | Path, preset: str = "tiny-r1v-chat", seed: int = 0,
+                         tokenizer_dir: str | Path | None = None, force: bool = False) -> dict:
+    """Writes the checkpoint (module docstring) to ``out``; returns the summary printed by the CLI."""
+    from megatron_r1v.atomic_dir import atomic_directory
+    from megatron_r1v.models.r1v.hf_io import ShardedSafetensorsWriter
+    from megatron_r1v.models.r1v.hf_mapping import skywork_config
+    from megatron_r1v.models.r1v.presets import get_preset
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"output {out} exists; pass --force to replace it")
+    arch = get_preset(preset)
+    if arch.vision is None:
+        raise ValueError(f"preset {preset!r} has no vision tower; the skywork layout is an InternVL-chat model")
+    with atomic_directory(out) as tmp:
+        _tokenizer_into(tmp, arch.decoder.vocab_size, Path(tokenizer_dir) if tokenizer_dir is not None else None)
+        _check_tokenizer(tmp, arch, f"--tokenizer {tokenizer_dir}" if tokenizer_dir else "the trained tokenizer")
+        tensors = random_skywork_tensors(arch, seed)
+        plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes=5 * 10**9)
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        files = writer.finish()
+        config = {**skywork_config(arch), "torch_dtype": "float32"}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"out": str(out), "preset": preset, "seed": seed, "layout": "skywork", "dtype": "float32",
+            "num_tensors": len(tensors), "num_parameters": sum(t.numel() for t in tensors.values()),
+            "image_token_id": arch.image_token_id, "vocab_size": arch.decoder.vocab_size,
+            "files": [f.name for f in files],
+            "tokenizer": str(tokenizer_dir) if tokenizer_dir else f"trained (synthetic corpus, seed {CORPUS_SEED})"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--preset", default="tiny-r1v-chat", help="an R1V preset (default tiny-r1v-chat)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="copy this tokenizer folder instead of training one")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    try:
+        summary = make_tiny_checkpoint(args.out, args.preset, args.seed, args.tokenizer, args.force)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
