@@ -8,13 +8,13 @@
 #
 # Output under runs/quickstart/: summary.json, curves.png, TensorBoard events in tb/,
 # the HF checkpoints hf_start/, hf_after_mpo/, hf_after_grpo/, and every stage's log.
-# Knobs (environment): MPO_STEPS, GRPO_STEPS, NUM_TRAIN, NUM_HELDOUT.
+# Knobs (environment): OUT, MPO_STEPS, GRPO_STEPS, NUM_TRAIN, NUM_HELDOUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$(date +%s)
 source tools/ensure_venv.sh
 export PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
-OUT=runs/quickstart
+OUT="${OUT:-runs/quickstart}"
 MPO_STEPS="${MPO_STEPS:-150}"
 GRPO_STEPS="${GRPO_STEPS:-40}"
 NUM_TRAIN="${NUM_TRAIN:-1200}"

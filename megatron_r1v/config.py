@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -268,6 +269,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Checks ``value`` against the annotation ``tp``; returns it converted."""
     origin = typing.get_origin(tp)
@@ -310,6 +314,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ValueError(f"config key '{path}': expected int, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads "1e-5" as a string: it wants "1.0e-5"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key '{path}': expected float, got {type(value).__name__} {value!r}")
         return float(value)

@@ -97,6 +97,25 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int
     hf.save_pretrained(str(out_dir))
 
 
+def load_tokenizer(directory: "str | Path"):
+    """``AutoTokenizer.from_pretrained(directory)`` for tokenizer folders and checkpoint folders.
+
+    AutoTokenizer also reads a checkpoint folder's config.json, and warns about model types
+    it does not know (the released R1V2's ``internvl_chat``); the tokenizer class comes
+    from tokenizer_config.json, so such a config is not passed on.
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    config = Path(directory) / "config.json"
+    unknown = False
+    if config.is_file():
+        try:
+            unknown = json.loads(config.read_text()).get("model_type") == "internvl_chat"
+        except (json.JSONDecodeError, AttributeError):
+            unknown = False
+    return AutoTokenizer.from_pretrained(str(directory), **({"config": PretrainedConfig()} if unknown else {}))
+
+
 def build_tokenizer(corpus_files: list[Path], vocab_size: int, out_dir: Path, force: bool = False) -> dict:
     """Trains and saves; the output folder appears complete or not at all."""
     out_dir = Path(out_dir)

@@ -296,7 +296,7 @@ def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[st
 
     import transformers
 
-    from megatron_r1v.data.tokenizer import IMG_CONTEXT
+    from megatron_r1v.data.tokenizer import IMG_CONTEXT, load_tokenizer
     from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
     from megatron_r1v.models.r1v.hf_mapping import (
         SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, arch_from_skywork_config, arch_from_transformers_config,
@@ -318,10 +318,7 @@ def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[st
         if layout == "qwen2":
             raise ValueError(f"{config_path}: a decoder-only Qwen2 checkpoint has no vision tower; the rollout "
                              "engine needs an InternVL (R1V) checkpoint")
-        # AutoTokenizer reads the folder's config.json too, and warns about the InternVL-chat
-        # model type it does not know; the tokenizer class comes from tokenizer_config.json.
-        no_model_config = {"config": transformers.PretrainedConfig()} if layout == "skywork" else {}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_from), **no_model_config)
+        tokenizer = load_tokenizer(tokenizer_from)
         if layout == "skywork":
             image_token_id = _skywork_image_token_id(model_dir, config, tokenizer, tokenizer_from)
             try:

@@ -26,9 +26,8 @@ class _Common:
 
 
 def _build_common(cfg: RunConfig) -> _Common:
-    from transformers import AutoTokenizer
-
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
+    from megatron_r1v.data.tokenizer import load_tokenizer
     from megatron_r1v.data.tiling import PILTiler, TilingConfig
     from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
@@ -49,7 +48,7 @@ def _build_common(cfg: RunConfig) -> _Common:
     optimizer = build_optimizer([ddp], cfg.optimizer, cfg.model.params_dtype)
     attach_ddp_hooks(ddp, optimizer)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > arch.decoder.vocab_size:
         raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens; model.preset {cfg.model.preset!r} has "
                          f"{arch.decoder.vocab_size}")

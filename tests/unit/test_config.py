@@ -100,3 +100,11 @@ def test_example_recipes_load():
     assert recipes, "no example recipes found"
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_exponent_floats_without_a_dot_parse():
+    # YAML 1.1 (PyYAML) reads 3e-4 as a string; --set optimizer.lr=3e-4 must still be a float.
+    cfg = load_config(None, ["optimizer.lr=3e-4", "grpo.kl_beta=1E-3"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.grpo.kl_beta == 1e-3
+    with pytest.raises(ValueError, match="expected float"):
+        load_config(None, ["optimizer.lr=3e-4x"])

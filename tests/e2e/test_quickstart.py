@@ -1,0 +1,42 @@
+"""The README's first command, shrunk: examples/quickstart.sh with a few steps and samples
+runs every stage (data, tiny checkpoint, import, MPO, GRPO + SSB, exports, evaluations)
+and writes summary.json, curves.png and TensorBoard events. The accuracy goals need the
+full-size run (docs/benchmarks.md); this checks that the pipeline holds together."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quickstart_runs_every_stage(tmp_path):
+    out = tmp_path / "quickstart"
+    env = dict(os.environ, OUT=str(out), MPO_STEPS="3", GRPO_STEPS="2", NUM_TRAIN="24", NUM_HELDOUT="12",
+               R1V_SKIP_INSTALL="1")
+    if not (REPO / ".venv" / "bin" / "python").exists():  # the script runs .venv's python
+        env["R1V_SKIP_INSTALL"] = "0"
+    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart.sh")], capture_output=True, text=True,
+                          env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["accuracy"]) == {"start", "after_mpo", "after_grpo"}
+    assert all(0.0 <= v <= 1.0 for v in summary["accuracy"].values())
+    assert summary["accuracy"]["start"] == 0.0  # a random model never writes a right \boxed{} answer
+    assert summary["heldout_prompts"] == 12 and summary["steps"] == {"mpo": 3, "grpo": 2}
+    assert summary["seconds"] > summary["stage_seconds"]["mpo"] > 0
+    assert (out / "curves.png").stat().st_size > 10_000
+    for stage in ("hf_start", "hf_after_mpo", "hf_after_grpo"):
+        assert (out / stage / "config.json").is_file() and (out / stage / "tokenizer.json").is_file(), stage
+    assert any((out / "tb" / "mpo").glob("events.*")) and any((out / "tb" / "grpo").glob("events.*"))
+    assert "held-out accuracy" in proc.stdout and "after GRPO" in proc.stdout
+    # The exported model is the trained one: it differs from the start, and loads in the engine.
+    from megatron_r1v.rollout.hf_engine import load_hf_engine
+
+    start, _, _ = load_hf_engine(out / "hf_start")
+    final, arch, _ = load_hf_engine(out / "hf_after_grpo")
+    assert arch.image_token_id == 639
+    changed = [n for n, p in final.model.named_parameters() if not (p == dict(start.model.named_parameters())[n]).all()]
+    assert changed
