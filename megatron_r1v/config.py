@@ -80,7 +80,11 @@ class OptimizerConfig:
     lr: float = 1e-5
     """Peak learning rate."""
     min_lr: float = 0.0
-    """Learning rate at the end of the decay."""
+    """Learning rate at the end of the decay (lr_decay_style linear or cosine)."""
+    lr_warmup_steps: int = 0
+    """Training steps of linear warm-up from 0 to lr."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after the warm-up: constant, or decaying to min_lr at train.steps."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
@@ -259,6 +263,12 @@ class RunConfig:
         except KeyError as err:
             raise ValueError(f"model.preset: {err.args[0]}") from None
         arch.check_parallel(self.parallel.tp, self.parallel.pp, where=f"model.preset '{self.model.preset}'")
+        if not 0 <= self.optimizer.lr_warmup_steps < max(self.train.steps, 1):
+            raise ValueError(f"optimizer.lr_warmup_steps ({self.optimizer.lr_warmup_steps}) must be in "
+                             f"[0, train.steps={self.train.steps})")
+        if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
+            raise ValueError(f"optimizer.min_lr ({self.optimizer.min_lr}) must be in [0, optimizer.lr="
+                             f"{self.optimizer.lr}]")
         return self
 
 

@@ -73,6 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--metrics-jsonl", help="also append each step's metrics to this file (rank 0)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in train.save_dir (an error when there is none)")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="stop after N steps of this invocation, writing a checkpoint there (needs "
+                             "train.save_dir); the schedule still spans train.steps, and --resume continues")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -83,11 +86,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from megatron_r1v.platform import destroy_distributed
 
-    if args.resume and not cfg.train.save_dir:
-        print("error: --resume needs train.save_dir", file=sys.stderr)
+    for flag, given in (("--resume", args.resume), ("--stop-after", args.stop_after is not None)):
+        if given and not cfg.train.save_dir:
+            print(f"error: {flag} needs train.save_dir", file=sys.stderr)
+            return 2
+    if args.stop_after is not None and args.stop_after < 1:
+        print(f"error: --stop-after must be >= 1, got {args.stop_after}", file=sys.stderr)
         return 2
     from megatron_r1v.trainer.build import build_trainer
     from megatron_r1v.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    from megatron_r1v.trainer.setup import build_lr_scheduler
 
     trainer, ctx = build_trainer(cfg)
     start = 0
@@ -100,17 +109,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = load_checkpoint(latest, trainer, ctx)
         if ctx.rank == 0:
             print(f"resumed from {latest} after step {start}", flush=True)
+    scheduler = build_lr_scheduler(trainer.optimizer, cfg.optimizer, cfg.train.steps)
+    if start:
+        scheduler.step(start)  # the schedule is a function of the step count alone
     writer = None
     if ctx.rank == 0 and cfg.logging.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(cfg.logging.tensorboard_dir)
     try:
-        for step in range(start, cfg.train.steps):
-            metrics = trainer.step(step)
+        end = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, start + args.stop_after)
+        for step in range(start, end):
+            lr = float(trainer.optimizer.param_groups[0]["lr"])
+            metrics = {**trainer.step(step), "train/lr": lr}
+            scheduler.step(1)
             done = step + 1
             interval = cfg.train.save_interval
-            if cfg.train.save_dir and ((interval and done % interval == 0) or done == cfg.train.steps):
+            if cfg.train.save_dir and ((interval and done % interval == 0) or done in (cfg.train.steps, end)):
                 save_checkpoint(cfg.train.save_dir, done, trainer, ctx)
             if ctx.rank != 0:
                 continue

@@ -147,3 +147,18 @@ def build_optimizer(
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
     return get_megatron_optimizer(mcore_cfg, model_chunks)
+
+
+def build_lr_scheduler(optimizer: MegatronOptimizer, cfg: OptimizerConfig, total_steps: int):
+    """Megatron's learning-rate scheduler for a run of ``total_steps`` training steps:
+    linear warm-up from 0 over ``cfg.lr_warmup_steps``, then ``cfg.lr_decay_style`` down to
+    ``cfg.min_lr`` at the last step. Advance it once per training step with ``step(1)``
+    (a resumed run: ``step(steps_done)`` once, as the schedule depends on the count only)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_steps, lr_decay_steps=max(total_steps, cfg.lr_warmup_steps + 1),
+        lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )

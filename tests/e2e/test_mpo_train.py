@@ -6,10 +6,13 @@ exports to an HF checkpoint that the next stage can start from.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
@@ -25,6 +28,8 @@ def _run(tmp_path, name, steps, *extra, data="data"):
            "--set", f"data.train_path={tmp_path / data / 'preferences.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
            "--set", f"logging.tensorboard_dir={tmp_path / name / 'tb'}", "--set", f"train.steps={steps}",
            "--set", "mpo.pairs_per_step=4", "--set", "logging.log_interval=1", "--set", "train.save_interval=3",
+           # A decaying learning rate, so the resumed run must also restore the schedule.
+           "--set", "optimizer.lr_decay_style=cosine", "--set", "optimizer.min_lr=1.0e-4",
            "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -54,6 +59,8 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     events.Reload()
     assert set(TAGS) <= set(events.Tags()["scalars"])
     metrics = _metrics(tmp_path, "full")
+    lrs = [1e-4 + (2e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # the recipe's lr 2e-3
+    assert [m["train/lr"] for m in metrics] == pytest.approx(lrs, rel=1e-9)
     # Step 0: the policy is the reference, so every implicit reward is 0 and the DPO term log 2
     # (up to fp32 summation order: the cache packed the pairs differently than the step).
     assert abs(metrics[0]["mpo/pref_loss"] - 0.6931472) < 1e-5 and abs(metrics[0]["mpo/reward_margin"]) < 1e-5
@@ -63,7 +70,7 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
 
     # Resume: 3 steps, then 3 more from the checkpoint == 6 in one go, bit for bit; the
     # resumed run reads the reference cache instead of recomputing with trained weights.
-    _run(tmp_path, "split", 3)
+    _run(tmp_path, "split", 6, "--stop-after", "3")  # the schedule spans 6 steps in both runs
     resumed = _run(tmp_path, "split", 6, "--resume")
     assert "after step 3" in resumed.stdout and "pairs from" in resumed.stdout
     assert "reference log-probs: 4/" not in resumed.stdout  # no forward pass over the pairs
