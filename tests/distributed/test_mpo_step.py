@@ -51,7 +51,7 @@ def reference(tiny_qwen2, tmp_path_factory):
         l_g = -lp_c / n_c                                                                  # Eq. 5
         total = total + (0.8 * l_p + 0.2 * l_q + 1.0 * l_g) / 5                            # Eq. 2, mean over pairs
         parts = [p + float(v.detach()) / 5 for p, v in zip(parts, (l_p, l_q, l_g))]
-        margins.append(float(r_c - r_r))
+        margins.append(float((r_c - r_r).detach()))
         pairs.append(pair)
     total.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
