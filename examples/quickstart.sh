@@ -42,35 +42,30 @@ evaluate() {  # evaluate NAME HF_DIR
         --max-tiles "${MAX_TILES}" --max-new-tokens 160 --out "${OUT}/eval_$1.json" \
         --samples-out "${OUT}/logs/eval_$1.samples.jsonl" 2> "${OUT}/logs/eval_$1.log" | tail -n 1
 }
-export_hf() {  # export_hf STAGE_SAVE_DIR HF_OUT
-    "${PY}" tools/convert_checkpoint.py export --mcore-dir "$1/$(cat "$1/latest")/model" --out "$2" \
-        > "${OUT}/logs/export_$(basename "$2").log" 2>&1
+train_stage() {  # train_stage NAME CONFIG STEPS DATA_FILE START_CHECKPOINT: train under torchrun, export to HF
+    mark "$1_start"
+    "${TORCHRUN[@]}" -m megatron_r1v.train --config "$2" \
+        --set "train.steps=$3" --set "data.max_tiles=${MAX_TILES}" \
+        --set "data.train_path=$4" --set "data.tokenizer=${OUT}/hf_start" \
+        --set "model.checkpoint=$5" --set "train.save_dir=${OUT}/$1" \
+        --set "logging.tensorboard_dir=${OUT}/tb/$1" --metrics-jsonl "${OUT}/logs/$1_metrics.jsonl"
+    mark "$1_end"
+    "${PY}" tools/convert_checkpoint.py export --mcore-dir "${OUT}/$1/$(cat "${OUT}/$1/latest")/model" \
+        --out "${OUT}/hf_after_$1" > "${OUT}/logs/export_$1.log" 2>&1
 }
 
 step "4/8 held-out accuracy at the start (HF engine, greedy)"
 evaluate start "${OUT}/hf_start"
 
 step "5/8 MPO, ${MPO_STEPS} steps (reference log-probs cached first)"
-mark mpo_start
-"${TORCHRUN[@]}" -m megatron_r1v.train --config examples/configs/tiny_mpo_cpu.yaml \
-    --set "train.steps=${MPO_STEPS}" --set "data.max_tiles=${MAX_TILES}" \
-    --set "data.train_path=${OUT}/data/train/preferences.jsonl" --set "data.tokenizer=${OUT}/hf_start" \
-    --set "model.checkpoint=${OUT}/mcore_start" --set "train.save_dir=${OUT}/mpo" \
-    --set "logging.tensorboard_dir=${OUT}/tb/mpo" --metrics-jsonl "${OUT}/logs/mpo_metrics.jsonl"
-mark mpo_end
-export_hf "${OUT}/mpo" "${OUT}/hf_after_mpo"
+train_stage mpo examples/configs/tiny_mpo_cpu.yaml "${MPO_STEPS}" "${OUT}/data/train/preferences.jsonl" \
+    "${OUT}/mcore_start"
 step "6/8 held-out accuracy after MPO"
 evaluate after_mpo "${OUT}/hf_after_mpo"
 
 step "7/8 GRPO + Selective Sample Buffer, ${GRPO_STEPS} steps, from the MPO checkpoint"
-mark grpo_start
-"${TORCHRUN[@]}" -m megatron_r1v.train --config examples/configs/quickstart_grpo.yaml \
-    --set "train.steps=${GRPO_STEPS}" --set "data.max_tiles=${MAX_TILES}" \
-    --set "data.train_path=${OUT}/data/train/prompts.jsonl" --set "data.tokenizer=${OUT}/hf_start" \
-    --set "model.checkpoint=${OUT}/mpo/$(cat "${OUT}/mpo/latest")/model" --set "train.save_dir=${OUT}/grpo" \
-    --set "logging.tensorboard_dir=${OUT}/tb/grpo" --metrics-jsonl "${OUT}/logs/grpo_metrics.jsonl"
-mark grpo_end
-export_hf "${OUT}/grpo" "${OUT}/hf_after_grpo"
+train_stage grpo examples/configs/quickstart_grpo.yaml "${GRPO_STEPS}" "${OUT}/data/train/prompts.jsonl" \
+    "${OUT}/mpo/$(cat "${OUT}/mpo/latest")/model"
 step "8/8 held-out accuracy after GRPO, summary and curves"
 evaluate after_grpo "${OUT}/hf_after_grpo"
 

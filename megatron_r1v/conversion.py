@@ -157,9 +157,7 @@ def import_checkpoint(
             dist.barrier()
             checkpoint_layout.save_fragments_streaming(state, produce, str(tmp))
             if ctx.rank == 0:
-                meta = {"arch": dataclasses.asdict(arch), "layout": layout_name, "dtype": dtype,
-                        "padded_vocab_size": spec.padded_vocab_size, "source": str(Path(hf_dir).resolve()),
-                        "saved_with": {"tp": ctx.tp, "pp": ctx.pp}}
+                meta = model_meta(arch, layout_name, dtype, spec.padded_vocab_size, Path(hf_dir), ctx)
                 (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
                 (tmp / HF_EXTRA_DIR).mkdir()
                 shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_EXTRA_DIR / "config.json")
@@ -169,6 +167,14 @@ def import_checkpoint(
         finally:
             if ctx.rank == 0 and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_meta(arch: R1VArch, layout: str, dtype: str, padded_vocab_size: int, source: Optional[Path],
+               ctx: ParallelContext) -> dict:
+    """The :data:`META_NAME` record of a model checkpoint: what export needs besides the
+    tensors (architecture, HF layout to write, dtype, vocabulary padding) and where it came from."""
+    return {"arch": dataclasses.asdict(arch), "layout": layout, "dtype": dtype, "padded_vocab_size": padded_vocab_size,
+            "source": str(source.resolve()) if source else None, "saved_with": {"tp": ctx.tp, "pp": ctx.pp}}
 
 
 def read_meta(mcore_dir: str | Path) -> tuple[R1VArch, dict]:

@@ -54,13 +54,14 @@ class SampleScore:
 
 
 def score_text(record: Any, text: str, think_opened_by_prompt: bool = True) -> SampleScore:
-    """Scores one decoded response (special tokens kept) for a ``PromptRecord``."""
-    from megatron_r1v.rewards.format import check_format, extract_answer
-    from megatron_r1v.rewards.rule import rule_reward
+    """Scores one decoded response (special tokens kept) for a ``PromptRecord`` with the rule
+    and format terms of the training reward (``rewards.hybrid.HybridReward``, no reward model)."""
+    from megatron_r1v.config import RewardConfig
+    from megatron_r1v.rewards.hybrid import HybridReward
 
-    extracted = extract_answer(text)
-    correct = rule_reward(extracted, record.answer, record.answer_type, record.choices) == 1.0
-    return SampleScore(extracted, correct, check_format(text, think_opened_by_prompt).score == 1.0)
+    reward = HybridReward.from_config(RewardConfig(model_weight=0.0), think_opened_by_prompt=think_opened_by_prompt)
+    (terms,) = reward.score_batch([record], [text])
+    return SampleScore(terms.parsed_answer, terms.rule == 1.0, terms.format == 1.0)
 
 
 def summarize(records: Sequence[Any], scores: Sequence[SampleScore]) -> dict:

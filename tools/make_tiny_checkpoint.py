@@ -53,18 +53,9 @@ def _tokenizer_into(out: Path, vocab_size: int, tokenizer_dir: Optional[Path]) -
 
 def _check_tokenizer(directory: Path, arch: Any, source: str) -> None:
     """The tokenizer in ``directory`` loads and fits the preset (vocabulary, image token)."""
-    from transformers import AutoTokenizer
+    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
 
-    from megatron_r1v.data.tokenizer import IMG_CONTEXT
-
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    image_id = tokenizer.get_vocab().get(IMG_CONTEXT)
-    if image_id != arch.image_token_id:
-        raise ValueError(f"{source}: {IMG_CONTEXT} has id {image_id}, but the preset's image token id is "
-                         f"{arch.image_token_id}")
-    if len(tokenizer) > arch.decoder.vocab_size:
-        raise ValueError(f"{source} has {len(tokenizer)} tokens, more than the preset's vocabulary of "
-                         f"{arch.decoder.vocab_size}")
+    check_tokenizer_fits(load_tokenizer(directory), arch.decoder.vocab_size, arch.image_token_id, source, "the preset")
 
 
 def random_skywork_tensors(arch: Any, seed: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -114,6 +114,18 @@ def load_tokenizer(directory: "str | Path"):
         except (json.JSONDecodeError, AttributeError):
             unknown = False
     return AutoTokenizer.from_pretrained(str(directory), **({"config": PretrainedConfig()} if unknown else {}))
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, image_token_id: Optional[int], source: str, model: str,
+                         *, require_image_token: bool = True) -> None:
+    """Raises ValueError unless ``tokenizer``'s ids fit a model: ``<IMG_CONTEXT>`` at the
+    model's image token id (``require_image_token=False``: or absent) and no more tokens
+    than its vocabulary. ``source`` and ``model`` name the two in the message."""
+    image_id = tokenizer.get_vocab().get(IMG_CONTEXT)
+    if image_token_id is not None and image_id != image_token_id and (require_image_token or image_id is not None):
+        raise ValueError(f"{source}: {IMG_CONTEXT} has id {image_id}, but {model}'s image token id is {image_token_id}")
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{source} has {len(tokenizer)} tokens, more than {model}'s vocabulary of {vocab_size}")
 
 
 def build_tokenizer(corpus_files: list[Path], vocab_size: int, out_dir: Path, force: bool = False) -> dict:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
-class MPOConfig:
+class MPOLossConfig:
     beta: float = 0.1
     """Scale of the implicit reward r(y) = beta log(pi / pi_ref)."""
     preference_weight: float = 0.8
@@ -112,7 +112,7 @@ def mpo_pair_losses(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     chosen_lengths: torch.Tensor,
-    config: MPOConfig,
+    config: MPOLossConfig,
     delta: float,
 ) -> MPOPairLosses:
     """Eq. 2 for each pair (no mean): the terms a micro-batch of a larger step sums."""
@@ -141,7 +141,7 @@ def mpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     chosen_lengths: torch.Tensor,
-    config: MPOConfig,
+    config: MPOLossConfig,
     delta: float,
 ) -> MPOLoss:
     """Eq. 2 averaged over a batch of pairs, with BCO's ``delta`` from past batches."""

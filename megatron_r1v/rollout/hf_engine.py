@@ -296,7 +296,7 @@ def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[st
 
     import transformers
 
-    from megatron_r1v.data.tokenizer import IMG_CONTEXT, load_tokenizer
+    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
     from megatron_r1v.models.r1v.hf_mapping import (
         SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, arch_from_skywork_config, arch_from_transformers_config,
@@ -337,11 +337,6 @@ def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[st
                                                                                   attn_implementation="eager")
             arch = arch_from_transformers_config(model.config.to_dict())
             engine = HFRolloutEngine(model.float().eval(), tokenizer, device)
-    if len(tokenizer) > arch.decoder.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_from} has {len(tokenizer)} tokens, more than the model's "
-                         f"vocabulary of {arch.decoder.vocab_size}")
-    tokenizer_image_id = tokenizer.get_vocab().get(IMG_CONTEXT)
-    if tokenizer_image_id is not None and tokenizer_image_id != arch.image_token_id:
-        raise ValueError(f"tokenizer {tokenizer_from} has {IMG_CONTEXT} at id {tokenizer_image_id}; the model at "
-                         f"{model_dir} expects image token id {arch.image_token_id}")
+    check_tokenizer_fits(tokenizer, arch.decoder.vocab_size, arch.image_token_id, f"tokenizer {tokenizer_from}",
+                         f"the model at {model_dir}", require_image_token=False)
     return engine, arch, tokenizer

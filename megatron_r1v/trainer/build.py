@@ -27,7 +27,7 @@ class _Common:
 
 def _build_common(cfg: RunConfig) -> _Common:
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tokenizer import load_tokenizer
+    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from megatron_r1v.data.tiling import PILTiler, TilingConfig
     from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
@@ -49,14 +49,10 @@ def _build_common(cfg: RunConfig) -> _Common:
     attach_ddp_hooks(ddp, optimizer)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if len(tokenizer) > arch.decoder.vocab_size:
-        raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens; model.preset {cfg.model.preset!r} has "
-                         f"{arch.decoder.vocab_size}")
+    check_tokenizer_fits(tokenizer, arch.decoder.vocab_size, arch.image_token_id, "data.tokenizer",
+                         f"model.preset {cfg.model.preset!r}")
     template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
                                                       max_seq_len=cfg.train.seq_length))
-    if template.image_token_id != arch.image_token_id:
-        raise ValueError(f"data.tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; model.preset "
-                         f"{cfg.model.preset!r} expects {arch.image_token_id}")
     tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
                                   on_bad_sample=cfg.data.on_bad_sample))
     return _Common(ctx, arch, stage, ddp, optimizer, tokenizer, template, tiler)

@@ -47,23 +47,19 @@ def _rng_state() -> dict:
 
 
 def _write_model_meta(model_dir: Path, trainer) -> None:
-    """What export needs besides the tensors: the architecture, the HF layout and config
-    of the checkpoint the run started from (or the skywork layout for random weights)."""
-    from megatron_r1v.conversion import HF_EXTRA_DIR, META_NAME
+    """What export needs besides the tensors: the HF layout and config of the checkpoint the
+    run started from (or the skywork layout for random weights)."""
+    from megatron_r1v.conversion import HF_EXTRA_DIR, META_NAME, model_meta
 
     cfg, stage = trainer.cfg, trainer.stage
     source = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    layout = "skywork"
     if source is not None and (source / META_NAME).is_file():
-        meta = json.loads((source / META_NAME).read_text())
+        layout = json.loads((source / META_NAME).read_text())["layout"]
         if (source / HF_EXTRA_DIR).is_dir():
             shutil.copytree(source / HF_EXTRA_DIR, model_dir / HF_EXTRA_DIR)
-    else:
-        import dataclasses
-
-        meta = {"arch": dataclasses.asdict(stage.arch), "layout": "skywork", "dtype": cfg.model.params_dtype,
-                "padded_vocab_size": stage.shard_spec.padded_vocab_size}
-    meta.update({"source": str(source.resolve()) if source else None,
-                 "saved_with": {"tp": trainer.ctx.tp, "pp": trainer.ctx.pp}, "dtype": cfg.model.params_dtype})
+    meta = model_meta(stage.arch, layout, cfg.model.params_dtype, stage.shard_spec.padded_vocab_size, source,
+                      trainer.ctx)
     (model_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -21,11 +21,10 @@ import torch
 
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
-from megatron_r1v.data.packing import pack_samples
-from megatron_r1v.losses.mpo import MPOConfig as MPOLossConfig
+from megatron_r1v.losses.mpo import MPOLossConfig
 from megatron_r1v.losses.mpo import RewardMean
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward
+from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward, pack_pairs
 from megatron_r1v.trainer.reference_cache import ReferenceLogprobs
 from megatron_r1v.trainer.setup import ModelStage
 
@@ -57,14 +56,8 @@ class MPOTrainer:
         self.loss_cfg = loss_config(self.cfg)
 
     def _microbatches(self, items) -> list[dict]:
-        budget = self.cfg.mpo.micro_batch_tokens
-        pad_to = budget if self.ctx.pp > 1 else 1  # pipelines need one shape for every micro-batch
-        samples = [s for it in items for s in (it.chosen, it.rejected)]
-        pixels = [it.pixel_values for it in items for _ in range(2)]
-        packed = pack_samples(samples, pixels, budget, pad_id=0, pad_to_multiple=pad_to,
-                              groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
         out = []
-        for mb in packed:
+        for mb in pack_pairs(items, self.cfg.mpo.micro_batch_tokens, pipeline=self.ctx.pp > 1):
             row = {sample: pos for pos, sample in enumerate(mb.sample_indices)}
             pairs = sorted({k // 2 for k in mb.sample_indices})
             refs = [self.reference[items[k].record.id] for k in pairs]

@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_r1v.data.packing import PackedMicroBatch
+from megatron_r1v.data.packing import PackedMicroBatch, pack_samples
 from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
-from megatron_r1v.losses.mpo import MPOConfig, mpo_pair_losses
+from megatron_r1v.losses.mpo import MPOLossConfig, mpo_pair_losses
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.grpo_step import label_targets, packed_batch, run_schedule
 
@@ -40,6 +40,15 @@ def sequence_sums(values_L: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Ten
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(values_L.device)
     segment_L = torch.repeat_interleave(torch.arange(len(lengths), device=values_L.device), lengths)
     return torch.zeros(len(lengths), dtype=values_L.dtype, device=values_L.device).index_add(0, segment_L, values_L)
+
+
+def pack_pairs(items: Sequence, token_budget: int, pipeline: bool) -> list[PackedMicroBatch]:
+    """Packs ``data.loader.PairItem`` s, each pair's chosen (sample 2k) and rejected (2k+1)
+    in one row; ``pipeline``: pad every row to the budget (PP needs one shape)."""
+    samples = [s for it in items for s in (it.chosen, it.rejected)]
+    pixels = [it.pixel_values for it in items for _ in range(2)]
+    return pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=token_budget if pipeline else 1,
+                        groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
 
 
 def make_mpo_microbatch(
@@ -67,7 +76,7 @@ def make_mpo_microbatch(
     return batch
 
 
-def _mpo_loss_func(cfg: MPOConfig, delta: float, pair_weight: float, ctx: ParallelContext, scale: float,
+def _mpo_loss_func(cfg: MPOLossConfig, delta: float, pair_weight: float, ctx: ParallelContext, scale: float,
                    sums: list, batch: dict, logits_BLv: torch.Tensor):
     labels_L, mask_L = label_targets(batch)
     logp_L, _ = vocab_parallel_logprobs(logits_BLv[0], labels_L, tp_group=ctx.tp_group)
@@ -99,7 +108,7 @@ class MPOStepResult:
     pairs: int
 
 
-def mpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, cfg: MPOConfig, delta: float,
+def mpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, cfg: MPOLossConfig, delta: float,
                          num_pairs: int) -> MPOStepResult:
     """Forward and backward of every micro-batch (``num_pairs``: pairs of the step over all
     DP ranks); gradients are left in the DDP buffers."""

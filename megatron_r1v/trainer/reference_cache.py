@@ -34,11 +34,10 @@ import torch.distributed as dist
 
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
-from megatron_r1v.data.packing import pack_samples
 from megatron_r1v.data.schema import PreferenceRecord
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.grpo_step import compute_logprobs, packed_batch
-from megatron_r1v.trainer.mpo_step import sequence_sums
+from megatron_r1v.trainer.mpo_step import pack_pairs, sequence_sums
 
 PREFIX = "reference_logprobs-"
 # The tokenizer may live in a checkpoint folder: hash its files, not the weights next to them.
@@ -130,16 +129,12 @@ def compute_reference_logprobs(model, loader: PairLoader, ctx: ParallelContext, 
     bad samples (on_bad_sample=skip) are left out, as the loader leaves them out later."""
     mine = list(range(ctx.dp_rank, len(loader.records), ctx.dp))
     skipped_before = loader.cursor.skipped  # training counts its own skips
-    pad_to = token_budget if ctx.pp > 1 else 1
     local: ReferenceLogprobs = {}
     done = 0
     for chunk in _chunks(mine, chunk_pairs):
         items = [it for it in (loader.prepare(loader.records[i]) for i in chunk) if it is not None]
         if items:
-            samples = [s for it in items for s in (it.chosen, it.rejected)]
-            pixels = [it.pixel_values for it in items for _ in range(2)]
-            packed = pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=pad_to,
-                                  groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
+            packed = pack_pairs(items, token_budget, pipeline=ctx.pp > 1)
             logprobs = compute_logprobs(model, [packed_batch(mb) for mb in packed], ctx)
             if ctx.is_last_stage:
                 for mb, (lp, _) in zip(packed, logprobs):

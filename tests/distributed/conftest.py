@@ -71,3 +71,36 @@ def internvl(tmp_path_factory):
         reference.append({"logits": logits.detach(), "grads": grads})
     return {"weights": root / "model.safetensors", "hf_dir": root / "hf", "batches": root / "batches.pt",
             "reference": reference, "root": root}
+
+
+@pytest.fixture
+def run_step_worker(torchrun, tiny_qwen2):
+    """Runs a step worker (tests/distributed/workers/*_step_worker.py) on the tiny Qwen2 with
+    one layout, ("tp" | "pp" | "dp", size); returns (result.json, gradients by HF name)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    def run(worker: str, layout: tuple, cases, out):
+        kind, size = layout
+        extra = [f"--{kind}", str(size)] if kind != "dp" else []
+        torchrun(worker, size, ["--hf-file", str(tiny_qwen2["weights"]), "--cases", str(cases), "--out", str(out),
+                                *extra])
+        return json.loads((out / "result.json").read_text()), load_file(str(out / "grads.safetensors"))
+
+    return run
+
+
+@pytest.fixture
+def assert_grads_close():
+    """Gradients of a Megatron step against a reference's, name by name: fp32 throughout,
+    packing, TP reductions and the fused kernels reorder sums (~1e-6 relative)."""
+
+    def check(grads: dict, reference: dict):
+        assert set(grads) == set(reference)
+        scale = max(g.abs().max().item() for g in reference.values())
+        assert scale > 0
+        for name, ref in reference.items():
+            torch.testing.assert_close(grads[name], ref, atol=2e-5 * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    return check

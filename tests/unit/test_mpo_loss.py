@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_r1v.losses.mpo import (
-    MPOConfig,
+    MPOLossConfig,
     RewardMean,
     generation_loss,
     mpo_loss,
@@ -26,7 +26,7 @@ def test_terms_hand_computed():
     policy_r, ref_r = torch.tensor([-7.0, -4.5]), torch.tensor([-5.0, -5.0])
     lengths = torch.tensor([3, 4])
     delta = -0.0625  # from earlier batches (RewardMean), an argument of the pure loss
-    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, lengths, MPOConfig(beta=0.5), delta)
+    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, lengths, MPOLossConfig(beta=0.5), delta)
     # Eq. 3: -mean(log sigma(1 - -1), log sigma(-0.5 - 0.25)).
     l_p = -(log_sigmoid(2.0) + log_sigmoid(-0.75)) / 2
     l_q = -(log_sigmoid(1.0 - delta) + log_sigmoid(-(-1.0 - delta))
@@ -58,7 +58,7 @@ def test_delta_is_a_running_mean_and_round_trips():
 def test_pair_terms_average_to_the_batch_loss():
     torch.manual_seed(0)
     args = [torch.randn(5) - 4 for _ in range(4)] + [torch.tensor([1, 2, 3, 4, 5])]
-    cfg = MPOConfig(beta=0.3, preference_weight=0.5, quality_weight=0.7, generation_weight=0.2)
+    cfg = MPOLossConfig(beta=0.3, preference_weight=0.5, quality_weight=0.7, generation_weight=0.2)
     terms = mpo_pair_losses(*args, cfg, 0.1)
     batch = mpo_loss(*args, cfg, 0.1)
     # Splitting the step into micro-batches relies on the mean of per-pair terms being the loss.
@@ -71,7 +71,7 @@ def test_gradients_flow_to_the_policy_only():
     policy_c = torch.tensor([-2.0, -3.0], requires_grad=True)
     policy_r = torch.tensor([-2.5, -1.0], requires_grad=True)
     ref_c, ref_r = torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -1.0])
-    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, torch.tensor([2, 2]), MPOConfig(beta=1.0), 0.0)
+    out = mpo_loss(policy_c, policy_r, ref_c, ref_r, torch.tensor([2, 2]), MPOLossConfig(beta=1.0), 0.0)
     out.loss.backward()
     # At policy == reference every reward is 0 and delta 0: d/dr_c of L_p = -sigma(0) / 2 = -0.25 per pair,
     # of L_q = -sigma(0) / 2 = -0.25; L_g adds -1 / (2 |y_c|) = -0.25. Weighted: 0.8 (-0.25) + 0.2 (-0.25) - 0.25 = -0.5.
@@ -82,7 +82,7 @@ def test_gradients_flow_to_the_policy_only():
 
 def test_errors():
     with pytest.raises(ValueError, match="beta must be > 0"):
-        MPOConfig(beta=0.0)
+        MPOLossConfig(beta=0.0)
     with pytest.raises(ValueError, match=r"chosen responses need >= 1 token, got lengths \[0, 2\]"):
         generation_loss(torch.zeros(2), torch.tensor([0, 2]))
     assert float(preference_loss(torch.zeros(1), torch.zeros(1))) == pytest.approx(math.log(2))

@@ -5,44 +5,29 @@ dp-th sample) into fixed-length rows, runs ``grpo_forward_backward`` under Megat
 and writes the step's loss and the DP-reduced gradients under HF names (rank 0).
 """
 
-import argparse
 import json
 import os
+import sys
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_r1v.config import ModelConfig, ParallelConfig
 from megatron_r1v.data.packing import pack_samples
 from megatron_r1v.data.template import EncodedSample
 from megatron_r1v.losses.grpo import GRPOLossConfig, token_weights
-from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
-from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
-from megatron_r1v.platform import destroy_distributed, init_distributed
+from megatron_r1v.models.r1v.weights import gather_hf_tensors
+from megatron_r1v.platform import destroy_distributed
 from megatron_r1v.trainer.grpo_step import grpo_forward_backward, make_grpo_microbatch
-from megatron_r1v.trainer.lm_step import attach_ddp_hooks
-from megatron_r1v.trainer.setup import build_model_stage, wrap_ddp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH=1
+from tiny_qwen2_ddp import parse_args, tiny_qwen2_ddp  # noqa: E402
 
 BUDGET = 48
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hf-file", required=True)
-    parser.add_argument("--cases", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
-    stage = build_model_stage(get_preset("tiny-qwen2"), ctx, ModelConfig(preset="tiny-qwen2", backend="local",
-                                                                         freeze="all"), layout=QWEN2_LAYOUT)
-    with safe_open(args.hf_file, framework="pt") as reader:
-        load_hf_weights(stage.model, stage.stage_maps, stage.shard_spec, ctx, reader.get_tensor)
-    ddp = wrap_ddp(stage.model, stage.config)
-    attach_ddp_hooks(ddp)
+    args = parse_args()
+    ctx, stage, ddp = tiny_qwen2_ddp(args)
 
     cases = torch.load(args.cases)
     cfg = GRPOLossConfig(**cases["config"])
