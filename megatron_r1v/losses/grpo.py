@@ -22,6 +22,7 @@ micro-batch of a step then gives exactly -J.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -124,3 +125,25 @@ def grpo_policy_loss(
     kl_mean = float((stats.kl * mask_T).sum()) / n_tokens if stats.kl is not None and n_tokens else None
     clip_fraction = float(stats.clipped.float().sum()) / n_tokens if n_tokens else 0.0
     return GRPOLossOutput(loss, kl_mean, clip_fraction, stats.logprobs)
+
+
+def truncated_is_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS) weights ``min(pi_old / pi_engine, cap)`` per token.
+
+    The rollout engine samples from its own numerics (other kernels, precision, batch
+    shapes) while Eq. 8's ratio is taken against the trainer's old policy pi_old; the
+    tokens are therefore drawn from pi_engine, not pi_old. Weighting each token's term by
+    pi_old / pi_engine makes it an expectation under pi_old again; truncating the weight at
+    ``cap`` bounds the variance that a token the engine found unlikely would add (Yao et
+    al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training").
+    No gradient flows through the weights. Inputs are per-token log-probs of the sampled
+    tokens, ``[T]``.
+    """
+    if cap < 1.0:
+        raise ValueError(f"the TIS cap must be >= 1, got {cap}")
+    if trainer_logprobs.shape != engine_logprobs.shape:
+        raise ValueError(f"trainer and engine log-probs differ in shape: {tuple(trainer_logprobs.shape)} vs "
+                         f"{tuple(engine_logprobs.shape)}")
+    log_ratio = (trainer_logprobs.detach().double() - engine_logprobs.detach().double())
+    # Clamped in log space first so a huge gap cannot overflow exp.
+    return torch.exp(log_ratio.clamp(max=math.log(cap))).to(torch.float32)

@@ -33,13 +33,17 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT, ShardSpec, TensorMap
+from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, HFLayout, ShardSpec, TensorMap
 from megatron_r1v.models.r1v.presets import R1VArch
 from megatron_r1v.models.r1v.weights import iter_stage_hf_tensors, model_stage_maps, unwrap_model
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rollout.engine import RolloutEngine
 
 Bucket = list[tuple[str, torch.Tensor]]
+
+# The names each engine loads: transformers' in-memory InternVL names (HF engine), or the
+# released InternVL-chat checkpoint names, which SGLang's InternVL model loads.
+ENGINE_LAYOUTS: dict[str, HFLayout] = {"hf": TRANSFORMERS_LAYOUT, "sglang": SKYWORK_LAYOUT}
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,12 @@ class WeightSync:
         shard_spec: Optional[ShardSpec] = None,
         backend: str = "local",
         every_dp_replica: bool = False,
+        layout: HFLayout = TRANSFORMERS_LAYOUT,
     ) -> None:
         """``shard_spec``: the model stage's (``ModelStage.shard_spec``); the default is
         ``ShardSpec.for_model(arch, ctx.tp)``, right for the default vocabulary padding.
-        ``backend``: the model's layer backend ("te" renames the fused norm weights)."""
+        ``backend``: the model's layer backend ("te" renames the fused norm weights).
+        ``layout``: the names the engine loads (``ENGINE_LAYOUTS[rollout.engine]``)."""
         if len(model_chunks) != 1:
             raise ValueError(f"weight sync supports one model chunk per rank, got {len(model_chunks)} "
                              "(virtual pipeline stages are not supported)")
@@ -92,7 +98,7 @@ class WeightSync:
         self.bucket_bytes = bucket_bytes
         self.trainable_only_after_first = trainable_only_after_first
         self.spec = shard_spec or ShardSpec.for_model(arch, ctx.tp)
-        self.stage_maps: dict[str, TensorMap] = model_stage_maps(arch, ctx, TRANSFORMERS_LAYOUT, backend)
+        self.stage_maps: dict[str, TensorMap] = model_stage_maps(arch, ctx, layout, backend)
         self.params = dict(unwrap_model(model_chunks[0]).named_parameters())
         unknown = sorted(set(self.params) - set(self.stage_maps))
         absent = sorted(set(self.stage_maps) - set(self.params))

@@ -58,13 +58,45 @@ def _build_common(cfg: RunConfig) -> _Common:
     return _Common(ctx, arch, stage, ddp, optimizer, tokenizer, template, tiler)
 
 
+def sglang_model_dir(cfg: RunConfig) -> str:
+    """The HF folder an SGLang engine builds its model, tokenizer and processor from."""
+    import os
+
+    from megatron_r1v.conversion import HF_EXTRA_DIR
+
+    if cfg.rollout.model_dir:
+        return cfg.rollout.model_dir
+    if not cfg.model.checkpoint:
+        raise ValueError("rollout.engine=sglang needs rollout.model_dir (an HF folder with config.json and the "
+                         "tokenizer) or a model.checkpoint written by tools/convert_checkpoint.py import")
+    folder = os.path.join(cfg.model.checkpoint, HF_EXTRA_DIR)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"rollout.engine=sglang: {folder} has no config.json (model.checkpoint was not imported "
+                         "from an HF checkpoint); set rollout.model_dir to the HF folder of the model")
+    return folder
+
+
+def build_rollout_engine(cfg: RunConfig, c: _Common, ctx):
+    """The rollout engine of this replica (built on its owner rank only)."""
+    if cfg.rollout.engine == "hf":
+        from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine.from_arch(c.arch, tokenizer=c.tokenizer, seed=cfg.train.seed)
+    from megatron_r1v.rollout.sglang_engine import SGLangRolloutEngine
+
+    # One engine per TP group, on that group's GPUs (colocated): the owner is the
+    # group's first rank, whose local GPU index is where the engine's GPUs start.
+    return SGLangRolloutEngine.from_config(cfg.rollout, model_dir=sglang_model_dir(cfg), tp_size=ctx.tp,
+                                           base_gpu_id=ctx.device.index or 0, seed=cfg.train.seed,
+                                           tokenizer=c.tokenizer)
+
+
 def build_grpo_trainer(cfg: RunConfig):
     from megatron_r1v.data.loader import PromptLoader
     from megatron_r1v.data.schema import load_records
     from megatron_r1v.data.tokenizer import IM_END
     from megatron_r1v.rewards.hybrid import HybridReward
-    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
-    from megatron_r1v.rollout.weight_sync import WeightSync
+    from megatron_r1v.rollout.weight_sync import ENGINE_LAYOUTS, WeightSync
     from megatron_r1v.ssb import SelectiveSampleBuffer
     from megatron_r1v.trainer.grpo import GRPOTrainer
 
@@ -74,8 +106,9 @@ def build_grpo_trainer(cfg: RunConfig):
     loader = PromptLoader(records, c.template, c.tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
                           on_bad_sample=cfg.data.on_bad_sample)
     sync = WeightSync(c.arch, ctx, [c.ddp], shard_spec=c.stage.shard_spec, backend=c.stage.backend,
-                      every_dp_replica=True)
-    engine = HFRolloutEngine.from_arch(c.arch, tokenizer=c.tokenizer, seed=cfg.train.seed) if sync.is_owner else None
+                      every_dp_replica=True, layout=ENGINE_LAYOUTS[cfg.rollout.engine],
+                      bucket_bytes=cfg.rollout.weight_bucket_mb << 20)
+    engine = build_rollout_engine(cfg, c, ctx) if sync.is_owner else None
     sync.sync(engine, full=True)  # the engine starts from the trainer's weights
     trainer = GRPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, HybridReward.from_config(cfg.reward),
                           SelectiveSampleBuffer(cfg.ssb), sync, engine,

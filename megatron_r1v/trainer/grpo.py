@@ -10,12 +10,21 @@ its first TP rank of the first pipeline stage (``WeightSync(every_dp_replica=Tru
 the responses and rewards are broadcast to the rest of the replica. The reference
 policy is the initial value of the trainable parameters, swapped in for its pass: with
 the report's adapter-only training that is the initial adapter, never a second model.
-Old log-probs of fresh groups come from the trainer's model before the update (the
-engine's own log-probs are only used for monitoring); reused SSB groups keep theirs.
+Old log-probs of fresh groups come from the trainer's model before the update; reused
+SSB groups keep theirs. The engine's own log-probs of the sampled tokens measure how far
+its numerics are from the trainer's (``rollout/logprob_abs_diff``, every step) and, with
+``rollout.tis_cap``, weight each fresh token's term by the truncated importance ratio
+(``losses.grpo.truncated_is_weights``).
+
+Colocated engines: the engine's memory is released after each rollout (the optimizer
+step needs it) and resumed before the next; weight sync streams into it in between, in
+the layout it loads (``engine.hf_layout``: transformers names for the HF engine, the
+released InternVL-chat names for SGLang).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,9 +37,9 @@ import torch.distributed as dist
 
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PromptLoader
-from megatron_r1v.data.packing import pack_samples
+from megatron_r1v.data.packing import PackedMicroBatch, pack_samples
 from megatron_r1v.data.template import IGNORE_INDEX, EncodedSample
-from megatron_r1v.losses.grpo import GRPOLossConfig, group_advantages, token_weights
+from megatron_r1v.losses.grpo import GRPOLossConfig, group_advantages, token_weights, truncated_is_weights
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rewards.hybrid import HybridReward
 from megatron_r1v.rollout.engine import RolloutEngine, RolloutRequest, SamplingParams
@@ -45,8 +54,10 @@ TAGS = (
     "train/reward_mean", "train/accuracy", "train/format_reward", "train/rm_reward", "train/grpo_loss", "train/kl",
     "train/clip_fraction", "train/entropy", "train/response_length", "ssb/effective_ratio_fresh",
     "ssb/effective_ratio_batch", "ssb/size", "ssb/reused_samples", "perf/step_time_s", "perf/rollout_time_s",
-    "perf/train_time_s", "perf/weight_sync_time_s",
+    "perf/train_time_s", "perf/weight_sync_time_s", "rollout/logprob_abs_diff",
 )
+# Logged only with rollout.tis_cap: mean TIS weight and share of weights cut at the cap.
+TIS_TAGS = ("rollout/tis_weight_mean", "rollout/tis_truncated_fraction")
 
 
 def broadcast_to_replica(obj, ctx: ParallelContext):
@@ -72,6 +83,22 @@ class _Sample:
     pixels: Optional[torch.Tensor]
     advantage: float
     old_logprobs: Optional[np.ndarray] = None  # [R] for reused groups; None: recompute
+    engine_logprobs: Optional[np.ndarray] = None  # [R] for fresh responses: the engine's
+
+
+@dataclass
+class _Row:
+    """One packed micro-batch with its per-position vectors ``[L]`` (aligned with the labels)."""
+
+    packed: PackedMicroBatch
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    stored_logprobs: torch.Tensor
+    has_stored: torch.Tensor
+    """bool: reused SSB responses, whose old log-probs are ``stored_logprobs``."""
+    engine_logprobs: torch.Tensor
+    has_engine: torch.Tensor
+    """bool: fresh responses' tokens, whose engine log-probs are ``engine_logprobs``."""
 
 
 @dataclass
@@ -102,17 +129,25 @@ class GRPOTrainer:
     # -- rollout -------------------------------------------------------------------------
     def _rollout(self, items, step: int) -> list[dict]:
         payload = None
+        if self.ctx.device.type == "cuda":
+            # Colocated engines run on the GPUs of their TP group: every rank hands its cached
+            # activation memory back to the driver before the owner resumes the engine.
+            torch.cuda.empty_cache()
+            dist.barrier(group=self.ctx.tp_group)
         if self.engine is not None:
             r = self.cfg.rollout
             params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
                                     max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed * 100003 + step,
                                     stop_token_ids=self.stop_token_ids)
+            self.engine.resume_memory()
             groups = self.engine.generate([RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items],
                                           params)
+            self.engine.release_memory()  # colocated: the GPUs go back to training until the next rollout
             payload = []
             for item, group in zip(items, groups):
                 scores = self.reward.score_batch([item.record] * len(group), [s.text for s in group])
                 payload.append({"responses": [s.response_ids.tolist() for s in group],
+                                "engine_logprobs": [s.logprobs.float().tolist() for s in group],
                                 "total": [s.total for s in scores], "rule": [s.rule for s in scores],
                                 "format": [s.format for s in scores], "model": [s.model for s in scores]})
         return broadcast_to_replica(payload, self.ctx)
@@ -134,7 +169,8 @@ class GRPOTrainer:
             for j, response in enumerate(payload[i]["responses"]):
                 ids = torch.cat([item.prompt_ids, torch.tensor(response, dtype=torch.long)])
                 enc = self._encode(f"{item.record.id}#{j}", ids, len(item.prompt_ids), None, item.tiles_per_image)
-                samples.append(_Sample(enc, item.pixel_values, float(advantages[i][j])))
+                samples.append(_Sample(enc, item.pixel_values, float(advantages[i][j]),
+                                       engine_logprobs=np.asarray(payload[i]["engine_logprobs"][j], np.float32)))
         for grp in plan.reused:
             item = self.loader.prepare(self.loader.record(grp.prompt_id))
             if item is None and grp.image_paths:
@@ -148,29 +184,35 @@ class GRPOTrainer:
                                        grp.old_logprobs[j]))
         return samples
 
-    def _microbatches(self, samples: list[_Sample], weights_per_sample: list[float]):
+    def _microbatches(self, samples: list[_Sample], weights_per_sample: list[float]) -> list[_Row]:
         budget = self.cfg.grpo.micro_batch_tokens
         pad_to = budget if self.ctx.pp > 1 else 1  # pipelines need one shape for every micro-batch
         packed = pack_samples([s.encoded for s in samples], [s.pixels for s in samples], budget,
                               pad_id=0, pad_to_multiple=pad_to)
-        out = []
+
+        def response_vector(s: _Sample, values: Optional[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+            """(values placed at the response's label positions, where they are)."""
+            length, p = len(s.encoded), s.encoded.prompt_len
+            out, present = torch.zeros(length), torch.zeros(length)
+            if values is not None:
+                out[p - 1: length - 1] = torch.from_numpy(values.astype(np.float32))
+                present[p - 1: length - 1] = 1.0
+            return out, present
+
+        rows = []
         for mb in packed:
-            adv, w, stored, has_stored = [], [], [], []
+            columns: list[list[torch.Tensor]] = [[] for _ in range(6)]
             for idx in mb.sample_indices:
-                s, length = samples[idx], len(samples[idx].encoded)
+                s = samples[idx]
                 targets = s.encoded.labels != IGNORE_INDEX
-                adv.append(torch.where(targets, s.advantage, 0.0))
-                w.append(torch.where(targets, weights_per_sample[idx], 0.0))
-                old = torch.zeros(length)
-                if s.old_logprobs is not None:
-                    p = s.encoded.prompt_len
-                    old[p - 1: length - 1] = torch.from_numpy(s.old_logprobs.astype(np.float32))
-                stored.append(old)
-                has_stored.append(torch.full((length,), float(s.old_logprobs is not None)))
+                vectors = (torch.where(targets, s.advantage, 0.0), torch.where(targets, weights_per_sample[idx], 0.0),
+                           *response_vector(s, s.old_logprobs), *response_vector(s, s.engine_logprobs))
+                for column, vector in zip(columns, vectors):
+                    column.append(vector)
             pad = mb.input_ids.shape[1] - sum(len(samples[i].encoded) for i in mb.sample_indices)
-            vec = [torch.cat(v + [torch.zeros(pad)]) for v in (adv, w, stored, has_stored)]
-            out.append((mb, vec[0], vec[1], vec[2], vec[3] > 0))
-        return out
+            adv, w, stored, has_stored, engine, has_engine = (torch.cat(c + [torch.zeros(pad)]) for c in columns)
+            rows.append(_Row(mb, adv, w, stored, has_stored > 0, engine, (has_engine > 0) & (w > 0)))
+        return rows
 
     @contextmanager
     def _reference_weights(self) -> Iterator[None]:
@@ -200,26 +242,27 @@ class GRPOTrainer:
         lengths = [max(int((s.encoded.labels != IGNORE_INDEX).sum()), 1) for s in samples]
         n_seq, n_tok = _sum_over([len(samples), sum(lengths)], ctx.dp_group)
         weights = token_weights(torch.tensor(lengths), self.loss_cfg.normalization, int(n_seq), int(n_tok)).tolist()
-        packed = self._microbatches(samples, weights)
+        rows = self._microbatches(samples, weights)
 
         # Old log-probs (and entropy for monitoring) from the policy before this update.
-        plain = [make_grpo_microbatch(mb) for mb, *_ in packed]
+        plain = [make_grpo_microbatch(row.packed) for row in rows]
         logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg.temperature, want_entropy=True)
-        refs = [None] * len(packed)
+        refs = [None] * len(rows)
         if self.loss_cfg.kl_beta:
             with self._reference_weights():
                 ref_logprobs = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg.temperature)
             if ctx.is_last_stage:  # other stages get no log-probs (and need none)
                 refs = [lp for lp, _ in ref_logprobs]
-        microbatches, entropy_sum, entropy_tokens = [], 0.0, 0.0
-        for k, (mb, adv, w, stored, has_stored) in enumerate(packed):
-            old = None
+        microbatches, monitor = [], _Monitor()
+        for k, row in enumerate(rows):
+            old, weights_L = None, row.weights
             if ctx.is_last_stage:
                 lp, entropy = logprobs[k]
-                old = torch.where(has_stored, stored, lp)
-                entropy_sum += float(entropy.sum())
-                entropy_tokens += float(mb.loss_mask.sum())
-            microbatches.append(make_grpo_microbatch(mb, old, refs[k], adv, w))
+                old = torch.where(row.has_stored, row.stored_logprobs, lp)
+                weights_L = self._engine_correction(row, lp, monitor)
+                monitor.entropy_sum += float(entropy.sum())
+                monitor.entropy_tokens += float(row.packed.loss_mask.sum())
+            microbatches.append(make_grpo_microbatch(row.packed, old, refs[k], row.advantages, weights_L))
         for epoch in range(self.cfg.grpo.ppo_epochs):
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -235,9 +278,23 @@ class GRPOTrainer:
         self.sync.sync(self.engine)
         sync_s = time.perf_counter() - t_sync
 
-        self.buffer.insert(self._fresh_groups(items, payload, advantages, logprobs, packed, step))
-        return self._metrics(payload, result, plan, entropy_sum, entropy_tokens, grad_norm,
+        self.buffer.insert(self._fresh_groups(items, payload, advantages, logprobs, rows, step))
+        return self._metrics(payload, result, plan, monitor, grad_norm,
                              time.perf_counter() - t_start, rollout_s, train_s, sync_s)
+
+    def _engine_correction(self, row: _Row, trainer_lp: torch.Tensor, monitor: "_Monitor") -> torch.Tensor:
+        """Records |trainer - engine| log-prob gaps of the fresh tokens and returns the row's
+        loss weights, times the truncated importance ratio with ``rollout.tis_cap``."""
+        fresh = row.has_engine
+        monitor.gap_sum += float((trainer_lp - row.engine_logprobs).abs()[fresh].sum())
+        monitor.gap_tokens += float(fresh.sum())
+        cap = self.cfg.rollout.tis_cap
+        if cap is None:
+            return row.weights
+        tis = torch.where(fresh, truncated_is_weights(trainer_lp, row.engine_logprobs, cap), 1.0)
+        monitor.tis_sum += float(tis[fresh].sum())
+        monitor.tis_truncated += float((trainer_lp - row.engine_logprobs)[fresh].ge(math.log(cap)).sum())
+        return row.weights * tis
 
     # -- checkpoint hooks (trainer/checkpoint.py) ------------------------------------------
     def rank_state(self) -> dict:
@@ -255,13 +312,13 @@ class GRPOTrainer:
         # The engine restarts from the restored weights: a full sync, not trainable-only.
         self.sync.sync(self.engine, full=True)
 
-    def _fresh_groups(self, items, payload, advantages, logprobs, packed, step: int) -> list[SSBGroup]:
+    def _fresh_groups(self, items, payload, advantages, logprobs, rows: list[_Row], step: int) -> list[SSBGroup]:
         # Behaviour log-probs of fresh responses by sample id, read back from the packed rows.
         old_by_id: dict[str, np.ndarray] = {}
         if self.ctx.is_last_stage:
-            for (mb, *_), (lp, _) in zip(packed, logprobs):
-                bounds = mb.cu_seqlens.tolist()
-                for pos, sid in enumerate(mb.sample_ids):
+            for row, (lp, _) in zip(rows, logprobs):
+                bounds = row.packed.cu_seqlens.tolist()
+                for pos, sid in enumerate(row.packed.sample_ids):
                     old_by_id[sid] = lp[bounds[pos]:bounds[pos + 1]].numpy()
         groups = []
         for i, item in enumerate(items):
@@ -278,7 +335,7 @@ class GRPOTrainer:
                 image_paths=tuple(str(x) for x in item.record.images)))
         return groups
 
-    def _metrics(self, payload, result, plan, entropy_sum, entropy_tokens, grad_norm, step_s, rollout_s, train_s,
+    def _metrics(self, payload, result, plan, monitor: "_Monitor", grad_norm, step_s, rollout_s, train_s,
                  sync_s) -> dict[str, float]:
         ctx = self.ctx
         totals = [sum(sum(p[k]) for p in payload) for k in ("total", "rule", "format", "model")]
@@ -289,8 +346,8 @@ class GRPOTrainer:
         owner = ctx.tp_rank == 0 and ctx.is_first_stage
         last = ctx.tp_rank == 0 and ctx.is_last_stage
         sums = _sum_over([v if owner else 0.0 for v in totals + [n, length]]
-                         + [entropy_sum if last else 0.0, entropy_tokens if last else 0.0], dist.group.WORLD)
-        ent = sums[6:]
+                         + [v if last else 0.0 for v in monitor.values()], dist.group.WORLD)
+        ent, gap, tis = sums[6:8], sums[8:10], sums[10:12]
         count = max(sums[4], 1.0)
         metrics = {
             "train/reward_mean": sums[0] / count, "train/accuracy": sums[1] / count,
@@ -299,7 +356,27 @@ class GRPOTrainer:
             "train/entropy": ent[0] / max(ent[1], 1.0), "train/response_length": sums[5] / count,
             "train/grad_norm": float(grad_norm or 0.0),
             "perf/step_time_s": step_s, "perf/rollout_time_s": rollout_s, "perf/train_time_s": train_s,
-            "perf/weight_sync_time_s": sync_s,
+            "perf/weight_sync_time_s": sync_s, "rollout/logprob_abs_diff": gap[0] / max(gap[1], 1.0),
         }
+        if self.cfg.rollout.tis_cap is not None:
+            metrics["rollout/tis_weight_mean"] = tis[0] / max(gap[1], 1.0)
+            metrics["rollout/tis_truncated_fraction"] = tis[1] / max(gap[1], 1.0)
         metrics.update(plan.stats.metrics())
         return metrics
+
+
+@dataclass
+class _Monitor:
+    """Per-rank sums behind the step's monitoring metrics (summed over ranks in ``_metrics``)."""
+
+    entropy_sum: float = 0.0
+    entropy_tokens: float = 0.0
+    gap_sum: float = 0.0
+    """sum over fresh response tokens of |trainer log-prob - engine log-prob|."""
+    gap_tokens: float = 0.0
+    tis_sum: float = 0.0
+    tis_truncated: float = 0.0
+
+    def values(self) -> list[float]:
+        return [self.entropy_sum, self.entropy_tokens, self.gap_sum, self.gap_tokens, self.tis_sum,
+                self.tis_truncated]

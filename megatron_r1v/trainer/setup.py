@@ -29,6 +29,7 @@ from megatron_r1v.models.r1v.presets import R1VArch
 from megatron_r1v.models.r1v.spec import (
     adapter_mlp_submodules,
     fp8_transformer_kwargs,
+    recompute_transformer_kwargs,
     resolve_backend,
     vision_layer_spec,
 )
@@ -77,6 +78,7 @@ def build_model_stage(
     config = decoder_transformer_config(
         arch.decoder, tp=ctx.tp, pp=ctx.pp, sequence_parallel=sequence_parallel,
         params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8,
+        recompute_kwargs=recompute_transformer_kwargs(model_cfg, arch.decoder.num_layers // ctx.pp),
     )
     config.perform_initialization = not meta_device
     shard_spec = ShardSpec.for_model(arch, ctx.tp, model_cfg.make_vocab_size_divisible_by, model_cfg.vocab_pad_tp)
@@ -87,7 +89,8 @@ def build_model_stage(
     vision = adapter = None
     if arch.vision is not None and ctx.is_first_stage:
         vision_config = vision_transformer_config(
-            arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8
+            arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8,
+            recompute_kwargs=recompute_transformer_kwargs(model_cfg, arch.vision.num_layers),
         )
         vision_config.perform_initialization = not meta_device
         vision = InternViT(

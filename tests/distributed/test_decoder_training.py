@@ -52,6 +52,20 @@ def test_tp2_three_steps_lower_the_loss(dp1_run, tiny_qwen2, torchrun, tmp_path)
     assert moved > 1e-4, "no weight changed: the optimizer did not step"
 
 
+@pytest.mark.parametrize("recompute", [("full", "uniform"), ("full", "block"), ("selective", "uniform")])
+def test_activation_recompute_gives_the_same_training(dp1_run, tiny_qwen2, torchrun, tmp_path, recompute):
+    """model.recompute_*: the backward recomputes the forward instead of keeping activations;
+    the math is unchanged. Summation order can differ between the saved and the recomputed
+    forward only through the RNG-free, deterministic CPU kernels, so the runs agree to fp32
+    round-off (the same bound as the DP comparison)."""
+    granularity, method = recompute
+    run = _train(torchrun, tiny_qwen2, tmp_path / "recompute", 1, "--recompute", granularity,
+                 "--recompute-method", method)
+    assert run[0]["recompute"] == [granularity, method if granularity == "full" else None]
+    assert dp1_run[0]["recompute"] == [None, None]
+    _assert_same_run(run, dp1_run, f"recompute {granularity}/{method}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 mixed precision runs on CUDA only (CPU mode is fp32)")
 def test_bf16_training_on_gpu_tracks_fp32(dp1_run, tiny_qwen2, torchrun, tmp_path):
     result, _ = _train(torchrun, tiny_qwen2, tmp_path / "bf16", 1, "--dtype", "bf16")

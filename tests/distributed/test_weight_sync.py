@@ -25,6 +25,9 @@ def test_weight_sync_is_exact_and_sends_only_the_adapter_after_the_first(tp, pp,
                                "--out", str(tmp_path)])
     r = json.loads((tmp_path / "report.json").read_text())
     sizes = r["engine_bytes"]
+    # SGLang's layout (released InternVL-chat names: fused vision qkv, language_model.*).
+    assert r["skywork_mismatch"] == [] and len(r["skywork_names"]) > 50
+    assert "mlp1.0.weight" in r["skywork_names"] and "language_model.lm_head.weight" in r["skywork_names"]
     adapter = {n for n in sizes if n.startswith(ADAPTER)}
     assert len(sizes) > 50 and len(adapter) == 6
 

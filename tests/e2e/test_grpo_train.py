@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
-from megatron_r1v.trainer.grpo import TAGS
+from megatron_r1v.trainer.grpo import TAGS, TIS_TAGS
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
@@ -71,7 +71,8 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
             timeout=600)
         assert convert.returncode == 0, convert.stderr[-4000:]
         proc = _run(tmp_path, "ckpt", 4, *reward_args, "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}",
-                    "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", "grpo.ppo_epochs=2")
+                    "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", "grpo.ppo_epochs=2",
+                    "--set", "rollout.tis_cap=2.0")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == [f"step {i}/4" for i in range(1, 5)]
     assert all("effective ratio" in line and "step time" in line for line in lines)
@@ -79,8 +80,8 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert set(TAGS) <= scalars, sorted(set(TAGS) - scalars)
-    for tag in TAGS:
+    assert set(TAGS + TIS_TAGS) <= scalars, sorted(set(TAGS + TIS_TAGS) - scalars)
+    for tag in TAGS + TIS_TAGS:
         assert [e.step for e in events.Scalars(tag)] == [0, 1, 2, 3], tag
     metrics = _metrics(tmp_path, "ckpt")
     for m in metrics:
@@ -88,6 +89,11 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
         assert m["train/entropy"] > 0 and m["perf/step_time_s"] > m["perf/train_time_s"] > 0
         assert 0.0 <= m["ssb/effective_ratio_fresh"] <= m["ssb/effective_ratio_batch"] <= 1.0
         assert 0.0 < m["train/rm_reward"] < 1.0  # sigmoid-calibrated model scores
+        # The HF engine and the trainer both run fp32 on CPU: their log-probs of the sampled
+        # tokens differ by summation order only (TP=2 splits the vocabulary and the GEMMs),
+        # so the importance weights stay at 1 and none is cut.
+        assert 0.0 < m["rollout/logprob_abs_diff"] < 1e-4, m["rollout/logprob_abs_diff"]
+        assert abs(m["rollout/tis_weight_mean"] - 1.0) < 1e-4 and m["rollout/tis_truncated_fraction"] == 0.0
     # Graded rewards: every fresh group has non-zero advantage, the loss and KL move, the buffer fills.
     assert all(m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics)
     assert all(m["train/grpo_loss"] != 0.0 for m in metrics)

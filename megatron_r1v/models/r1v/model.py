@@ -23,7 +23,8 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def shared_config_kwargs(
-    *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, fused_kernels: bool, fp8_kwargs: Optional[dict] = None
+    *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, fused_kernels: bool, fp8_kwargs: Optional[dict] = None,
+    recompute_kwargs: Optional[dict] = None,
 ) -> dict:
     """TransformerConfig fields every block of the model sets the same way.
 
@@ -48,6 +49,7 @@ def shared_config_kwargs(
         "apply_rope_fusion": False,
         "gradient_accumulation_fusion": False,
         **(fp8_kwargs or {}),
+        **(recompute_kwargs or {}),
     }
 
 
@@ -61,6 +63,7 @@ def decoder_transformer_config(
     backend: Backend = "local",
     on_cpu: bool = False,
     fp8_kwargs: Optional[dict] = None,
+    recompute_kwargs: Optional[dict] = None,
 ) -> TransformerConfig:
     """Megatron TransformerConfig of a Qwen2 decoder (RMSNorm, QKV bias, SwiGLU, GQA)."""
     arch.check_parallel(tp, pp)
@@ -81,7 +84,8 @@ def decoder_transformer_config(
         bias_activation_fusion=fused,
         sequence_parallel=sequence_parallel,
         **shared_config_kwargs(
-            tp=tp, pp=pp, dtype=TORCH_DTYPES[params_dtype], on_cpu=on_cpu, fused_kernels=fused, fp8_kwargs=fp8_kwargs
+            tp=tp, pp=pp, dtype=TORCH_DTYPES[params_dtype], on_cpu=on_cpu, fused_kernels=fused, fp8_kwargs=fp8_kwargs,
+            recompute_kwargs=recompute_kwargs,
         ),
     )
 

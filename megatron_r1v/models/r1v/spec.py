@@ -174,3 +174,22 @@ def fp8_transformer_kwargs(fp8, backend: Backend) -> dict:
         "fp8_amax_history_len": fp8.amax_history_len,
         "fp8_amax_compute_algo": fp8.amax_compute_algo,
     }
+
+
+def recompute_transformer_kwargs(model_cfg, num_layers: int) -> dict:
+    """TransformerConfig activation-recomputation fields from ``model.recompute_*``.
+
+    ``selective`` recomputes the core attention of every layer (Megatron's default module
+    set); ``full`` recomputes whole layers, grouped by ``recompute_method``. The group size
+    is capped at the block's layer count, so one setting serves the 45-layer vision tower
+    and the 64-layer decoder alike.
+    """
+    granularity = model_cfg.recompute_granularity
+    if granularity is None:
+        return {}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    if model_cfg.recompute_num_layers < 1:
+        raise ValueError(f"model.recompute_num_layers must be >= 1, got {model_cfg.recompute_num_layers}")
+    return {"recompute_granularity": "full", "recompute_method": model_cfg.recompute_method,
+            "recompute_num_layers": min(model_cfg.recompute_num_layers, num_layers)}

@@ -126,7 +126,8 @@ def padded_heads(num_heads: int, tp: int) -> int:
 
 
 def vision_transformer_config(
-    arch: VisionArch, *, tp: int, params_dtype: torch.dtype, on_cpu: bool, fp8_kwargs: Optional[dict] = None
+    arch: VisionArch, *, tp: int, params_dtype: torch.dtype, on_cpu: bool, fp8_kwargs: Optional[dict] = None,
+    recompute_kwargs: Optional[dict] = None,
 ) -> TransformerConfig:
     """TransformerConfig of the InternViT encoder (whole encoder on one pipeline stage)."""
     return TransformerConfig(
@@ -146,7 +147,8 @@ def vision_transformer_config(
         # pp=1: the whole encoder lives on the first pipeline stage. No mask in the ViT,
         # so the fused masked softmax (apex/TE) buys nothing.
         **shared_config_kwargs(
-            tp=tp, pp=1, dtype=params_dtype, on_cpu=on_cpu, fused_kernels=False, fp8_kwargs=fp8_kwargs
+            tp=tp, pp=1, dtype=params_dtype, on_cpu=on_cpu, fused_kernels=False, fp8_kwargs=fp8_kwargs,
+            recompute_kwargs=recompute_kwargs,
         ),
     )
 

@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--recompute", choices=["selective", "full"], help="model.recompute_granularity")
+    parser.add_argument("--recompute-method", default="uniform", choices=["uniform", "block"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     # Parity means fp32: keep cuDNN/cuBLAS from using TF32 when this runs on a GPU.
@@ -67,7 +69,8 @@ def main() -> None:
 
     ctx = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp))
     arch = get_preset(args.preset)
-    model_cfg = ModelConfig(preset=args.preset, backend="local", freeze="all", params_dtype=args.dtype)
+    model_cfg = ModelConfig(preset=args.preset, backend="local", freeze="all", params_dtype=args.dtype,
+                            recompute_granularity=args.recompute, recompute_method=args.recompute_method)
     stage = build_model_stage(arch, ctx, model_cfg, layout=QWEN2_LAYOUT)
     if args.mode == "errors":
         write_load_errors(stage, ctx, args)
@@ -110,7 +113,9 @@ def main() -> None:
         weights = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx)
         if owner:
             save_file({k: v.float().contiguous() for k, v in weights.items()}, os.path.join(args.out, "weights.safetensors"))
-            json.dump({"losses": losses, "grad_norms": norms}, open(os.path.join(args.out, "result.json"), "w"))
+            recompute = [stage.config.recompute_granularity, stage.config.recompute_method]
+            result = {"losses": losses, "grad_norms": norms, "recompute": recompute}
+            json.dump(result, open(os.path.join(args.out, "result.json"), "w"))
     destroy_distributed(ctx)
 
 

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
+from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
+from megatron_r1v.models.r1v.layouts import convert_layout
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.platform import destroy_distributed, init_distributed
@@ -55,6 +56,18 @@ def compare(engine, reference: dict) -> dict:
     unequal = sorted(n for n in reference if n in weights and not torch.equal(weights[n], reference[n]))
     return {"engine_only": sorted(set(weights) - set(reference)), "trainer_only": sorted(set(reference) - set(weights)),
             "unequal": unequal, "compared": len(set(weights) & set(reference))}
+
+
+class DictEngine:
+    """Receives weight-sync buckets under whatever names they carry."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def update_weights(self, named_tensors) -> None:
+        for name, tensor in named_tensors:
+            assert name not in self.tensors, f"{name} sent twice"
+            self.tensors[name] = tensor.clone()
 
 
 def main() -> None:
@@ -104,6 +117,21 @@ def main() -> None:
     if ctx.rank == 0:
         report["second_compare"] = compare(engine, after_step)
         report["changed_by_step"] = sorted(n for n in after_step if not torch.equal(after_step[n], before_step[n]))
+
+    # The SGLang engine's names: a sync in the released (skywork) layout must carry exactly
+    # the tensors that converting the engine's (transformers-named, now in sync) weights
+    # into that layout gives.
+    skywork_sync = WeightSync(arch, ctx, [ddp], bucket_bytes=args.bucket_bytes, shard_spec=stage.shard_spec,
+                              backend=stage.backend, layout=SKYWORK_LAYOUT)
+    received = DictEngine() if ctx.rank == 0 else None
+    skywork_sync.sync(received)
+    if ctx.rank == 0:
+        held = dict(engine.named_weights())
+        expected = dict(convert_layout(held.__getitem__, arch, TRANSFORMERS_LAYOUT, SKYWORK_LAYOUT))
+        report["skywork_names"] = sorted(received.tensors)
+        report["skywork_mismatch"] = sorted(n for n in set(expected) | set(received.tensors)
+                                            if n not in expected or n not in received.tensors
+                                            or not torch.equal(expected[n], received.tensors[n]))
 
     stats = [None] * ctx.world_size
     dist.all_gather_object(stats, {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank,

@@ -1,0 +1,95 @@
+"""End to end: SIGUSR1 / SIGTERM stop a running 2-rank CPU job after the current step, with
+a checkpoint and exit status 0, and --resume continues from it (trainer/stop.py).
+
+The tiny MPO recipe is used because its steps are short; the stop logic is the entry
+point's and the same for both stages.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from megatron_r1v.data.synthetic import generate_dataset
+from megatron_r1v.data.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+STEPS = 40  # far more than a test waits for: the run must end by the signal
+
+
+def _start(tmp_path, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_mpo_cpu.yaml"),
+           "--set", f"data.train_path={tmp_path / 'data' / 'preferences.jsonl'}",
+           "--set", f"data.tokenizer={tmp_path / 'tok'}", "--set", f"train.steps={STEPS}",
+           "--set", "mpo.pairs_per_step=4", "--set", "train.save_interval=0", "--set", "logging.tensorboard_dir=null",
+           "--set", f"train.save_dir={tmp_path / 'run'}", "--metrics-jsonl", str(tmp_path / "metrics.jsonl"), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+
+
+def _steps_logged(tmp_path) -> list[int]:
+    path = tmp_path / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for_steps(tmp_path, proc, count: int, timeout: float = 600) -> None:
+    """Polls the metrics file (written by rank 0 after each step) until ``count`` more steps appear."""
+    target = len(_steps_logged(tmp_path)) + count
+    deadline = time.monotonic() + timeout
+    while len(_steps_logged(tmp_path)) < target:
+        assert proc.poll() is None, f"job ended early: {proc.communicate()[1][-4000:]}"
+        assert time.monotonic() < deadline, "job made no progress"
+        time.sleep(0.5)
+
+
+def _worker(agent: subprocess.Popen, local_rank: int) -> psutil.Process:
+    for child in psutil.Process(agent.pid).children(recursive=True):
+        if "megatron_r1v.train" in " ".join(child.cmdline()) and child.environ().get("LOCAL_RANK") == str(local_rank):
+            return child
+    raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under torchrun pid {agent.pid}")
+
+
+def _status(tmp_path) -> dict:
+    return json.loads((tmp_path / "run" / "run_status.json").read_text())
+
+
+def test_signal_stops_with_checkpoint_and_resumes(tmp_path):
+    generate_dataset(tmp_path / "data", 16, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+
+    # SIGUSR1 to rank 1 only: rank 0 never sees it, yet both must stop after the same step.
+    job = _start(tmp_path)
+    _wait_for_steps(tmp_path, job, 2)
+    _worker(job, 1).send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-3000:] + err[-4000:]
+    status = _status(tmp_path)
+    first_stop = status["completed_steps"]
+    assert status == {"completed_steps": first_stop, "total_steps": STEPS, "finished": False, "signal": "SIGUSR1"}
+    assert 2 <= first_stop < STEPS
+    assert "[rank 1] received SIGUSR1" in err and "[rank 0] received" not in err
+    assert f"stopped by SIGUSR1 after step {first_stop}/{STEPS}" in out
+    # The checkpoint of the last finished step is there and is the newest.
+    assert (tmp_path / "run" / "latest").read_text().strip() == f"step_{first_stop:06d}"
+    assert _steps_logged(tmp_path) == list(range(first_stop))
+
+    # Resume, then SIGTERM to the torchrun agent, which forwards it to both workers.
+    job = _start(tmp_path, "--resume")
+    _wait_for_steps(tmp_path, job, 1)
+    os.kill(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=600)
+    assert f"after step {first_stop}" in out  # resumed where the first run stopped
+    status = _status(tmp_path)
+    second_stop = status["completed_steps"]
+    assert status["signal"] == "SIGTERM" and not status["finished"] and first_stop < second_stop < STEPS
+    assert "[rank 0] received SIGTERM" in err and "[rank 1] received SIGTERM" in err
+    assert (tmp_path / "run" / "latest").read_text().strip() == f"step_{second_stop:06d}"
+    # Every step ran exactly once over the two runs, in order.
+    assert _steps_logged(tmp_path) == list(range(second_stop))
