@@ -15,7 +15,7 @@ T0=$(date +%s)
 source tools/ensure_venv.sh
 export PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
 OUT="${OUT:-runs/quickstart}"
-MPO_STEPS="${MPO_STEPS:-150}"
+MPO_STEPS="${MPO_STEPS:-300}"
 GRPO_STEPS="${GRPO_STEPS:-60}"
 NUM_TRAIN="${NUM_TRAIN:-1200}"
 NUM_HELDOUT="${NUM_HELDOUT:-240}"
