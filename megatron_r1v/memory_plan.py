@@ -1,6 +1,7 @@
 """Per-GPU memory plan of a run: will this config fit, and what to change if not.
 
-Pure arithmetic over a :class:`RunConfig`, a GPU count and a GPU size (no torch). All
+Arithmetic over a :class:`RunConfig`, a GPU count and a GPU size; tensor shapes come
+from the one HF mapping on the meta device (nothing is allocated). All
 sizes in the returned plan are GB = 2**30 bytes. For every pipeline stage (the plan
 reports the worst one) it adds:
 
@@ -9,7 +10,8 @@ reports the worst one) it adds:
     layer on the last, vocabulary padded as ``ShardSpec`` pads it, InternViT + adapter on
     the first stage with heads padded to a multiple of TP (``vision.padded_heads``), TP
     shards per ``hf_mapping`` split kinds. :func:`stage_tensors` lists them by their
-    Megatron names; tests check them equal to a built model, tensor by tensor.
+    Megatron names from ``hf_mapping``'s tensor maps (the maps weight loading and sync
+    use); tests check them equal to a built model, tensor by tensor.
 (b) gradients: fp32 ``main_grad`` for trainable parameters only. Megatron-Core 0.16.1
     ``DistributedDataParallel.__init__`` skips ``not param.requires_grad`` when it collects
     ``params_with_grad``, and ``_ParamAndGradBuffer`` allocates ``grad_data`` of
@@ -74,22 +76,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_r1v.config import RunConfig
+from megatron_r1v.models.r1v.model import FREEZE_POLICIES
 from megatron_r1v.models.r1v.presets import R1VArch, get_preset
 
 GB = 1 << 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Trainable top-level parts per freeze policy; equal to models.r1v.model.FREEZE_POLICIES (tested).
-FREEZE_PARTS = {
-    "adapter": ("adapter",),
-    "adapter+llm": ("adapter", "language_model"),
-    "adapter+vision": ("adapter", "vision"),
-    "all": ("adapter", "vision", "language_model"),
-}
+# Trainable top-level parts per freeze policy.
+FREEZE_PARTS = FREEZE_POLICIES
 RESERVE_GB = 4.0
 """CUDA context (~0.5), NCCL communicators and buffers of the TP/PP/DP groups (~1.5), fragmentation (~2)."""
 CONTEXT_GB = 1.0
@@ -116,60 +115,31 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def stage_tensors(arch: R1VArch, tp: int, pp: int, pp_rank: int, divisible_by: int = 128,
-                  vocab_pad_tp: int = 8) -> list[TensorInfo]:
-    """Every parameter of pipeline stage ``pp_rank`` on one TP rank (all TP ranks hold equal sizes)."""
-    d = arch.decoder
-    h, f, kv = d.hidden_size, d.ffn_hidden_size, d.num_query_groups * d.head_dim
-    out: list[TensorInfo] = []
+@functools.lru_cache(maxsize=None)
+def stage_tensors(preset: str, tp: int, pp: int, pp_rank: int, divisible_by: int = 128,
+                  vocab_pad_tp: int = 8) -> tuple[TensorInfo, ...]:
+    """Every parameter of pipeline stage ``pp_rank`` on one TP rank (all TP ranks hold equal
+    sizes): the stage's tensor maps (``weights.model_stage_maps``'s names) with the shard
+    shapes ``hf_mapping.hf_to_mcore_shard`` builds for loading, computed on meta tensors."""
+    import torch
 
-    def add(name, numel, part, gemm=False):
-        out.append(TensorInfo(name, numel, part, gemm))
+    from megatron_r1v.models.r1v.hf_mapping import (
+        QWEN2_LAYOUT, TRANSFORMERS_LAYOUT, ShardSpec, hf_to_mcore_shard, model_tensor_maps, stage_tensor_maps)
+    from megatron_r1v.models.r1v.layouts import expected_hf_shapes
 
-    if pp_rank == 0 and arch.vision is not None:
-        v, p = arch.vision, "vision."
-        hp = _ceil_div(v.num_attention_heads, tp) * v.head_dim  # local width of the heads padded to a TP multiple
-        vh, vf = v.hidden_size, v.ffn_hidden_size
-        add(p + "patch_embed.weight", vh * v.num_channels * v.patch_size**2, "vision")
-        add(p + "patch_embed.bias", vh, "vision")
-        add(p + "class_token", vh, "vision")
-        add(p + "position_embeddings", v.num_positions * vh, "vision")
-        for i in range(v.num_layers):
-            q = f"{p}encoder.layers.{i}."
-            for name, numel, gemm in [
-                ("input_layernorm.weight", vh, False), ("self_attention.linear_qkv.weight", 3 * hp * vh, True),
-                ("self_attention.q_layernorm.weight", hp, False), ("self_attention.k_layernorm.weight", hp, False),
-                ("self_attention.linear_proj.weight", vh * hp, True), ("self_attention.linear_proj.bias", vh, False),
-                ("self_attn_bda.weight", vh, False), ("pre_mlp_layernorm.weight", vh, False),
-                ("mlp.linear_fc1.weight", vf // tp * vh, True), ("mlp.linear_fc1.bias", vf // tp, False),
-                ("mlp.linear_fc2.weight", vh * (vf // tp), True), ("mlp.linear_fc2.bias", vh, False),
-                ("mlp_bda.weight", vh, False),
-            ]:
-                add(q + name, numel, "vision", gemm)
-        n_in = arch.adapter_input_size
-        for name, numel, gemm in [
-            ("layer_norm.weight", n_in, False), ("layer_norm.bias", n_in, False),
-            ("mlp.linear_fc1.weight", h // tp * n_in, True), ("mlp.linear_fc1.bias", h // tp, False),
-            ("mlp.linear_fc2.weight", h * (h // tp), True), ("mlp.linear_fc2.bias", h, False),
-        ]:
-            add("adapter." + name, numel, "adapter", gemm)
-    lm = "language_model."
-    vocab_local = d.padded_vocab_size(tp, divisible_by, vocab_pad_tp) // tp
-    if pp_rank == 0:
-        add(lm + "embedding.word_embeddings.weight", vocab_local * h, "language_model")
-    for i in range(d.num_layers // pp):
-        q = f"{lm}decoder.layers.{i}."
-        for name, numel, gemm in [
-            ("input_layernorm.weight", h, False), ("self_attention.linear_qkv.weight", (h + 2 * kv) // tp * h, True),
-            ("self_attention.linear_qkv.bias", (h + 2 * kv) // tp, False),
-            ("self_attention.linear_proj.weight", h * (h // tp), True), ("pre_mlp_layernorm.weight", h, False),
-            ("mlp.linear_fc1.weight", 2 * f // tp * h, True), ("mlp.linear_fc2.weight", h * (f // tp), True),
-        ]:
-            add(q + name, numel, "language_model", gemm)
-    if pp_rank == pp - 1:
-        add(lm + "decoder.final_layernorm.weight", h, "language_model")
-        add(lm + "output_layer.weight", vocab_local * h, "language_model")
-    return out
+    arch = get_preset(preset)
+    layout = QWEN2_LAYOUT if arch.vision is None else TRANSFORMERS_LAYOUT
+    hf_shapes = expected_hf_shapes(arch, layout)
+    spec = ShardSpec.for_model(arch, tp, divisible_by, vocab_pad_tp)
+    maps = stage_tensor_maps(model_tensor_maps(arch, layout), arch.decoder.num_layers, pp_rank, pp,
+                             mcore_prefix="language_model.")
+    out = []
+    for name, tm in maps.items():
+        hf = {n: torch.empty(hf_shapes[n], device="meta") for n in tm.hf}
+        numel = hf_to_mcore_shard(tm, hf, spec, tp, 0).numel()
+        gemm = name.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight"))
+        out.append(TensorInfo(name, numel, name.split(".", 1)[0], gemm))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -190,7 +160,7 @@ def param_bytes(cfg: RunConfig, pp_rank: int, tp_rank: int = 0, dp: int = 1) -> 
     p = cfg.parallel
     if not (0 <= pp_rank < p.pp and 0 <= tp_rank < p.tp):
         raise ValueError(f"rank (pp {pp_rank}, tp {tp_rank}) outside parallel.pp={p.pp} x parallel.tp={p.tp}")
-    tensors = stage_tensors(get_preset(cfg.model.preset), p.tp, p.pp, pp_rank,
+    tensors = stage_tensors(cfg.model.preset, p.tp, p.pp, pp_rank,
                             cfg.model.make_vocab_size_divisible_by, cfg.model.vocab_pad_tp)
     parts = FREEZE_PARTS[cfg.model.freeze]
     numel = sum(t.numel for t in tensors)

@@ -149,6 +149,30 @@ class ParallelContext:
         return self.env.rank
 
 
+def context_from_parallel_state(parallel: ParallelConfig, env: LaunchEnv, device: torch.device, backend: str,
+                                cpu_mode: Optional[CpuMode] = None) -> ParallelContext:
+    """The :class:`ParallelContext` of this process, read from Megatron-Core's initialized parallel state."""
+    from megatron.core import parallel_state
+
+    return ParallelContext(
+        tp=parallel.tp,
+        pp=parallel.pp,
+        cp=parallel.cp,
+        dp=data_parallel_size(env.world_size, parallel.tp, parallel.pp, parallel.cp),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        device=device,
+        backend=backend,
+        env=env,
+        cpu_mode=cpu_mode,
+    )
+
+
 def init_distributed(
     parallel: ParallelConfig,
     seed: int = 1234,
@@ -191,23 +215,7 @@ def init_distributed(
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
-    ctx = ParallelContext(
-        tp=parallel.tp,
-        pp=parallel.pp,
-        cp=parallel.cp,
-        dp=dp,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        cp_rank=parallel_state.get_context_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
-        pp_group=parallel_state.get_pipeline_model_parallel_group(),
-        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
-        device=device,
-        backend=backend,
-        env=env,
-        cpu_mode=cpu_mode,
-    )
+    ctx = context_from_parallel_state(parallel, env, device, backend, cpu_mode)
     if env.rank == 0:
         logger.info(
             "distributed: %s backend, world %d = tp %d x pp %d x cp %d x dp %d (%s)",

@@ -18,7 +18,9 @@ other names).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.config import RunConfig
-from megatron_r1v.platform import LaunchEnv, ParallelContext
+from megatron_r1v.platform import LaunchEnv, ParallelContext, context_from_parallel_state, data_parallel_size
 
 
 @contextmanager
@@ -39,9 +41,7 @@ def simulated_rank(cfg: RunConfig, world_size: int, rank: int) -> Iterator[Paral
     if dist.is_initialized():
         raise RuntimeError("simulated_rank needs a process without a process group")
     par = cfg.parallel
-    model_parallel = par.tp * par.pp * par.cp
-    if world_size % model_parallel:
-        raise ValueError(f"{world_size} GPUs are not divisible by parallel.tp*pp*cp = {par.tp}*{par.pp}*{par.cp}")
+    data_parallel_size(world_size, par.tp, par.pp, par.cp)  # raises when the layout does not divide
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -51,15 +51,7 @@ def simulated_rank(cfg: RunConfig, world_size: int, rank: int) -> Iterator[Paral
                                                  create_gloo_process_groups=False)
         env = LaunchEnv.from_environ({"RANK": str(rank), "WORLD_SIZE": str(world_size),
                                       "LOCAL_RANK": str(rank % 8), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"})
-        ps = parallel_state
-        yield ParallelContext(
-            tp=par.tp, pp=par.pp, cp=par.cp, dp=world_size // model_parallel,
-            tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-            cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
-            tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
-            dp_group=ps.get_data_parallel_group(with_context_parallel=True),
-            device=torch.device("meta"), backend="fake", env=env,
-        )
+        yield context_from_parallel_state(par, env, torch.device("meta"), "fake")
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -86,3 +78,21 @@ def stage_parameter_bytes(cfg: RunConfig, world_size: int, rank: int) -> dict:
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
             "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
         }
+
+
+def main(argv=None) -> int:
+    """``python -m megatron_r1v.recipe_check --config X [--set k=v] --gpus N --rank R``: one JSON
+    line of :func:`stage_parameter_bytes` (tools/check_recipe.py runs one per pipeline stage)."""
+    from megatron_r1v.config import add_config_args, load_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    add_config_args(parser)
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(json.dumps(stage_parameter_bytes(load_config(args.config, args.overrides), args.gpus, args.rank)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

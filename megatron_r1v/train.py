@@ -64,9 +64,11 @@ def preflight(cfg: RunConfig) -> None:
         if not torch.cuda.is_available():
             raise ValueError("rollout.engine=sglang runs SGLang engines on the training GPUs and needs CUDA; "
                              "use rollout.engine=hf on a machine without GPUs")
+        from megatron_r1v.rollout.sglang_engine import ROLLOUT_EXTRA
+
         if importlib.util.find_spec("sglang") is None:
-            raise ValueError("rollout.engine=sglang: sglang is not installed (pip install 'megatron-r1v[rollout]', "
-                             "or use the docker/Dockerfile image)")
+            raise ValueError(f"rollout.engine=sglang: sglang is not installed ({ROLLOUT_EXTRA}, or use the "
+                             "docker/Dockerfile image)")
 
 
 def progress_line(stage: str, step: int, total: int, metrics: dict) -> str:

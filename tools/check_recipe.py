@@ -19,12 +19,9 @@ import sys
 
 
 def _stage_counts(config: str, overrides: list[str], gpus: int, rank: int) -> dict:
-    code = ("import json, sys; from megatron_r1v.config import load_config; "
-            "from megatron_r1v.recipe_check import stage_parameter_bytes; "
-            "cfg = load_config(sys.argv[1], json.loads(sys.argv[2])); "
-            "print(json.dumps(stage_parameter_bytes(cfg, int(sys.argv[3]), int(sys.argv[4]))))")
-    proc = subprocess.run([sys.executable, "-c", code, config, json.dumps(overrides), str(gpus), str(rank)],
-                          capture_output=True, text=True)
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    proc = subprocess.run([sys.executable, "-m", "megatron_r1v.recipe_check", "--config", config, *sets,
+                           "--gpus", str(gpus), "--rank", str(rank)], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"building the stage of rank {rank} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

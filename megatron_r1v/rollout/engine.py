@@ -66,6 +66,23 @@ class RolloutSample:
     """The decoded response (special tokens kept: the format reward reads the tags)."""
 
 
+def validate_request(req: RolloutRequest, image_token_id: int, tokens_per_tile: int) -> None:
+    """Raises ValueError naming the request when its ids are not a non-empty 1-D integer
+    tensor, its pixels not ``[tiles, 3, S, S]``, or its image tokens not ``tiles x tokens_per_tile``."""
+    ids = req.prompt_ids
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"request {req.prompt_id}: prompt_ids must be a non-empty 1-D integer tensor, "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    pixels = req.pixel_values
+    if pixels is not None and pixels.dim() != 4:
+        raise ValueError(f"request {req.prompt_id}: pixel_values must be [tiles, 3, S, S], got {tuple(pixels.shape)}")
+    tiles = 0 if pixels is None else pixels.shape[0]
+    n_image_tokens = int((ids == image_token_id).sum())
+    if n_image_tokens != tiles * tokens_per_tile:
+        raise ValueError(f"request {req.prompt_id}: {n_image_tokens} image tokens (id {image_token_id}) but "
+                         f"{tiles} tiles x {tokens_per_tile} tokens per tile")
+
+
 class RolloutEngine(Protocol):
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[list[RolloutSample]]:
         """``params.n`` samples for each request, in request order."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams
+from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, validate_request
 
 if TYPE_CHECKING:
     from transformers import InternVLForConditionalGeneration
@@ -152,22 +152,6 @@ class HFRolloutEngine:
 
     # --- generation ------------------------------------------------------------------
 
-    def _check_request(self, req: RolloutRequest) -> None:
-        ids = req.prompt_ids
-        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"request {req.prompt_id}: prompt_ids must be a non-empty 1-D integer tensor, "
-                             f"got {ids.dtype} {tuple(ids.shape)}")
-        n_image_tokens = int((ids == self.image_token_id).sum())
-        tiles = 0 if req.pixel_values is None else req.pixel_values.shape[0]
-        if req.pixel_values is not None and req.pixel_values.dim() != 4:
-            raise ValueError(f"request {req.prompt_id}: pixel_values must be [tiles, 3, S, S], "
-                             f"got {tuple(req.pixel_values.shape)}")
-        if n_image_tokens != tiles * self.tokens_per_tile:
-            raise ValueError(
-                f"request {req.prompt_id}: {n_image_tokens} image tokens (id {self.image_token_id}) but "
-                f"{tiles} tiles x {self.tokens_per_tile} tokens per tile"
-            )
-
     def _sample(
         self, logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +184,7 @@ class HFRolloutEngine:
         if not requests:
             return []
         for req in requests:
-            self._check_request(req)
+            validate_request(req, self.image_token_id, self.tokens_per_tile)
         dev, n = self.device, params.n
         lengths = [int(r.prompt_ids.numel()) for r in requests]
         width = max(lengths)

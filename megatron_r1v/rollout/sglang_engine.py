@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT
-from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams
+from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, validate_request
 
 if TYPE_CHECKING:
     from megatron_r1v.config import RolloutConfig
@@ -288,23 +288,14 @@ class SGLangRolloutEngine:
 
 
     def _check_request(self, req: RolloutRequest) -> None:
-        ids = req.prompt_ids
-        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"request {req.prompt_id}: prompt_ids must be a non-empty 1-D integer tensor, "
-                             f"got {ids.dtype} {tuple(ids.shape)}")
-        pv = req.pixel_values
-        if pv is not None and pv.dim() != 4:
-            raise ValueError(f"request {req.prompt_id}: pixel_values must be [tiles, 3, S, S], got {tuple(pv.shape)}")
-        tiles = 0 if pv is None else pv.shape[0]
         if self.image_token_id is None:
-            if tiles:
+            if req.pixel_values is not None and req.pixel_values.shape[0]:
                 raise ValueError(f"request {req.prompt_id} has images but the engine was given no architecture")
+            validate_request(req, -1, 0)  # no id is -1: only the ids' and pixels' shapes are checked
             return
-        is_image = ids == self.image_token_id
-        n_tokens = int(is_image.sum())
-        if n_tokens != tiles * (self.tokens_per_tile or 0):
-            raise ValueError(f"request {req.prompt_id}: {n_tokens} image tokens (id {self.image_token_id}) but "
-                             f"{tiles} tiles x {self.tokens_per_tile} tokens per tile")
+        validate_request(req, self.image_token_id, self.tokens_per_tile or 0)
+        tiles = 0 if req.pixel_values is None else req.pixel_values.shape[0]
+        is_image = req.prompt_ids == self.image_token_id
         runs = int((is_image[1:] & ~is_image[:-1]).sum()) + int(is_image[0])
         if runs > 1 and runs == tiles:
             raise ValueError(f"request {req.prompt_id}: {runs} images of one tile each; SGLang's InternVL splits "

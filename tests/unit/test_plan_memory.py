@@ -55,7 +55,7 @@ def tiny_config(case: dict, tp: int = 1, pp: int = 1, dtype: str = "fp32"):
 def check_rank(case: dict, measured: dict, rank: dict, tp: int, pp: int) -> None:
     """The planner's numbers for this (pp_rank, tp_rank) equal the measured ones, byte for byte."""
     cfg = tiny_config(case, tp, pp)
-    planned = {t.name: t.numel for t in stage_tensors(get_preset(case["preset"]), tp, pp, rank["pp_rank"])}
+    planned = {t.name: t.numel for t in stage_tensors(case["preset"], tp, pp, rank["pp_rank"])}
     assert planned == measured["numels"], case
     pb = param_bytes(cfg, rank["pp_rank"], rank["tp_rank"], rank["dp"])
     assert pb.numel == sum(planned.values())
@@ -103,8 +103,8 @@ def test_parameter_state_bytes_equal_the_built_model(tp1_build, index):
 
 def test_stage_tensors_pad_vocab_and_vision_heads():
     arch = get_preset("r1v2-38b")
-    first = {t.name: t.numel for t in stage_tensors(arch, 8, 2, 0)}
-    last = {t.name: t.numel for t in stage_tensors(arch, 8, 2, 1)}
+    first = {t.name: t.numel for t in stage_tensors("r1v2-38b", 8, 2, 0)}
+    last = {t.name: t.numel for t in stage_tensors("r1v2-38b", 8, 2, 1)}
     assert first["language_model.embedding.word_embeddings.weight"] == 152576 // 8 * 5120
     assert last["language_model.output_layer.weight"] == 152576 // 8 * 5120
     assert "language_model.output_layer.weight" not in first and "vision.class_token" not in last
@@ -113,7 +113,7 @@ def test_stage_tensors_pad_vocab_and_vision_heads():
     assert first["vision.encoder.layers.0.self_attention.q_layernorm.weight"] == 4 * 128
     assert sum(1 for n in last if ".decoder.layers." in n and n.endswith("input_layernorm.weight")) == 32
     # TP shards sum to the padded model; the closed-form counts of the preset are unpadded.
-    total = sum(t.numel for t in stage_tensors(arch, 1, 1, 0))
+    total = sum(t.numel for t in stage_tensors("r1v2-38b", 1, 1, 0))
     pad = 2 * (152576 - 152064) * 5120
     assert total - pad == arch.parameter_counts()["total"]
 
@@ -243,7 +243,7 @@ def test_fp8_weight_cache_and_image_tiles():
     cfg = load_config(REPO / GRPO, PINNED_GRPO + ["model.backend=te"])
     bf16 = plan_memory(with_overrides(cfg, {"model.fp8": FP8Config(format=None)}), 64, 80.0)
     fp8 = plan_memory(with_overrides(cfg, {"model.fp8": FP8Config(format="hybrid")}), 64, 80.0)
-    gemm = sum(t.numel for t in stage_tensors(get_preset("r1v2-38b"), 8, 1, 0) if t.gemm)
+    gemm = sum(t.numel for t in stage_tensors("r1v2-38b", 8, 1, 0) if t.gemm)
     assert fp8.stages[0].fp8_cache_gb * GB == 2 * gemm and bf16.stages[0].fp8_cache_gb == 0
     # The cache persists through the rollout; saved GEMM inputs shrink in training.
     assert fp8.rollout_phase_gb - bf16.rollout_phase_gb == pytest.approx(2 * gemm / GB)
