@@ -61,6 +61,10 @@ def preflight(cfg: RunConfig) -> None:
 
         import torch
 
+        from megatron_r1v.trainer.build import sglang_model_dir
+
+        sglang_model_dir(cfg)  # on every rank, before any collective: only owners build engines
+
         if not torch.cuda.is_available():
             raise ValueError("rollout.engine=sglang runs SGLang engines on the training GPUs and needs CUDA; "
                              "use rollout.engine=hf on a machine without GPUs")
