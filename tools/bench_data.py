@@ -9,10 +9,12 @@ when that module is importable, else (or with ``--source drawn``) PNGs drawn her
 Both backends get ``--threads`` threads: the PIL reference tiles one image per worker
 thread (PIL releases the GIL while decoding and resampling, torch while normalizing);
 DALI runs its CPU pipeline with that many worker threads, its Python thread only reading
-files and headers and feeding the pipeline (outputs come out without a copy). torch's
+files and headers and feeding the pipeline (outputs come out without a copy). The DALI
+backend tiles with the project's ``r1v.internvl_tiles`` operator when it builds
+(``--cpu-kernel``); the same run then also times DALI's own operators (``dali_ops_*``). torch's
 intra-op pool is set to one thread so neither side gets extra cores from it. After a
-warm-up (pipeline build, page cache) the backends are timed alternately, ``--repeats``
-runs each over all images, and the median run counts. CPU ms per image (all threads of
+warm-up pass over all images (pipeline build, page cache, memory pools) the backends are
+timed alternately, ``--repeats`` runs each over all images, and the median run counts. CPU ms per image (all threads of
 the process) is reported too: on a shared machine it moves far less than wall time.
 The last line printed is one JSON object.
 """
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from megatron_r1v.data.tiling import PILTiler, Tiler, TilingConfig, TilingResult
+from megatron_r1v.data.tiling import PILTiler, Tiler, TilingConfig
 
 
 def draw_images(out_dir: Path, num: int, seed: int) -> list[Path]:
@@ -82,28 +84,42 @@ def cpu_seconds() -> float:
 
 
 def time_backends(tilers: dict[str, Tiler], paths: list[Path], warmup: int,
-                  repeats: int) -> dict[str, tuple[float, float, TilingResult]]:
-    """Per backend: median wall seconds, median CPU seconds and the last result.
+                  repeats: int) -> dict[str, tuple[float, float]]:
+    """Per backend: median wall seconds and median CPU seconds over ``repeats`` runs.
 
-    Runs alternate between backends so that load from other processes hits both alike.
+    Each backend first tiles ``warmup`` images untimed (pipeline build, page cache, memory
+    pools). Runs alternate between backends so that load from other processes hits both
+    alike, and no run's tensors outlive it: every timed run starts from the same memory state.
     """
     for tiler in tilers.values():
-        tiler.tile_files(paths[:warmup])
+        assert tiler.tile_files(paths[:warmup]).num_skipped == 0
     seconds: dict[str, list[float]] = {name: [] for name in tilers}
     cpu: dict[str, list[float]] = {name: [] for name in tilers}
-    results: dict[str, TilingResult] = {}
     for r in range(repeats):
         for name, tiler in tilers.items():
-            results.pop(name, None)  # free the previous run's tensors before timing the next
             start, start_cpu = time.perf_counter(), cpu_seconds()
-            results[name] = tiler.tile_files(paths)
+            result = tiler.tile_files(paths)
             seconds[name].append(time.perf_counter() - start)
             cpu[name].append(cpu_seconds() - start_cpu)
+            assert result.num_skipped == 0, f"{name} skipped images: {result.skipped}"
+            del result
             print(f"[{name}] run {r + 1}/{repeats}: {len(paths)} images in {seconds[name][-1]:.2f} s "
                   f"({len(paths) / seconds[name][-1]:.1f} images/s, "
                   f"{cpu[name][-1] / len(paths) * 1e3:.1f} CPU ms/image)", flush=True)
-            assert results[name].num_skipped == 0, f"{name} skipped images: {results[name].skipped}"
-    return {name: (statistics.median(seconds[name]), statistics.median(cpu[name]), results[name]) for name in tilers}
+    return {name: (statistics.median(seconds[name]), statistics.median(cpu[name])) for name in tilers}
+
+
+def pixel_differences(reference: Tiler, other: Tiler, paths: list[Path], chunk: int = 50) -> tuple[float, float, int]:
+    """Max and mean |reference - other| over all tiles (in chunks, to bound memory), and the tile count."""
+    max_diff, total, count, tiles = 0.0, 0.0, 0, 0
+    for start in range(0, len(paths), chunk):
+        a, b = reference.tile_files(paths[start:start + chunk]), other.tile_files(paths[start:start + chunk])
+        # Same grids and order by construction; pixels may differ by the resampling implementation.
+        assert [i.grid for i in a.kept()] == [i.grid for i in b.kept()], "grids differ between backends"
+        for x, y in zip(a.kept(), b.kept()):
+            d = (x.pixel_values - y.pixel_values).abs()
+            max_diff, total, count, tiles = max(max_diff, float(d.max())), total + float(d.sum()), count + d.numel(), tiles + x.num_tiles
+    return max_diff, total / count, tiles
 
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
@@ -118,14 +134,18 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
             sizes.append(image.size)
     print(f"{len(paths)} images from {source}; widths {min(w for w, _ in sizes)}..{max(w for w, _ in sizes)}, "
           f"heights {min(h for _, h in sizes)}..{max(h for _, h in sizes)}", flush=True)
-    timings = time_backends({"pil": PILTiler(cfg, num_threads=args.threads),
-                             "dali": DALITiler(cfg, num_threads=args.threads, batch_size=args.batch_size)},
-                            paths, args.warmup, args.repeats)
-    (pil_s, pil_cpu, pil), (dali_s, dali_cpu, dali) = timings["pil"], timings["dali"]
-    tiles = sum(image.num_tiles for image in pil.kept())
-    # Same grids and order by construction; pixels differ by the resampling implementation.
-    assert [i.grid for i in pil.kept()] == [i.grid for i in dali.kept()], "grids differ between backends"
-    diffs = [(a.pixel_values - b.pixel_values).abs() for a, b in zip(pil.kept(), dali.kept())]
+    dali_tiler = DALITiler(cfg, num_threads=args.threads, batch_size=args.batch_size, cpu_kernel=args.cpu_kernel)
+    tilers: dict[str, Tiler] = {"pil": PILTiler(cfg, num_threads=args.threads), "dali": dali_tiler}
+    if dali_tiler.cpu_kernel == "r1v":  # the same run also times DALI's own operators, as a baseline
+        tilers["dali_ops"] = DALITiler(cfg, num_threads=args.threads, batch_size=args.batch_size, cpu_kernel="dali")
+    timings = time_backends(tilers, paths, args.warmup or len(paths), args.repeats)
+    (pil_s, pil_cpu), (dali_s, dali_cpu) = timings["pil"], timings["dali"]
+    max_diff, mean_diff, tiles = pixel_differences(tilers["pil"], dali_tiler, paths)
+    baseline = {}
+    if "dali_ops" in timings:
+        ops_s, ops_cpu = timings["dali_ops"]
+        baseline = {"dali_ops_images_per_s": round(len(paths) / ops_s, 2), "dali_ops_speedup": round(pil_s / ops_s, 3),
+                    "dali_ops_cpu_ms_per_image": round(ops_cpu / len(paths) * 1e3, 2)}
     return {
         "pil_images_per_s": round(len(paths) / pil_s, 2),
         "dali_images_per_s": round(len(paths) / dali_s, 2),
@@ -134,14 +154,16 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         "dali_tiles_per_s": round(tiles / dali_s, 1),
         "pil_cpu_ms_per_image": round(pil_cpu / len(paths) * 1e3, 2),
         "dali_cpu_ms_per_image": round(dali_cpu / len(paths) * 1e3, 2),
+        "dali_cpu_kernel": dali_tiler.cpu_kernel,
+        **baseline,
         "num_images": len(paths),
         "num_tiles": tiles,
         "threads": args.threads,
         "dali_batch_size": args.batch_size,
         "repeats": args.repeats,
         "images": source,
-        "max_abs_diff": round(max(float(d.max()) for d in diffs), 4),
-        "mean_abs_diff": round(float(sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs)), 5),
+        "max_abs_diff": round(max_diff, 4),
+        "mean_abs_diff": round(mean_diff, 6),
         "dali_version": nvidia.dali.__version__,
         "pillow_version": Image.__version__,
         "torch_version": torch.__version__,
@@ -155,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="threads for each backend")
     parser.add_argument("--batch-size", type=int, default=16, help="DALI pipeline batch size")
+    parser.add_argument("--cpu-kernel", choices=("auto", "r1v", "dali"), default="auto",
+                        help="DALITiler cpu_kernel: the r1v.internvl_tiles operator (auto: when it builds) or DALI's own operators")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median counts)")
-    parser.add_argument("--warmup", type=int, default=16, help="images tiled before timing")
+    parser.add_argument("--warmup", type=int, default=0, help="images each backend tiles before timing (0: all)")
     parser.add_argument("--source", choices=("auto", "synthetic", "drawn"), default="auto",
                         help="images: the synthetic data set (auto: when importable) or PIL drawings")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to write images (default: a temp dir)")

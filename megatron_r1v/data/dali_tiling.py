@@ -3,10 +3,21 @@
 The grid of each image is chosen in Python with the reference's :func:`~.tiling.choose_grid`
 from the image size read out of the file header (PIL ``Image.open`` parses headers only,
 including the EXIF orientation), so grid and tile order are those of the reference by
-construction. DALI then decodes, resizes (cubic, antialiased like PIL's bicubic when
-downscaling) to ``(S * cols, S * rows)``, cuts that into row-major tiles (reshape +
-transpose on uint8), appends the ``S x S`` thumbnail and normalizes to float32
-``[N, 3, S, S]``, which torch takes over through DLPack without a copy.
+construction. DALI decodes; the tiles come from one of two graphs (``cpu_kernel``):
+
+- ``"r1v"`` (CPU, the default when it builds): the project's DALI operator
+  ``r1v.internvl_tiles`` (:mod:`.dali_plugin`, ``csrc/internvl_tiles.cc``) resizes with
+  Pillow's fixed-point BICUBIC, writes the row-major tiles and the thumbnail straight into
+  normalized float32 ``[N, 3, S, S]`` frames, and so gives the reference's values bit for bit.
+- ``"dali"`` (GPU, or CPU when the operator cannot be built): DALI's ``fn.resize`` (cubic,
+  antialiased like PIL's bicubic when downscaling) to ``(S * cols, S * rows)``, row-major tiles
+  by reshape + transpose on uint8, the ``S x S`` thumbnail appended, ``crop_mirror_normalize``
+  to float32. Pixels then differ from the reference by the resampling implementation (float
+  separable filter, border taps repeated instead of renormalized); tests/unit/test_data_tiling.py
+  states the measured difference.
+
+Outputs reach torch through DLPack without a copy (``exec_dynamic`` gives every run fresh
+buffers).
 
 Which files DALI decodes. Measured against :func:`~.images.load_rgb` (DALI 2.4, CPU), DALI's
 decoder gives identical pixels for 8-bit RGB and grayscale JPEG and PNG, palette and
@@ -21,13 +32,9 @@ produces the canonical :class:`~.images.ImageError` for bad files. If DALI still
 a batch, the pipeline is rebuilt and that batch goes the ``load_rgb`` way, so bad-sample
 decisions are always PIL's.
 
-Pixels differ from the reference only by the resampling implementation (DALI's float
-separable cubic filter vs PIL's fixed-point one); tests/unit/test_data_tiling.py states the
-measured difference.
-
-``device="gpu"`` decodes with nvJPEG/nvImageCodec (``mixed``) and resizes on the GPU; it is
-built the same way but has not been run on a machine with a GPU in this repository's CI.
-DALI is imported lazily: the rest of ``megatron_r1v.data`` works without it.
+``device="gpu"`` decodes with nvJPEG/nvImageCodec (``mixed``) and resizes on the GPU with the
+``"dali"`` graph; it is built the same way but has not been run on a machine with a GPU in
+this repository's CI. DALI is imported lazily: the rest of ``megatron_r1v.data`` works without it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import dali_plugin
 from .images import ImageError, load_rgb
 from .tiling import (
     Grid, PathLike, TiledImage, TilingConfig, TilingResult, choose_grid, log_skip_summary, num_tiles_for,
@@ -141,12 +149,23 @@ class DALITiler:
     ``num_threads`` DALI worker threads; ``batch_size`` images per pipeline run. One
     pipeline decodes encoded files, a second takes images decoded by ``load_rgb``; both
     are built on first use and reused. Not thread-safe: one tiler per loader worker.
+
+    ``cpu_kernel``: ``"auto"`` uses the ``r1v.internvl_tiles`` operator on CPU and falls back
+    to DALI's own operators (with a warning naming the reason) when it cannot be built or the
+    installed Pillow's pass order is unknown; ``"r1v"`` requires it (raises
+    :class:`~.dali_plugin.PluginBuildError`); ``"dali"`` never uses it. ``self.cpu_kernel``
+    holds the one in use (``"dali"`` on GPU).
     """
 
     def __init__(self, config: TilingConfig = TilingConfig(), num_threads: int = 2,
-                 device: Literal["cpu", "gpu"] = "cpu", batch_size: int = 16, device_id: Optional[int] = None):
+                 device: Literal["cpu", "gpu"] = "cpu", batch_size: int = 16, device_id: Optional[int] = None,
+                 cpu_kernel: Literal["auto", "r1v", "dali"] = "auto"):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if cpu_kernel not in ("auto", "r1v", "dali"):
+            raise ValueError(f"cpu_kernel must be 'auto', 'r1v' or 'dali', got {cpu_kernel!r}")
+        if device == "gpu" and cpu_kernel == "r1v":
+            raise ValueError("cpu_kernel='r1v' is a CPU operator; device='gpu' resizes with DALI's GPU operators")
         if num_threads < 1 or batch_size < 1:
             raise ValueError(f"num_threads and batch_size must be >= 1, got {num_threads}, {batch_size}")
         self.config = config
@@ -155,7 +174,26 @@ class DALITiler:
         self.batch_size = batch_size
         self.device_id = (torch.cuda.current_device() if device_id is None else device_id) if device == "gpu" else None
         self._dali = _import_dali()
+        self._vertical_first_rule = False
+        self.cpu_kernel = "dali" if device == "gpu" or cpu_kernel == "dali" else self._load_r1v_kernel(cpu_kernel)
         self._pipes: dict[bool, Any] = {}  # encoded? -> built pipeline
+
+    def _load_r1v_kernel(self, requested: str) -> str:
+        """"r1v" when the operator is loaded and matches the installed Pillow; else "dali" (auto) or raises."""
+        try:
+            dali_plugin.load()
+            rule = dali_plugin.pillow_vertical_first_rule()
+            if rule is None:
+                raise dali_plugin.PluginBuildError(
+                    f"the installed Pillow {Image.__version__} resamples in a pass order the operator does not know")
+        except dali_plugin.PluginBuildError as err:
+            if requested == "r1v":
+                raise
+            logger.warning("DALITiler: r1v.internvl_tiles unavailable (%s); using DALI's own CPU operators, "
+                           "which are slower and not bit-exact", err)
+            return "dali"
+        self._vertical_first_rule = rule
+        return "r1v"
 
     # -- pipelines ---------------------------------------------------------------------
     def _pipeline(self, encoded: bool) -> Any:
@@ -164,7 +202,7 @@ class DALITiler:
         return self._pipes[encoded]
 
     def _build(self, encoded: bool) -> Any:
-        dali, cfg, S = self._dali, self.config, self.config.image_size
+        dali, cfg = self._dali, self.config
         fn, types = dali.fn, dali.types
         gpu = self.device == "gpu"
         # exec_dynamic: every run gets fresh output buffers, so outputs handed to torch through
@@ -178,28 +216,40 @@ class DALITiler:
             else:
                 image = fn.external_source(name="data", dtype=types.UINT8, ndim=3, layout="HWC")
                 image = image.gpu() if gpu else image
-            grid_w = fn.external_source(name="grid_w", dtype=types.FLOAT, ndim=0)
-            grid_h = fn.external_source(name="grid_h", dtype=types.FLOAT, ndim=0)
-            split_shape = fn.external_source(name="split_shape", dtype=types.INT64, ndim=1)  # [rows, S, cols, S, 3]
-            tiles_shape = fn.external_source(name="tiles_shape", dtype=types.INT64, ndim=1)  # [rows*cols, S, S, 3]
-            # Cubic with antialiasing widens the filter by the scale when downscaling, as PIL's
-            # BICUBIC does; outputs stay uint8 because PIL's resized images are uint8 (and the
-            # reorder below then moves a quarter of the bytes float32 would).
-            resample = dict(interp_type=types.INTERP_CUBIC, antialias=True)
-            grid = fn.resize(image, resize_x=grid_w, resize_y=grid_h, **resample)  # [rows*S, cols*S, 3]
-            # Row-major tiles as frames: [rows, S, cols, S, 3] -> [rows, cols, S, S, 3] -> [N, S, S, 3].
-            tiles = fn.transpose(fn.reshape(grid, shape=split_shape), perm=[0, 2, 1, 3, 4])
-            frames = fn.reshape(tiles, shape=tiles_shape, layout="FHWC")
-            if cfg.use_thumbnail:
-                # Computed for every image, also one-tile ones that drop it (8% of the benchmark's):
-                # the graph is static, and skipping it per sample would need DALI conditionals.
-                thumb = fn.resize(image, resize_x=S, resize_y=S, **resample)
-                frames = fn.cat(frames, fn.reshape(thumb, shape=[1, S, S, 3], layout="FHWC"), axis=0)
-            pipe.set_outputs(fn.crop_mirror_normalize(
-                frames, mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std],
-                output_layout="FCHW", dtype=types.FLOAT))  # [N(+1), 3, S, S]
+            if self.cpu_kernel == "r1v":
+                grid = fn.external_source(name="grid", dtype=types.INT32, ndim=1)  # [cols, rows]
+                pipe.set_outputs(fn.r1v.internvl_tiles(
+                    image, grid, tile_size=cfg.image_size, thumbnail=cfg.use_thumbnail,
+                    vertical_first_rule=self._vertical_first_rule, lut=dali_plugin.normalization_lut(cfg)))
+            else:
+                pipe.set_outputs(self._dali_ops_graph(image))
         pipe.build()
         return pipe
+
+    def _dali_ops_graph(self, image: Any) -> Any:
+        """Tiles with DALI's own operators (``cpu_kernel="dali"``): ``[N(+1), 3, S, S]`` float32."""
+        dali, cfg, S = self._dali, self.config, self.config.image_size
+        fn, types = dali.fn, dali.types
+        grid_w = fn.external_source(name="grid_w", dtype=types.FLOAT, ndim=0)
+        grid_h = fn.external_source(name="grid_h", dtype=types.FLOAT, ndim=0)
+        split_shape = fn.external_source(name="split_shape", dtype=types.INT64, ndim=1)  # [rows, S, cols, S, 3]
+        tiles_shape = fn.external_source(name="tiles_shape", dtype=types.INT64, ndim=1)  # [rows*cols, S, S, 3]
+        # Cubic with antialiasing widens the filter by the scale when downscaling, as PIL's
+        # BICUBIC does; outputs stay uint8 because PIL's resized images are uint8 (and the
+        # reorder below then moves a quarter of the bytes float32 would).
+        resample = dict(interp_type=types.INTERP_CUBIC, antialias=True)
+        grid = fn.resize(image, resize_x=grid_w, resize_y=grid_h, **resample)  # [rows*S, cols*S, 3]
+        # Row-major tiles as frames: [rows, S, cols, S, 3] -> [rows, cols, S, S, 3] -> [N, S, S, 3].
+        tiles = fn.transpose(fn.reshape(grid, shape=split_shape), perm=[0, 2, 1, 3, 4])
+        frames = fn.reshape(tiles, shape=tiles_shape, layout="FHWC")
+        if cfg.use_thumbnail:
+            # Computed for every image, also one-tile ones that drop it (8% of the benchmark's):
+            # the graph is static, and skipping it per sample would need DALI conditionals.
+            thumb = fn.resize(image, resize_x=S, resize_y=S, **resample)
+            frames = fn.cat(frames, fn.reshape(thumb, shape=[1, S, S, 3], layout="FHWC"), axis=0)
+        return fn.crop_mirror_normalize(
+            frames, mean=[255.0 * m for m in cfg.mean], std=[255.0 * s for s in cfg.std],
+            output_layout="FCHW", dtype=types.FLOAT)  # [N(+1), 3, S, S]
 
     # -- per-file preparation --------------------------------------------------------
     def _prepare(self, index: int, path: PathLike) -> _Item:
@@ -229,10 +279,13 @@ class DALITiler:
         S = self.config.image_size
         pipe = self._pipeline(encoded)
         pipe.feed_input("data", [item.data for item in items])
-        pipe.feed_input("grid_w", [np.float32(S * item.grid[0]) for item in items])
-        pipe.feed_input("grid_h", [np.float32(S * item.grid[1]) for item in items])
-        pipe.feed_input("split_shape", [np.array([r, S, c, S, 3], dtype=np.int64) for c, r in (i.grid for i in items)])
-        pipe.feed_input("tiles_shape", [np.array([c * r, S, S, 3], dtype=np.int64) for c, r in (i.grid for i in items)])
+        if self.cpu_kernel == "r1v":
+            pipe.feed_input("grid", [np.array(item.grid, dtype=np.int32) for item in items])
+        else:
+            pipe.feed_input("grid_w", [np.float32(S * item.grid[0]) for item in items])
+            pipe.feed_input("grid_h", [np.float32(S * item.grid[1]) for item in items])
+            pipe.feed_input("split_shape", [np.array([r, S, c, S, 3], dtype=np.int64) for c, r in (i.grid for i in items)])
+            pipe.feed_input("tiles_shape", [np.array([c * r, S, S, 3], dtype=np.int64) for c, r in (i.grid for i in items)])
         (frames,) = pipe.run()
         return [self._to_tiled(item, frames[i]) for i, item in enumerate(items)]
 

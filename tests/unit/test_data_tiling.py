@@ -260,8 +260,9 @@ def test_pil_error_policy_names_the_file(bad_and_good):
 @pytest.fixture(scope="module")
 def dali_tiler():
     # DALI is part of the test environment (tests/run.sh installs the data extra): a
-    # missing DALI fails here instead of skipping the backend's tests.
-    return dali_tiling.DALITiler(TilingConfig(on_bad_sample="skip"), num_threads=2, batch_size=8)
+    # missing DALI fails here instead of skipping the backend's tests. These tests cover
+    # DALI's own operators; tests/unit/test_dali_plugin.py covers the r1v operator.
+    return dali_tiling.DALITiler(TilingConfig(on_bad_sample="skip"), num_threads=2, batch_size=8, cpu_kernel="dali")
 
 
 def test_dali_row_major_then_thumbnail(tmp_path, dali_tiler):
@@ -411,3 +412,6 @@ def test_bench_data_smoke(tmp_path, capsys):
     assert report["num_images"] == 6 and report["images"] == "drawn"
     assert report["pil_images_per_s"] > 0 and report["dali_images_per_s"] > 0
     assert report["speedup"] == pytest.approx(report["dali_images_per_s"] / report["pil_images_per_s"], rel=0.02)
+    # The r1v operator reproduces the reference exactly; DALI's own operators are timed beside it.
+    assert report["dali_cpu_kernel"] == "r1v" and report["max_abs_diff"] == 0.0
+    assert report["dali_ops_images_per_s"] > 0 and report["num_tiles"] > 6
