@@ -172,6 +172,15 @@ def pillow_vertical_first_rule() -> Optional[bool]:
     return {("v", "h"): True, ("h", "h"): False}.get(orders)
 
 
+def pass_order_rule() -> bool:
+    """The operator's ``vertical_first_rule`` for the installed Pillow; raises when it is unknown."""
+    rule = pillow_vertical_first_rule()
+    if rule is None:
+        raise PluginBuildError(f"the installed Pillow {Image.__version__} resamples in a pass order "
+                               "the operator does not know")
+    return rule
+
+
 def normalization_lut(cfg: TilingConfig) -> list[float]:
     """[3 * 256] values: the reference's own normalization (tiling.normalize_into) of 0..255."""
     values = torch.arange(256, dtype=torch.float32).repeat(3, 1).view(3, 256, 1)

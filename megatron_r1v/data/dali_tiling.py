@@ -27,7 +27,7 @@ transparency: DALI drops alpha) and for 48-bit RGB PNG (DALI scales, PIL keeps t
 byte). Those files, every other format, CMYK JPEG (converted fine in our test, but Adobe/
 YCCK variants vary), files whose end marker is missing (truncated: DALI's decoder would
 fail the whole batch) and anything the header parse rejects are decoded by ``load_rgb``
-instead and fed to the same DALI resize/normalize graph as arrays; ``load_rgb`` also
+instead and fed to the same tiling graph as arrays; ``load_rgb`` also
 produces the canonical :class:`~.images.ImageError` for bad files. If DALI still fails on
 a batch, the pipeline is rebuilt and that batch goes the ``load_rgb`` way, so bad-sample
 decisions are always PIL's.
@@ -182,10 +182,7 @@ class DALITiler:
         """"r1v" when the operator is loaded and matches the installed Pillow; else "dali" (auto) or raises."""
         try:
             dali_plugin.load()
-            rule = dali_plugin.pillow_vertical_first_rule()
-            if rule is None:
-                raise dali_plugin.PluginBuildError(
-                    f"the installed Pillow {Image.__version__} resamples in a pass order the operator does not know")
+            rule = dali_plugin.pass_order_rule()
         except dali_plugin.PluginBuildError as err:
             if requested == "r1v":
                 raise

@@ -96,18 +96,25 @@ struct Scratch {
   std::vector<int32_t> acc;
 };
 
-template <int N>
-inline void Taps3(const uint8_t *__restrict p, const int32_t *__restrict k, int32_t *s) {
-  for (int t = 0; t < N; t++) {
+// Accumulates `n` taps of the three interleaved channels; called with a literal n below, so
+// the common tap counts inline into fixed-length, unrolled loops.
+inline void Taps3(const uint8_t *__restrict p, const int32_t *__restrict k, int n, int32_t *s) {
+  for (int t = 0; t < n; t++) {
     s[0] += p[t * kChannels + 0] * k[t];
     s[1] += p[t * kChannels + 1] * k[t];
     s[2] += p[t * kChannels + 2] * k[t];
   }
 }
 
+// One scratch per worker thread, shared by the grid and thumbnail tasks it runs.
+Scratch &WorkerScratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
 // One interleaved RGB row resampled horizontally into three planar rows (or only
-// de-interleaved when the width does not change). Tap counts up to 8 are unrolled: they
-// cover upscaling (4-5 taps) and downscaling up to 2x, the common cases.
+// de-interleaved when the width does not change). Tap counts 4-8 are unrolled: they cover
+// upscaling (4-5 taps) and downscaling up to 2x, the common cases.
 void HorizontalRow(const uint8_t *__restrict in, int w, const AxisWeights *ax, int out_w,
                    uint8_t *__restrict out0, uint8_t *__restrict out1, uint8_t *__restrict out2) {
   if (ax == nullptr) {
@@ -122,21 +129,13 @@ void HorizontalRow(const uint8_t *__restrict in, int w, const AxisWeights *ax, i
     const int32_t *k = &ax->weights[static_cast<size_t>(x) * ax->max_taps];
     const uint8_t *p = in + ax->first[x] * kChannels;
     int32_t s[3] = {1 << (kPrecisionBits - 1), 1 << (kPrecisionBits - 1), 1 << (kPrecisionBits - 1)};
-    switch (ax->count[x]) {
-      case 1: Taps3<1>(p, k, s); break;
-      case 2: Taps3<2>(p, k, s); break;
-      case 3: Taps3<3>(p, k, s); break;
-      case 4: Taps3<4>(p, k, s); break;
-      case 5: Taps3<5>(p, k, s); break;
-      case 6: Taps3<6>(p, k, s); break;
-      case 7: Taps3<7>(p, k, s); break;
-      case 8: Taps3<8>(p, k, s); break;
-      default:
-        for (int t = 0, n = ax->count[x]; t < n; t++) {
-          s[0] += p[t * kChannels + 0] * k[t];
-          s[1] += p[t * kChannels + 1] * k[t];
-          s[2] += p[t * kChannels + 2] * k[t];
-        }
+    switch (const int n = ax->count[x]) {
+      case 4: Taps3(p, k, 4, s); break;
+      case 5: Taps3(p, k, 5, s); break;
+      case 6: Taps3(p, k, 6, s); break;
+      case 7: Taps3(p, k, 7, s); break;
+      case 8: Taps3(p, k, 8, s); break;
+      default: Taps3(p, k, n, s);
     }
     out0[x] = static_cast<uint8_t>(Clip8(s[0]));
     out1[x] = static_cast<uint8_t>(Clip8(s[1]));
@@ -299,13 +298,12 @@ class InternvlTiles : public ::dali::Operator<::dali::CPUBackend> {
       // Grid and thumbnail are separate tasks (disjoint frames), which balances the threads
       // better than one task per image; the priority is the output size.
       pool.AddWork([=](int) {
-        thread_local Scratch scratch;
-        ResizeIntoTiles(src, w, h, cols * S, rows * S, S, vertical_first, lut, frames, &scratch);
+        ResizeIntoTiles(src, w, h, cols * S, rows * S, S, vertical_first, lut, frames, &WorkerScratch());
       }, static_cast<int64_t>(cols) * rows * S * S);
       if (thumbnail_ && cols * rows > 1) {
         pool.AddWork([=](int) {
-          thread_local Scratch scratch;
-          ResizeIntoTiles(src, w, h, S, S, S, vertical_first, lut, frames + cols * rows * frame_size, &scratch);
+          ResizeIntoTiles(src, w, h, S, S, S, vertical_first, lut, frames + cols * rows * frame_size,
+                          &WorkerScratch());
         }, static_cast<int64_t>(S) * S);
       }
     }
