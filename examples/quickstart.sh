@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$(date +%s)
 source tools/ensure_venv.sh
-export PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=1
 OUT="${OUT:-runs/quickstart}"
 MPO_STEPS="${MPO_STEPS:-300}"
 GRPO_STEPS="${GRPO_STEPS:-60}"

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tools/ensure_venv.sh
-export PYTHONSAFEPATH=1 OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=1
 QS=runs/quickstart
 OUT=runs/ssb_ablation
 STEPS="${STEPS:-40}"

@@ -5,12 +5,16 @@ reduction), Eq. 8 of the Skywork R1V2 report (the PPO clipped surrogate of Schul
 al., 2017, with group-relative advantages as in DeepSeekMath, Shao et al., 2024) plus a
 k3 KL penalty (Schulman, "Approximating KL divergence", 2020):
 
-    r_t    = exp(logp_t - old_logp_t)
+    r_t    = exp(b(logp_t - old_logp_t))
     loss_t = m_t [ max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high)) + beta k3_t ]
-    k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+    k3_t   = exp(b(ref_t - logp_t)) - b(ref_t - logp_t) - 1
 
+b clamps a log-ratio to +-20 (``stats.LOG_RATIO_BOUND``: fp32 exp overflows above 88.7;
+verl clamps at the same bound), and the k3 term is left out when beta is 0, so finite
+logits give a finite loss and gradient whatever the behaviour and reference log-probs.
 The per-token derivative dloss_t / dlogp_t = m_t [ -A_t r_t (0 when clipped) +
-beta (1 - exp(ref_t - logp_t)) ] is computed in the forward and saved as one fp32 [T]
+beta (1 - exp(b(ref_t - logp_t))) ], each part 0 where its log-ratio lies outside the
+bound (torch.clamp's gradient), is computed in the forward and saved as one fp32 [T]
 vector, so backward is a single pass over the logits: dlogits = g_t dloss_t/dlogp_t
 ([j = label] - p_j) / temperature. Sequence and group averaging (Eq. 8's 1/|o_i| and
 1/G) are the caller's reduction over ``loss_per_token``.

@@ -6,6 +6,17 @@ from typing import NamedTuple, Optional
 
 import torch
 
+# Bound on the log-ratios that are exponentiated: log(pi / pi_old) in the ratio and
+# ref - logp in the k3 term. fp32 exp overflows above 88.7, and a token the policy now
+# finds far less (or more) likely than the behaviour or reference policy reaches that
+# easily: logits of +-1e4 give log-probs near -2e4, and groups replayed from the Selective
+# Sample Buffer keep log-probs of an older policy. The value is verl's (its ratio and
+# low-variance KL clamp at +-20): e^20 = 4.9e8 keeps every product with an advantage or a
+# weight finite in fp32, and a token that far off-policy carries no trustworthy signal.
+# Each log-ratio is clamped as torch.clamp would (outside the bound the term is constant,
+# so its gradient is 0), which every backend reproduces exactly.
+LOG_RATIO_BOUND = 20.0
+
 
 def finite_shift(row_max_T: torch.Tensor) -> torch.Tensor:
     """The row maximum, with 0 for rows that are -inf throughout (exp(-inf - -inf) is nan)."""
@@ -42,10 +53,11 @@ class RowStats(NamedTuple):
 class GRPOTerms(NamedTuple):
     """Per-token GRPO quantities (Eq. 8 of the R1V2 report plus the k3 KL term).
 
-    ``loss``: mask * (max(-A r, -A clip(r)) + beta * kl); ``dloss_dlogp``: its derivative
-    in the token's log-prob, saved for backward; ``ratio``: r = exp(logp - old_logp);
-    ``clipped``: whether the clipped branch is active (zero gradient); ``kl``: the k3
-    estimator exp(ref - logp) - (ref - logp) - 1, or None without reference log-probs.
+    ``loss``: mask * (max(-A r, -A clip(r)) + beta * kl), the KL term left out when beta is 0;
+    ``dloss_dlogp``: its derivative in the token's log-prob, saved for backward; ``ratio``:
+    r = exp(b(logp - old_logp)); ``clipped``: whether the clipped branch is active (zero
+    gradient); ``kl``: the k3 estimator exp(b(ref - logp)) - b(ref - logp) - 1, or None
+    without reference log-probs. b clamps to +-``LOG_RATIO_BOUND``.
     """
 
     loss: torch.Tensor

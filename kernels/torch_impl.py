@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .stats import GRPOInputs, GRPOTerms, RowStats, finite_shift
+from .stats import LOG_RATIO_BOUND, GRPOInputs, GRPOTerms, RowStats, finite_shift
 
 # 2^20 fp32 elements = 4 MiB per temporary tile: large enough that Python overhead is
 # small at V ~ 152k, small enough to stay far below a [T, V] buffer.
@@ -70,28 +70,38 @@ def row_stats(
     return RowStats(max_T, torch.log(sumexp_T), target_T, centered_mean_T)
 
 
+def bounded_log_ratio(log_ratio_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-ratio clamped to +-LOG_RATIO_BOUND, whether it was inside: torch.clamp's gradient mask)."""
+    inside_T = (log_ratio_T >= -LOG_RATIO_BOUND) & (log_ratio_T <= LOG_RATIO_BOUND)
+    return log_ratio_T.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND), inside_T
+
+
 def grpo_token_terms(logp_T: torch.Tensor, inputs: GRPOInputs) -> GRPOTerms:
     """Eq. 8 of the R1V2 report per token, plus ``kl_beta`` times the k3 KL estimator.
 
     Masked tokens take log-ratio 0 (ratio 1, kl 0) before the mask multiplies, so
-    garbage behaviour log-probs there cannot turn into nan.
+    garbage behaviour log-probs there cannot turn into nan. Both log-ratios are bounded
+    (``stats.LOG_RATIO_BOUND``), and the KL term is left out when ``kl_beta`` is 0, so
+    finite logits always give a finite loss and gradient.
     """
     old_logp_T, ref_logp_T, adv_T, mask_T, clip_low, clip_high, kl_beta = inputs
     active_T = mask_T != 0
     zeros_T = torch.zeros_like(logp_T)
-    ratio_T = torch.exp(torch.where(active_T, logp_T - old_logp_T, zeros_T))
+    log_ratio_T, ratio_inside_T = bounded_log_ratio(torch.where(active_T, logp_T - old_logp_T, zeros_T))
+    ratio_T = torch.exp(log_ratio_T)
     unclipped_T = -adv_T * ratio_T
     clipped_loss_T = -adv_T * ratio_T.clamp(1.0 - clip_low, 1.0 + clip_high)
     clipped_T = clipped_loss_T > unclipped_T
     loss_T = torch.maximum(unclipped_T, clipped_loss_T)
-    dloss_T = torch.where(clipped_T, zeros_T, unclipped_T)
+    dloss_T = torch.where(clipped_T | ~ratio_inside_T, zeros_T, unclipped_T)
     kl_T = None
     if ref_logp_T is not None:
-        diff_T = torch.where(active_T, ref_logp_T - logp_T, zeros_T)
+        diff_T, kl_inside_T = bounded_log_ratio(torch.where(active_T, ref_logp_T - logp_T, zeros_T))
         exp_diff_T = torch.exp(diff_T)
         kl_T = exp_diff_T - diff_T - 1.0
-        loss_T = loss_T + kl_beta * kl_T
-        dloss_T = dloss_T + kl_beta * (1.0 - exp_diff_T)
+        if kl_beta != 0.0:
+            loss_T = loss_T + kl_beta * kl_T
+            dloss_T = dloss_T + kl_beta * torch.where(kl_inside_T, 1.0 - exp_diff_T, zeros_T)
     mask_f_T = mask_T.to(torch.float32)
     return GRPOTerms(loss_T * mask_f_T, dloss_T * mask_f_T, ratio_T, clipped_T & active_T, kl_T)
 

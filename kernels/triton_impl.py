@@ -22,7 +22,10 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreting
-from .stats import GRPOInputs, GRPOTerms, RowStats
+from .stats import LOG_RATIO_BOUND, GRPOInputs, GRPOTerms, RowStats
+
+# A constexpr global: Triton folds it into the kernels.
+_LOG_RATIO_BOUND = tl.constexpr(LOG_RATIO_BOUND)
 
 
 @triton.jit
@@ -58,21 +61,30 @@ def _target_logit(row_ptr, label_ptr, vocab_start, n_cols, inv_temp):
 
 
 @triton.jit
+def _bounded_log_ratio(log_ratio):
+    """(log-ratio clamped to +-LOG_RATIO_BOUND, whether it was inside); see stats.LOG_RATIO_BOUND."""
+    inside = (log_ratio >= -_LOG_RATIO_BOUND) & (log_ratio <= _LOG_RATIO_BOUND)
+    return tl.minimum(tl.maximum(log_ratio, -_LOG_RATIO_BOUND), _LOG_RATIO_BOUND), inside
+
+
+@triton.jit
 def _grpo_terms(logp, old, ref, adv, weight, clip_low, clip_high, kl_beta, HAS_REF: tl.constexpr):
     active = weight != 0
-    ratio = tl.exp(tl.where(active, logp - old, 0.0))
+    log_ratio, ratio_inside = _bounded_log_ratio(tl.where(active, logp - old, 0.0))
+    ratio = tl.exp(log_ratio)
     unclipped = -adv * ratio
     clipped_loss = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     is_clipped = clipped_loss > unclipped
     loss = tl.maximum(unclipped, clipped_loss)
-    dloss = tl.where(is_clipped, 0.0, unclipped)
+    dloss = tl.where(is_clipped | (ratio_inside == 0), 0.0, unclipped)
     kl = ratio * 0.0
     if HAS_REF:
-        diff = tl.where(active, ref - logp, 0.0)
+        diff, kl_inside = _bounded_log_ratio(tl.where(active, ref - logp, 0.0))
         exp_diff = tl.exp(diff)
         kl = exp_diff - diff - 1.0
-        loss = loss + kl_beta * kl
-        dloss = dloss + kl_beta * (1.0 - exp_diff)
+        # kl_beta = 0 leaves the term out (not 0 * kl), as the torch backend does.
+        loss = tl.where(kl_beta != 0.0, loss + kl_beta * kl, loss)
+        dloss = tl.where(kl_beta != 0.0, dloss + kl_beta * tl.where(kl_inside, 1.0 - exp_diff, 0.0), dloss)
     return loss * weight, dloss * weight, ratio, is_clipped & active, kl
 
 

@@ -1,7 +1,7 @@
 """CPU mode: run Megatron-Core unchanged on a machine without CUDA (gloo, fp32).
 
-Megatron-Core 0.16 assumes CUDA in a handful of places (see
-shared/NOTES-megatron-cpu.md, "What Megatron-Core 0.16.1 assumes about CUDA"):
+Megatron-Core 0.16 assumes CUDA in a handful of places (found by running it on gloo
+without CUDA; the README's "Platform notes (CPU mode)" summarizes them for users):
 
 1. ``torch.cuda.current_device()`` used as the device of new tensors (RoPE, p2p
    buffers, DDP grad buffers, optimizer scalars);

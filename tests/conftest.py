@@ -10,22 +10,38 @@ from typing import Optional
 
 import pytest
 import torch
+from kernel_marks import kernel_backend_unavailable  # tests/ is on sys.path (pytest puts a conftest's folder there)
 
-# Without CUDA, the Triton kernels run in Triton's interpreter. Triton reads this once,
-# when it is first imported, so it is set before any test module imports it; torchrun
-# workers inherit it.
+# The Triton mode of this process, chosen once: Triton reads TRITON_INTERPRET when it is
+# first imported, so a process either interprets every Triton kernel (on CPU tensors) or
+# compiles every one (for CUDA tensors), never both. Without CUDA it interprets; with CUDA
+# it compiles unless TRITON_INTERPRET=1 was set by hand. torchrun workers inherit it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "kernel_backend(name): the test runs the fused kernels' backend `name` (torch, interpret or "
+        "triton); it is skipped, with the reason, where this process cannot run that backend")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("kernel_backend"):
+        reason = kernel_backend_unavailable(mark.args[0])
+        if reason:
+            pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def torchrun():
     """Runs a worker script under torchrun with N CPU processes; fails with its output."""
 
-    def run(script: str, nproc: int, args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    def run(script: str, nproc: int, args: list[str], timeout: int = 600, check: bool = True,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / script), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
@@ -94,7 +110,7 @@ def reward_server(model_dir: Path, log: Path, *extra: str):
     """tools/serve_reward_model.py on a free port; yields its startup info (read from its first line)."""
     import select
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "tools" / "serve_reward_model.py"), "--model", str(model_dir),

@@ -1,6 +1,6 @@
 """Benchmark InternVL tiling: DALI (CPU pipeline) against the PIL reference on the same images.
 
-    PYTHONSAFEPATH=1 python tools/bench_data.py [--num 200] [--threads 2] [--batch-size 16]
+    python tools/bench_data.py [--num 200] [--threads 2] [--batch-size 16]
 
 Images: ``megatron_r1v.data.synthetic.generate_dataset`` (PNG, 64..900 px, aspect 1:3..4:1)
 when that module is importable, else (or with ``--source drawn``) PNGs drawn here with PIL

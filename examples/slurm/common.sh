@@ -149,8 +149,8 @@ r1v_environment() {
     # Megatron: TP / sequence-parallel communication must be issued in order on one CUDA
     # hardware queue for its compute/communication overlap to be correct.
     export CUDA_DEVICE_MAX_CONNECTIONS=1
-    # The repository's kernels/ folder must not shadow Hugging Face's `kernels` package
-    # (python -m puts the working directory on sys.path otherwise).
+    # Run the installed megatron_r1v (in a container: the image's copy), not whatever
+    # checkout is the working directory (python -m puts it first on sys.path otherwise).
     export PYTHONSAFEPATH=1
     # NCCL's own warnings (IB / topology failures) instead of a bare collective timeout.
     export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"

@@ -19,7 +19,7 @@ from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 STEPS = 40  # far more than a test waits for: the run must end by the signal
 
 

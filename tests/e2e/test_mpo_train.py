@@ -19,7 +19,7 @@ from megatron_r1v.data.tokenizer import build_tokenizer
 from megatron_r1v.trainer.mpo import TAGS
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def _run(tmp_path, name, steps, *extra, data="data"):
@@ -75,7 +75,8 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     assert "after step 3" in resumed.stdout and "pairs from" in resumed.stdout
     assert "reference log-probs: 4/" not in resumed.stdout  # no forward pass over the pairs
     split = _metrics(tmp_path, "split")
-    drop = ("perf/", "train/grad_norm")
+    drop = ("perf/",)  # timings differ; everything else, the gradient norm included, must not
+    assert len(metrics) == len(split) == 6
     for a, b in zip(metrics, split):
         assert {k: v for k, v in a.items() if not k.startswith(drop)} == \
                {k: v for k, v in b.items() if not k.startswith(drop)}, a["step"]

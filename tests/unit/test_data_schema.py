@@ -340,7 +340,7 @@ def test_load_records_with_nothing_valid_is_an_error(folder):
 
 
 def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "megatron_r1v.data.validate", *args], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=60)
 

@@ -187,7 +187,7 @@ def test_a_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 
 def test_cli(tmp_path):
-    env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "megatron_r1v.data.synthetic", "--out", str(tmp_path / "s"), "--num", "6",
            "--seed", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)

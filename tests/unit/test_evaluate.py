@@ -130,7 +130,7 @@ def test_score_text_reads_the_last_box_after_the_thought(setup):
 
 def test_cli_prints_and_writes_the_result(setup, tmp_path):
     out, samples = tmp_path / "res" / "result.json", tmp_path / "samples.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "megatron_r1v.evaluate", "--model", str(setup["model"]), "--data",
                            str(setup["data"]), "--max-new-tokens", "4", "--limit", "3", "--batch-size", "2",
                            "--out", str(out), "--samples-out", str(samples)],

@@ -13,6 +13,8 @@ from megatron_r1v.losses.grpo import (
     truncated_is_weights,
 )
 
+from kernel_marks import kernel_backends  # tests/ is on sys.path (tests/conftest.py's folder)
+
 
 def test_group_advantages_eq6_hand_computed():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0], [0.1, 0.1, 0.1, 0.1]])
@@ -49,7 +51,7 @@ def example_batch():
     return logits, labels, old, adv, mask, weights
 
 
-@pytest.mark.parametrize("backend", ["torch", "interpret"])
+@pytest.mark.parametrize("backend", kernel_backends("torch", "interpret"))
 def test_weighted_objective_hand_computed(backend):
     logits, labels, old, adv, mask, weights = example_batch()
     leaf = logits.clone().requires_grad_()

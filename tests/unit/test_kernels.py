@@ -1,7 +1,9 @@
 """megatron_r1v.kernels against a plain fp32 torch reference written here.
 
-The Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
-tests/conftest.py on machines without CUDA), so shapes stay small (T * V <= ~50k).
+Each case names the backend it runs (``kernel_backend`` marks, tests/conftest.py): ``torch``
+everywhere; ``interpret``, the Triton kernels in Triton's interpreter, where this process
+interprets (machines without CUDA), so shapes stay small (T * V <= ~50k); ``triton``, the
+compiled kernels, on a CUDA host.
 
 Tolerances: every backend accumulates in fp32 like the reference, but in a different
 order (tiles, online rescaling) and the interpreter's exp differs from torch's in the
@@ -14,14 +16,27 @@ bf16 (8 mantissa bits: relative error 2^-9), hence 1e-2 relative to the largest 
 
 from __future__ import annotations
 
+import math
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from megatron_r1v.kernels import GRPOStats, grpo_loss, vocab_parallel_logprobs
 from megatron_r1v.kernels import torch_impl
 from megatron_r1v.kernels.dispatch import resolve_backend, triton_interpreting
+from megatron_r1v.kernels.stats import LOG_RATIO_BOUND
 
-BACKENDS = ["torch", "interpret"]
+from kernel_marks import kernel_backends  # tests/ is on sys.path (tests/conftest.py's folder)
+
+BACKENDS = kernel_backends("torch", "interpret")
+ALL_BACKENDS = kernel_backends("torch", "interpret", "triton")  # "triton" cases run on a CUDA host
+
+
+def on_backend_device(backend: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors on the device ``backend`` computes on (CUDA for the compiled kernels)."""
+    return [t.to("cuda" if backend == "triton" else "cpu") for t in tensors]
 FP32_TOL = 2e-5
 
 
@@ -33,16 +48,18 @@ def reference_logprobs(logits_TV: torch.Tensor, labels_T: torch.Tensor, temperat
 
 
 def reference_grpo(logits_TV, labels_T, old_T, ref_T, adv_T, mask_T, clip_low, clip_high, kl_beta, temperature):
-    """Eq. 8 of the R1V2 report + k3 KL, written with torch.maximum/clamp as in TRL/verl."""
+    """Eq. 8 of the R1V2 report + k3 KL, written with torch.maximum/clamp as in TRL/verl:
+    both log-ratios clamped to +-20 (verl's bound) before exp, autograd for the gradient."""
     logp_T, _ = reference_logprobs(logits_TV, labels_T, temperature)
     active_T = mask_T != 0
-    ratio_T = torch.exp(torch.where(active_T, logp_T - old_T, 0.0))
+    ratio_T = torch.exp(torch.where(active_T, logp_T - old_T, 0.0).clamp(-20.0, 20.0))
     surrogate_T = torch.maximum(-adv_T * ratio_T, -adv_T * ratio_T.clamp(1 - clip_low, 1 + clip_high))
     kl_T = None
     if ref_T is not None:
-        diff_T = torch.where(active_T, ref_T - logp_T, 0.0)
+        diff_T = torch.where(active_T, ref_T - logp_T, 0.0).clamp(-20.0, 20.0)
         kl_T = diff_T.exp() - diff_T - 1
-        surrogate_T = surrogate_T + kl_beta * kl_T
+        if kl_beta:
+            surrogate_T = surrogate_T + kl_beta * kl_T
     return surrogate_T * mask_T.float(), logp_T, ratio_T, kl_T
 
 
@@ -57,9 +74,12 @@ def grad_tol(dtype: torch.dtype, grad_ref: torch.Tensor) -> float:
     return FP32_TOL if dtype == torch.float32 else 1e-2 * max(float(grad_ref.abs().max()), 1e-3)
 
 
-def test_interpreter_is_active_for_cpu_tests():
-    # Without it the "interpret" cases would not run the Triton kernels at all.
-    assert triton_interpreting()
+def test_triton_mode_follows_the_host():
+    # tests/conftest.py: a machine without CUDA interprets (otherwise the "interpret" cases
+    # could not run the Triton kernels at all); a CUDA host compiles unless told otherwise.
+    assert triton_interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
+    if not torch.cuda.is_available():
+        assert triton_interpreting()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -195,6 +215,72 @@ def test_grpo_all_tokens_masked(backend):
     assert not stats.clipped.any() and torch.equal(stats.kl, torch.zeros(8))
 
 
+def extreme_grpo_inputs(dtype: torch.dtype):
+    """+-1e4 logits over an odd vocabulary: log-probs from 0 down to ~-2e4, so the
+    log-ratios to moderate behaviour / reference log-probs reach ~+-2e4, far past fp32
+    exp's overflow at 88.7 (before the bound, exp gave inf, then 0 * inf = nan)."""
+    n_tokens, vocab = 5, 1031
+    logits = torch.zeros(n_tokens, vocab)
+    logits[:, ::7] = -1e4
+    logits[0, 5] = 1e4    # label 5: logp 0, against old -30: log-ratio +30 (outside the bound)
+    logits[1, 3] = 1e4    # label 14 at -1e4: logp ~ -2e4
+    logits[2, 100] = 1e4  # label 100: logp 0, log-ratio +0.1 (inside, unclipped or clipped)
+    logits[3, 11] = 1e4   # label 21 at -1e4: logp ~ -2e4
+    logits[4, :] = 3.0    # uniform: logp -ln 1031, log-ratio -5 (inside)
+    labels = torch.tensor([5, 14, 100, 21, 0])
+    old = torch.tensor([-30.0, -1.0, -0.1, -2.0, -math.log(vocab) + 5.0])
+    ref = torch.tensor([-40.0, -0.5, -0.2, -25.0, -math.log(vocab) + 1.0])
+    adv = torch.tensor([-1.5, 0.7, -0.4, -2.0, 1.2])
+    return logits.to(dtype), labels, old, ref, adv, torch.ones(n_tokens)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kl_beta", [0.0, 0.05], ids=["ref-given-beta0", "beta0.05"])
+def test_grpo_loss_finite_at_extreme_logits(backend, dtype, kl_beta):
+    logits, labels, old, ref, adv, mask = extreme_grpo_inputs(dtype)
+    leaf = on_backend_device(backend, logits.clone())[0].requires_grad_()
+    loss, stats = grpo_loss(leaf, *on_backend_device(backend, labels, old, ref, adv, mask), kl_beta=kl_beta,
+                            backend=backend)
+    loss.sum().backward()
+    loss, stats, leaf = loss.cpu(), GRPOStats(*(t.cpu() for t in stats)), SimpleNamespace(grad=leaf.grad.cpu())
+    ref_leaf = logits.float().requires_grad_()
+    ref_loss, ref_logp, ref_ratio, ref_kl = reference_grpo(ref_leaf, labels, old, ref, adv, mask, 0.2, 0.2, kl_beta, 1.0)
+    ref_loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(leaf.grad.float()).all() and torch.isfinite(stats.kl).all()
+    assert float(ref_logp[1].detach()) < -1.9e4  # the case the bound exists for
+    # Values reach |A| e^20 ~ 7e8 (row 0): relative fp32 agreement; log-probs of -2e4 carry
+    # fp32 rounding of ~1e-3 absolute but sit far outside the bound, so the ratio and k3
+    # there are exactly e^-20 / e^20 - 21 in both.
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=FP32_TOL, rtol=1e-5)
+    torch.testing.assert_close(stats.ratio, ref_ratio.detach(), atol=FP32_TOL, rtol=1e-5)
+    torch.testing.assert_close(stats.kl, ref_kl.detach(), atol=FP32_TOL, rtol=1e-5)
+    assert float(stats.ratio[0]) == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-6)
+    torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad, atol=grad_tol(dtype, ref_leaf.grad), rtol=0)
+    # Rows 0, 1 and 3 have both log-ratios outside the bound (ratio: +30, -2e4, -2e4; k3:
+    # -40, +2e4, +2e4): each term is constant there, so those rows get no gradient.
+    assert torch.equal(leaf.grad[[0, 1, 3]].float(), torch.zeros(3, logits.shape[1]))
+    assert leaf.grad[4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_grpo_flat_group_with_huge_ratio_is_zero(backend, n_tokens):
+    # An all-equal group (A = 0 everywhere) replayed with stale log-probs: ratios of e^+-60.
+    # Eq. 8 gives 0 * ratio = 0; an unbounded exp gave 0 * inf = nan in loss and gradient.
+    logits, labels = make_logits(n_tokens, 257, torch.float32, seed=7)
+    logp = reference_logprobs(logits, labels, 1.0)[0]
+    old = logp + torch.tensor([-60.0, 60.0, -100.0, 100.0, -3.0, 90.0])[:n_tokens]
+    inputs = on_backend_device(backend, labels, old, logp + 80.0, torch.zeros(n_tokens), torch.ones(n_tokens))
+    leaf = on_backend_device(backend, logits.clone())[0].requires_grad_()
+    loss, stats = grpo_loss(leaf, *inputs, kl_beta=0.0, backend=backend)
+    loss.sum().backward()
+    loss, stats, leaf = loss.cpu(), GRPOStats(*(t.cpu() for t in stats)), SimpleNamespace(grad=leaf.grad.cpu())
+    assert torch.equal(loss, torch.zeros(n_tokens)) and torch.equal(leaf.grad, torch.zeros_like(logits))
+    assert torch.isfinite(stats.ratio).all() and float(stats.ratio.max()) <= math.exp(LOG_RATIO_BOUND) * (1 + 1e-6)
+    assert float(stats.ratio[0]) == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_writes_gradient_over_logits(backend, dtype):
@@ -269,7 +355,7 @@ def test_empty_batch():
     assert logp.shape == entropy.shape == (0,) and logits.grad.shape == (0, 100)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton compiled backend)")
+@pytest.mark.kernel_backend("triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_cuda_matches_reference(dtype):
     n_tokens, vocab = 257, 38016 + 17

@@ -8,7 +8,7 @@ The conversion tool, the parity tests and the rollout weight sync all go through
 their streaming forms, :func:`stored_box_from_hf` and :func:`hf_from_stored`); nothing
 else knows HF names.
 
-Layouts that need more than a slice (NOTES-megatron-cpu.md, "Checkpoint facts"):
+Layouts that need more than a slice:
 
 * ``linear_qkv`` (GQA): Megatron stores rows per query group, ``[q heads of group g;
   k_g; v_g]`` for g = 0..G-1, so a TP rank's contiguous slice holds whole groups.
@@ -594,8 +594,9 @@ def _vision_config_common(v: VisionArch) -> dict[str, Any]:
 def transformers_internvl_config(arch: R1VArch) -> dict[str, Any]:
     """Keyword arguments of ``transformers.InternVLConfig`` for ``arch`` (transformers layout).
 
-    transformers' pixel shuffle is InternVL's v2 order; a v1 model has no equivalent
-    in this layout (NOTES-megatron-cpu.md), so it is refused rather than mis-exported.
+    transformers' pixel shuffle is InternVL's v2 order; a v1 model orders its visual
+    tokens as a spatial transpose of that, which no weight permutation can express in
+    this layout, so it is refused rather than mis-exported.
     """
     if arch.vision is None or arch.adapter is None:
         raise ValueError("a decoder-only architecture has no InternVL config")

@@ -1,0 +1,39 @@
+"""Which fused-kernel backends this test process can run, and pytest params marked with them.
+
+Triton reads ``TRITON_INTERPRET`` once, when it is first imported, so one process either
+interprets every Triton kernel (CPU tensors: the ``interpret`` backend) or compiles every
+one (CUDA tensors: ``triton``); tests/conftest.py chooses before anything imports Triton.
+A test names the backend it runs with ``@pytest.mark.kernel_backend(name)`` (or the params
+of :func:`kernel_backends`); tests/conftest.py skips it, with the reason, where this
+process cannot run that backend.
+"""
+
+from typing import Optional
+
+import pytest
+import torch
+
+
+def kernel_backend_unavailable(backend: str) -> Optional[str]:
+    """Why this process cannot run the kernels' ``backend``, or None when it can."""
+    from megatron_r1v.kernels.dispatch import triton_installed, triton_interpreting
+
+    if backend == "torch":
+        return None
+    if not triton_installed():
+        return "triton is not installed (the test extra installs it)"
+    if backend == "interpret" and not triton_interpreting():
+        return ("Triton compiles kernels in this process (a CUDA host); the interpreter cases run in a "
+                "second pass: TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= bash tests/run.sh -m kernel_backend")
+    if backend == "triton" and not torch.cuda.is_available():
+        return "the compiled Triton backend needs a CUDA GPU"
+    if backend == "triton" and triton_interpreting():
+        return "TRITON_INTERPRET=1 is set: this process interprets Triton kernels instead of compiling them"
+    if backend not in ("interpret", "triton"):
+        raise ValueError(f"unknown kernel backend {backend!r} in a kernel_backend mark")
+    return None
+
+
+def kernel_backends(*names: str) -> list:
+    """``names`` as pytest params, each marked with the backend it runs (for ``parametrize``)."""
+    return [pytest.param(name, marks=pytest.mark.kernel_backend(name), id=name) for name in names]
