@@ -14,7 +14,10 @@ import torch
 # low-variance KL clamp at +-20): e^20 = 4.9e8 keeps every product with an advantage or a
 # weight finite in fp32, and a token that far off-policy carries no trustworthy signal.
 # Each log-ratio is clamped as torch.clamp would (outside the bound the term is constant,
-# so its gradient is 0), which every backend reproduces exactly.
+# so its gradient is 0), which every backend reproduces exactly. Two consequences, as in
+# verl: below -20 the k3 term's true gradient (about beta) is dropped too, and a token with
+# A < 0 whose log-ratio exceeds +20 adds |A| e^20 to the reported loss with no gradient and
+# is not counted as clipped.
 LOG_RATIO_BOUND = 20.0
 
 

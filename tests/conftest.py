@@ -10,12 +10,13 @@ from typing import Optional
 
 import pytest
 import torch
-from kernel_marks import kernel_backend_unavailable  # tests/ is on sys.path (pytest puts a conftest's folder there)
+from kernel_marks import kernel_backend_unavailable  # tests/ is on sys.path (pytest.ini: pythonpath)
 
-# The Triton mode of this process, chosen once: Triton reads TRITON_INTERPRET when it is
-# first imported, so a process either interprets every Triton kernel (on CPU tensors) or
-# compiles every one (for CUDA tensors), never both. Without CUDA it interprets; with CUDA
-# it compiles unless TRITON_INTERPRET=1 was set by hand. torchrun workers inherit it.
+# The Triton mode of this process, chosen once: triton.jit reads TRITON_INTERPRET when the
+# kernel module is imported, so a process either interprets every Triton kernel (on CPU
+# tensors) or compiles every one (for CUDA tensors), never both. Without CUDA it
+# interprets; with CUDA it compiles unless TRITON_INTERPRET=1 was set by hand. torchrun
+# workers inherit it (tests/kernel_marks.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

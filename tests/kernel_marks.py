@@ -1,8 +1,9 @@
 """Which fused-kernel backends this test process can run, and pytest params marked with them.
 
-Triton reads ``TRITON_INTERPRET`` once, when it is first imported, so one process either
-interprets every Triton kernel (CPU tensors: the ``interpret`` backend) or compiles every
-one (CUDA tensors: ``triton``); tests/conftest.py chooses before anything imports Triton.
+``triton.jit`` decides from ``TRITON_INTERPRET`` whether a kernel is interpreted or compiled
+when the kernel module is imported, so one process either interprets every Triton kernel
+(CPU tensors: the ``interpret`` backend) or compiles every one (CUDA tensors: ``triton``);
+tests/conftest.py chooses before anything imports the kernels.
 A test names the backend it runs with ``@pytest.mark.kernel_backend(name)`` (or the params
 of :func:`kernel_backends`); tests/conftest.py skips it, with the reason, where this
 process cannot run that backend.
@@ -18,6 +19,8 @@ def kernel_backend_unavailable(backend: str) -> Optional[str]:
     """Why this process cannot run the kernels' ``backend``, or None when it can."""
     from megatron_r1v.kernels.dispatch import triton_installed, triton_interpreting
 
+    if backend not in ("torch", "interpret", "triton"):
+        raise ValueError(f"unknown kernel backend {backend!r} in a kernel_backend mark")
     if backend == "torch":
         return None
     if not triton_installed():
@@ -29,8 +32,6 @@ def kernel_backend_unavailable(backend: str) -> Optional[str]:
         return "the compiled Triton backend needs a CUDA GPU"
     if backend == "triton" and triton_interpreting():
         return "TRITON_INTERPRET=1 is set: this process interprets Triton kernels instead of compiling them"
-    if backend not in ("interpret", "triton"):
-        raise ValueError(f"unknown kernel backend {backend!r} in a kernel_backend mark")
     return None
 
 

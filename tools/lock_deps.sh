@@ -12,8 +12,9 @@
 # Run `newest` regularly (weekly, and before a release): a new release that breaks us then
 # fails here first instead of in a user's fresh install. torch stays at the lock's CPU build
 # in both modes (the development machines carry that build on disk; a newer torch is a
-# deliberate change: edit the lock's torch line, then run `update`). Needs python3.11 and
-# the package index; takes a few minutes (pip's cache holds the large wheels after one run).
+# deliberate change: edit the lock's torch line, then run `update`). Needs python3.11 (or
+# PYTHON=...) and the package index; takes a few minutes (pip's cache holds the large
+# wheels after one run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LOCK=constraints-cpu-py311.txt
@@ -42,8 +43,9 @@ work=$(mktemp -d)
 trap 'rm -rf "${work}"' EXIT
 echo "${torch_pin}" > "${work}/torch.txt"
 
-echo "[lock_deps] fresh venv in ${work} (python3.11); newest allowed releases, ${torch_pin}"
-python3.11 -m venv "${work}/venv"
+python_bin="${PYTHON:-python3.11}"
+echo "[lock_deps] fresh venv in ${work} (${python_bin}); newest allowed releases, ${torch_pin}"
+"${python_bin}" -m venv "${work}/venv"
 PY="${work}/venv/bin/python"
 pip_install() { "${PY}" -m pip install -q --disable-pip-version-check -c "${work}/torch.txt" "$@"; }
 pip_install --upgrade setuptools
@@ -54,7 +56,13 @@ pip_install --no-build-isolation -e ".[test,data]"
 
 echo "[lock_deps] changes against ${LOCK} (- locked, + newest):"
 grep -v -E '^(#|$)' "${LOCK}" | sort -f > "${work}/locked.txt"
-diff "${work}/locked.txt" "${work}/resolved.txt" | grep -E '^[<>]' | sed -e 's/^</ -/' -e 's/^>/ +/' || echo "  none"
+# diff exits 1 when the files differ; under pipefail that must not read as "no changes".
+changes=$(diff "${work}/locked.txt" "${work}/resolved.txt" || true)
+if [ -n "${changes}" ]; then
+  echo "${changes}" | grep -E '^[<>]' | sed -e 's/^</  -/' -e 's/^>/  +/'
+else
+  echo "  none"
+fi
 
 echo "[lock_deps] smoke subset: ${SMOKE_TESTS[*]}"
 smoke_status=0
@@ -70,9 +78,10 @@ echo "[lock_deps] the smoke subset passed with the newest allowed releases"
 if [ "${mode}" = update ]; then
   {
     echo "# The CPU test environment of megatron-r1v: every package the test suite installs, direct"
-    echo "# and transitive, at the version it passed with (Python 3.11, Linux x86_64; torch is the"
-    echo "# CPU build the development machines carry on disk). tools/ensure_venv.sh installs with"
-    echo "# these as pip constraints. Regenerate: bash tools/lock_deps.sh update"
+    echo "# and transitive, at one exact version (Python 3.11, Linux x86_64; torch is the CPU build"
+    echo "# the development machines carry on disk). tools/ensure_venv.sh installs with these as pip"
+    echo "# constraints. Regenerate: bash tools/lock_deps.sh update (it writes the lock only after its"
+    echo "# smoke subset passed; commit it only after the whole suite passed with it)."
     echo "# Resolved $(date -u +%Y-%m-%d) by tools/lock_deps.sh update."
     cat "${work}/resolved.txt"
   } > "${LOCK}.tmp"

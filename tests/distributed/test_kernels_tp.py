@@ -4,8 +4,8 @@ WORKER = "tests/distributed/workers/kernels_worker.py"
 
 
 def test_tp2_equals_tp1_torch_and_interpret(torchrun):
-    # The workers run CPU tensors on gloo and choose the interpreter themselves: fresh
-    # processes, so this runs the same on a CUDA host, whose pytest process compiles Triton.
+    # The workers run CPU tensors on gloo in fresh processes, told to interpret Triton here,
+    # so this runs the same on a CUDA host, whose pytest process compiles Triton.
     proc = torchrun(WORKER, 2, ["--backends", "torch,interpret"], env={"TRITON_INTERPRET": "1"})
     ok_lines = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     # 2 backends x 2 dtypes x 2 temperatures, each a full forward/backward comparison.

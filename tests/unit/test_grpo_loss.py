@@ -13,7 +13,7 @@ from megatron_r1v.losses.grpo import (
     truncated_is_weights,
 )
 
-from kernel_marks import kernel_backends  # tests/ is on sys.path (tests/conftest.py's folder)
+from kernel_marks import kernel_backends  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 
 def test_group_advantages_eq6_hand_computed():

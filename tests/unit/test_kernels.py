@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from megatron_r1v.kernels import torch_impl
 from megatron_r1v.kernels.dispatch import resolve_backend, triton_interpreting
 from megatron_r1v.kernels.stats import LOG_RATIO_BOUND
 
-from kernel_marks import kernel_backends  # tests/ is on sys.path (tests/conftest.py's folder)
+from kernel_marks import kernel_backends  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 BACKENDS = kernel_backends("torch", "interpret")
 ALL_BACKENDS = kernel_backends("torch", "interpret", "triton")  # "triton" cases run on a CUDA host
@@ -37,6 +36,8 @@ ALL_BACKENDS = kernel_backends("torch", "interpret", "triton")  # "triton" cases
 def on_backend_device(backend: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """The tensors on the device ``backend`` computes on (CUDA for the compiled kernels)."""
     return [t.to("cuda" if backend == "triton" else "cpu") for t in tensors]
+
+
 FP32_TOL = 2e-5
 
 
@@ -75,11 +76,17 @@ def grad_tol(dtype: torch.dtype, grad_ref: torch.Tensor) -> float:
 
 
 def test_triton_mode_follows_the_host():
-    # tests/conftest.py: a machine without CUDA interprets (otherwise the "interpret" cases
-    # could not run the Triton kernels at all); a CUDA host compiles unless told otherwise.
-    assert triton_interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
+    # The kernels were decorated as interpreted or compiled when triton_impl was imported
+    # (triton.jit reads the mode then); tests/conftest.py makes a machine without CUDA
+    # interpret, else the "interpret" cases could not run the Triton kernels at all.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from megatron_r1v.kernels import triton_impl
+
+    interpreted = isinstance(triton_impl._grpo_fwd_kernel, InterpretedFunction)
+    assert interpreted == triton_interpreting()
     if not torch.cuda.is_available():
-        assert triton_interpreting()
+        assert interpreted
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,19 +225,23 @@ def test_grpo_all_tokens_masked(backend):
 def extreme_grpo_inputs(dtype: torch.dtype):
     """+-1e4 logits over an odd vocabulary: log-probs from 0 down to ~-2e4, so the
     log-ratios to moderate behaviour / reference log-probs reach ~+-2e4, far past fp32
-    exp's overflow at 88.7 (before the bound, exp gave inf, then 0 * inf = nan)."""
-    n_tokens, vocab = 5, 1031
+    exp's overflow at 88.7 (before the bound, exp gave inf, then 0 * inf = nan). Rows 5
+    and 6 have one log-ratio inside the bound and the other outside, each way round."""
+    n_tokens, vocab = 7, 1031
     logits = torch.zeros(n_tokens, vocab)
     logits[:, ::7] = -1e4
-    logits[0, 5] = 1e4    # label 5: logp 0, against old -30: log-ratio +30 (outside the bound)
-    logits[1, 3] = 1e4    # label 14 at -1e4: logp ~ -2e4
-    logits[2, 100] = 1e4  # label 100: logp 0, log-ratio +0.1 (inside, unclipped or clipped)
-    logits[3, 11] = 1e4   # label 21 at -1e4: logp ~ -2e4
-    logits[4, :] = 3.0    # uniform: logp -ln 1031, log-ratio -5 (inside)
-    labels = torch.tensor([5, 14, 100, 21, 0])
-    old = torch.tensor([-30.0, -1.0, -0.1, -2.0, -math.log(vocab) + 5.0])
-    ref = torch.tensor([-40.0, -0.5, -0.2, -25.0, -math.log(vocab) + 1.0])
-    adv = torch.tensor([-1.5, 0.7, -0.4, -2.0, 1.2])
+    logits[0, 5] = 1e4    # label 5: logp 0; ratio log +30, k3 log -40: both outside
+    logits[1, 3] = 1e4    # label 14 at -1e4: logp ~ -2e4; both outside
+    logits[2, 100] = 1e4  # label 100: logp 0; ratio log +0.1, k3 log -0.2: both inside
+    logits[3, 11] = 1e4   # label 21 at -1e4: logp ~ -2e4; both outside
+    logits[4:, :] = 3.0   # uniform: logp = -ln 1031 = -6.94
+    labels = torch.tensor([5, 14, 100, 21, 0, 1, 2])
+    uniform = -math.log(vocab)
+    # Row 4: ratio log -5, k3 log +1 (inside); row 5: ratio log +2 (inside), k3 log -30
+    # (outside); row 6: ratio log -25 (outside), k3 log +3 (inside).
+    old = torch.tensor([-30.0, -1.0, -0.1, -2.0, uniform + 5.0, uniform - 2.0, uniform + 25.0])
+    ref = torch.tensor([-40.0, -0.5, -0.2, -25.0, uniform + 1.0, uniform - 30.0, uniform + 3.0])
+    adv = torch.tensor([-1.5, 0.7, -0.4, -2.0, 1.2, -0.8, 0.9])
     return logits.to(dtype), labels, old, ref, adv, torch.ones(n_tokens)
 
 
@@ -243,11 +254,11 @@ def test_grpo_loss_finite_at_extreme_logits(backend, dtype, kl_beta):
     loss, stats = grpo_loss(leaf, *on_backend_device(backend, labels, old, ref, adv, mask), kl_beta=kl_beta,
                             backend=backend)
     loss.sum().backward()
-    loss, stats, leaf = loss.cpu(), GRPOStats(*(t.cpu() for t in stats)), SimpleNamespace(grad=leaf.grad.cpu())
+    loss, stats, grad = loss.cpu(), GRPOStats(*(t.cpu() for t in stats)), leaf.grad.cpu().float()
     ref_leaf = logits.float().requires_grad_()
     ref_loss, ref_logp, ref_ratio, ref_kl = reference_grpo(ref_leaf, labels, old, ref, adv, mask, 0.2, 0.2, kl_beta, 1.0)
     ref_loss.sum().backward()
-    assert torch.isfinite(loss).all() and torch.isfinite(leaf.grad.float()).all() and torch.isfinite(stats.kl).all()
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and torch.isfinite(stats.kl).all()
     assert float(ref_logp[1].detach()) < -1.9e4  # the case the bound exists for
     # Values reach |A| e^20 ~ 7e8 (row 0): relative fp32 agreement; log-probs of -2e4 carry
     # fp32 rounding of ~1e-3 absolute but sit far outside the bound, so the ratio and k3
@@ -256,11 +267,32 @@ def test_grpo_loss_finite_at_extreme_logits(backend, dtype, kl_beta):
     torch.testing.assert_close(stats.ratio, ref_ratio.detach(), atol=FP32_TOL, rtol=1e-5)
     torch.testing.assert_close(stats.kl, ref_kl.detach(), atol=FP32_TOL, rtol=1e-5)
     assert float(stats.ratio[0]) == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-6)
-    torch.testing.assert_close(leaf.grad.float(), ref_leaf.grad, atol=grad_tol(dtype, ref_leaf.grad), rtol=0)
+    torch.testing.assert_close(grad, ref_leaf.grad, atol=grad_tol(dtype, ref_leaf.grad), rtol=0)
     # Rows 0, 1 and 3 have both log-ratios outside the bound (ratio: +30, -2e4, -2e4; k3:
     # -40, +2e4, +2e4): each term is constant there, so those rows get no gradient.
-    assert torch.equal(leaf.grad[[0, 1, 3]].float(), torch.zeros(3, logits.shape[1]))
-    assert leaf.grad[4].abs().sum() > 0
+    assert torch.equal(grad[[0, 1, 3]], torch.zeros(3, logits.shape[1]))
+    assert grad[4].abs().sum() > 0 and grad[5].abs().sum() > 0  # row 5: the ratio term alone
+    # Row 6: the ratio term is constant (log-ratio -25), so only the k3 term moves it.
+    assert (grad[6].abs().sum() > 0) == (kl_beta != 0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("bad_ref", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_zero_kl_beta_leaves_the_reference_out(backend, bad_ref):
+    # kl_beta = 0 with reference log-probs given is exactly the run without them, whatever
+    # they hold: the k3 term is left out, not multiplied by 0.
+    logits, labels, old, ref, adv, mask = grpo_inputs(9, 301, torch.float32, 1.0, masked_frac=0.0)
+    ref[::2] = bad_ref
+    results = []
+    for ref_arg in (ref, None):
+        leaf = on_backend_device(backend, logits.clone())[0].requires_grad_()
+        loss, _ = grpo_loss(leaf, *on_backend_device(backend, labels, old), ref_arg if ref_arg is None else
+                            on_backend_device(backend, ref_arg)[0], *on_backend_device(backend, adv, mask),
+                            kl_beta=0.0, backend=backend)
+        loss.sum().backward()
+        results.append((loss.detach().cpu(), leaf.grad.cpu()))
+    assert torch.isfinite(results[0][0]).all() and torch.isfinite(results[0][1]).all()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -275,8 +307,8 @@ def test_grpo_flat_group_with_huge_ratio_is_zero(backend, n_tokens):
     leaf = on_backend_device(backend, logits.clone())[0].requires_grad_()
     loss, stats = grpo_loss(leaf, *inputs, kl_beta=0.0, backend=backend)
     loss.sum().backward()
-    loss, stats, leaf = loss.cpu(), GRPOStats(*(t.cpu() for t in stats)), SimpleNamespace(grad=leaf.grad.cpu())
-    assert torch.equal(loss, torch.zeros(n_tokens)) and torch.equal(leaf.grad, torch.zeros_like(logits))
+    loss, stats, grad = loss.cpu(), GRPOStats(*(t.cpu() for t in stats)), leaf.grad.cpu()
+    assert torch.equal(loss, torch.zeros(n_tokens)) and torch.equal(grad, torch.zeros_like(logits))
     assert torch.isfinite(stats.ratio).all() and float(stats.ratio.max()) <= math.exp(LOG_RATIO_BOUND) * (1 + 1e-6)
     assert float(stats.ratio[0]) == pytest.approx(math.exp(LOG_RATIO_BOUND), rel=1e-6)
 

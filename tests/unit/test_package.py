@@ -55,6 +55,8 @@ def test_hugging_face_kernels_wins_from_the_repository_root():
         "import megatron_r1v.kernels as ours\n"
         "assert ours.__name__ == 'megatron_r1v.kernels' and callable(ours.grpo_loss)\n"
         "assert sys.modules['kernels'] is kernels and kernels is not ours\n"
+        "import importlib\n"
+        "assert importlib.reload(kernels) is kernels and 'site-packages' in kernels.__file__, kernels.__file__\n"
     )
     run_from_repository_root([sys.executable, "-c", code])
 
@@ -85,6 +87,34 @@ def test_top_level_kernels_is_missing_without_hugging_face_kernels():
     )
     proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0 and "is megatron_r1v.kernels, never a top-level 'kernels'" in proc.stdout, proc.stderr
+
+
+def test_two_checkouts_on_the_path_pass_the_name_on(tmp_path):
+    # A second copy of the folder (a git worktree, a PYTHONPATH entry) ahead of site-packages:
+    # each copy passes over the other instead of handing the name back and forth forever.
+    import shutil
+
+    shutil.copytree(REPO / "kernels", tmp_path / "kernels")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    code = "import kernels; assert 'site-packages' in kernels.__file__ and hasattr(kernels, 'CUDAProperties')"
+    for cwd, pythonpath in ((REPO, tmp_path), (tmp_path, REPO)):
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, env=dict(env, PYTHONPATH=str(pythonpath)),
+                       timeout=120)
+
+
+def test_threads_importing_kernels_at_once_get_the_whole_package():
+    # The hand-over marks the module as initializing, so a second thread waits for it.
+    code = (
+        "import threading\n"
+        "results = []\n"
+        "def load():\n"
+        "    import kernels\n"
+        "    results.append(hasattr(kernels, 'CUDAProperties') and hasattr(kernels, 'get_kernel'))\n"
+        "threads = [threading.Thread(target=load) for _ in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "assert results == [True] * 8, results\n"
+    )
+    run_from_repository_root([sys.executable, "-c", code])
 
 
 def test_wheel_builds_from_the_repository_root_and_carries_megatron_r1v_kernels(tmp_path):
