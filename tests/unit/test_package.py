@@ -1,6 +1,7 @@
 """Packaging contracts: import names, optional extras, backend selection."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -92,8 +93,6 @@ def test_top_level_kernels_is_missing_without_hugging_face_kernels():
 def test_two_checkouts_on_the_path_pass_the_name_on(tmp_path):
     # A second copy of the folder (a git worktree, a PYTHONPATH entry) ahead of site-packages:
     # each copy passes over the other instead of handing the name back and forth forever.
-    import shutil
-
     shutil.copytree(REPO / "kernels", tmp_path / "kernels")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     code = "import kernels; assert 'site-packages' in kernels.__file__ and hasattr(kernels, 'CUDAProperties')"
@@ -124,8 +123,14 @@ def test_wheel_builds_from_the_repository_root_and_carries_megatron_r1v_kernels(
     # does) has the repository root first on sys.path, as that build had.
     run_from_repository_root([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", tmp_path])
     assert (tmp_path / "megatron_r1v.egg-info" / "PKG-INFO").is_file()
-    run_from_repository_root([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                              "--disable-pip-version-check", "-w", tmp_path / "dist", "."], timeout=600)
+    # setuptools builds the wheel in <repository>/build: removed again unless it was there before.
+    had_build_dir = (REPO / "build").exists()
+    try:
+        run_from_repository_root([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                                  "--disable-pip-version-check", "-w", tmp_path / "dist", "."], timeout=600)
+    finally:
+        if not had_build_dir:
+            shutil.rmtree(REPO / "build", ignore_errors=True)
     (wheel,) = (tmp_path / "dist").glob("megatron_r1v-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
