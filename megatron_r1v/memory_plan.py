@@ -123,9 +123,15 @@ def stage_tensors(preset: str, tp: int, pp: int, pp_rank: int, divisible_by: int
     shapes ``hf_mapping.hf_to_mcore_shard`` builds for loading, computed on meta tensors."""
     import torch
 
+    from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes
     from megatron_r1v.models.r1v.hf_mapping import (
-        QWEN2_LAYOUT, TRANSFORMERS_LAYOUT, ShardSpec, hf_to_mcore_shard, model_tensor_maps, stage_tensor_maps)
-    from megatron_r1v.models.r1v.layouts import expected_hf_shapes
+        QWEN2_LAYOUT,
+        TRANSFORMERS_LAYOUT,
+        ShardSpec,
+        hf_to_mcore_shard,
+        model_tensor_maps,
+        stage_tensor_maps,
+    )
 
     arch = get_preset(preset)
     layout = QWEN2_LAYOUT if arch.vision is None else TRANSFORMERS_LAYOUT

@@ -66,7 +66,7 @@ def tiny_qwen2(tmp_path_factory):
     import transformers
     from safetensors.torch import save_file
 
-    from megatron_r1v.models.r1v.hf_mapping import decoder_arch_to_hf_config
+    from megatron_r1v.models.r1v.hf_config import decoder_arch_to_hf_config
     from megatron_r1v.models.r1v.presets import get_preset
 
     arch = get_preset("tiny-qwen2").decoder

@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_checkpoint(directory: Path, vision_layers: int, decoder_layers: int, vocab: int) -> tuple[int, int]:
-    from megatron_r1v.conversion import _expected_hf_shapes, _hf_config
-    from megatron_r1v.models.r1v.hf_io import ShardedSafetensorsWriter
+    from megatron_r1v.checkpoint.conversion import _expected_hf_shapes, _hf_config
+    from megatron_r1v.checkpoint.hf_io import ShardedSafetensorsWriter
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_FILE_LAYOUT
     from megatron_r1v.models.r1v.presets import get_preset
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                                     str(work / "back"), "--max-shard-size", args.max_shard_size])
         peak = max(import_rss, export_rss)
 
-        from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
+        from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
 
         with HFCheckpointReader(work / "hf") as a, HFCheckpointReader(work / "back") as b:
             exact = set(a.names()) == set(b.names()) and all(torch.equal(a.get(n), b.get(n)) for n in a.names())

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     exp.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
 
+    from megatron_r1v.checkpoint.conversion import export_checkpoint, import_checkpoint
+    from megatron_r1v.checkpoint.hf_io import CheckpointError, parse_size
     from megatron_r1v.config import ParallelConfig
-    from megatron_r1v.conversion import export_checkpoint, import_checkpoint
-    from megatron_r1v.models.r1v.hf_io import CheckpointError, parse_size
     from megatron_r1v.platform import destroy_distributed, init_distributed
 
     start = time.time()

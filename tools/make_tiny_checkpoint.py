@@ -34,9 +34,9 @@ CORPUS_SEED = 0
 
 def _tokenizer_into(out: Path, vocab_size: int, tokenizer_dir: Optional[Path]) -> None:
     """Puts tokenizer files into ``out``: copied from ``tokenizer_dir``, or a BPE trained here."""
+    from megatron_r1v.checkpoint.hf_io import copy_side_files
     from megatron_r1v.data.synthetic import generate_dataset
     from megatron_r1v.data.tokenizer import corpus_texts, save_hf_tokenizer, train_tokenizer
-    from megatron_r1v.models.r1v.hf_io import copy_side_files
 
     if tokenizer_dir is not None:
         if not tokenizer_dir.is_dir():
@@ -64,8 +64,8 @@ def random_skywork_tensors(arch: Any, seed: int) -> dict[str, Any]:
     weights of its v2 twin (transformers has no v1)."""
     import torch
 
+    from megatron_r1v.checkpoint.hf_layouts import convert_layout
     from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
-    from megatron_r1v.models.r1v.layouts import convert_layout
     from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
     as_v2 = dataclasses.replace(arch, adapter=dataclasses.replace(arch.adapter, ps_version="v2"))
@@ -78,8 +78,8 @@ def make_tiny_checkpoint(out: str | Path, preset: str = "tiny-r1v-chat", seed: i
                          tokenizer_dir: str | Path | None = None, force: bool = False) -> dict:
     """Writes the checkpoint (module docstring) to ``out``; returns the summary printed by the CLI."""
     from megatron_r1v.atomic_dir import atomic_directory
-    from megatron_r1v.models.r1v.hf_io import ShardedSafetensorsWriter
-    from megatron_r1v.models.r1v.hf_mapping import skywork_config
+    from megatron_r1v.checkpoint.hf_io import ShardedSafetensorsWriter
+    from megatron_r1v.models.r1v.hf_config import skywork_config
     from megatron_r1v.models.r1v.presets import get_preset
 
     out = Path(out)

@@ -37,9 +37,15 @@ def probe(arch, seed: int = 0) -> dict:
 def hf_logits(hf_dir, arch, layout_name, batch) -> torch.Tensor:
     import transformers
 
-    from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
+    from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
+    from megatron_r1v.models.r1v.hf_config import transformers_internvl_config
     from megatron_r1v.models.r1v.hf_mapping import (
-        SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, ShardSpec, hf_to_stored, model_tensor_maps, stored_to_hf, transformers_internvl_config,
+        SKYWORK_LAYOUT,
+        TRANSFORMERS_LAYOUT,
+        ShardSpec,
+        hf_to_stored,
+        model_tensor_maps,
+        stored_to_hf,
     )
 
     if arch.vision is None:
@@ -73,10 +79,10 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
+    from megatron_r1v.checkpoint.conversion import detect_layout, read_meta
+    from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
+    from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint
     from megatron_r1v.config import ModelConfig, ParallelConfig
-    from megatron_r1v.conversion import detect_layout, read_meta
-    from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
-    from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
     from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT, TRANSFORMERS_LAYOUT
     from megatron_r1v.platform import destroy_distributed, init_distributed
     from megatron_r1v.trainer.lm_step import gather_vocab_logits, lm_forward_backward, make_lm_microbatch

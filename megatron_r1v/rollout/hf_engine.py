@@ -86,7 +86,7 @@ class HFRolloutEngine:
         cover every weight."""
         import transformers
 
-        from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+        from megatron_r1v.models.r1v.hf_config import transformers_internvl_config
 
         config = transformers.InternVLConfig(**transformers_internvl_config(arch))
         with torch.random.fork_rng(devices=[]):
@@ -280,12 +280,11 @@ def load_hf_engine(model_dir: Union[str, "os.PathLike"], tokenizer_dir: Union[st
 
     import transformers
 
+    from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
+    from megatron_r1v.checkpoint.hf_layouts import convert_layout, detect_layout, validate_hf
     from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
-    from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
-    from megatron_r1v.models.r1v.hf_mapping import (
-        SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, arch_from_skywork_config, arch_from_transformers_config,
-    )
-    from megatron_r1v.models.r1v.layouts import convert_layout, detect_layout, validate_hf
+    from megatron_r1v.models.r1v.hf_config import arch_from_skywork_config, arch_from_transformers_config
+    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
 
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):

@@ -275,7 +275,7 @@ class SGLangRolloutEngine:
         if self.arch is None:
             return
         if self._expected is None:
-            from megatron_r1v.models.r1v.layouts import expected_hf_shapes
+            from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes
 
             self._expected = expected_hf_shapes(self.arch, SKYWORK_LAYOUT)
         for name, tensor in items:
@@ -387,10 +387,10 @@ def _disable_vlm_embedding_cache() -> None:
 
 def _read_skywork_model(model_dir: str, tokenizer: Any) -> tuple["R1VArch", Any]:
     """(architecture, tokenizer) of a skywork-layout checkpoint, the layout SGLang loads."""
+    from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
+    from megatron_r1v.checkpoint.hf_layouts import CheckpointError, detect_layout
     from megatron_r1v.data.tokenizer import load_tokenizer
-    from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
-    from megatron_r1v.models.r1v.hf_mapping import arch_from_skywork_config
-    from megatron_r1v.models.r1v.layouts import CheckpointError, detect_layout
+    from megatron_r1v.models.r1v.hf_config import arch_from_skywork_config
     from megatron_r1v.rollout.hf_engine import _skywork_image_token_id
 
     config_path = os.path.join(model_dir, "config.json")

@@ -33,9 +33,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_r1v.checkpoint.weights import iter_stage_hf_tensors, model_stage_maps, unwrap_model
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, HFLayout, ShardSpec, TensorMap
 from megatron_r1v.models.r1v.presets import R1VArch
-from megatron_r1v.models.r1v.weights import iter_stage_hf_tensors, model_stage_maps, unwrap_model
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rollout.engine import RolloutEngine
 

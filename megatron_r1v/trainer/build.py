@@ -26,10 +26,10 @@ class _Common:
 
 
 def _build_common(cfg: RunConfig) -> _Common:
+    from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from megatron_r1v.data.tiling import PILTiler, TilingConfig
-    from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
+    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
     from megatron_r1v.models.r1v.presets import get_preset
     from megatron_r1v.platform import init_distributed
@@ -62,7 +62,7 @@ def sglang_model_dir(cfg: RunConfig) -> str:
     """The HF folder an SGLang engine builds its model, tokenizer and processor from."""
     import os
 
-    from megatron_r1v.conversion import HF_EXTRA_DIR
+    from megatron_r1v.checkpoint.conversion import HF_EXTRA_DIR
 
     if cfg.rollout.model_dir:
         return cfg.rollout.model_dir

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint, save_model_checkpoint
+from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint, save_model_checkpoint
 
 LATEST = "latest"
 
@@ -49,7 +49,7 @@ def _rng_state() -> dict:
 def _write_model_meta(model_dir: Path, trainer) -> None:
     """What export needs besides the tensors: the HF layout and config of the checkpoint the
     run started from (or the skywork layout for random weights)."""
-    from megatron_r1v.conversion import HF_EXTRA_DIR, META_NAME, model_meta
+    from megatron_r1v.checkpoint.conversion import HF_EXTRA_DIR, META_NAME, model_meta
 
     cfg, stage = trainer.cfg, trainer.stage
     source = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None

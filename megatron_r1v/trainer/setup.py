@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_r1v.checkpoint.weights import model_stage_maps
 from megatron_r1v.config import ModelConfig, OptimizerConfig
 from megatron_r1v.models.r1v.adapter import VisionAdapter, adapter_transformer_config
 from megatron_r1v.models.r1v.hf_mapping import HFLayout, ShardSpec, TensorMap
@@ -34,7 +35,6 @@ from megatron_r1v.models.r1v.spec import (
     vision_layer_spec,
 )
 from megatron_r1v.models.r1v.vision import InternViT, vision_transformer_config
-from megatron_r1v.models.r1v.weights import model_stage_maps
 from megatron_r1v.platform import ParallelContext
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+from megatron_r1v.models.r1v.hf_config import transformers_internvl_config
 from megatron_r1v.models.r1v.presets import get_preset
 
 ARCH = get_preset("tiny-r1v")

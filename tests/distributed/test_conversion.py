@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
+from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
 
 REPO = Path(__file__).resolve().parents[2]
 CONVERT = "tools/convert_checkpoint.py"

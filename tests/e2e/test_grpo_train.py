@@ -57,8 +57,8 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
     from megatron_r1v.models.r1v.presets import get_preset
-    from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
     from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
     with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
@@ -112,7 +112,7 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
     """6 steps in one run == 3 steps, then --resume for 3 more: metrics, weights, optimizer, SSB."""
     import torch
 
-    from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
+    from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
 
     with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
         every3 = [*reward_args, "--set", "train.save_interval=3"]

@@ -44,7 +44,7 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
+    from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
 
     generate_dataset(tmp_path / "data", 20, seed=0)
     build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,

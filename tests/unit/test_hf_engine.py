@@ -259,9 +259,10 @@ def test_skywork_checkpoint_loads_with_the_logits_of_its_transformers_export(tmp
 
     from safetensors.torch import save_file
 
+    from megatron_r1v.checkpoint.hf_layouts import convert_layout
     from megatron_r1v.data.tokenizer import save_hf_tokenizer, train_tokenizer
-    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, skywork_config
-    from megatron_r1v.models.r1v.layouts import convert_layout
+    from megatron_r1v.models.r1v.hf_config import skywork_config
+    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
     arch = get_preset("tiny-r1v-chat")  # its image token id (639) is the project tokenizer's <IMG_CONTEXT>
@@ -308,9 +309,10 @@ def test_loading_refuses_a_tokenizer_with_another_image_token(tmp_path):
 
     from safetensors.torch import save_file
 
+    from megatron_r1v.checkpoint.hf_layouts import convert_layout
     from megatron_r1v.data.tokenizer import save_hf_tokenizer, train_tokenizer
-    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT, skywork_config
-    from megatron_r1v.models.r1v.layouts import convert_layout
+    from megatron_r1v.models.r1v.hf_config import skywork_config
+    from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
     arch = get_preset("tiny-r1v-chat")

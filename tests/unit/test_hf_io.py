@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, parse_size
+from megatron_r1v.checkpoint.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, parse_size
 
 
 def test_writer_output_is_read_back_by_safetensors(tmp_path):
@@ -81,7 +81,7 @@ def test_reader_reads_parts_into_any_destination(tmp_path):
 
 @pytest.mark.parametrize("buffer_bytes", [8, 64, 1 << 20])
 def test_read_box_matches_slicing_for_every_buffer_size(tmp_path, buffer_bytes):
-    from megatron_r1v.models.r1v.box_io import read_box
+    from megatron_r1v.checkpoint.box_io import read_box
 
     array = torch.arange(3 * 5 * 7 * 2, dtype=torch.int16).reshape(3, 5, 7, 2)
     path = tmp_path / "blob"

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
+from megatron_r1v.models.r1v.hf_config import decoder_arch_from_hf_config, decoder_arch_to_hf_config
 from megatron_r1v.models.r1v.hf_mapping import (
     INTERNVL_CHAT,
     ShardSpec,
     TensorMap,
-    decoder_arch_from_hf_config,
-    decoder_arch_to_hf_config,
     decoder_tensor_maps,
     hf_to_mcore_shard,
     mcore_shards_to_hf,
@@ -133,7 +132,7 @@ def test_qwq_32b_preset_matches_transformers_parameter_count():
 def random_internvl_state(preset="tiny-r1v"):
     import transformers
 
-    from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+    from megatron_r1v.models.r1v.hf_config import transformers_internvl_config
 
     torch.manual_seed(0)
     config = transformers.InternVLConfig(**transformers_internvl_config(get_preset(preset)))
@@ -199,8 +198,8 @@ def _hf_in_layout(arch, layout, spec):
 @pytest.mark.parametrize("layout_name", ["transformers", "skywork"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_stored_boxes_read_only_their_part_and_match_the_whole(layout_name, tp):
+    from megatron_r1v.checkpoint.model_fragments import tensor_fragments
     from megatron_r1v.models.r1v import hf_mapping
-    from megatron_r1v.models.r1v.checkpoint_layout import tensor_fragments
 
     arch = get_preset("tiny-r1v")
     layout = {"transformers": hf_mapping.TRANSFORMERS_LAYOUT, "skywork": hf_mapping.SKYWORK_LAYOUT}[layout_name]

@@ -17,7 +17,6 @@ bf16 (8 mantissa bits: relative error 2^-9), hence 1e-2 relative to the largest 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch

@@ -10,14 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_r1v.models.r1v.hf_io import HFCheckpointReader
-from megatron_r1v.models.r1v.hf_mapping import (
-    SKYWORK_LAYOUT,
-    TRANSFORMERS_FILE_LAYOUT,
-    TRANSFORMERS_LAYOUT,
-    arch_from_skywork_config,
-)
-from megatron_r1v.models.r1v.layouts import convert_layout, detect_layout
+from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
+from megatron_r1v.checkpoint.hf_layouts import convert_layout, detect_layout
+from megatron_r1v.models.r1v.hf_config import arch_from_skywork_config
+from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_FILE_LAYOUT, TRANSFORMERS_LAYOUT
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 

@@ -10,7 +10,7 @@ import torch
 
 from megatron_r1v.config import FP8Config, load_config
 from megatron_r1v.models.r1v.adapter import pixel_shuffle
-from megatron_r1v.models.r1v.hf_mapping import transformers_internvl_config
+from megatron_r1v.models.r1v.hf_config import transformers_internvl_config
 from megatron_r1v.models.r1v.presets import AdapterArch, R1VArch, get_preset
 from megatron_r1v.models.r1v.spec import fp8_transformer_kwargs
 from megatron_r1v.models.r1v.vision import padded_heads

@@ -13,9 +13,9 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
+from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes
 from megatron_r1v.config import RolloutConfig
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT
-from megatron_r1v.models.r1v.layouts import expected_hf_shapes
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
 from megatron_r1v.rollout.sglang_engine import SGLangRolloutEngine, WeightCodec

@@ -7,8 +7,8 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_r1v.models.r1v import torch_dist_io
-from megatron_r1v.models.r1v.hf_io import CheckpointError
+from megatron_r1v.checkpoint import torch_dist_io
+from megatron_r1v.checkpoint.hf_io import CheckpointError
 
 _GEN = torch.Generator().manual_seed(0)
 SOURCES = {

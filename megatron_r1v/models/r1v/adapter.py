@@ -18,8 +18,8 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_r1v.models.r1v.model import shared_config_kwargs
 from megatron_r1v.models.r1v.presets import AdapterArch
+from megatron_r1v.models.r1v.transformer_config import shared_config_kwargs
 
 
 def pixel_shuffle(x_NHWC: torch.Tensor, ratio: float, ps_version: str) -> torch.Tensor:

@@ -18,39 +18,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1v.models.r1v.presets import DecoderArch, R1VArch
 from megatron_r1v.models.r1v.spec import Backend, decoder_layer_spec
+from megatron_r1v.models.r1v.transformer_config import shared_config_kwargs
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def shared_config_kwargs(
-    *, tp: int, pp: int, dtype: torch.dtype, on_cpu: bool, fused_kernels: bool, fp8_kwargs: Optional[dict] = None,
-    recompute_kwargs: Optional[dict] = None,
-) -> dict:
-    """TransformerConfig fields every block of the model sets the same way.
-
-    On CPU, weights are initialized as full master tensors and sliced (identical values
-    for any TP). Fused kernels (masked softmax, persistent LayerNorm, bias-dropout-add,
-    bias-activation) come with Transformer Engine / apex, so callers enable them only
-    for the TE backend on GPU.
-    """
-    return {
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
-        "params_dtype": dtype,
-        "pipeline_dtype": dtype,
-        "bf16": dtype == torch.bfloat16,
-        "fp16": dtype == torch.float16,
-        "use_cpu_initialization": on_cpu,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "bias_dropout_fusion": fused_kernels,
-        "masked_softmax_fusion": fused_kernels,
-        "persist_layer_norm": fused_kernels,
-        "apply_rope_fusion": False,
-        "gradient_accumulation_fusion": False,
-        **(fp8_kwargs or {}),
-        **(recompute_kwargs or {}),
-    }
 
 
 def decoder_transformer_config(

@@ -31,8 +31,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_r1v.models.r1v.model import shared_config_kwargs
 from megatron_r1v.models.r1v.presets import VisionArch
+from megatron_r1v.models.r1v.transformer_config import shared_config_kwargs
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_r1v.checkpoint.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.platform import destroy_distributed, init_distributed
 from megatron_r1v.trainer.lm_step import (
     attach_ddp_hooks,
@@ -23,7 +24,6 @@ from megatron_r1v.trainer.lm_step import (
     lm_train_step,
     make_lm_microbatch,
 )
-from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 

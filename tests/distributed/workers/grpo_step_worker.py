@@ -12,10 +12,10 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from megatron_r1v.checkpoint.weights import gather_hf_tensors
 from megatron_r1v.data.packing import pack_samples
 from megatron_r1v.data.template import EncodedSample
 from megatron_r1v.losses.grpo import GRPOLossConfig, token_weights
-from megatron_r1v.models.r1v.weights import gather_hf_tensors
 from megatron_r1v.platform import destroy_distributed
 from megatron_r1v.trainer.grpo_step import grpo_forward_backward, make_grpo_microbatch
 

@@ -16,12 +16,12 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint
+from megatron_r1v.checkpoint.weights import gather_hf_tensors, load_hf_weights, unwrap_model
 from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
-from megatron_r1v.models.r1v.checkpoint_layout import load_model_checkpoint
 from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
 from megatron_r1v.models.r1v.model import FREEZE_POLICIES, causal_attention_mask
 from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights, unwrap_model
 from megatron_r1v.platform import destroy_distributed, init_distributed
 from megatron_r1v.trainer.lm_step import attach_ddp_hooks, gather_vocab_logits, lm_forward_backward, lm_train_step
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp

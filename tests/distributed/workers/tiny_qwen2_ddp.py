@@ -5,10 +5,10 @@ import argparse
 
 from safetensors import safe_open
 
+from megatron_r1v.checkpoint.weights import load_hf_weights
 from megatron_r1v.config import ModelConfig, ParallelConfig
 from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.models.r1v.weights import load_hf_weights
 from megatron_r1v.platform import init_distributed
 from megatron_r1v.trainer.lm_step import attach_ddp_hooks
 from megatron_r1v.trainer.setup import build_model_stage, wrap_ddp

@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from megatron_r1v.checkpoint.hf_layouts import convert_layout
+from megatron_r1v.checkpoint.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
-from megatron_r1v.models.r1v.layouts import convert_layout
 from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.models.r1v.weights import gather_hf_tensors, load_hf_weights
 from megatron_r1v.platform import destroy_distributed, init_distributed
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine
-from megatron_r1v.rollout.weight_sync import WeightSync, WeightsOutOfSync
+from megatron_r1v.rollout.weight_sync import WeightsOutOfSync, WeightSync
 from megatron_r1v.trainer.lm_step import attach_ddp_hooks, lm_train_step, make_lm_microbatch
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 

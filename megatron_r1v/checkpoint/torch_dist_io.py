@@ -47,8 +47,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
-from megatron_r1v.models.r1v.box_io import read_box
-from megatron_r1v.models.r1v.hf_io import CheckpointError
+from megatron_r1v.checkpoint.box_io import read_box
+from megatron_r1v.checkpoint.hf_io import CheckpointError
 
 # --- writing ------------------------------------------------------------------------------
 

@@ -1,16 +1,17 @@
 """HF checkpoint layouts without Megatron: detection, validation and in-memory conversion.
 
-Everything here works on HF-named tensors only (names come from :mod:`.hf_mapping`), so
-the rollout engine, evaluation and the tiny-checkpoint tool can read and convert
-checkpoints without importing Megatron-Core. :mod:`megatron_r1v.conversion` uses the
-same detection and validation for its imports.
+Everything here works on HF-named tensors only (names come from
+:mod:`megatron_r1v.models.r1v.hf_mapping`), so the rollout engine, evaluation and the
+tiny-checkpoint tool can read and convert checkpoints without importing Megatron-Core.
+:mod:`megatron_r1v.checkpoint.conversion` uses the same detection and validation for
+its imports.
 
 :func:`convert_layout` rewrites a whole model from one HF layout to another (e.g. the
 released skywork names into transformers' in-memory ``state_dict`` names) one tensor map
 at a time, through the TP-independent stored form that dist checkpoints keep: the same
-two functions, :func:`~.hf_mapping.hf_to_stored` and :func:`~.hf_mapping.stored_to_hf`,
-that checkpoint import and export go through, so an in-memory conversion equals an
-import followed by an export, bit for bit.
+two functions, ``hf_mapping.hf_to_stored`` and ``hf_mapping.stored_to_hf``, that
+checkpoint import and export go through, so an in-memory conversion equals an import
+followed by an export, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from typing import Callable, Iterator
 
 import torch
 
-from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader
+from megatron_r1v.checkpoint.hf_io import CheckpointError, HFCheckpointReader
+from megatron_r1v.models.r1v.hf_config import decoder_arch_to_hf_config, transformers_internvl_config
 from megatron_r1v.models.r1v.hf_mapping import (
     QWEN2_LAYOUT,
+    SKYWORK_LAYOUT,
+    TRANSFORMERS_FILE_LAYOUT,
     TRANSFORMERS_LAYOUT,
     HFLayout,
     ShardSpec,
-    decoder_arch_to_hf_config,
     hf_to_stored,
     model_tensor_maps,
     stored_to_hf,
-    transformers_internvl_config,
 )
 from megatron_r1v.models.r1v.presets import R1VArch
 
@@ -42,9 +44,10 @@ def detect_layout(config: dict, names: list[str]) -> str:
     """``skywork``, ``transformers`` or ``qwen2`` from config.json and tensor names."""
     if config.get("model_type") == "qwen2" or config.get("architectures") == ["Qwen2ForCausalLM"]:
         return "qwen2"
-    if any(n.startswith(("vision_tower.", "model.vision_tower.")) for n in names):
+    transformers_prefixes = (TRANSFORMERS_FILE_LAYOUT.vision_prefix, TRANSFORMERS_LAYOUT.vision_prefix)
+    if any(n.startswith(transformers_prefixes) for n in names):
         return "transformers"
-    if any(n.startswith("vision_model.") for n in names) or "llm_config" in config:
+    if any(n.startswith(SKYWORK_LAYOUT.vision_prefix) for n in names) or "llm_config" in config:
         return "skywork"
     raise CheckpointError("cannot tell the checkpoint layout from config.json and tensor names")
 

@@ -26,8 +26,8 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from megatron_r1v.checkpoint.torch_dist_io import StreamingSaveStrategy
 from megatron_r1v.models.r1v.hf_mapping import ShardSpec, TensorMap
-from megatron_r1v.models.r1v.torch_dist_io import StreamingSaveStrategy
 
 _VISION_HEAD_KINDS = {"vision_qkv": 0, "head_vec": 0, "head_row": 1}  # kind -> head axis of the stored shape
 
@@ -132,7 +132,7 @@ def model_fragments(
     model: torch.nn.Module, stage_maps: dict[str, TensorMap], spec: ShardSpec, *, tp: int, tp_rank: int, dp_rank: int
 ) -> tuple[dict[str, ShardedTensor], dict[str, torch.Tensor]]:
     """Fragments of this rank's model parameters (keys are global Megatron names)."""
-    from megatron_r1v.models.r1v.weights import unwrap_model
+    from megatron_r1v.checkpoint.weights import unwrap_model
 
     params = dict(unwrap_model(model).named_parameters())
     missing = sorted(set(stage_maps) - set(params))

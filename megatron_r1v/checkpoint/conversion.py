@@ -32,13 +32,23 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_r1v.models.r1v import checkpoint_layout
-from megatron_r1v.models.r1v.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
-# detect_layout stays importable from here (tools use it); the three live in layouts.py,
+from megatron_r1v.atomic_dir import commit_directory
+from megatron_r1v.checkpoint import model_fragments
+from megatron_r1v.checkpoint.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
+
+# detect_layout stays importable from here (tools use it); the three live in hf_layouts.py,
 # which the rollout engine reads checkpoints with, without importing Megatron-Core.
-from megatron_r1v.models.r1v.layouts import detect_layout
-from megatron_r1v.models.r1v.layouts import expected_hf_shapes as _expected_hf_shapes
-from megatron_r1v.models.r1v.layouts import validate_hf as _validate_hf
+from megatron_r1v.checkpoint.hf_layouts import detect_layout
+from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes as _expected_hf_shapes
+from megatron_r1v.checkpoint.hf_layouts import validate_hf as _validate_hf
+from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
+from megatron_r1v.models.r1v.hf_config import (
+    arch_from_skywork_config,
+    arch_from_transformers_config,
+    decoder_arch_to_hf_config,
+    skywork_config,
+    transformers_internvl_config,
+)
 from megatron_r1v.models.r1v.hf_mapping import (
     QWEN2_LAYOUT,
     SKYWORK_LAYOUT,
@@ -46,22 +56,15 @@ from megatron_r1v.models.r1v.hf_mapping import (
     TRANSFORMERS_LAYOUT,
     HFLayout,
     ShardSpec,
-    arch_from_skywork_config,
-    arch_from_transformers_config,
-    skywork_config,
     hf_from_stored,
     hf_to_mcore_shard,
     model_tensor_maps,
     stage_tensor_maps,
     stored_box_from_hf,
     stored_shape,
-    transformers_internvl_config,
-    decoder_arch_to_hf_config,
 )
 from megatron_r1v.models.r1v.presets import AdapterArch, DecoderArch, R1VArch, VisionArch
-from megatron_r1v.models.r1v.torch_dist_io import TorchDistReader
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.atomic_dir import commit_directory
 
 META_NAME = "r1v_checkpoint.json"
 HF_EXTRA_DIR = "hf_extra"
@@ -73,7 +76,8 @@ def _names_layout(name: str, tensor_names: Optional[list[str]] = None) -> HFLayo
     if name == "qwen2":
         return QWEN2_LAYOUT
     if name == "transformers":
-        in_memory = tensor_names is not None and any(n.startswith("model.vision_tower.") for n in tensor_names)
+        in_memory = tensor_names is not None and any(n.startswith(TRANSFORMERS_LAYOUT.vision_prefix)
+                                                       for n in tensor_names)
         return TRANSFORMERS_LAYOUT if in_memory else TRANSFORMERS_FILE_LAYOUT
     if name == "skywork":
         return SKYWORK_LAYOUT
@@ -143,7 +147,7 @@ def import_checkpoint(
         for tm in maps.values():
             shapes_only = {n: torch.empty(reader.shape(n), dtype=target, device="meta") for n in tm.hf}
             local.append((tm, hf_to_mcore_shard(tm, shapes_only, spec, ctx.tp, ctx.tp_rank)))
-        state, _ = checkpoint_layout.sharded_state_dict(local, spec, tp=ctx.tp, tp_rank=ctx.tp_rank,
+        state, _ = model_fragments.sharded_state_dict(local, spec, tp=ctx.tp, tp_rank=ctx.tp_rank,
                                                         dp_rank=ctx.dp_rank)
         by_key = {tm.mcore: tm for tm in maps.values()}
 
@@ -155,7 +159,7 @@ def import_checkpoint(
             if ctx.rank == 0:
                 tmp.mkdir(parents=True)
             dist.barrier()
-            checkpoint_layout.save_fragments_streaming(state, produce, str(tmp))
+            model_fragments.save_fragments_streaming(state, produce, str(tmp))
             if ctx.rank == 0:
                 meta = model_meta(arch, layout_name, dtype, spec.padded_vocab_size, Path(hf_dir), ctx)
                 (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")

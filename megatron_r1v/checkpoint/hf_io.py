@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from megatron_r1v.models.r1v.box_io import read_box
+from megatron_r1v.checkpoint.box_io import read_box
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
