@@ -1,19 +1,57 @@
-"""Output folders that appear complete or not at all.
+"""Output files and folders that appear complete or not at all.
 
-Everything that writes a folder (conversion, synthetic data, tokenizers, prompt pools)
-writes into a hidden temporary folder beside the target and moves it into place at the
-end; a replaced output is deleted only after the new one is in place, so a failure at
-any point leaves either the old output or the new one, never a mix.
+Every file or folder the library writes goes through here: the content is written under
+a hidden temporary name beside the target and moved into place at the end (``os.replace``
+for a file, two renames for a folder); a replaced folder is deleted only after the new
+one is in place. A failure or a kill at any point therefore leaves either the previous
+output or the new one, never a mix or a half-written file; at most a hidden temporary is
+left behind, which the next writer of that target removes or ignores.
+
+- :func:`atomic_file` / :func:`write_text_atomic`: one file (results, status, caches, plots);
+- :func:`atomic_directory`: a folder written by one process;
+- :func:`partial_path` / :func:`partial_directory` + :func:`commit_directory`: a folder
+  written by several ranks into a temporary name they all know, committed by one of them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Yields ``path``'s new content as a file open on a hidden temporary beside it.
+
+    On success the file is flushed to disk and moved over ``path``; on any exception it
+    is removed and ``path`` keeps its previous content. ``mode`` is ``"w"`` (text) or
+    ``"wb"`` (bytes; ``encoding`` is ignored)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file writes with mode 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` through :func:`atomic_file`; returns the path."""
+    with atomic_file(path) as handle:
+        handle.write(text)
+    return Path(path)
 
 
 def commit_directory(tmp: Path, out: Path) -> None:
@@ -45,3 +83,24 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_directory(tmp, out)
+
+
+def partial_path(out: Path) -> Path:
+    """``.<name>.partial`` beside ``out``: the temporary name every rank of a multi-rank
+    writer derives the same way."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def partial_directory(out: Path) -> Path:
+    """Creates :func:`partial_path` of ``out`` fresh and empty (removing one a killed writer left).
+
+    For folders several ranks write: one rank calls this, all write into
+    ``partial_path(out)`` after a barrier, and that rank moves it into place with
+    :func:`commit_directory` after a second barrier.
+    """
+    partial = partial_path(out)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial

@@ -28,15 +28,17 @@ model folder, bad data) print ``error: ...`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Sequence, Union
+
+from megatron_r1v.atomic_dir import atomic_file, write_text_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -78,22 +80,102 @@ def summarize(records: Sequence[Any], scores: Sequence[SampleScore]) -> dict:
     return {**fractions(scores), "by_answer_type": {t: fractions(by_type[t]) for t in sorted(by_type)}}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file beside it (no half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _stderr_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Evaluation:
+    """What :func:`evaluate` generates with: the records, the engine and how prompts are built."""
+
+    records: list
+    engine: Any
+    loader: Any
+    stop_ids: tuple[int, ...]
+    think_opened: bool
+
+
+def _check_arguments(model_dir: PathLike, batch_size: int, limit: Optional[int], temperature: float,
+                     max_new_tokens: int) -> None:
+    from megatron_r1v.rollout.engine import SamplingParams
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    # SamplingParams checks temperature and max_new_tokens before anything slow runs.
+    SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+
+
+def _prepare(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[PathLike], max_tiles: int,
+             max_new_tokens: int, seed: int, limit: Optional[int], device: str) -> _Evaluation:
+    """Reads the records and the checkpoint; prompts are built as the GRPO trainer builds them."""
+    from megatron_r1v.data.loader import PromptLoader
+    from megatron_r1v.data.schema import load_records
+    from megatron_r1v.data.template import ChatTemplate, TemplateConfig
+    from megatron_r1v.data.tiling import PILTiler, TilingConfig
+    from megatron_r1v.data.tokenizer import IM_END
+    from megatron_r1v.rollout.hf_engine import load_hf_engine
+
+    records = load_records(data_path, "prompts").records[:limit]
+    engine, arch, tokenizer = load_hf_engine(model_dir, tokenizer_dir, device)
+    # The whole sequence must fit the model's positions: the prompt gets what the
+    # response budget leaves.
+    max_prompt = arch.decoder.max_position_embeddings - max_new_tokens
+    if max_prompt < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{arch.decoder.max_position_embeddings} positions")
+    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile, max_seq_len=max_prompt))
+    if template.image_token_id != arch.image_token_id:
+        raise ValueError(f"the tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; the model at {model_dir} "
+                         f"expects {arch.image_token_id}")
+    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=max_tiles))
+    # Only prepare() is used (no shuffling): evaluation visits the records in file order.
+    loader = PromptLoader(records, template, tiler, seed=seed)
+    return _Evaluation(records, engine, loader, (tokenizer.convert_tokens_to_ids(IM_END),),
+                       template.config.open_think)
+
+
+def _sample_line(record: Any, score: SampleScore, sample: Any) -> str:
+    return json.dumps({
+        "id": record.id, "answer": record.answer, "answer_type": record.answer_type, "extracted": score.extracted,
+        "correct": score.correct, "format": score.format_ok, "finished": sample.finished, "text": sample.text,
+    }, ensure_ascii=False) + "\n"
+
+
+def _generate_and_score(run: _Evaluation, batch_size: int, params: dict, seed: int,
+                        samples_file: Optional[IO[str]], progress: Optional[Callable[[str], None]],
+                        start: float) -> tuple[list[SampleScore], int, int]:
+    """(scores in record order, generated tokens, responses cut at max_new_tokens)."""
+    from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
+
+    scores: list[SampleScore] = []
+    generated_tokens = cut = 0
+    num_batches = -(-len(run.records) // batch_size)
+    for b in range(num_batches):
+        batch = run.records[b * batch_size:(b + 1) * batch_size]
+        requests = []
+        for record in batch:
+            item = run.loader.prepare(record)
+            assert item is not None  # on_bad_sample="error": a bad prompt raises instead
+            requests.append(RolloutRequest(record.id, item.prompt_ids, item.pixel_values))
+        groups = run.engine.generate(requests, SamplingParams(n=1, seed=seed + b, stop_token_ids=run.stop_ids,
+                                                              **params))
+        for record, (sample,) in zip(batch, groups, strict=True):
+            score = score_text(record, sample.text, run.think_opened)
+            scores.append(score)
+            generated_tokens += len(sample.response_ids)
+            cut += not sample.finished
+            if samples_file is not None:
+                samples_file.write(_sample_line(record, score, sample))
+        if progress is not None:
+            so_far = summarize(run.records[:len(scores)], scores)
+            progress(f"batch {b + 1}/{num_batches} | prompts {len(scores)}/{len(run.records)} | "
+                     f"accuracy {so_far['accuracy']:.3f} | format {so_far['format']:.3f} | "
+                     f"{time.perf_counter() - start:.1f}s")
+    return scores, generated_tokens, cut
 
 
 def evaluate(
@@ -116,96 +198,24 @@ def evaluate(
 
     Batch ``b`` samples with seed ``seed + b`` (only matters for ``temperature > 0``), so
     a run is reproducible for a batch size. ``limit`` keeps the first ``limit`` records.
-    Raises FileNotFoundError / ValueError (DataError, ImageError, CheckpointError, ...)
-    with a message naming the file for user errors.
+    ``samples_out`` appears only complete. Raises FileNotFoundError / ValueError
+    (DataError, ImageError, CheckpointError, ...) with a message naming the file for user
+    errors.
     """
-    from megatron_r1v.data.loader import PromptLoader
-    from megatron_r1v.data.schema import load_records
-    from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tiling import PILTiler, TilingConfig
-    from megatron_r1v.data.tokenizer import IM_END
-    from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
-    from megatron_r1v.rollout.hf_engine import load_hf_engine
-
     start = time.perf_counter()
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    # SamplingParams checks temperature and max_new_tokens before anything slow runs.
-    SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder {model_dir} does not exist")
-    records = load_records(data_path, "prompts").records[:limit]
-    engine, arch, tokenizer = load_hf_engine(model_dir, tokenizer_dir, device)
-    # The whole sequence must fit the model's positions: the prompt gets what the
-    # response budget leaves.
-    max_prompt = arch.decoder.max_position_embeddings - max_new_tokens
-    if max_prompt < 1:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                         f"{arch.decoder.max_position_embeddings} positions")
-    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile, max_seq_len=max_prompt))
-    if template.image_token_id != arch.image_token_id:
-        raise ValueError(f"the tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; the model at {model_dir} "
-                         f"expects {arch.image_token_id}")
-    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=max_tiles))
-    # Only prepare() is used (no shuffling): evaluation visits the records in file order.
-    loader = PromptLoader(records, template, tiler, seed=seed)
-    stop_ids = (tokenizer.convert_tokens_to_ids(IM_END),)
-    think_opened = template.config.open_think
-
-    scores: list[SampleScore] = []
-    generated_tokens = cut = 0
-    samples_file: Optional[IO[str]] = None
-    samples_tmp = None
-    if samples_out is not None:
-        samples_path = Path(samples_out)
-        samples_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, samples_tmp = tempfile.mkstemp(prefix=f".{samples_path.name}.", suffix=".tmp", dir=samples_path.parent)
-        samples_file = os.fdopen(fd, "w", encoding="utf-8")
-    try:
-        num_batches = -(-len(records) // batch_size)
-        for b in range(num_batches):
-            batch = records[b * batch_size:(b + 1) * batch_size]
-            requests = []
-            for record in batch:
-                item = loader.prepare(record)
-                assert item is not None  # on_bad_sample="error": a bad prompt raises instead
-                requests.append(RolloutRequest(record.id, item.prompt_ids, item.pixel_values))
-            params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + b,
-                                    stop_token_ids=stop_ids)
-            groups = engine.generate(requests, params)
-            for record, (sample,) in zip(batch, groups, strict=True):
-                score = score_text(record, sample.text, think_opened)
-                scores.append(score)
-                generated_tokens += len(sample.response_ids)
-                cut += not sample.finished
-                if samples_file is not None:
-                    samples_file.write(json.dumps({
-                        "id": record.id, "answer": record.answer, "answer_type": record.answer_type,
-                        "extracted": score.extracted, "correct": score.correct, "format": score.format_ok,
-                        "finished": sample.finished, "text": sample.text,
-                    }, ensure_ascii=False) + "\n")
-            if progress is not None:
-                so_far = summarize(records[:len(scores)], scores)
-                progress(f"batch {b + 1}/{num_batches} | prompts {len(scores)}/{len(records)} | "
-                         f"accuracy {so_far['accuracy']:.3f} | format {so_far['format']:.3f} | "
-                         f"{time.perf_counter() - start:.1f}s")
-        if samples_file is not None:
-            samples_file.close()
-            os.replace(samples_tmp, samples_out)
-    finally:
-        if samples_file is not None and not samples_file.closed:
-            samples_file.close()
-        if samples_tmp is not None and os.path.exists(samples_tmp):
-            os.unlink(samples_tmp)
-    result = summarize(records, scores)
+    _check_arguments(model_dir, batch_size, limit, temperature, max_new_tokens)
+    run = _prepare(model_dir, data_path, tokenizer_dir, max_tiles, max_new_tokens, seed, limit, device)
+    params = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+    with atomic_file(samples_out) if samples_out is not None else contextlib.nullcontext() as samples_file:
+        scores, generated_tokens, cut = _generate_and_score(run, batch_size, params, seed, samples_file, progress,
+                                                            start)
+    result = summarize(run.records, scores)
     return {
         "accuracy": result["accuracy"], "format": result["format"], "num_prompts": result["num_prompts"],
         "by_answer_type": result["by_answer_type"], "seconds": round(time.perf_counter() - start, 3),
         "model": str(model_dir), "data": str(data_path), "temperature": temperature,
         "max_new_tokens": max_new_tokens, "generated_tokens": generated_tokens,
-        "cut_at_max_new_tokens": cut / len(records),
+        "cut_at_max_new_tokens": cut / len(run.records),
     }
 
 
@@ -237,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     line = json.dumps(result)
     if args.out is not None:
-        _write_atomically(args.out, line + "\n")
+        write_text_atomic(args.out, line + "\n")
     print(line, flush=True)
     return 0
 

@@ -17,10 +17,10 @@ on, or changes, the process-wide backend.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
+
+from megatron_r1v.atomic_dir import atomic_file
 
 # step values of one tag, sorted by step, and the matching values
 Series = tuple[list[int], list[float]]
@@ -121,15 +121,6 @@ def plot_runs(
     if title:
         figure.suptitle(title)
 
-    out = Path(out)
-    folder = Path(os.path.abspath(out)).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=100)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    with atomic_file(out, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=100)
+    return Path(out)

@@ -27,10 +27,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
+
+from megatron_r1v.atomic_dir import write_text_atomic
 
 from .schema import PreferenceRecord, ScoredRecord, load_records
 
@@ -236,18 +237,7 @@ def write_pairs(records: Sequence[PreferenceRecord], out: Union[str, Path], *, f
         raise IsADirectoryError(f"{out} is a directory; name the output JSONL file")
     folder = Path(os.path.abspath(out)).parent
     folder.mkdir(parents=True, exist_ok=True)
-    text = "".join(_preference_line(r, folder) + "\n" for r in records)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text_atomic(out, "".join(_preference_line(r, folder) + "\n" for r in records))
 
 
 def build_parser() -> argparse.ArgumentParser:

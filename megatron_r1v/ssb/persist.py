@@ -18,11 +18,12 @@ Layout (zarr format 2 on disk, which zarr 2.x and 3.x both read and write)::
         old_logprobs                        float32 [R]
       rank_00001/ ...
 
-Saving is atomic: rank 0 creates ``.<name>.partial`` beside ``<path>``, every rank
-writes its own ``rank_XXXXX`` group (marking it complete last), a barrier, rank 0 checks
-that all groups are complete and renames the directory to ``<path>``, a barrier. A save
-killed at any point before the rename leaves ``<path>`` as it was (absent, or the
-previous store), and the next save removes the stale ``.partial`` directory.
+Saving is atomic (``atomic_dir``): rank 0 creates ``.<name>.partial`` beside ``<path>``,
+every rank writes its own ``rank_XXXXX`` group (marking it complete last), a barrier,
+rank 0 checks that all groups are complete and commits the directory to ``<path>`` (a
+previous store is deleted only after the new one is in place), a barrier. A save killed
+at any point before the commit leaves ``<path>`` as it was (absent, or the previous
+store), and the next save removes the stale ``.partial`` directory.
 
 Loading onto a different number of DP ranks re-shards while reading as few shards as
 possible: with fewer ranks, saved shard s goes whole to rank s % dp_size (2 -> 1: rank 0
@@ -34,7 +35,6 @@ do not depend on where groups live (see :mod:`.buffer`), so the next draw is unc
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +43,7 @@ import numpy as np
 import torch.distributed as dist
 import zarr
 
+from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial_path
 from megatron_r1v.config import SSBConfig, from_dict
 
 from .buffer import SelectiveSampleBuffer, SSBGroup, group_rank_size
@@ -64,10 +65,6 @@ class StoreMetadata:
 
 def shard_name(rank: int) -> str:
     return f"rank_{rank:05d}"
-
-
-def _partial_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.partial"
 
 
 def _open_group(path: Path, mode: str) -> Any:
@@ -96,11 +93,9 @@ def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
     """Writes every DP rank's buffer to the store ``path`` (collective over ``group``)."""
     path = Path(path)
     rank, world = group_rank_size(group)
-    partial = _partial_path(path)
+    partial = partial_path(path)
     if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)  # left by a killed save
-        path.parent.mkdir(parents=True, exist_ok=True)
+        partial_directory(path)  # fresh: a killed save may have left one
         root = _open_group(partial, "w")
         root.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "dp_size": world, "seed": buffer.seed,
@@ -114,17 +109,7 @@ def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
             shard = partial / shard_name(r)
             if not dict(_open_group(shard, "r").attrs).get("complete"):
                 raise RuntimeError(f"SSB save: {shard} is incomplete; {path} was left unchanged")
-        if path.exists():
-            # A directory cannot be renamed over a non-empty one; the short window in
-            # which <path> is absent only exists when a store is overwritten in place.
-            old = path.parent / f".{path.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-            partial.rename(path)
-            shutil.rmtree(old)
-        else:
-            partial.rename(path)
+        commit_directory(partial, path)
     _barrier(group)
 
 

@@ -15,9 +15,9 @@ continue exactly as an uninterrupted one would.
 A trainer provides ``rank_state()`` / ``load_rank_state(state)`` and
 ``save_files(dir, step)`` / ``load_files(dir)`` (collective) for what only it has.
 
-A checkpoint is written into ``.step_000003.partial`` and renamed by rank 0 after every
-rank has finished, then ``latest`` is replaced atomically; a save killed halfway leaves
-the previous checkpoint and ``latest`` untouched. The model and the SSB reload at any
+A checkpoint is written into ``.step_000003.partial`` and committed by rank 0 after every
+rank has finished (``atomic_dir``), then ``latest`` is replaced atomically; a save killed
+halfway leaves the previous checkpoint and ``latest`` untouched. The model and the SSB reload at any
 TP/PP/DP; the optimizer state is per rank (``torch.save`` of Megatron's optimizer state
 dict), so resuming needs the same parallel layout, which :func:`load_checkpoint` checks.
 """
@@ -25,7 +25,6 @@ dict), so resuming needs the same parallel layout, which :func:`load_checkpoint`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -33,6 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial_path, write_text_atomic
 from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint, save_model_checkpoint
 
 LATEST = "latest"
@@ -67,12 +67,10 @@ def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
     """Writes the state after ``step`` steps (collective over all ranks); returns the folder."""
     save_dir = Path(save_dir)
     name = f"step_{step:06d}"
-    final, partial = save_dir / name, save_dir / f".{name}.partial"
+    final, partial = save_dir / name, partial_path(save_dir / name)
     if ctx.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)  # left by a killed save
-        (partial / "model").mkdir(parents=True)
+        partial_directory(final)  # fresh: a killed save may have left one
+        (partial / "model").mkdir()
     dist.barrier()
     stage = trainer.stage
     save_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(partial / "model"))
@@ -83,15 +81,13 @@ def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
         _write_model_meta(partial / "model", trainer)
         meta = {"stage": trainer.cfg.train.stage, "step": step, "data": trainer.loader.state_dict(),
                 "layout": _layout(ctx)}
-        (partial / "trainer.json").write_text(json.dumps(meta, indent=1))
+        write_text_atomic(partial / "trainer.json", json.dumps(meta, indent=1))
     dist.barrier()
     if ctx.rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
-        tmp_latest = save_dir / f".{LATEST}.tmp"
-        tmp_latest.write_text(name + "\n")
-        os.replace(tmp_latest, save_dir / LATEST)
+        # A checkpoint of the same step being replaced is deleted only once the new one
+        # is in place, and `latest` names it only after that.
+        commit_directory(partial, final)
+        write_text_atomic(save_dir / LATEST, name + "\n")
     dist.barrier()
     return final
 

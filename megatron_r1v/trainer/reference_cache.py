@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_r1v.atomic_dir import atomic_file, write_text_atomic
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
 from megatron_r1v.data.schema import PreferenceRecord
@@ -100,17 +100,13 @@ def load_cached(cache_dir: Path, key: str) -> Optional[ReferenceLogprobs]:
 
 def write_cache(cache_dir: Path, key: str, inputs: dict, values: ReferenceLogprobs) -> Path:
     """Writes the cache atomically and removes files of other (stale) keys."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / f"{PREFIX}{key}.npz"
-    tmp = cache_dir / f".{PREFIX}{key}.{os.getpid()}.tmp.npz"
     ids = sorted(values)
-    np.savez(tmp, ids=np.array(ids, dtype=str), chosen=np.array([values[i][0] for i in ids], dtype=np.float64),
-             rejected=np.array([values[i][1] for i in ids], dtype=np.float64))
-    os.replace(tmp, final)
-    side = cache_dir / f"{PREFIX}{key}.json"
-    side_tmp = cache_dir / f".{PREFIX}{key}.json.tmp"
-    side_tmp.write_text(json.dumps({k: v for k, v in inputs.items() if k != "pairs"}, indent=1))
-    os.replace(side_tmp, side)
+    with atomic_file(final, "wb") as handle:
+        np.savez(handle, ids=np.array(ids, dtype=str), chosen=np.array([values[i][0] for i in ids], dtype=np.float64),
+                 rejected=np.array([values[i][1] for i in ids], dtype=np.float64))
+    write_text_atomic(cache_dir / f"{PREFIX}{key}.json",
+                      json.dumps({k: v for k, v in inputs.items() if k != "pairs"}, indent=1))
     for stale in cache_dir.glob(f"{PREFIX}*"):
         if not stale.name.startswith(f"{PREFIX}{key}."):
             stale.unlink()

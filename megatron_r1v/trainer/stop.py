@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_r1v.atomic_dir import write_text_atomic
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 RUN_STATUS = "run_status.json"
 
@@ -74,12 +76,7 @@ class GracefulStop:
 
 def write_run_status(save_dir: str | os.PathLike, completed_steps: int, total_steps: int,
                      stopped_by: Optional[str]) -> Path:
-    """Writes ``run_status.json`` atomically (temporary file, then rename)."""
-    path = Path(save_dir) / RUN_STATUS
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes ``run_status.json`` atomically (``atomic_dir.write_text_atomic``)."""
     status = {"completed_steps": completed_steps, "total_steps": total_steps,
               "finished": completed_steps >= total_steps, "signal": stopped_by}
-    tmp = path.with_name(f".{RUN_STATUS}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(save_dir) / RUN_STATUS, json.dumps(status) + "\n")
