@@ -36,6 +36,7 @@ class FP8Config:
     amax_history_len: int = 1024
     """Length of the amax history window (delayed scaling)."""
     amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """How the scale is computed from the amax history: its maximum, or its most recent entry."""
     margin: int = 0
     """Scaling-factor margin, as a power of two."""
 
@@ -96,8 +97,11 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW)."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
     adam_beta2: float = 0.95
+    """Adam's second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam's denominator epsilon."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     use_distributed_optimizer: bool = False
@@ -109,40 +113,42 @@ class TrainConfig:
     stage: Literal["mpo", "grpo"] = "grpo"
     """Training stage run by ``python -m megatron_r1v.train``."""
     seed: int = 1234
+    """Seed of weight initialization, data order and rollout sampling."""
     steps: int = 10
     """Optimizer steps to run."""
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
     seq_length: int = 2048
     """Maximum tokens per sample (prompt + response)."""
     save_dir: Optional[str] = None
     """Directory of training checkpoints; None disables saving."""
     save_interval: int = 0
-    """Save every N steps (0: only at the end)."""
-    load_dir: Optional[str] = None
-    """Checkpoint to resume from."""
+    """Save every N steps (0: only at the end); ``--resume`` continues from the newest one in save_dir."""
 
 
 @dataclass
 class DataConfig:
     train_path: Optional[str] = None
     """JSON Lines file of training prompts or preference pairs."""
-    eval_path: Optional[str] = None
     max_tiles: int = 12
     """Maximum dynamic tiles per image (a thumbnail is added when more than one)."""
     tokenizer: Optional[str] = None
     """Hugging Face tokenizer folder (``python -m megatron_r1v.data.tokenizer`` builds one for tiny models)."""
     on_bad_sample: Literal["error", "skip"] = "error"
+    """A record whose images cannot be read or whose prompt is too long: stop with an error
+    naming it, or skip it with a warning."""
 
 
 @dataclass
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
+    """Rollout engine: the transformers one (CPU and small GPU runs) or SGLang colocated on the GPUs."""
     n_samples: int = 8
-    """Samples generated per prompt (the GRPO group size)."""
+    """Samples generated per prompt (the GRPO group size, >= 2: Eq. 6 divides by the group's std)."""
     temperature: float = 1.0
+    """Sampling temperature (> 0 for GRPO); log-probs are those of softmax(logits / temperature)."""
     top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
     max_new_tokens: int = 1024
+    """Most tokens generated per response."""
     tis_cap: Optional[float] = None
     """Truncated importance sampling: weight each token of a fresh response's GRPO loss by
     min(pi_old / pi_engine, tis_cap), correcting the gap between the trainer's and the rollout
@@ -213,8 +219,8 @@ class GRPOConfig:
     """Weight of the k3 KL penalty to the initial policy (0: no reference pass)."""
     normalization: Literal["sequence", "token"] = "sequence"
     """Per-response then per-group mean (Eq. 8), or a mean over all response tokens."""
-    micro_batch_tokens: int = 1024
-    """Token budget of one packed micro-batch (first-fit decreasing)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (first-fit decreasing); >= train.seq_length."""
     ppo_epochs: int = 1
     """Optimizer steps per rollout batch, each over all its micro-batches (old log-probs stay fixed)."""
 
@@ -239,8 +245,8 @@ class MPOConfig:
     """w_q of Eq. 2: the BCO term (Eq. 4)."""
     generation_weight: float = 1.0
     """w_g of Eq. 2: the length-normalized NLL of the chosen response (Eq. 5)."""
-    micro_batch_tokens: int = 2048
-    """Token budget of one packed micro-batch; a pair's two sequences share a micro-batch."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch; a pair's two sequences share a micro-batch (>= 2 x train.seq_length)."""
     reference_cache: Optional[str] = None
     """Directory of the cached reference log-probs (computed once with the initial policy);
     null: <train.save_dir>/reference_logprobs, or no cache without save_dir."""
@@ -249,7 +255,9 @@ class MPOConfig:
 @dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None
+    """Folder of the TensorBoard event files (rank 0); null: no TensorBoard."""
     log_interval: int = 1
+    """Print the progress line every N steps (and at the last step); TensorBoard gets every step."""
 
 
 @dataclass
@@ -267,39 +275,11 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":
-        """Checks values that depend on each other; raises ValueError naming the keys."""
-        from megatron_r1v.models.r1v.presets import get_preset
+        """Every value and cross-field check (``megatron_r1v.validation.validate_config``);
+        raises ValueError naming the key."""
+        from megatron_r1v.validation import validate_config
 
-        for name in ("tp", "pp", "cp"):
-            if getattr(self.parallel, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self.parallel, name)}")
-        if self.parallel.sequence_parallel and self.parallel.tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
-        if self.train.global_batch_size % self.train.micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.train.micro_batch_size}"
-            )
-        try:
-            arch = get_preset(self.model.preset)
-        except KeyError as err:
-            raise ValueError(f"model.preset: {err.args[0]}") from None
-        arch.check_parallel(self.parallel.tp, self.parallel.pp, where=f"model.preset '{self.model.preset}'")
-        if not 0 <= self.optimizer.lr_warmup_steps < max(self.train.steps, 1):
-            raise ValueError(f"optimizer.lr_warmup_steps ({self.optimizer.lr_warmup_steps}) must be in "
-                             f"[0, train.steps={self.train.steps})")
-        if self.model.recompute_num_layers < 1:
-            raise ValueError(f"model.recompute_num_layers must be >= 1, got {self.model.recompute_num_layers}")
-        if self.rollout.tis_cap is not None and not self.rollout.tis_cap >= 1.0:
-            raise ValueError(f"rollout.tis_cap must be >= 1 (or null), got {self.rollout.tis_cap}")
-        if not 0 < self.rollout.mem_fraction_static < 1:
-            raise ValueError(f"rollout.mem_fraction_static must be in (0, 1), got {self.rollout.mem_fraction_static}")
-        if self.rollout.weight_bucket_mb < 1:
-            raise ValueError(f"rollout.weight_bucket_mb must be >= 1, got {self.rollout.weight_bucket_mb}")
-        if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
-            raise ValueError(f"optimizer.min_lr ({self.optimizer.min_lr}) must be in [0, optimizer.lr="
-                             f"{self.optimizer.lr}]")
-        return self
+        return validate_config(self)
 
 
 # --- generic dataclass <-> plain data -------------------------------------------------

@@ -10,7 +10,7 @@ Runs the stage ``train.stage`` names (``trainer/build.py`` builds it):
 Both start from ``model.checkpoint`` (a Megatron checkpoint written by
 ``tools/convert_checkpoint.py import``, or the ``model/`` folder of an earlier stage's
 training checkpoint) or random weights, print one progress line per step and write the
-TensorBoard scalars of their ``TAGS`` under ``logging.tensorboard_dir``. With
+TensorBoard scalars ``trainer/metrics.py`` declares under ``logging.tensorboard_dir``. With
 ``train.save_dir`` they write a training checkpoint every ``train.save_interval`` steps
 and at the end (``trainer/checkpoint.py``); ``--resume`` continues from the newest one
 there, exactly as the uninterrupted run would.
@@ -24,67 +24,12 @@ got and whether it finished, which the Slurm scripts read to requeue the job.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Optional, Sequence
 
 from megatron_r1v.config import RunConfig, add_config_args, load_config
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Settings the chosen stage needs, each error naming its key."""
-    for key, value in (("data.train_path", cfg.data.train_path), ("data.tokenizer", cfg.data.tokenizer)):
-        if not value:
-            raise ValueError(f"{key} must be set for the {cfg.train.stage} stage")
-    if cfg.train.stage == "mpo":
-        m = cfg.mpo
-        if m.micro_batch_tokens < 2 * cfg.train.seq_length:
-            raise ValueError(f"mpo.micro_batch_tokens ({m.micro_batch_tokens}) must be >= 2 * train.seq_length "
-                             f"({2 * cfg.train.seq_length}): a pair's two sequences share a micro-batch")
-        if m.data_format == "scored" and m.margin_threshold is None:
-            raise ValueError("mpo.margin_threshold must be set with mpo.data_format=scored (the report uses 7, 10 "
-                             "or 15)")
-        if m.pairs_per_step < 1 or m.max_pairs_per_prompt < 0:
-            raise ValueError("mpo.pairs_per_step must be >= 1 and mpo.max_pairs_per_prompt >= 0")
-        return
-    if cfg.grpo.micro_batch_tokens < cfg.train.seq_length:
-        raise ValueError(f"grpo.micro_batch_tokens ({cfg.grpo.micro_batch_tokens}) must be >= train.seq_length "
-                         f"({cfg.train.seq_length}): a sample must fit one micro-batch")
-    if not cfg.rollout.temperature > 0:
-        raise ValueError(f"rollout.temperature must be > 0 for GRPO (the ratio of Eq. 8 needs sampling "
-                         f"log-probs), got {cfg.rollout.temperature}")
-    if cfg.grpo.ppo_epochs < 1:
-        raise ValueError(f"grpo.ppo_epochs must be >= 1, got {cfg.grpo.ppo_epochs}")
-    if cfg.rollout.engine == "sglang":
-        import importlib.util
-
-        import torch
-
-        from megatron_r1v.trainer.build import sglang_model_dir
-
-        sglang_model_dir(cfg)  # on every rank, before any collective: only owners build engines
-
-        if not torch.cuda.is_available():
-            raise ValueError("rollout.engine=sglang runs SGLang engines on the training GPUs and needs CUDA; "
-                             "use rollout.engine=hf on a machine without GPUs")
-        from megatron_r1v.rollout.sglang_engine import ROLLOUT_EXTRA
-
-        if importlib.util.find_spec("sglang") is None:
-            raise ValueError(f"rollout.engine=sglang: sglang is not installed ({ROLLOUT_EXTRA}, or use the "
-                             "docker/Dockerfile image)")
-
-
-def progress_line(stage: str, step: int, total: int, metrics: dict) -> str:
-    if stage == "mpo":
-        return (f"step {step + 1}/{total} | loss {metrics['mpo/loss']:.4f} (pref {metrics['mpo/pref_loss']:.4f}, "
-                f"quality {metrics['mpo/quality_loss']:.4f}, gen {metrics['mpo/gen_loss']:.4f}) | "
-                f"reward margin {metrics['mpo/reward_margin']:+.4f} | accuracy {metrics['mpo/accuracy']:.2f} | "
-                f"delta {metrics['mpo/delta']:+.4f} | step time {metrics['perf/step_time_s']:.1f}s")
-    return (f"step {step + 1}/{total} | reward {metrics['train/reward_mean']:.3f} | "
-            f"accuracy {metrics['train/accuracy']:.3f} | effective ratio {metrics['ssb/effective_ratio_fresh']:.2f}"
-            f" -> {metrics['ssb/effective_ratio_batch']:.2f} | loss {metrics['train/grpo_loss']:+.3e} | "
-            f"step time {metrics['perf/step_time_s']:.1f}s")
+from megatron_r1v.validation import preflight
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -99,8 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)
+        cfg = load_config(args.config, args.overrides)  # validation.validate_config: every value
+        preflight(cfg)  # validation.preflight: the inputs exist, the settings can run on this machine
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -139,42 +84,35 @@ def _train(cfg: RunConfig, args: argparse.Namespace, stopper) -> int:
     scheduler = build_lr_scheduler(trainer.optimizer, cfg.optimizer, cfg.train.steps)
     if start:
         scheduler.step(start)  # the schedule is a function of the step count alone
-    writer = None
-    if ctx.rank == 0 and cfg.logging.tensorboard_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(cfg.logging.tensorboard_dir)
     done = saved = start
     try:
-        end = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, start + args.stop_after)
-        for step in range(start, end):
-            if stopper.agreed(ctx.device):
-                break
-            lr = float(trainer.optimizer.param_groups[0]["lr"])
-            metrics = {**trainer.step(step), "train/lr": lr}
-            scheduler.step(1)
-            done = step + 1
-            interval = cfg.train.save_interval
-            if cfg.train.save_dir and ((interval and done % interval == 0) or done in (cfg.train.steps, end)):
-                save_checkpoint(cfg.train.save_dir, done, trainer, ctx)
-                saved = done
-            if ctx.rank != 0:
-                continue
-            if step % cfg.logging.log_interval == 0 or step == cfg.train.steps - 1:
-                print(progress_line(cfg.train.stage, step, cfg.train.steps, metrics), flush=True)
-            if writer is not None:
-                for tag, value in metrics.items():
-                    writer.add_scalar(tag, value, step)
-                writer.flush()
-            if args.metrics_jsonl:
-                with open(args.metrics_jsonl, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with _metrics_logger(cfg, ctx, args.metrics_jsonl) as logger:
+            end = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, start + args.stop_after)
+            for step in range(start, end):
+                if stopper.agreed(ctx.device):
+                    break
+                lr = float(trainer.optimizer.param_groups[0]["lr"])
+                metrics = trainer.step(step)
+                scheduler.step(1)
+                done = step + 1
+                interval = cfg.train.save_interval
+                if cfg.train.save_dir and ((interval and done % interval == 0) or done in (cfg.train.steps, end)):
+                    save_checkpoint(cfg.train.save_dir, done, trainer, ctx)
+                    saved = done
+                logger.log(step, metrics, lr)
         _finish(cfg, ctx, trainer, stopper, done, saved)
     finally:
-        if writer is not None:
-            writer.close()
         destroy_distributed(ctx)
     return 0
+
+
+def _metrics_logger(cfg: RunConfig, ctx, jsonl_path: Optional[str]):
+    from megatron_r1v.trainer.metrics import MetricsLogger, stage_tags
+
+    tags = stage_tags(cfg.train.stage, tis=cfg.rollout.tis_cap is not None, device=ctx.device)
+    return MetricsLogger(tags, stage=cfg.train.stage, total_steps=cfg.train.steps,
+                         log_interval=cfg.logging.log_interval, device=ctx.device, is_rank0=ctx.rank == 0,
+                         tensorboard_dir=cfg.logging.tensorboard_dir, jsonl_path=jsonl_path)
 
 
 def _finish(cfg: RunConfig, ctx, trainer, stopper, done: int, saved: int) -> None:

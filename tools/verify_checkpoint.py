@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from megatron_r1v.config import ModelConfig, ParallelConfig
     from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT, TRANSFORMERS_LAYOUT
     from megatron_r1v.platform import destroy_distributed, init_distributed
-    from megatron_r1v.trainer.lm_step import gather_vocab_logits, lm_forward_backward, make_lm_microbatch
+    from megatron_r1v.trainer.schedule import causal_lm_microbatch, forward_logits, gather_vocab_logits
     from megatron_r1v.trainer.setup import build_model_stage
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -96,13 +96,13 @@ def main(argv=None) -> int:
     stage = build_model_stage(arch, ctx, ModelConfig(backend="local", params_dtype="fp32"), layout=layout)
     load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, args.mcore_dir)
     batch = probe(arch, args.seed)
-    mb = make_lm_microbatch(batch["input_ids"], batch["input_ids"])
+    mb = causal_lm_microbatch(batch["input_ids"])
     if batch["pixel_values"] is not None:
         mb["pixel_values"] = batch["pixel_values"]
-    result = lm_forward_backward(stage.model, [mb], ctx, forward_only=True, keep_logits=True)
+    kept = forward_logits(stage.model, [mb], ctx)
     mine = None
     if ctx.is_last_stage:
-        logits = gather_vocab_logits(result.logits[0], ctx, arch.decoder.vocab_size)
+        logits = gather_vocab_logits(kept[0], ctx, arch.decoder.vocab_size)
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:
             mine = logits
     everyone = [None] * ctx.world_size

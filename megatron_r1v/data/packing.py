@@ -125,3 +125,12 @@ def _pack_bin(samples, pixel_values, indices, pad_id: int, pad_to_multiple: int)
         sample_ids=[s.sample_id for s in samples],
         sample_indices=list(indices),
     )
+
+
+def pack_pairs(items: Sequence, token_budget: int, pipeline: bool) -> list[PackedMicroBatch]:
+    """Packs ``data.loader.PairItem`` s, each pair's chosen (sample 2k) and rejected (2k+1)
+    in one row; ``pipeline``: pad every row to the budget (PP needs one shape)."""
+    samples = [s for it in items for s in (it.chosen, it.rejected)]
+    pixels = [it.pixel_values for it in items for _ in range(2)]
+    return pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=token_budget if pipeline else 1,
+                        groups=[[2 * k, 2 * k + 1] for k in range(len(items))])

@@ -405,6 +405,29 @@ def _parse_record(obj: dict, kind: str, checker: _RecordChecker) -> tuple[Option
     return record_id, record
 
 
+def _json_object(raw: bytes, number: int) -> tuple[Optional[dict], Optional[str]]:
+    """(the JSON object of line ``number``, or None; what is wrong with the line, or None).
+    Blank lines give (None, None)."""
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM from some editors
+        raw = raw[3:]
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"not valid UTF-8: {err.reason} at byte {err.start + 1} of the line"
+    if not line.strip():
+        return None, None
+    try:
+        obj = json.loads(line, object_pairs_hook=_object_hook, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        # json says "Unterminated string starting at" and gives the position apart.
+        return None, f"invalid JSON at column {err.colno}: {err.msg.removesuffix(' at')}"
+    except ValueError as err:
+        return None, f"invalid JSON: {err}"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {_json_type(obj)}"
+    return obj, None
+
+
 def read_records(
     path: Union[str, Path],
     kind: Kind,
@@ -440,28 +463,10 @@ def read_records(
     problems: list[Problem] = []
     first_line_of_id: dict[str, int] = {}
     for number, raw in enumerate(data.split(b"\n"), start=1):
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM from some editors
-            raw = raw[3:]
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            message = f"not valid UTF-8: {err.reason} at byte {err.start + 1} of the line"
-            problems.append(Problem(shown, number, message))
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line, object_pairs_hook=_object_hook, parse_constant=_reject_constant)
-        except json.JSONDecodeError as err:
-            # json says "Unterminated string starting at" and gives the position apart.
-            message = err.msg.removesuffix(" at")
-            problems.append(Problem(shown, number, f"invalid JSON at column {err.colno}: {message}"))
-            continue
-        except ValueError as err:
-            problems.append(Problem(shown, number, f"invalid JSON: {err}"))
-            continue
-        if not isinstance(obj, dict):
-            problems.append(Problem(shown, number, f"expected a JSON object, got {_json_type(obj)}"))
+        obj, problem = _json_object(raw, number)
+        if problem is not None:
+            problems.append(Problem(shown, number, problem))
+        if obj is None:
             continue
         checker = _RecordChecker(obj, kind, base, max_images, image_check)
         for key in obj.duplicates:

@@ -44,14 +44,10 @@ class GRPOLossConfig:
     """The sampling temperature: log-probs are those of softmax(logits / temperature)."""
     normalization: Literal["sequence", "token"] = "sequence"
     """``sequence``: mean over each response, then over responses (Eq. 8); ``token``: mean over all tokens."""
-    adv_eps: float = 1e-6
-    """Added to the group's reward std in Eq. 6."""
 
     def __post_init__(self):
         if self.normalization not in ("sequence", "token"):
             raise ValueError(f"normalization must be 'sequence' or 'token', got {self.normalization!r}")
-        if self.adv_eps <= 0:
-            raise ValueError(f"adv_eps must be > 0, got {self.adv_eps}")
 
 
 def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_r1v.config import RewardConfig
 from megatron_r1v.data.schema import PromptRecord
+from megatron_r1v.validation import check_reward_config
 
 from .format import check_format, extract_answer
 from .reward_model import RewardModelClient, RewardScorer
@@ -86,28 +87,6 @@ def calibrate(score: float, mode: str, threshold: float) -> float:
 def default_reward_text(prompt: PromptRecord, completion: str) -> str:
     """What the reward model judges: the question, a blank line, the whole completion."""
     return f"{prompt.question}\n\n{completion}"
-
-
-def check_reward_config(config: RewardConfig, has_scorer: bool = False) -> None:
-    """Raises ValueError naming the ``reward.*`` key of a value that cannot work."""
-    for name in ("rule_weight", "format_weight", "model_weight", "model_threshold"):
-        value = getattr(config, name)
-        if not math.isfinite(value):
-            raise ValueError(f"reward.{name} must be finite, got {value}")
-    if config.model_calibration not in CALIBRATIONS:
-        raise ValueError(f"reward.model_calibration: {config.model_calibration!r} is not one of "
-                         f"{', '.join(CALIBRATIONS)}")
-    if config.model_weight != 0 and not has_scorer and not config.reward_model_url:
-        raise ValueError(f"reward.model_weight={config.model_weight:g} needs reward.reward_model_url "
-                         "(start a server with tools/serve_reward_model.py) or set reward.model_weight=0")
-    if not config.model_timeout_s > 0:
-        raise ValueError(f"reward.model_timeout_s must be > 0, got {config.model_timeout_s}")
-    if config.model_max_retries < 0:
-        raise ValueError(f"reward.model_max_retries must be >= 0, got {config.model_max_retries}")
-    if not config.model_backoff_s >= 0:
-        raise ValueError(f"reward.model_backoff_s must be >= 0, got {config.model_backoff_s}")
-    if config.model_batch_size < 1:
-        raise ValueError(f"reward.model_batch_size must be >= 1, got {config.model_batch_size}")
 
 
 @dataclass

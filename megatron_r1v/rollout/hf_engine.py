@@ -185,7 +185,24 @@ class HFRolloutEngine:
             return []
         for req in requests:
             validate_request(req, self.image_token_id, self.tokens_per_tile)
-        dev, n = self.device, params.n
+        logits_NV, cache, mask_NL, next_pos_N = self._prefill(requests, params.n)
+        tokens_NR, logprobs_NR, length_N, done_N = self._decode(logits_NV, cache, mask_NL, next_pos_N, params)
+        results: list[list[RolloutSample]] = []
+        for i, req in enumerate(requests):
+            group = []
+            for r in range(i * params.n, (i + 1) * params.n):
+                length = int(length_N[r])
+                ids = tokens_NR[r, :length].clone()
+                text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False) if self.tokenizer else ""
+                group.append(RolloutSample(req.prompt_id, ids, logprobs_NR[r, :length].clone(), bool(done_N[r]), text))
+            results.append(group)
+        return results
+
+    def _prefill(self, requests: Sequence[RolloutRequest], n: int):
+        """The prompts, left-padded into one batch, through the model once; returns the next-token
+        logits, the KV cache, the attention mask and the next positions, each repeated for the n
+        samples (row r of the sampling batch is sample r % n of request r // n)."""
+        dev = self.device
         lengths = [int(r.prompt_ids.numel()) for r in requests]
         width = max(lengths)
         ids_BL = torch.full((len(requests), width), self.pad_id, dtype=torch.long, device=dev)
@@ -201,13 +218,14 @@ class HFRolloutEngine:
             position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
         )
         cache = out.past_key_values
-        # Row r of the sampling batch is sample r % n of request r // n.
         cache.batch_repeat_interleave(n)
-        logits_NV = out.logits[:, -1].repeat_interleave(n, dim=0)
-        mask_NL = mask_BL.repeat_interleave(n, dim=0)
-        next_pos_N = torch.tensor(lengths, device=dev).repeat_interleave(n)
-        rows = logits_NV.shape[0]
+        return (out.logits[:, -1].repeat_interleave(n, dim=0), cache, mask_BL.repeat_interleave(n, dim=0),
+                torch.tensor(lengths, device=dev).repeat_interleave(n))
 
+    def _decode(self, logits_NV, cache, mask_NL, next_pos_N, params: SamplingParams):
+        """Samples up to ``max_new_tokens`` tokens per row; a row ends after a stop token. Returns
+        (tokens [N, R], their log-probs [N, R], each row's length [N], whether it stopped [N]), on the CPU."""
+        dev, rows = self.device, logits_NV.shape[0]
         gen = torch.Generator(device=dev).manual_seed(params.seed)
         stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         tokens, logprobs = [], []
@@ -231,19 +249,7 @@ class HFRolloutEngine:
             logits_NV = out.logits[:, -1]
             next_pos_N = next_pos_N + 1
         del cache
-        tokens_NR, logprobs_NR = torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu()
-        length_N, done_N = length_N.cpu(), done_N.cpu()
-
-        results: list[list[RolloutSample]] = []
-        for i, req in enumerate(requests):
-            group = []
-            for r in range(i * n, (i + 1) * n):
-                length = int(length_N[r])
-                ids = tokens_NR[r, :length].clone()
-                text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False) if self.tokenizer else ""
-                group.append(RolloutSample(req.prompt_id, ids, logprobs_NR[r, :length].clone(), bool(done_N[r]), text))
-            results.append(group)
-        return results
+        return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), length_N.cpu(), done_N.cpu()
 
 
 def _skywork_image_token_id(model_dir: Union[str, "os.PathLike"], config: dict, tokenizer: Any,

@@ -47,22 +47,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.config import SSBConfig
+from megatron_r1v.validation import check_ssb_config
 
 _UINT64 = np.uint64
 _MASK64 = (1 << 64) - 1
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def check_ssb_config(config: SSBConfig) -> None:
-    """Raises ValueError naming the ``ssb.*`` key of an out-of-range value."""
-    if config.capacity < 1:
-        raise ValueError(f"ssb.capacity must be >= 1, got {config.capacity}")
-    if config.max_age < 0:
-        raise ValueError(f"ssb.max_age must be >= 0, got {config.max_age}")
-    if not 0.0 <= config.target_effective_ratio <= 1.0:
-        raise ValueError(f"ssb.target_effective_ratio must be in [0, 1], got {config.target_effective_ratio}")
-    if config.max_reuse < 0:
-        raise ValueError(f"ssb.max_reuse must be >= 0 (0: no limit), got {config.max_reuse}")
 
 
 def group_priority(advantages: Sequence[float] | np.ndarray) -> float:

@@ -33,7 +33,7 @@ def _build_common(cfg: RunConfig) -> _Common:
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
     from megatron_r1v.models.r1v.presets import get_preset
     from megatron_r1v.platform import init_distributed
-    from megatron_r1v.trainer.lm_step import attach_ddp_hooks
+    from megatron_r1v.trainer.schedule import attach_ddp_hooks
     from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)

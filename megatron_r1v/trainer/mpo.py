@@ -21,17 +21,13 @@ import torch
 
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
-from megatron_r1v.losses.mpo import MPOLossConfig
-from megatron_r1v.losses.mpo import RewardMean
+from megatron_r1v.data.packing import pack_pairs
+from megatron_r1v.losses.mpo import MPOLossConfig, RewardMean
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward, pack_pairs
+from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward
 from megatron_r1v.trainer.reference_cache import ReferenceLogprobs
+from megatron_r1v.trainer.schedule import optimizer_step
 from megatron_r1v.trainer.setup import ModelStage
-
-TAGS = (
-    "mpo/loss", "mpo/pref_loss", "mpo/quality_loss", "mpo/gen_loss", "mpo/reward_margin", "mpo/accuracy",
-    "mpo/delta", "mpo/chosen_reward", "mpo/rejected_reward", "train/grad_norm", "perf/step_time_s",
-)
 
 
 def loss_config(cfg: RunConfig) -> MPOLossConfig:
@@ -75,13 +71,11 @@ class MPOTrainer:
         count = torch.tensor([float(len(items))], dtype=torch.float64, device=ctx.device)
         torch.distributed.all_reduce(count, group=ctx.dp_group)
         delta = self.reward_mean.mean
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        result = mpo_forward_backward(self.ddp, self._microbatches(items), ctx, self.loss_cfg, delta,
-                                      int(count.item()))
-        update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise FloatingPointError(f"step {step}: optimizer step skipped (non-finite gradients)")
+        microbatches = self._microbatches(items)
+        result, grad_norm = optimizer_step(
+            self.ddp, self.optimizer,
+            lambda: mpo_forward_backward(self.ddp, microbatches, ctx, self.loss_cfg, delta, int(count.item())),
+            f"step {step}")
         self.reward_mean.update_sum((result.reward_chosen + result.reward_rejected) * result.pairs, 2 * result.pairs)
         return {
             "mpo/loss": result.loss, "mpo/pref_loss": result.preference, "mpo/quality_loss": result.quality,

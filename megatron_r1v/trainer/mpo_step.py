@@ -1,7 +1,7 @@
 """MPO forward/backward (Eq. 2-5) and sequence log-probs through Megatron-Core's schedules.
 
-A micro-batch is a packed row holding whole preference pairs (``pack_samples(...,
-groups=...)`` keeps a pair's chosen and rejected sequences together), plus per-pair
+A micro-batch is a packed row holding whole preference pairs (``data.packing.pack_pairs``
+keeps a pair's chosen and rejected sequences together), plus per-pair
 vectors: the row positions of each pair's two sequences, their cached reference
 log-probs and the chosen response's length. The last pipeline stage turns its
 ``[L, V/tp]`` logits into per-token log-probs with the fused vocab-parallel kernel, sums
@@ -21,14 +21,13 @@ from functools import partial
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-from megatron_r1v.data.packing import PackedMicroBatch, pack_samples
+from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
 from megatron_r1v.losses.mpo import MPOLossConfig, mpo_pair_losses
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.trainer.grpo_step import label_targets, packed_batch, run_schedule
+from megatron_r1v.trainer.schedule import label_targets, packed_batch, run_schedule, sum_over_step
 
 # Sums reduced over the pipeline and DP groups; their means are the step's metrics.
 _SUMS = ("loss", "preference", "quality", "generation", "reward_chosen", "reward_rejected", "margin", "correct",
@@ -40,15 +39,6 @@ def sequence_sums(values_L: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Ten
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(values_L.device)
     segment_L = torch.repeat_interleave(torch.arange(len(lengths), device=values_L.device), lengths)
     return torch.zeros(len(lengths), dtype=values_L.dtype, device=values_L.device).index_add(0, segment_L, values_L)
-
-
-def pack_pairs(items: Sequence, token_budget: int, pipeline: bool) -> list[PackedMicroBatch]:
-    """Packs ``data.loader.PairItem`` s, each pair's chosen (sample 2k) and rejected (2k+1)
-    in one row; ``pipeline``: pad every row to the budget (PP needs one shape)."""
-    samples = [s for it in items for s in (it.chosen, it.rejected)]
-    pixels = [it.pixel_values for it in items for _ in range(2)]
-    return pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=token_budget if pipeline else 1,
-                        groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
 
 
 def make_mpo_microbatch(
@@ -117,13 +107,9 @@ def mpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, 
     run_schedule(model, microbatches, ctx, partial(_mpo_loss_func, cfg, delta, 1.0 / num_pairs, ctx, scale, sums),
                  forward_only=False)
     totals = torch.zeros(len(_SUMS), dtype=torch.float64)
-    if ctx.is_last_stage and ctx.tp_rank == 0:  # TP ranks compute the same sums: count one of them
-        totals += torch.tensor(sums, dtype=torch.float64).sum(0) if sums else 0.0
-    totals = totals.to(ctx.device)
-    dist.all_reduce(totals, group=ctx.pp_group)
-    dist.all_reduce(totals, group=ctx.dp_group)
-    dist.all_reduce(totals, group=ctx.tp_group)
-    t = dict(zip(_SUMS, totals.tolist()))
+    if ctx.is_last_stage and ctx.tp_rank == 0 and sums:  # TP ranks compute the same sums: count one of them
+        totals = torch.tensor(sums, dtype=torch.float64).sum(0)
+    t = dict(zip(_SUMS, sum_over_step(totals, ctx, over_tp=True).tolist()))
     n = max(t["pairs"], 1.0)
     return MPOStepResult(t["loss"] / n, t["preference"] / n, t["quality"] / n, t["generation"] / n,
                          t["reward_chosen"] / n, t["reward_rejected"] / n, t["margin"] / n, t["correct"] / n,

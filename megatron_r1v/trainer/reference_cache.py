@@ -34,10 +34,11 @@ import torch.distributed as dist
 from megatron_r1v.atomic_dir import atomic_file, write_text_atomic
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
+from megatron_r1v.data.packing import pack_pairs
 from megatron_r1v.data.schema import PreferenceRecord
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.trainer.grpo_step import compute_logprobs, packed_batch
-from megatron_r1v.trainer.mpo_step import pack_pairs, sequence_sums
+from megatron_r1v.trainer.mpo_step import sequence_sums
+from megatron_r1v.trainer.schedule import compute_logprobs, packed_batch
 
 PREFIX = "reference_logprobs-"
 # The tokenizer may live in a checkpoint folder: hash its files, not the weights next to them.

@@ -16,7 +16,7 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1v.checkpoint.weights import model_stage_maps
-from megatron_r1v.config import ModelConfig, OptimizerConfig
+from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_r1v.models.r1v.adapter import VisionAdapter, adapter_transformer_config
 from megatron_r1v.models.r1v.hf_mapping import HFLayout, ShardSpec, TensorMap
 from megatron_r1v.models.r1v.model import (
@@ -31,11 +31,11 @@ from megatron_r1v.models.r1v.spec import (
     adapter_mlp_submodules,
     fp8_transformer_kwargs,
     recompute_transformer_kwargs,
-    resolve_backend,
     vision_layer_spec,
 )
 from megatron_r1v.models.r1v.vision import InternViT, vision_transformer_config
 from megatron_r1v.platform import ParallelContext
+from megatron_r1v.validation import check_model_on_machine
 
 
 @dataclass
@@ -67,12 +67,9 @@ def build_model_stage(
     ``meta_device``: build under ``torch.device("meta")`` for shape and size queries;
     weights are neither initialized nor moved.
     """
-    backend = resolve_backend(model_cfg.backend)
     on_cpu = ctx.device.type == "cpu"
-    if on_cpu and model_cfg.params_dtype != "fp32":
-        raise ValueError(f"model.params_dtype={model_cfg.params_dtype}: the CPU mode runs fp32 only")
-    if sequence_parallel and backend != "te":
-        raise ValueError("parallel.sequence_parallel needs Transformer Engine layers (model.backend=te)")
+    parallel = ParallelConfig(tp=ctx.tp, pp=ctx.pp, cp=ctx.cp, sequence_parallel=sequence_parallel)
+    backend = check_model_on_machine(model_cfg, parallel, ctx.device.type)
     arch.check_parallel(ctx.tp, ctx.pp)
     fp8 = fp8_transformer_kwargs(model_cfg.fp8, backend)
     config = decoder_transformer_config(

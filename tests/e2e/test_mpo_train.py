@@ -16,7 +16,7 @@ import pytest
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
-from megatron_r1v.trainer.mpo import TAGS
+from megatron_r1v.trainer.metrics import stage_tags
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -57,7 +57,7 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     assert [line.split(" |")[0] for line in lines] == [f"step {i}/6" for i in range(1, 7)]
     events = EventAccumulator(str(tmp_path / "full" / "tb"))
     events.Reload()
-    assert set(TAGS) <= set(events.Tags()["scalars"])
+    assert set(stage_tags("mpo")) <= set(events.Tags()["scalars"])
     metrics = _metrics(tmp_path, "full")
     lrs = [1e-4 + (2e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # the recipe's lr 2e-3
     assert [m["train/lr"] for m in metrics] == pytest.approx(lrs, rel=1e-9)

@@ -63,8 +63,42 @@ def test_tp_not_dividing_heads_is_a_clear_error():
 def test_cross_field_checks():
     with pytest.raises(ValueError, match="sequence_parallel needs parallel.tp > 1"):
         load_config(None, ["parallel.sequence_parallel=true"])
-    with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple of train.micro_batch_size=4"):
-        load_config(None, ["train.global_batch_size=10", "train.micro_batch_size=4"])
+    with pytest.raises(ValueError, match=r"grpo\.micro_batch_tokens \(64\) must be >= train\.seq_length \(128\)"):
+        load_config(None, ["grpo.micro_batch_tokens=64", "train.seq_length=128"])
+    with pytest.raises(ValueError, match=r"mpo\.micro_batch_tokens \(200\) must be >= 2 \* train\.seq_length"):
+        load_config(None, ["train.stage=mpo", "mpo.micro_batch_tokens=200", "train.seq_length=128"])
+    # Fields nothing read are gone: setting one is an error, not a silent no-op.
+    for removed in ("train.micro_batch_size", "train.global_batch_size", "train.load_dir", "data.eval_path"):
+        with pytest.raises(ValueError, match=f"unknown config key '{removed}'"):
+            load_config(None, [f"{removed}=1"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("ssb.capacity=0", "ssb.capacity"),
+        ("model.fp8.margin=-1", "model.fp8.margin"),
+        ("rollout.n_samples=0", "rollout.n_samples"),
+        ("rollout.n_samples=1", "rollout.n_samples"),
+        ("rollout.top_p=2.0", "rollout.top_p"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("grpo.clip_low=1.5", "grpo.clip_low"),
+        ("grpo.prompts_per_step=0", "grpo.prompts_per_step"),
+        ("grpo.ppo_epochs=0", "grpo.ppo_epochs"),
+        ("logging.log_interval=0", "logging.log_interval"),
+        ("optimizer.adam_beta2=1.0", "optimizer.adam_beta2"),
+        ("mpo.beta=0", "mpo.beta"),
+        ("reward.model_batch_size=0", "reward.model_batch_size"),
+        ("train.steps=0", "train.steps"),
+        ("rollout.mem_fraction_static=1.5", "rollout.mem_fraction_static"),
+    ],
+)
+def test_out_of_range_values_fail_at_load_naming_the_key(override, key):
+    # Each of these used to pass load_config and fail only after distributed init and the
+    # model build (or after the first rollout, or as a ZeroDivisionError after step 1).
+    with pytest.raises(ValueError, match=key.replace(".", r"\.") + " must be"):
+        load_config(None, [override])
 
 
 def test_file_errors(tmp_path):
@@ -78,11 +112,13 @@ def test_file_errors(tmp_path):
         apply_override({}, "train.steps")
 
 
-def test_every_field_is_documented_or_self_explanatory():
+def test_every_field_is_documented():
     rows = field_docs()
     paths = [p for p, _, _ in rows]
-    assert "parallel.tp" in paths and "optimizer.clip_grad" in paths
+    assert "parallel.tp" in paths and "optimizer.clip_grad" in paths and "model.fp8.margin" in paths
     assert dict((p, d) for p, _, d in rows)["parallel.tp"] == "Tensor-parallel size."
+    undocumented = [p for p, _, d in rows if not d]
+    assert not undocumented, f"fields without a docstring: {undocumented}"
 
 
 def test_cli_prints_resolved_yaml(capsys):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from kernel_marks import kernel_backends  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.losses.grpo import (
     GRPOLossConfig,
@@ -12,8 +13,6 @@ from megatron_r1v.losses.grpo import (
     token_weights,
     truncated_is_weights,
 )
-
-from kernel_marks import kernel_backends  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 
 def test_group_advantages_eq6_hand_computed():
@@ -89,32 +88,3 @@ def test_truncated_is_weights_hand_computed():
         truncated_is_weights(trainer, engine, cap=0.5)
     with pytest.raises(ValueError, match="differ in shape"):
         truncated_is_weights(trainer, engine[:3], cap=2.0)
-
-
-def test_engine_correction_weights_and_monitoring():
-    """The GRPO trainer's per-row correction: gaps measured on fresh tokens only; TIS weights
-    multiply the loss weights there and leave reused (SSB) and prompt positions alone."""
-    from types import SimpleNamespace
-
-    from megatron_r1v.config import RunConfig
-    from megatron_r1v.trainer.grpo import GRPOTrainer, _Monitor, _Row
-
-    trainer_lp = torch.tensor([0.0, -1.0, -2.0, -0.5, -1.0, -3.0])
-    engine_lp = torch.tensor([0.0, -1.5, -1.0, -0.5, 0.0, 0.0])
-    fresh = torch.tensor([False, True, True, True, False, False])  # positions 4-5: a reused response
-    weights = torch.tensor([0.0, 0.25, 0.25, 0.25, 0.5, 0.5])
-    row = _Row(packed=None, advantages=torch.zeros(6), weights=weights, stored_logprobs=torch.zeros(6),
-               has_stored=~fresh, engine_logprobs=engine_lp, has_engine=fresh)
-    cfg = RunConfig()
-    monitor = _Monitor()
-    out = GRPOTrainer._engine_correction(SimpleNamespace(cfg=cfg), row, trainer_lp, monitor)
-    assert torch.equal(out, weights)  # tis_cap null: weights unchanged, the gap still measured
-    assert monitor.gap_sum == pytest.approx(0.5 + 1.0 + 0.0) and monitor.gap_tokens == 3
-
-    cfg.rollout.tis_cap = 1.5
-    monitor = _Monitor()
-    out = GRPOTrainer._engine_correction(SimpleNamespace(cfg=cfg), row, trainer_lp, monitor)
-    # Fresh ratios exp(0.5) = 1.6487 -> cut to 1.5, exp(-1) = 0.3679, exp(0) = 1.
-    expected = weights * torch.tensor([1.0, 1.5, math.exp(-1.0), 1.0, 1.0, 1.0])
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
-    assert monitor.tis_sum == pytest.approx(1.5 + math.exp(-1.0) + 1.0, rel=1e-6) and monitor.tis_truncated == 1

@@ -1,4 +1,4 @@
-"""train.preflight: settings a stage needs fail before any process group exists, naming the key."""
+"""validation.preflight: what a stage needs fails before any process group exists, naming the key."""
 
 import importlib.util
 
@@ -6,24 +6,31 @@ import pytest
 import torch
 
 from megatron_r1v.config import load_config
-from megatron_r1v.train import preflight
-
-BASE = ["data.train_path=p.jsonl", "data.tokenizer=tok", "rollout.engine=sglang", "grpo.micro_batch_tokens=2048"]
+from megatron_r1v.validation import preflight
 
 
-def test_sglang_engine_needs_a_model_dir_on_every_rank(tmp_path):
+@pytest.fixture()
+def base(tmp_path):
+    """Overrides naming a data file and a tokenizer folder that exist, with the SGLang engine."""
+    (tmp_path / "p.jsonl").write_text("")
+    (tmp_path / "tok").mkdir()
+    return [f"data.train_path={tmp_path / 'p.jsonl'}", f"data.tokenizer={tmp_path / 'tok'}", "rollout.engine=sglang",
+            "grpo.micro_batch_tokens=2048"]
+
+
+def test_sglang_engine_needs_a_model_dir_on_every_rank(tmp_path, base):
     with pytest.raises(ValueError, match="rollout.engine=sglang needs rollout.model_dir"):
-        preflight(load_config(None, BASE))
+        preflight(load_config(None, base))
     # A Megatron checkpoint without the HF side files of an import.
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ValueError, match=r"ckpt/hf_extra has no config.json"):
-        preflight(load_config(None, BASE + [f"model.checkpoint={tmp_path / 'ckpt'}"]))
+        preflight(load_config(None, base + [f"model.checkpoint={tmp_path / 'ckpt'}"]))
 
 
-def test_sglang_engine_needs_cuda_and_sglang(tmp_path):
+def test_sglang_engine_needs_cuda_and_sglang(tmp_path, base):
     (tmp_path / "hf_extra").mkdir()
     (tmp_path / "hf_extra" / "config.json").write_text("{}")
-    cfg = load_config(None, BASE + [f"model.checkpoint={tmp_path}"])
+    cfg = load_config(None, base + [f"model.checkpoint={tmp_path}"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):
             preflight(cfg)
@@ -32,3 +39,31 @@ def test_sglang_engine_needs_cuda_and_sglang(tmp_path):
             preflight(cfg)
     else:
         preflight(cfg)  # everything it checks is there
+
+
+def test_inputs_must_exist(tmp_path, base):
+    hf = [o for o in base if not o.startswith("rollout.engine")]
+    preflight(load_config(None, hf))  # all there: nothing to say
+    cases = [
+        ("data.train_path=", r"data\.train_path must be set for the grpo stage"),
+        (f"data.train_path={tmp_path / 'missing.jsonl'}", r"data\.train_path: .*missing\.jsonl is not a file"),
+        (f"data.tokenizer={tmp_path / 'p.jsonl'}", r"data\.tokenizer: .*p\.jsonl is not a folder"),
+        (f"model.checkpoint={tmp_path / 'nope'}", r"model\.checkpoint: .*nope is not a folder"),
+        (f"rollout.model_dir={tmp_path / 'nope'}", r"rollout\.model_dir: .*nope is not a folder"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ValueError, match=message):
+            preflight(load_config(None, hf + [override]))
+
+
+def test_settings_that_cannot_run_here(base):
+    hf = [o for o in base if not o.startswith("rollout.engine")]
+    with pytest.raises(ValueError, match=r"reward\.model_weight=1 needs reward\.reward_model_url"):
+        preflight(load_config(None, hf + ["reward.model_weight=1.0"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"model\.params_dtype=bf16: the CPU mode runs fp32 only"):
+            preflight(load_config(None, hf + ["model.params_dtype=bf16"]))
+        with pytest.raises(ValueError, match=r"model\.fp8\.format=hybrid needs Transformer Engine layers"):
+            preflight(load_config(None, hf + ["model.fp8.format=hybrid"]))
+        with pytest.raises(ValueError, match=r"parallel\.cp=2: context parallelism needs CUDA"):
+            preflight(load_config(None, hf + ["parallel.cp=2"]))

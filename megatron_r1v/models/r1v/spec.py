@@ -152,21 +152,11 @@ def fp8_transformer_kwargs(fp8, backend: Backend) -> dict:
     FP8 runs only in Transformer Engine layers; asking for it with the local backend is
     a configuration error. ``current`` scaling is Megatron's ``tensorwise`` recipe.
     """
+    from megatron_r1v.validation import check_fp8
+
     if fp8 is None or fp8.format is None:
         return {}
-    if fp8.format not in FP8_FORMATS:
-        raise ValueError(f"model.fp8.format must be one of {FP8_FORMATS}, got {fp8.format!r}")
-    if fp8.recipe not in FP8_RECIPES:
-        raise ValueError(f"model.fp8.recipe must be one of {tuple(FP8_RECIPES)}, got {fp8.recipe!r}")
-    if fp8.amax_history_len < 1:
-        raise ValueError(f"model.fp8.amax_history_len must be >= 1, got {fp8.amax_history_len}")
-    if fp8.margin < 0:
-        raise ValueError(f"model.fp8.margin must be >= 0, got {fp8.margin}")
-    if backend != "te":
-        raise ValueError(
-            f"model.fp8.format={fp8.format} needs Transformer Engine layers, but the backend is {backend!r} "
-            "(set model.backend=te on a GPU with the [gpu] extra, or model.fp8.format=null)"
-        )
+    check_fp8(fp8, backend)
     return {
         "fp8": fp8.format,
         "fp8_recipe": FP8_RECIPES[fp8.recipe],
@@ -189,7 +179,6 @@ def recompute_transformer_kwargs(model_cfg, num_layers: int) -> dict:
         return {}
     if granularity == "selective":
         return {"recompute_granularity": "selective"}
-    if model_cfg.recompute_num_layers < 1:
-        raise ValueError(f"model.recompute_num_layers must be >= 1, got {model_cfg.recompute_num_layers}")
+    assert model_cfg.recompute_num_layers >= 1, "validation.validate_config checks model.recompute_num_layers"
     return {"recompute_granularity": "full", "recompute_method": model_cfg.recompute_method,
             "recompute_num_layers": min(model_cfg.recompute_num_layers, num_layers)}

@@ -9,6 +9,7 @@ import json
 import os
 
 import torch
+from lm_steps import lm_forward_backward, lm_train_step  # the workers folder (the script's own)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,13 +18,7 @@ from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.platform import destroy_distributed, init_distributed
-from megatron_r1v.trainer.lm_step import (
-    attach_ddp_hooks,
-    gather_vocab_logits,
-    lm_forward_backward,
-    lm_train_step,
-    make_lm_microbatch,
-)
+from megatron_r1v.trainer.schedule import attach_ddp_hooks, causal_lm_microbatch, gather_vocab_logits
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 
@@ -83,7 +78,7 @@ def main() -> None:
     tokens, labels = data[:, :-1], data[:, 1:]
     owner = ctx.rank == 0
     if args.mode == "parity":
-        mb = make_lm_microbatch(tokens, labels)
+        mb = causal_lm_microbatch(tokens, labels)
         result = lm_forward_backward(stage.model, [mb], ctx, keep_logits=True)
         if ctx.is_last_stage:
             logits = gather_vocab_logits(result.logits[0], ctx, arch.decoder.vocab_size)
@@ -102,7 +97,7 @@ def main() -> None:
         per_rank = tokens.shape[0] // ctx.dp
         rows = slice(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
         mbs = [
-            make_lm_microbatch(tokens[rows][i : i + args.micro_batch], labels[rows][i : i + args.micro_batch])
+            causal_lm_microbatch(tokens[rows][i : i + args.micro_batch], labels[rows][i : i + args.micro_batch])
             for i in range(0, per_rank, args.micro_batch)
         ]
         losses, norms = [], []

@@ -13,6 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from lm_steps import lm_forward_backward, lm_train_step  # the workers folder (the script's own)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -23,7 +24,7 @@ from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
 from megatron_r1v.models.r1v.model import FREEZE_POLICIES, causal_attention_mask
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.platform import destroy_distributed, init_distributed
-from megatron_r1v.trainer.lm_step import attach_ddp_hooks, gather_vocab_logits, lm_forward_backward, lm_train_step
+from megatron_r1v.trainer.schedule import attach_ddp_hooks, gather_vocab_logits
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 

@@ -10,7 +10,7 @@ from megatron_r1v.config import ModelConfig, ParallelConfig
 from megatron_r1v.models.r1v.hf_mapping import QWEN2_LAYOUT
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.platform import init_distributed
-from megatron_r1v.trainer.lm_step import attach_ddp_hooks
+from megatron_r1v.trainer.schedule import attach_ddp_hooks
 from megatron_r1v.trainer.setup import build_model_stage, wrap_ddp
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from lm_steps import lm_train_step  # the workers folder (the script's own)
 from safetensors import safe_open
 
 from megatron_r1v.checkpoint.hf_layouts import convert_layout
@@ -25,7 +26,7 @@ from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.platform import destroy_distributed, init_distributed
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 from megatron_r1v.rollout.weight_sync import WeightsOutOfSync, WeightSync
-from megatron_r1v.trainer.lm_step import attach_ddp_hooks, lm_train_step, make_lm_microbatch
+from megatron_r1v.trainer.schedule import attach_ddp_hooks, causal_lm_microbatch
 from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
 
@@ -104,7 +105,7 @@ def main() -> None:
 
     # One adapter-only training step on the image batch (the text batch gives the adapter no gradient).
     batch = torch.load(args.data_file)[0]
-    mb = make_lm_microbatch(batch["input_ids"], batch["labels"])
+    mb = causal_lm_microbatch(batch["input_ids"], batch["labels"])
     mb["pixel_values"] = batch["pixel_values"]
     lm_train_step(ddp, optimizer, [mb], ctx)
     report["stale"] = check(sync, engine)

@@ -1,0 +1,123 @@
+"""The metrics of a training run: every tag a stage emits, and one logger for all sinks.
+
+A trainer's ``step()`` returns ``{tag: value}`` on every rank (the values are already
+reduced over ranks). :class:`MetricsLogger` adds the learning rate and memory, then, on
+rank 0 only, prints the progress line every ``logging.log_interval`` steps, writes the
+TensorBoard scalars (``logging.tensorboard_dir``) and appends a JSON line per step
+(``--metrics-jsonl``). The tag lists below are complete: the logger refuses a tag that
+is not declared, so a new metric is added here first, and the end-to-end tests check
+that every declared tag reaches TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MPO_TAGS = (
+    "mpo/loss", "mpo/pref_loss", "mpo/quality_loss", "mpo/gen_loss", "mpo/reward_margin", "mpo/accuracy",
+    "mpo/delta", "mpo/chosen_reward", "mpo/rejected_reward", "train/grad_norm", "perf/step_time_s",
+)
+GRPO_TAGS = (
+    "train/reward_mean", "train/accuracy", "train/format_reward", "train/rm_reward", "train/grpo_loss", "train/kl",
+    "train/clip_fraction", "train/entropy", "train/response_length", "train/grad_norm",
+    "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size", "ssb/reused_groups",
+    "ssb/reused_samples", "ssb/aged_out", "rollout/logprob_abs_diff",
+    "perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/weight_sync_time_s",
+)
+# GRPO with rollout.tis_cap: the mean TIS weight and the share of weights cut at the cap.
+TIS_TAGS = ("rollout/tis_weight_mean", "rollout/tis_truncated_fraction")
+# Added by the logger: the learning rate of the step and this process's memory.
+COMMON_TAGS = ("train/lr", "perf/host_rss_gb")
+# With a CUDA device: the step's peak allocated and reserved memory of this rank's device.
+DEVICE_MEMORY_TAGS = ("perf/device_memory_peak_gb", "perf/device_memory_reserved_peak_gb")
+
+
+def stage_tags(stage: str, tis: bool = False, device: Optional[torch.device] = None) -> tuple[str, ...]:
+    """Every tag a run of ``stage`` emits (``tis``: GRPO with ``rollout.tis_cap``)."""
+    if stage not in ("mpo", "grpo"):
+        raise ValueError(f"no metrics are declared for stage {stage!r}")
+    tags = MPO_TAGS if stage == "mpo" else GRPO_TAGS + (TIS_TAGS if tis else ())
+    memory = DEVICE_MEMORY_TAGS if device is not None and device.type == "cuda" else ()
+    return tags + COMMON_TAGS + memory
+
+
+def progress_line(stage: str, step: int, total: int, metrics: dict) -> str:
+    """The one line a step prints on rank 0."""
+    if stage == "mpo":
+        return (f"step {step + 1}/{total} | loss {metrics['mpo/loss']:.4f} (pref {metrics['mpo/pref_loss']:.4f}, "
+                f"quality {metrics['mpo/quality_loss']:.4f}, gen {metrics['mpo/gen_loss']:.4f}) | "
+                f"reward margin {metrics['mpo/reward_margin']:+.4f} | accuracy {metrics['mpo/accuracy']:.2f} | "
+                f"delta {metrics['mpo/delta']:+.4f} | step time {metrics['perf/step_time_s']:.1f}s")
+    return (f"step {step + 1}/{total} | reward {metrics['train/reward_mean']:.3f} | "
+            f"accuracy {metrics['train/accuracy']:.3f} | effective ratio {metrics['ssb/effective_ratio_fresh']:.2f}"
+            f" -> {metrics['ssb/effective_ratio_batch']:.2f} | loss {metrics['train/grpo_loss']:+.3e} | "
+            f"step time {metrics['perf/step_time_s']:.1f}s")
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """This process's resident memory and, on CUDA, the device's peaks since the last call (GiB)."""
+    import psutil
+
+    out = {"perf/host_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":
+        out["perf/device_memory_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["perf/device_memory_reserved_peak_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+class MetricsLogger:
+    """Rank 0's sinks for a run's per-step metrics: the progress line, TensorBoard, JSONL.
+
+    Every rank calls :meth:`log` (it only measures memory elsewhere); use as a context
+    manager so the TensorBoard writer is closed on any exit.
+    """
+
+    def __init__(self, tags: tuple[str, ...], *, stage: str, total_steps: int, log_interval: int,
+                 device: torch.device, is_rank0: bool, tensorboard_dir: Optional[str] = None,
+                 jsonl_path: Optional[str] = None):
+        if log_interval < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {log_interval}")
+        self.tags, self.stage, self.total_steps, self.log_interval = frozenset(tags), stage, total_steps, log_interval
+        self.device, self.is_rank0 = device, is_rank0
+        self.jsonl_path = Path(jsonl_path) if jsonl_path and is_rank0 else None
+        self.writer = None
+        if is_rank0 and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log(self, step: int, metrics: dict[str, float], lr: float) -> dict[str, float]:
+        """Adds the learning rate and memory to ``metrics`` (step ``step``, 0-based), writes
+        them on rank 0 and returns the full set."""
+        metrics = {**metrics, "train/lr": lr, **memory_metrics(self.device)}
+        unknown = sorted(set(metrics) - self.tags)
+        if unknown:
+            raise KeyError(f"metrics {unknown} are not declared in trainer/metrics.py (stage {self.stage})")
+        if not self.is_rank0:
+            return metrics
+        if step % self.log_interval == 0 or step == self.total_steps - 1:
+            print(progress_line(self.stage, step, self.total_steps, metrics), flush=True)
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        return metrics
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,183 @@
+"""What every training step shares: micro-batches through Megatron-Core's pipeline
+schedules, the reductions of per-step sums, and the optimizer step.
+
+- :func:`run_schedule` runs micro-batch dicts (``tokens``, ``position_ids``,
+  ``attention_mask``, optional ``pixel_values``, plus whatever the loss reads) through the
+  schedule Megatron picks for the PP size (no pipelining, or 1F1B); ``loss_func(batch,
+  logits)`` runs on the last stage, with logits the vocab-parallel ``[B, S, V/tp]`` of
+  this rank. :func:`packed_batch` / :func:`causal_lm_microbatch` build those dicts from
+  packed rows / plain token batches, :func:`label_targets` the kernel's targets.
+- :func:`compute_logprobs` (token log-probs, optionally entropy) and
+  :func:`forward_logits` are forward-only passes built on it.
+- :func:`sum_over_step` reduces a vector of per-rank sums to the step's totals: first
+  along the pipeline (only the last stage computed them), then over data-parallel
+  replicas (which saw different micro-batches), optionally over TP (where the TP ranks
+  contributed one copy between them).
+- :func:`optimizer_step` zeroes the gradients, runs a forward/backward, steps the
+  optimizer and refuses a skipped (non-finite) update.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_r1v.data.packing import PackedMicroBatch
+from megatron_r1v.data.template import IGNORE_INDEX
+from megatron_r1v.kernels import vocab_parallel_logprobs
+from megatron_r1v.models.r1v.model import causal_attention_mask
+from megatron_r1v.platform import ParallelContext
+
+Result = TypeVar("Result")
+
+
+def packed_batch(packed: PackedMicroBatch) -> dict[str, torch.Tensor]:
+    """The tensors every schedule step needs from a packed row (the model's inputs and targets)."""
+    batch = {
+        "tokens": packed.input_ids,
+        "labels": packed.labels,
+        "loss_mask": packed.loss_mask,
+        "position_ids": packed.position_ids,
+        "attention_mask": packed.attention_mask(),
+    }
+    if packed.pixel_values is not None:
+        batch["pixel_values"] = packed.pixel_values
+    return batch
+
+
+def causal_lm_microbatch(tokens_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,
+                         loss_mask_BS: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """A micro-batch of plain (unpacked) sequences ``[B, S]`` with a causal mask; labels
+    default to the tokens, the loss mask to all ones."""
+    batch, seq = tokens_BS.shape
+    return {
+        "tokens": tokens_BS,
+        "labels": tokens_BS if labels_BS is None else labels_BS,
+        "loss_mask": torch.ones_like(tokens_BS, dtype=torch.float32) if loss_mask_BS is None else loss_mask_BS.float(),
+        "position_ids": torch.arange(seq, device=tokens_BS.device).expand(batch, seq),
+        "attention_mask": causal_attention_mask(seq, tokens_BS.device),
+    }
+
+
+def label_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token ids ``[L]`` of a packed row for the kernels, its loss mask ``[L]``)."""
+    labels_L = batch["labels"][0]
+    mask_L = batch["loss_mask"][0]
+    # Ignored positions need a valid id for the kernel; their loss and gradient are masked.
+    return torch.where(labels_L == IGNORE_INDEX, torch.zeros_like(labels_L), labels_L), mask_L
+
+
+def run_schedule(model, microbatches: Sequence[dict], ctx: ParallelContext, loss_func: Callable,
+                 forward_only: bool) -> list:
+    """Runs Megatron's schedule over the micro-batch dicts; ``loss_func(batch, logits)`` is
+    called on the last stage and returns ``(loss, {name: tensor})``."""
+    if not microbatches:
+        raise ValueError("no micro-batches on this rank: every data-parallel rank needs at least one sample")
+
+    def forward_step(data_iterator: Iterator[dict], stage_model: torch.nn.Module):
+        batch = {k: v.to(ctx.device) for k, v in next(data_iterator).items()}
+        output = stage_model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                             pixel_values=batch.get("pixel_values"))
+        return output, partial(loss_func, batch)
+
+    # A 1F1B pipeline sends one activation shape between stages: packed rows must all
+    # have the schedule's length (pad them to the token budget).
+    lengths = {mb["tokens"].shape[1] for mb in microbatches}
+    if ctx.pp > 1 and len(lengths) > 1:
+        raise ValueError(f"with pipeline parallelism every micro-batch must have the same length, got {sorted(lengths)}"
+                         " (pack with a fixed token budget and pad_to_multiple equal to it)")
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+        num_microbatches=len(microbatches), seq_length=max(lengths),
+        micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only,
+    )
+
+
+def sum_over_step(values: Sequence[float] | torch.Tensor, ctx: ParallelContext, over_tp: bool = False) -> torch.Tensor:
+    """This rank's sums (fp64), summed along the pipeline, then over DP (and TP): the step's totals on every rank."""
+    totals = torch.as_tensor(values, dtype=torch.float64).to(ctx.device)
+    dist.all_reduce(totals, group=ctx.pp_group)
+    dist.all_reduce(totals, group=ctx.dp_group)
+    if over_tp:
+        dist.all_reduce(totals, group=ctx.tp_group)
+    return totals.cpu()
+
+
+def optimizer_step(ddp_model, optimizer: MegatronOptimizer, forward_backward: Callable[[], Result],
+                   where: str) -> tuple[Result, Optional[float]]:
+    """Zeroes the gradients, runs ``forward_backward()`` (which leaves gradients in the DDP
+    buffers), steps the optimizer; returns (its result, the gradient norm). A step the
+    optimizer skips for non-finite gradients raises FloatingPointError naming ``where``."""
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = forward_backward()
+    update_ok, grad_norm, _ = optimizer.step()
+    if not update_ok:
+        raise FloatingPointError(f"{where}: optimizer step skipped (non-finite gradients)")
+    return result, grad_norm
+
+
+def attach_ddp_hooks(ddp_model: torch.nn.Module, optimizer: Optional[MegatronOptimizer] = None) -> None:
+    """Lets the schedule drive DDP: no grad sync inside micro-batches, finalize after."""
+    config = ddp_model.config
+    config.no_sync_func = ddp_model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    if optimizer is not None:
+        config.grad_scale_func = optimizer.scale_loss
+
+
+def _zero_loss(output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    zero = output.sum() * 0.0
+    return zero, {"unused": zero.detach()}
+
+
+def _keep_logprobs(temperature: float, ctx: ParallelContext, collected: list, want_entropy: bool, batch: dict,
+                   logits_BLv: torch.Tensor):
+    labels_L, mask_L = label_targets(batch)
+    logp_L, entropy_L = vocab_parallel_logprobs(
+        logits_BLv[0], labels_L, tp_group=ctx.tp_group, temperature=temperature, return_entropy=want_entropy)
+    collected.append((logp_L.detach() * mask_L, None if entropy_L is None else entropy_L.detach() * mask_L))
+    return _zero_loss(logp_L)
+
+
+def compute_logprobs(model, microbatches: Sequence[dict], ctx: ParallelContext, temperature: float = 1.0,
+                     want_entropy: bool = False) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Per-position log-probs ``[L]`` of the labels (0 where masked) for each packed
+    micro-batch, and optionally the entropy; on the last pipeline stage (other stages get
+    an empty list)."""
+    collected: list = []
+    with torch.no_grad():
+        run_schedule(model, microbatches, ctx, partial(_keep_logprobs, temperature, ctx, collected, want_entropy),
+                     forward_only=True)
+    return [(lp.cpu(), None if h is None else h.cpu()) for lp, h in collected]
+
+
+def _keep_logits(kept: list, batch: dict, logits_BSv: torch.Tensor):
+    kept.append(logits_BSv.detach().clone())
+    return _zero_loss(logits_BSv)
+
+
+def forward_logits(model, microbatches: Sequence[dict], ctx: ParallelContext) -> list[torch.Tensor]:
+    """This rank's vocab-parallel logits ``[B, S, V_pad/tp]`` of each micro-batch (last
+    pipeline stage; other stages get an empty list). For checks: training never keeps them."""
+    kept: list = []
+    with torch.no_grad():
+        run_schedule(model, microbatches, ctx, partial(_keep_logits, kept), forward_only=True)
+    return kept
+
+
+def gather_vocab_logits(logits_BSv: torch.Tensor, ctx: ParallelContext, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits ``[B, S, V]`` on the CPU from this rank's vocab slice.
+
+    Collective over the TP group (last pipeline stage); TP padding columns are dropped.
+    For checks and tests: training never materializes the full vocabulary.
+    """
+    parts = [torch.empty_like(logits_BSv) for _ in range(ctx.tp)]
+    dist.all_gather(parts, logits_BSv.contiguous(), group=ctx.tp_group)
+    return torch.cat(parts, dim=-1)[..., :vocab_size].cpu()

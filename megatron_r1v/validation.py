@@ -1,0 +1,273 @@
+"""Every check of a run's configuration, in one place, before anything is built.
+
+Two passes, each error a ``ValueError`` naming its key (``section.field``):
+
+- :func:`validate_config`: values and how they fit together (ranges, the preset and the
+  parallel layout, the stage's own constraints). :func:`megatron_r1v.config.load_config`
+  runs it, so a recipe or ``--set`` with a bad value fails before any process starts
+  (``python -m megatron_r1v.config`` shows the same errors).
+- :func:`preflight`: what the chosen stage needs from this machine and the file system:
+  the inputs it names (data, tokenizer, checkpoint, SGLang model folder) exist, and the
+  backend, dtype and parallel settings can run here (CUDA, Transformer Engine, SGLang).
+  ``python -m megatron_r1v.train`` runs it on every rank before distributed init.
+
+Components built from a config (the SSB, the hybrid reward, the model stage) call the
+checks of their section from here, so a component built by hand is checked the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from megatron_r1v.config import (
+        GRPOConfig,
+        LoggingConfig,
+        ModelConfig,
+        MPOConfig,
+        OptimizerConfig,
+        ParallelConfig,
+        RewardConfig,
+        RolloutConfig,
+        RunConfig,
+        SSBConfig,
+    )
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:  # "not >=" also rejects NaN
+        raise ValueError(f"{key} must be >= {low:g}, got {value}")
+
+
+def _above(key: str, value: float, low: float) -> None:
+    if not value > low:
+        raise ValueError(f"{key} must be > {low:g}, got {value}")
+
+
+def _within(key: str, value: float, low: float, high: float, *, open_low: bool = False,
+            open_high: bool = False) -> None:
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        raise ValueError(f"{key} must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}, "
+                         f"got {value}")
+
+
+def validate_config(cfg: "RunConfig") -> "RunConfig":
+    """Checks every value of ``cfg`` and how they fit together; returns it (module docstring)."""
+    _check_parallel(cfg.parallel)
+    _check_model(cfg.model, cfg.parallel)
+    _check_optimizer(cfg.optimizer, cfg.train.steps)
+    _at_least("train.steps", cfg.train.steps, 1)
+    _at_least("train.seq_length", cfg.train.seq_length, 1)
+    _at_least("train.save_interval", cfg.train.save_interval, 0)
+    _at_least("data.max_tiles", cfg.data.max_tiles, 1)
+    _check_rollout(cfg.rollout, greedy_ok=cfg.train.stage != "grpo")
+    check_reward_config(cfg.reward, has_scorer=True)  # the server URL is a preflight matter
+    check_ssb_config(cfg.ssb)
+    _check_grpo(cfg.grpo, cfg.train.seq_length if cfg.train.stage == "grpo" else None)
+    _check_mpo(cfg.mpo, cfg.train.seq_length if cfg.train.stage == "mpo" else None)
+    _check_logging(cfg.logging)
+    return cfg
+
+
+def _check_parallel(p: "ParallelConfig") -> None:
+    for name in ("tp", "pp", "cp"):
+        _at_least(f"parallel.{name}", getattr(p, name), 1)
+    if p.sequence_parallel and p.tp == 1:
+        raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+    _at_least("parallel.timeout_minutes", p.timeout_minutes, 1)
+
+
+def _check_model(m: "ModelConfig", p: "ParallelConfig") -> None:
+    from megatron_r1v.models.r1v.presets import get_preset
+
+    try:
+        arch = get_preset(m.preset)
+    except KeyError as err:
+        raise ValueError(f"model.preset: {err.args[0]}") from None
+    arch.check_parallel(p.tp, p.pp, where=f"model.preset '{m.preset}'")
+    _at_least("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
+    _at_least("model.vocab_pad_tp", m.vocab_pad_tp, 1)
+    _at_least("model.recompute_num_layers", m.recompute_num_layers, 1)
+    check_fp8(m.fp8)
+
+
+def check_fp8(fp8, backend: Optional[str] = None) -> None:
+    """The ``model.fp8.*`` values; with the resolved layer ``backend``, that FP8 can run on it."""
+    from megatron_r1v.models.r1v.spec import FP8_FORMATS, FP8_RECIPES
+
+    if fp8 is None:
+        return
+    _at_least("model.fp8.amax_history_len", fp8.amax_history_len, 1)
+    _at_least("model.fp8.margin", fp8.margin, 0)
+    if fp8.recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8.recipe must be one of {tuple(FP8_RECIPES)}, got {fp8.recipe!r}")
+    if fp8.format is None:
+        return
+    if fp8.format not in FP8_FORMATS:
+        raise ValueError(f"model.fp8.format must be one of {FP8_FORMATS}, got {fp8.format!r}")
+    if backend is not None and backend != "te":
+        raise ValueError(f"model.fp8.format={fp8.format} needs Transformer Engine layers, but the backend is "
+                         f"{backend!r} (set model.backend=te on a GPU with the [gpu] extra, or model.fp8.format=null)")
+
+
+def _check_optimizer(o: "OptimizerConfig", steps: int) -> None:
+    _at_least("optimizer.lr", o.lr, 0.0)
+    if not 0 <= o.min_lr <= o.lr:
+        raise ValueError(f"optimizer.min_lr ({o.min_lr}) must be in [0, optimizer.lr={o.lr}]")
+    if not 0 <= o.lr_warmup_steps < max(steps, 1):
+        raise ValueError(f"optimizer.lr_warmup_steps ({o.lr_warmup_steps}) must be in [0, train.steps={steps})")
+    _at_least("optimizer.weight_decay", o.weight_decay, 0.0)
+    _within("optimizer.adam_beta1", o.adam_beta1, 0.0, 1.0, open_high=True)
+    _within("optimizer.adam_beta2", o.adam_beta2, 0.0, 1.0, open_high=True)
+    _above("optimizer.adam_eps", o.adam_eps, 0.0)
+    _at_least("optimizer.clip_grad", o.clip_grad, 0.0)
+
+
+def _check_rollout(r: "RolloutConfig", greedy_ok: bool) -> None:
+    # Eq. 6 normalizes a reward by its group's standard deviation: a group needs 2 responses.
+    _at_least("rollout.n_samples", r.n_samples, 2)
+    if greedy_ok:
+        _at_least("rollout.temperature", r.temperature, 0.0)
+    elif not r.temperature > 0:
+        raise ValueError(f"rollout.temperature must be > 0 for GRPO (the ratio of Eq. 8 needs sampling "
+                         f"log-probs), got {r.temperature}")
+    _within("rollout.top_p", r.top_p, 0.0, 1.0, open_low=True)
+    _at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
+    if r.tis_cap is not None:
+        _at_least("rollout.tis_cap", r.tis_cap, 1.0)
+    _within("rollout.mem_fraction_static", r.mem_fraction_static, 0.0, 1.0, open_low=True, open_high=True)
+    _at_least("rollout.weight_bucket_mb", r.weight_bucket_mb, 1)
+    if r.max_running_requests is not None:
+        _at_least("rollout.max_running_requests", r.max_running_requests, 1)
+
+
+def check_reward_config(config: "RewardConfig", has_scorer: bool = False) -> None:
+    """The ``reward.*`` values; without a scorer, a reward-model weight needs the server's URL."""
+    from megatron_r1v.rewards.hybrid import CALIBRATIONS
+
+    for name in ("rule_weight", "format_weight", "model_weight", "model_threshold"):
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise ValueError(f"reward.{name} must be finite, got {value}")
+    if config.model_calibration not in CALIBRATIONS:
+        raise ValueError(f"reward.model_calibration: {config.model_calibration!r} is not one of "
+                         f"{', '.join(CALIBRATIONS)}")
+    if config.model_weight != 0 and not has_scorer and not config.reward_model_url:
+        raise ValueError(f"reward.model_weight={config.model_weight:g} needs reward.reward_model_url "
+                         "(start a server with tools/serve_reward_model.py) or set reward.model_weight=0")
+    _above("reward.model_timeout_s", config.model_timeout_s, 0.0)
+    _at_least("reward.model_max_retries", config.model_max_retries, 0)
+    _at_least("reward.model_backoff_s", config.model_backoff_s, 0.0)
+    _at_least("reward.model_batch_size", config.model_batch_size, 1)
+
+
+def check_ssb_config(config: "SSBConfig") -> None:
+    """The ``ssb.*`` values."""
+    _at_least("ssb.capacity", config.capacity, 1)
+    _at_least("ssb.max_age", config.max_age, 0)
+    _within("ssb.target_effective_ratio", config.target_effective_ratio, 0.0, 1.0)
+    if config.max_reuse < 0:
+        raise ValueError(f"ssb.max_reuse must be >= 0 (0: no limit), got {config.max_reuse}")
+
+
+def _check_grpo(g: "GRPOConfig", seq_length: Optional[int]) -> None:
+    _at_least("grpo.prompts_per_step", g.prompts_per_step, 1)
+    _within("grpo.clip_low", g.clip_low, 0.0, 1.0, open_high=True)
+    _at_least("grpo.clip_high", g.clip_high, 0.0)
+    _at_least("grpo.kl_beta", g.kl_beta, 0.0)
+    _at_least("grpo.micro_batch_tokens", g.micro_batch_tokens, 1)
+    _at_least("grpo.ppo_epochs", g.ppo_epochs, 1)
+    if seq_length is not None and g.micro_batch_tokens < seq_length:
+        raise ValueError(f"grpo.micro_batch_tokens ({g.micro_batch_tokens}) must be >= train.seq_length "
+                         f"({seq_length}): a sample must fit one micro-batch")
+
+
+def _check_mpo(m: "MPOConfig", seq_length: Optional[int]) -> None:
+    _at_least("mpo.pairs_per_step", m.pairs_per_step, 1)
+    _at_least("mpo.max_pairs_per_prompt", m.max_pairs_per_prompt, 0)
+    _above("mpo.beta", m.beta, 0.0)
+    for name in ("preference_weight", "quality_weight", "generation_weight"):
+        _at_least(f"mpo.{name}", getattr(m, name), 0.0)
+    _at_least("mpo.micro_batch_tokens", m.micro_batch_tokens, 2)
+    if seq_length is None:
+        return
+    if m.micro_batch_tokens < 2 * seq_length:
+        raise ValueError(f"mpo.micro_batch_tokens ({m.micro_batch_tokens}) must be >= 2 * train.seq_length "
+                         f"({2 * seq_length}): a pair's two sequences share a micro-batch")
+    if m.data_format == "scored" and m.margin_threshold is None:
+        raise ValueError("mpo.margin_threshold must be set with mpo.data_format=scored (the report uses 7, 10 or 15)")
+
+
+def _check_logging(log: "LoggingConfig") -> None:
+    _at_least("logging.log_interval", log.log_interval, 1)
+
+
+# --- preflight: this machine and the file system ----------------------------------------
+
+
+def preflight(cfg: "RunConfig") -> None:
+    """What the chosen stage needs here, each error naming its key (module docstring)."""
+    _check_inputs(cfg)
+    check_model_on_machine(cfg.model, cfg.parallel, device_type=_device_type())
+    if cfg.train.stage == "grpo":
+        check_reward_config(cfg.reward)
+        if cfg.rollout.engine == "sglang":
+            _check_sglang(cfg)
+
+
+def _device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_inputs(cfg: "RunConfig") -> None:
+    """The files and folders the run reads exist."""
+    for key, value in (("data.train_path", cfg.data.train_path), ("data.tokenizer", cfg.data.tokenizer)):
+        if not value:
+            raise ValueError(f"{key} must be set for the {cfg.train.stage} stage")
+    if not os.path.isfile(cfg.data.train_path):
+        raise ValueError(f"data.train_path: {cfg.data.train_path} is not a file")
+    if not os.path.isdir(cfg.data.tokenizer):
+        raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} is not a folder")
+    if cfg.model.checkpoint and not os.path.isdir(cfg.model.checkpoint):
+        raise ValueError(f"model.checkpoint: {cfg.model.checkpoint} is not a folder")
+    if cfg.rollout.model_dir and not os.path.isdir(cfg.rollout.model_dir):
+        raise ValueError(f"rollout.model_dir: {cfg.rollout.model_dir} is not a folder")
+
+
+def check_model_on_machine(model: "ModelConfig", parallel: "ParallelConfig", device_type: str) -> str:
+    """The layer backend ``model.backend`` resolves to on this machine, after the settings
+    that depend on it (dtype, FP8, sequence and context parallelism) were checked."""
+    from megatron_r1v.models.r1v.spec import resolve_backend
+
+    backend = resolve_backend(model.backend, cuda_available=device_type == "cuda")
+    if device_type == "cpu" and model.params_dtype != "fp32":
+        raise ValueError(f"model.params_dtype={model.params_dtype}: the CPU mode runs fp32 only")
+    if parallel.sequence_parallel and backend != "te":
+        raise ValueError("parallel.sequence_parallel needs Transformer Engine layers (model.backend=te)")
+    if device_type == "cpu" and parallel.cp != 1:
+        raise ValueError(f"parallel.cp={parallel.cp}: context parallelism needs CUDA; use cp=1 on CPU")
+    check_fp8(model.fp8, backend)
+    return backend
+
+
+def _check_sglang(cfg: "RunConfig") -> None:
+    import torch
+
+    from megatron_r1v.trainer.build import sglang_model_dir
+
+    sglang_model_dir(cfg)  # on every rank, before any collective: only owners build engines
+    if not torch.cuda.is_available():
+        raise ValueError("rollout.engine=sglang runs SGLang engines on the training GPUs and needs CUDA; "
+                         "use rollout.engine=hf on a machine without GPUs")
+    from megatron_r1v.rollout.sglang_engine import ROLLOUT_EXTRA
+
+    if importlib.util.find_spec("sglang") is None:
+        raise ValueError(f"rollout.engine=sglang: sglang is not installed ({ROLLOUT_EXTRA}, or use the "
+                         "docker/Dockerfile image)")
