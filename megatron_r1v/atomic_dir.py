@@ -10,7 +10,9 @@ left behind, which the next writer of that target removes or ignores.
 - :func:`atomic_file` / :func:`write_text_atomic`: one file (results, status, caches, plots);
 - :func:`atomic_directory`: a folder written by one process;
 - :func:`partial_path` / :func:`partial_directory` + :func:`commit_directory`: a folder
-  written by several ranks into a temporary name they all know, committed by one of them.
+  written by several ranks into a temporary name they all know, committed by one of them;
+- :func:`check_writable`: an output's folder can take files, checked before the work
+  whose result would go there.
 """
 
 from __future__ import annotations
@@ -104,3 +106,16 @@ def partial_directory(out: Path) -> Path:
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     return partial
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raises ValueError naming ``what`` when ``path`` cannot be written: its folder cannot
+    be created or takes no new file (read-only file system, permissions, a full disk)."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{Path(path).name}.probe-", dir=parent) as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot write there ({err.strerror or err})") from None

@@ -122,6 +122,9 @@ class TrainConfig:
     """Directory of training checkpoints; None disables saving."""
     save_interval: int = 0
     """Save every N steps (0: only at the end); ``--resume`` continues from the newest one in save_dir."""
+    keep_last: int = 0
+    """Keep only the N newest checkpoints in save_dir, deleting older ones after a newer one is
+    complete (0: keep every checkpoint)."""
 
 
 @dataclass
@@ -182,8 +185,11 @@ class RewardConfig:
     """Calibration threshold t of model_calibration (unused by "none")."""
     model_timeout_s: float = 60.0
     """Timeout of one request to the reward-model server."""
-    model_max_retries: int = 3
-    """Retries of a failed request (connection error, timeout, HTTP 5xx) before the run stops with an error."""
+    model_retry_s: float = 300.0
+    """Time budget for retrying a failed request (connection error, timeout, HTTP 5xx), each
+    attempt logged, before the run stops with a checkpoint and an error. 300 s outlasts a
+    restart of tools/serve_reward_model.py with a 7-8B reward model (loading its weights
+    from local disk takes 1-3 minutes); 0 disables retries."""
     model_backoff_s: float = 1.0
     """Sleep before the first retry; it doubles at each further retry (at most 30 s)."""
     model_batch_size: int = 32

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Sequence, Union
 
-from megatron_r1v.atomic_dir import atomic_file, write_text_atomic
+from megatron_r1v.atomic_dir import atomic_file, check_writable, write_text_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -237,6 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
     args = parser.parse_args(argv)
     try:
+        for flag, path in (("--out", args.out), ("--samples-out", args.samples_out)):
+            if path is not None:  # before the evaluation, whose result would be thrown away
+                check_writable(path, flag)
         result = evaluate(
             args.model, args.data, tokenizer_dir=args.tokenizer, max_tiles=args.max_tiles,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,

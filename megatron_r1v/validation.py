@@ -7,8 +7,9 @@ Two passes, each error a ``ValueError`` naming its key (``section.field``):
   runs it, so a recipe or ``--set`` with a bad value fails before any process starts
   (``python -m megatron_r1v.config`` shows the same errors).
 - :func:`preflight`: what the chosen stage needs from this machine and the file system:
-  the inputs it names (data, tokenizer, checkpoint, SGLang model folder) exist, and the
-  backend, dtype and parallel settings can run here (CUDA, Transformer Engine, SGLang).
+  the inputs it names (data, tokenizer, checkpoint, SGLang model folder) exist, the
+  backend, dtype and parallel settings can run here (CUDA, Transformer Engine, SGLang),
+  and a reward-model server the GRPO stage uses answers its health check.
   ``python -m megatron_r1v.train`` runs it on every rank before distributed init.
 
 Components built from a config (the SSB, the hybrid reward, the model stage) call the
@@ -64,6 +65,7 @@ def validate_config(cfg: "RunConfig") -> "RunConfig":
     _at_least("train.steps", cfg.train.steps, 1)
     _at_least("train.seq_length", cfg.train.seq_length, 1)
     _at_least("train.save_interval", cfg.train.save_interval, 0)
+    _at_least("train.keep_last", cfg.train.keep_last, 0)
     _at_least("data.max_tiles", cfg.data.max_tiles, 1)
     _check_rollout(cfg.rollout, greedy_ok=cfg.train.stage != "grpo")
     check_reward_config(cfg.reward, has_scorer=True)  # the server URL is a preflight matter
@@ -161,7 +163,7 @@ def check_reward_config(config: "RewardConfig", has_scorer: bool = False) -> Non
         raise ValueError(f"reward.model_weight={config.model_weight:g} needs reward.reward_model_url "
                          "(start a server with tools/serve_reward_model.py) or set reward.model_weight=0")
     _above("reward.model_timeout_s", config.model_timeout_s, 0.0)
-    _at_least("reward.model_max_retries", config.model_max_retries, 0)
+    _at_least("reward.model_retry_s", config.model_retry_s, 0.0)
     _at_least("reward.model_backoff_s", config.model_backoff_s, 0.0)
     _at_least("reward.model_batch_size", config.model_batch_size, 1)
 
@@ -218,6 +220,23 @@ def preflight(cfg: "RunConfig") -> None:
         check_reward_config(cfg.reward)
         if cfg.rollout.engine == "sglang":
             _check_sglang(cfg)
+        _check_reward_server(cfg.reward)
+
+
+def _check_reward_server(reward: "RewardConfig") -> None:
+    """The reward-model server answers GET /health (rank 0 only: one request per job, not
+    one per GPU), retried within ``reward.model_retry_s`` like every request, so a server
+    still starting up is waited for, each attempt logged."""
+    if reward.model_weight == 0 or not reward.reward_model_url or int(os.environ.get("RANK", "0")) != 0:
+        return
+    from megatron_r1v.rewards.reward_model import RewardModelClient, RewardServerError
+
+    client = RewardModelClient(reward.reward_model_url, timeout_s=reward.model_timeout_s,
+                               retry_s=reward.model_retry_s, backoff_s=reward.model_backoff_s)
+    try:
+        client.health()
+    except RewardServerError as err:
+        raise ValueError(f"reward.reward_model_url: {err}") from None
 
 
 def _device_type() -> str:

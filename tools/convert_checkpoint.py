@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                 raise CheckpointError("run export in one process")
             export_checkpoint(args.mcore_dir, args.out, layout=args.layout,
                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    except (CheckpointError, ValueError, KeyError) as err:
+    except (CheckpointError, ValueError, KeyError, OSError) as err:  # OSError: a disk that fills, a read-only mount
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

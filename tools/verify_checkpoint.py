@@ -1,6 +1,7 @@
 """Check a Megatron model checkpoint against its HF source on a fixed random probe.
 
     torchrun --nproc_per_node N tools/verify_checkpoint.py --hf-dir H --mcore-dir M --tp T --pp P
+    python tools/verify_checkpoint.py --integrity runs/x/step_000100   # files vs manifest only
 
 Runs transformers' InternVLForConditionalGeneration (or Qwen2ForCausalLM) on the HF
 checkpoint (a skywork-layout checkpoint is converted to transformers names in memory)
@@ -66,16 +67,44 @@ def hf_logits(hf_dir, arch, layout_name, batch) -> torch.Tensor:
     return model.eval()(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
 
 
+def check_integrity(folder: str) -> int:
+    """Offline integrity check of one checkpoint folder (``checkpoint/manifest.py``)."""
+    import time
+    import warnings
+
+    from megatron_r1v.checkpoint.manifest import CheckpointIntegrityError, verify
+
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no manifest: nothing can be verified, which is a failure here
+            files = verify(folder)
+    except (CheckpointIntegrityError, UserWarning) as err:
+        print(json.dumps({"folder": folder, "pass": False, "error": str(err)}))
+        return 1
+    print(json.dumps({"folder": folder, "pass": True, "files": files,
+                      "seconds": round(time.perf_counter() - started, 3)}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--mcore-dir", required=True)
+    parser.add_argument("--integrity", metavar="DIR",
+                        help="only check the files of the checkpoint folder DIR (a training checkpoint step_N, "
+                             "its model/ folder, or an imported model) against their manifest, in one process; "
+                             "prints one JSON line and exits 1 naming the first bad file")
+    parser.add_argument("--hf-dir")
+    parser.add_argument("--mcore-dir")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="max |logit diff| allowed (fp32 on both sides: a few ulps; 1e-4 leaves margin)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.integrity:
+        return check_integrity(args.integrity)
+    if not (args.hf_dir and args.mcore_dir):
+        parser.error("give --hf-dir and --mcore-dir (the parity check), or --integrity DIR")
 
     import torch.distributed as dist
 

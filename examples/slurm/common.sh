@@ -235,6 +235,12 @@ r1v_main() {
     "${resolve[@]}" > "$R1V_OUT/config.yaml.tmp" || r1v_die "the configuration does not resolve (see above)"
     mv "$R1V_OUT/config.yaml.tmp" "$R1V_OUT/config.yaml"
 
+    # The folder is this job's own (its id is in the name): a lock in it was left by an
+    # earlier attempt of this job, whose processes Slurm has ended before requeueing it.
+    if [[ -f "$R1V_SAVE_DIR/.lock" ]]; then
+        r1v_log "removing $R1V_SAVE_DIR/.lock left by an earlier attempt of this job: $(cat "$R1V_SAVE_DIR/.lock")"
+        rm -f "$R1V_SAVE_DIR/.lock"
+    fi
     local status="$R1V_SAVE_DIR/run_status.json" prev=""
     if [[ -f "$status" ]]; then  # the previous attempt's: keep it, but never decide on it
         prev="$(r1v_json_field "$status" completed_steps)"

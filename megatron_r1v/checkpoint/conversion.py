@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_r1v.atomic_dir import commit_directory
+from megatron_r1v.atomic_dir import check_writable, commit_directory
 from megatron_r1v.checkpoint import model_fragments
 from megatron_r1v.checkpoint.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter, copy_side_files
 
@@ -41,6 +41,7 @@ from megatron_r1v.checkpoint.hf_io import CheckpointError, HFCheckpointReader, S
 from megatron_r1v.checkpoint.hf_layouts import detect_layout
 from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes as _expected_hf_shapes
 from megatron_r1v.checkpoint.hf_layouts import validate_hf as _validate_hf
+from megatron_r1v.checkpoint.manifest import verify, write_manifest
 from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
 from megatron_r1v.models.r1v.hf_config import (
     arch_from_skywork_config,
@@ -129,6 +130,7 @@ def import_checkpoint(
     """Writes this rank's fragments of the HF checkpoint into a torch_dist checkpoint."""
     out = Path(out_dir)
     _check_output(out, force)
+    check_writable(out, "--out")  # a read-only or full disk, before any tensor is read
     target = DTYPES[dtype]
     with HFCheckpointReader(hf_dir) as reader:
         config = reader.config()
@@ -166,6 +168,9 @@ def import_checkpoint(
                 (tmp / HF_EXTRA_DIR).mkdir()
                 shutil.copy2(Path(hf_dir) / "config.json", tmp / HF_EXTRA_DIR / "config.json")
                 copy_side_files(Path(hf_dir), tmp / HF_EXTRA_DIR)
+            dist.barrier()
+            write_manifest(tmp)  # last, collective (checkpoint/manifest.py)
+            if ctx.rank == 0:
                 commit_directory(tmp, out)
             dist.barrier()
         finally:
@@ -228,7 +233,9 @@ def export_checkpoint(
 
     out = Path(out_dir)
     _check_output(out, force)
+    check_writable(out, "--out")  # a read-only or full disk, before anything is read
     arch, meta = read_meta(mcore_dir)
+    verify(mcore_dir)  # the files against their manifest, before anything is converted
     layout_name = layout or meta["layout"]
     hf_layout = _names_layout(layout_name)
     if layout_name == "transformers":

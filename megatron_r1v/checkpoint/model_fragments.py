@@ -142,8 +142,14 @@ def model_fragments(
     return sharded_state_dict(pairs, spec, tp=tp, tp_rank=tp_rank, dp_rank=dp_rank)
 
 
-def load_model_checkpoint(model, stage_maps, spec, ctx, directory: str) -> None:
-    """Fills this rank's parameters from a model checkpoint saved at any TP/PP."""
+def load_model_checkpoint(model, stage_maps, spec, ctx, directory: str, *, verify: bool = True) -> None:
+    """Fills this rank's parameters from a model checkpoint saved at any TP/PP; first checks
+    its files against their manifest (collective; ``checkpoint/manifest.py``) unless the
+    caller already has (``verify=False``)."""
+    if verify:
+        from megatron_r1v.checkpoint.manifest import verify as verify_manifest
+
+        verify_manifest(directory)
     state, views = model_fragments(model, stage_maps, spec, tp=ctx.tp, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank)
     load_into(state, views, directory)
 

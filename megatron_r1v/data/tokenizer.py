@@ -97,6 +97,10 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int
     hf.save_pretrained(str(out_dir))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Any one of these makes a folder a tokenizer folder for AutoTokenizer."""
+
+
 def load_tokenizer(directory: "str | Path"):
     """``AutoTokenizer.from_pretrained(directory)`` for tokenizer folders and checkpoint folders.
 
@@ -106,14 +110,21 @@ def load_tokenizer(directory: "str | Path"):
     """
     from transformers import AutoTokenizer, PretrainedConfig
 
-    config = Path(directory) / "config.json"
+    folder = Path(directory)
+    if not folder.is_dir():  # a local path only: never a Hugging Face Hub name
+        raise FileNotFoundError(f"tokenizer folder {directory} does not exist")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                "point --tokenizer / data.tokenizer at the folder that has one")
+    config = folder / "config.json"
     unknown = False
     if config.is_file():
         try:
             unknown = json.loads(config.read_text()).get("model_type") == "internvl_chat"
         except (json.JSONDecodeError, AttributeError):
             unknown = False
-    return AutoTokenizer.from_pretrained(str(directory), **({"config": PretrainedConfig()} if unknown else {}))
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                         **({"config": PretrainedConfig()} if unknown else {}))
 
 
 def check_tokenizer_fits(tokenizer, vocab_size: int, image_token_id: Optional[int], source: str, model: str,

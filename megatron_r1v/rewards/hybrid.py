@@ -124,7 +124,7 @@ class HybridReward:
         if scorer is None and config.model_weight != 0:
             assert config.reward_model_url is not None  # check_reward_config guarantees it
             scorer = RewardModelClient(
-                config.reward_model_url, timeout_s=config.model_timeout_s, max_retries=config.model_max_retries,
+                config.reward_model_url, timeout_s=config.model_timeout_s, retry_s=config.model_retry_s,
                 backoff_s=config.model_backoff_s, batch_size=config.model_batch_size, sleep=sleep,
             )
         return cls(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import time
 import urllib.error
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 from urllib.parse import urlsplit
+
+_log = logging.getLogger(__name__)
 
 
 class RewardScorer(Protocol):
@@ -71,31 +74,37 @@ def _error_message(body: bytes) -> str:
 
 @dataclass
 class RewardModelClient:
-    """Scores texts on a reward-model server, in batches, with bounded retries.
+    """Scores texts on a reward-model server, in batches, retrying within a time budget.
 
-    Each request is tried ``1 + max_retries`` times; before retry k (k = 1, 2, ...) the
-    client sleeps ``min(backoff_s * 2**(k-1), max_backoff_s)``. After the last attempt
-    it raises :class:`RewardServerError` naming the URL, the attempts and the last error.
+    A request that fails with a connection error, a timeout or a 5xx is retried while
+    the time spent on it stays within ``retry_s``; before retry k (k = 1, 2, ...) the
+    client sleeps ``min(backoff_s * 2**(k-1), max_backoff_s)`` and logs the failed
+    attempt (a warning naming the URL, the cause and the budget left). When the next
+    sleep would pass the budget it raises :class:`RewardServerError` naming the URL, the
+    attempts, the time spent and the last error. A 4xx is never retried.
     """
 
     url: str
     """Base URL of the server, e.g. ``http://127.0.0.1:8000`` (``/score`` and ``/health`` are appended)."""
     timeout_s: float = 60.0
     """Socket timeout of one request (connect and each read)."""
-    max_retries: int = 3
+    retry_s: float = 300.0
+    """Time budget for retrying one request (0: no retries). See ``RewardConfig.model_retry_s``."""
     backoff_s: float = 1.0
     batch_size: int = 32
     """Texts per request; longer lists are split, so the server's memory stays bounded."""
     max_backoff_s: float = 30.0
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
-    """Injected so tests (and callers with their own clock) need not wait for real."""
+    """Injected so tests (and callers with their own clock) need not wait for real; the
+    budget counts the seconds asked of it, so a fake sleep still ends the retries."""
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"reward model url {self.url!r} must look like http://HOST:PORT")
         self.url = self.url.rstrip("/")
-        for name, minimum in (("timeout_s", 1e-9), ("max_retries", 0), ("backoff_s", 0), ("batch_size", 1),
+        for name, minimum in (("timeout_s", 1e-9), ("retry_s", 0), ("backoff_s", 0), ("batch_size", 1),
                               ("max_backoff_s", 0)):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
@@ -134,22 +143,26 @@ class RewardModelClient:
 
     def _request(self, method: str, path: str, payload: Optional[dict]) -> Any:
         url = self.url + path
-        attempts = 1 + self.max_retries
-        last: Optional[_HTTPFailure] = None
-        for attempt in range(1, attempts + 1):
-            if attempt > 1:
-                self.sleep(min(self.backoff_s * 2 ** (attempt - 2), self.max_backoff_s))
+        start, slept, attempt = self.clock(), 0.0, 0
+        while True:
+            attempt += 1
             try:
                 return self._once(method, url, payload)
             except _HTTPFailure as failure:
-                last = failure
                 if not failure.retry:
                     raise RewardServerError(f"reward model server at {url} rejected the request (not retried): "
                                             f"{failure}", url, attempt, failure.status) from None
-        assert last is not None
-        raise RewardServerError(
-            f"reward model server at {url} failed after {attempts} attempts ({self.max_retries} retries); "
-            f"last error: {last}", url, attempts, last.status)
+                delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+                spent = max(self.clock() - start, slept)
+                if spent + delay > self.retry_s:
+                    raise RewardServerError(
+                        f"reward model server at {url} failed {attempt} attempt(s) over {spent:.1f} s (retry budget "
+                        f"reward.model_retry_s={self.retry_s:g} s); last error: {failure}",
+                        url, attempt, failure.status) from None
+                _log.warning("reward model server at %s: attempt %d failed (%s); retrying in %.1f s "
+                             "(%.1f of the %g s retry budget used)", url, attempt, failure, delay, spent, self.retry_s)
+                self.sleep(delay)
+                slept += delay
 
     def _once(self, method: str, url: str, payload: Optional[dict]) -> Any:
         """One HTTP exchange: the decoded JSON answer, or _HTTPFailure."""

@@ -163,6 +163,25 @@ def _content_uid(group: SSBGroup) -> int:
     return int.from_bytes(h.digest(), "little") >> 1  # non-negative int64; -1 marks padding
 
 
+def group_checksum(group: SSBGroup, times_drawn: int) -> int:
+    """63-bit hash of everything the store keeps of a group: every array (tokens, loss masks,
+    old log-probs, advantages, rewards), the prompt id, step, image paths and ``times_drawn``.
+
+    The store writes it beside each group and checks it on load, so damage to any stored
+    array (a lost zarr chunk reads back as zeros) is an error, not a different loss. The
+    ``uid`` stays the narrower content key of draws (changing it would change every draw)."""
+    h = hashlib.blake2b(digest_size=8, person=b"r1v-ssb-sum1")
+    h.update(np.array([group.uid, group.step, group.n_samples, times_drawn], dtype="<i8").tobytes())
+    h.update("\0".join((group.prompt_id, *group.image_paths)).encode("utf-8") + b"\1")
+    for tok, mask, lp in zip(group.token_ids, group.loss_mask, group.old_logprobs):
+        h.update(np.array([tok.size, mask.size], dtype="<i8").tobytes())
+        h.update(tok.astype("<i4").tobytes() + mask.astype(np.uint8).tobytes() + lp.astype("<f4").tobytes())
+    h.update(group.advantages.astype("<f4").tobytes())
+    for key in sorted(group.rewards):
+        h.update(key.encode("utf-8") + b"\0" + group.rewards[key].astype("<f8").tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """The SplitMix64 finalizer (Steele et al., 2014), elementwise on uint64 arrays."""
     with np.errstate(over="ignore"):
@@ -258,6 +277,16 @@ class SelectiveSampleBuffer:
 
     def __len__(self) -> int:
         return len(self._groups)
+
+    def snapshot(self) -> tuple:
+        """The buffer's state as it is now, cheaply: groups are never changed once stored,
+        so copies of the two dicts (references, not arrays) and the draw counter suffice."""
+        return self.draw_counter, dict(self._groups), dict(self._times_drawn)
+
+    def restore_snapshot(self, snapshot: tuple) -> None:
+        """Puts back the state :meth:`snapshot` returned (a failed step's draws undone)."""
+        self.draw_counter, groups, times_drawn = snapshot
+        self._groups, self._times_drawn = dict(groups), dict(times_drawn)
 
     def __contains__(self, uid: int) -> bool:
         return uid in self._groups

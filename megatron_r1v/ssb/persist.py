@@ -10,6 +10,7 @@ Layout (zarr format 2 on disk, which zarr 2.x and 3.x both read and write)::
       rank_00000/          one zarr group per DP rank; .zattrs: complete, n_groups,
                            prompt_ids, image_paths, reward_keys
         uid, step, times_drawn, n_samples   int64 [N]      per group
+        checksum                            int64 [N]      buffer.group_checksum: every array of the group
         advantages                          float32 [S]    per response (S = sum n_samples)
         rewards                             float64 [S, K] NaN where a group lacks key k
         token_offsets, response_offsets     int64 [S + 1]  into the two ragged arrays below
@@ -24,6 +25,10 @@ rank 0 checks that all groups are complete and commits the directory to ``<path>
 previous store is deleted only after the new one is in place), a barrier. A save killed
 at any point before the commit leaves ``<path>`` as it was (absent, or the previous
 store), and the next save removes the stale ``.partial`` directory.
+
+Loading checks each group against its stored ``uid`` and ``checksum`` and names the shard,
+group and prompt of the first that does not match (a damaged or missing chunk). Version-1
+stores, written before the checksum existed, load with the uid check only.
 
 Loading onto a different number of DP ranks re-shards while reading as few shards as
 possible: with fewer ranks, saved shard s goes whole to rank s % dp_size (2 -> 1: rank 0
@@ -46,10 +51,11 @@ import zarr
 from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial_path
 from megatron_r1v.config import SSBConfig, from_dict
 
-from .buffer import SelectiveSampleBuffer, SSBGroup, group_rank_size
+from .buffer import SelectiveSampleBuffer, SSBGroup, group_checksum, group_rank_size
 
 FORMAT = "megatron_r1v.ssb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-group checksum
+READABLE_VERSIONS = (1, 2)
 _ZARR3 = int(zarr.__version__.split(".")[0]) >= 3
 _CHUNK = 1 << 22  # elements per chunk of the ragged arrays (16 MiB of int32)
 
@@ -102,8 +108,12 @@ def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
             "draw_counter": buffer.draw_counter, "step": int(step), "config": dataclasses.asdict(buffer.config),
         })
     _barrier(group)
-    _write_shard(_open_group(partial / shard_name(rank), "w"), buffer)
-    _barrier(group)
+    failure = None
+    try:
+        _write_shard(_open_group(partial / shard_name(rank), "w"), buffer)
+    except Exception as err:  # any: every rank must hear of it, not wait in the barrier
+        failure = f"rank {rank}: {type(err).__name__}: {err}"
+    _agree(failure, partial, path, group)
     if rank == 0:
         for r in range(world):
             shard = partial / shard_name(r)
@@ -111,6 +121,18 @@ def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
                 raise RuntimeError(f"SSB save: {shard} is incomplete; {path} was left unchanged")
         commit_directory(partial, path)
     _barrier(group)
+
+
+def _agree(failure: Optional[str], partial: Path, path: Path, group: Optional[dist.ProcessGroup]) -> None:
+    """Raises RuntimeError on every rank of ``group`` when any rank's shard failed to write
+    (its message first); ``path`` is left as it was. Doubles as the barrier after the writes."""
+    messages = [failure]
+    if group_rank_size(group)[1] > 1:
+        messages = [None] * group_rank_size(group)[1]
+        dist.all_gather_object(messages, failure, group=group)
+    first = next((m for m in messages if m is not None), None)
+    if first is not None:
+        raise RuntimeError(f"SSB save into {partial} failed ({first}); {path} was left unchanged")
 
 
 def _barrier(group: Optional[dist.ProcessGroup]) -> None:
@@ -139,6 +161,7 @@ def _write_shard(grp: Any, buffer: SelectiveSampleBuffer) -> None:
         "step": np.array([g.step for g in groups], dtype=np.int64),
         "times_drawn": np.array([buffer.times_drawn(g.uid) for g in groups], dtype=np.int64),
         "n_samples": np.array([g.n_samples for g in groups], dtype=np.int64),
+        "checksum": np.array([group_checksum(g, buffer.times_drawn(g.uid)) for g in groups], dtype=np.int64),
         "advantages": cat([g.advantages for g in groups], np.float32),
         "rewards": rewards,
         "token_offsets": offsets([g.token_ids[i].size for g, i in responses]),
@@ -168,9 +191,9 @@ def read_metadata(path: str | Path) -> StoreMetadata:
         raise ValueError(f"{meta_file}: not a readable zarr group ({type(err).__name__}: {err})") from None
     if attrs.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: not an SSB store (format {attrs.get('format')!r}, expected {FORMAT!r})")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{meta_file}: SSB store format version {attrs.get('format_version')!r}, "
-                         f"this code reads version {FORMAT_VERSION}")
+                         f"this code reads versions {READABLE_VERSIONS}")
     return StoreMetadata(dp_size=int(attrs["dp_size"]), seed=int(attrs["seed"]),
                          draw_counter=int(attrs["draw_counter"]), step=int(attrs["step"]),
                          config=dict(attrs["config"]))
@@ -205,34 +228,49 @@ def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
 
 
 def _read_shard(shard: Path) -> list[tuple[SSBGroup, int]]:
-    """(group, times drawn) pairs of one saved rank."""
+    """(group, times drawn) pairs of one saved rank, each checked against its uid and checksum."""
     if not shard.is_dir():
         raise ValueError(f"SSB store {shard.parent}: shard {shard.name} is missing")
     grp = _open_group(shard, "r")
     attrs = dict(grp.attrs)
     if not attrs.get("complete"):
         raise ValueError(f"{_metadata_file(shard)}: shard was not completely written")
-    a = {name: np.asarray(grp[name][...]) for name in (
-        "uid", "step", "times_drawn", "n_samples", "advantages", "rewards", "token_offsets",
-        "response_offsets", "token_ids", "loss_mask", "old_logprobs")}
+    names = ["uid", "step", "times_drawn", "n_samples", "advantages", "rewards", "token_offsets",
+             "response_offsets", "token_ids", "loss_mask", "old_logprobs"]
+    if "checksum" in grp:  # absent in version-1 stores
+        names.append("checksum")
+    a = {}
+    for name in names:
+        try:
+            a[name] = np.asarray(grp[name][...])
+        except Exception as err:  # zarr / numcodecs raise several types for damaged chunks
+            raise ValueError(f"{shard / name}: cannot be read ({type(err).__name__}: {err}); the SSB store is "
+                             "damaged") from None
     keys = list(attrs["reward_keys"])
-    tok, resp = a["token_offsets"], a["response_offsets"]
     groups, first = [], 0
     for g in range(int(attrs["n_groups"])):
         rows = range(first, first + int(a["n_samples"][g]))
         first = rows.stop
-        rewards = {k: a["rewards"][rows.start:rows.stop, c] for c, k in enumerate(keys)}
-        grp_ = SSBGroup(
-            prompt_id=attrs["prompt_ids"][g], step=int(a["step"][g]),
-            token_ids=[a["token_ids"][tok[i]:tok[i + 1]] for i in rows],
-            loss_mask=[a["loss_mask"][resp[i]:resp[i + 1]] for i in rows],
-            old_logprobs=[a["old_logprobs"][resp[i]:resp[i + 1]] for i in rows],
-            advantages=a["advantages"][rows.start:rows.stop],
-            rewards={k: v for k, v in rewards.items() if not np.isnan(v).any()},
-            image_paths=tuple(attrs["image_paths"][g]),
-        )
-        if grp_.uid != int(a["uid"][g]):
-            raise ValueError(f"{shard}: group {g} (prompt {grp_.prompt_id!r}) does not match its stored uid; "
-                             "the store is corrupt")
-        groups.append((grp_, int(a["times_drawn"][g])))
+        grp_ = _group_from_arrays(a, attrs, keys, g, rows)
+        times_drawn = int(a["times_drawn"][g])
+        damaged = grp_.uid != int(a["uid"][g]) or (
+            "checksum" in a and group_checksum(grp_, times_drawn) != int(a["checksum"][g]))
+        if damaged:
+            raise ValueError(f"{shard}: group {g} (prompt {grp_.prompt_id!r}) does not match its stored "
+                             "uid / checksum; the SSB store is damaged (a lost or altered chunk)")
+        groups.append((grp_, times_drawn))
     return groups
+
+
+def _group_from_arrays(a: dict[str, np.ndarray], attrs: dict, keys: list[str], g: int, rows: range) -> SSBGroup:
+    tok, resp = a["token_offsets"], a["response_offsets"]
+    rewards = {k: a["rewards"][rows.start:rows.stop, c] for c, k in enumerate(keys)}
+    return SSBGroup(
+        prompt_id=attrs["prompt_ids"][g], step=int(a["step"][g]),
+        token_ids=[a["token_ids"][tok[i]:tok[i + 1]] for i in rows],
+        loss_mask=[a["loss_mask"][resp[i]:resp[i + 1]] for i in rows],
+        old_logprobs=[a["old_logprobs"][resp[i]:resp[i + 1]] for i in rows],
+        advantages=a["advantages"][rows.start:rows.stop],
+        rewards={k: v for k, v in rewards.items() if not np.isnan(v).any()},
+        image_paths=tuple(attrs["image_paths"][g]),
+    )

@@ -10,7 +10,13 @@ continue exactly as an uninterrupted one would.
         rank_00000.pt    per rank: optimizer state, the trainer's own state (GRPO: the
                          reference weights; MPO: BCO's running reward mean), torch RNG states
         trainer.json     stage, step, data cursor, parallel layout
+        manifest.json    size and SHA-256 of every file above, written last
+                         (``checkpoint/manifest.py``); --resume verifies it first
     <save_dir>/latest    the name of the newest complete checkpoint
+    <save_dir>/.lock     held by the running trainer (``trainer/run_folder.py``)
+
+With ``train.keep_last: N`` the older checkpoints are deleted once a newer one is
+committed and named by ``latest``.
 
 A trainer provides ``rank_state()`` / ``load_rank_state(state)`` and
 ``save_files(dir, step)`` / ``load_files(dir)`` (collective) for what only it has.
@@ -24,8 +30,11 @@ dict), so resuming needs the same parallel layout, which :func:`load_checkpoint`
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -33,9 +42,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial_path, write_text_atomic
+from megatron_r1v.checkpoint.hf_io import CheckpointError
+from megatron_r1v.checkpoint.manifest import verify, write_manifest
 from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint, save_model_checkpoint
-
-LATEST = "latest"
+from megatron_r1v.trainer.run_folder import LATEST, rotate_checkpoints
 
 
 def _layout(ctx) -> dict:
@@ -64,32 +74,112 @@ def _write_model_meta(model_dir: Path, trainer) -> None:
 
 
 def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
-    """Writes the state after ``step`` steps (collective over all ranks); returns the folder."""
+    """Writes the state after ``step`` steps (collective over all ranks); returns the folder.
+
+    Every phase ends in an agreement over the ranks (:func:`_on_every_rank`), so a write
+    that fails on one rank (a full disk, a read-only mount) raises the same
+    :class:`CheckpointError` on all of them, naming the folder, the cause and the free
+    space, instead of leaving the others in a barrier; the partial folder is removed and
+    the previous checkpoints and ``latest`` are untouched."""
     save_dir = Path(save_dir)
     name = f"step_{step:06d}"
     final, partial = save_dir / name, partial_path(save_dir / name)
-    if ctx.rank == 0:
-        partial_directory(final)  # fresh: a killed save may have left one
-        (partial / "model").mkdir()
-    dist.barrier()
-    stage = trainer.stage
-    save_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(partial / "model"))
-    trainer.save_files(partial, step)
-    torch.save({"optimizer": trainer.optimizer.state_dict(), "trainer": trainer.rank_state(),
-                "rng": _rng_state()}, partial / f"rank_{ctx.rank:05d}.pt")
-    if ctx.rank == 0:
-        _write_model_meta(partial / "model", trainer)
-        meta = {"stage": trainer.cfg.train.stage, "step": step, "data": trainer.loader.state_dict(),
-                "layout": _layout(ctx)}
-        write_text_atomic(partial / "trainer.json", json.dumps(meta, indent=1))
-    dist.barrier()
-    if ctx.rank == 0:
-        # A checkpoint of the same step being replaced is deleted only once the new one
-        # is in place, and `latest` names it only after that.
-        commit_directory(partial, final)
-        write_text_atomic(save_dir / LATEST, name + "\n")
-    dist.barrier()
+    stage, is_rank0 = trainer.stage, ctx.rank == 0
+
+    def prepare() -> None:
+        if is_rank0:
+            partial_directory(final)  # fresh: a killed save may have left one
+            (partial / "model").mkdir()
+
+    def write_rank_files() -> None:
+        torch.save({"optimizer": trainer.optimizer.state_dict(), "trainer": trainer.rank_state(),
+                    "rng": _rng_state()}, partial / f"rank_{ctx.rank:05d}.pt")
+        if is_rank0:
+            _write_model_meta(partial / "model", trainer)
+            meta = {"stage": trainer.cfg.train.stage, "step": step, "data": trainer.loader.state_dict(),
+                    "layout": _layout(ctx)}
+            write_text_atomic(partial / "trainer.json", json.dumps(meta, indent=1))
+
+    _on_every_rank(prepare, partial, ctx.device)
+    _on_every_rank(lambda: save_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx,
+                                                 str(partial / "model")), partial, ctx.device)
+    _on_every_rank(lambda: trainer.save_files(partial, step), partial, ctx.device)
+    _on_every_rank(write_rank_files, partial, ctx.device)
+    started = time.perf_counter()
+    manifest = write_manifest(partial)  # last, collective: every rank hashes a share of the files
+    _on_every_rank(lambda: _commit(save_dir, name, partial, manifest, time.perf_counter() - started, trainer)
+                   if is_rank0 else None, partial, ctx.device)
     return final
+
+
+def _commit(save_dir: Path, name: str, partial: Path, manifest: Path, hash_s: float, trainer) -> None:
+    """Rank 0: the folder into place, then ``latest``, then the rotation (train.keep_last)."""
+    files = json.loads(manifest.read_text())["files"]
+    print(f"checkpoint {name}: {len(files)} files, {sum(f['size'] for f in files.values()) / 2**20:.1f} MiB, "
+          f"manifest hashed in {hash_s:.2f} s", flush=True)
+    # A checkpoint of the same step being replaced is deleted only once the new one is in
+    # place, and `latest` names it only after that.
+    commit_directory(partial, save_dir / name)
+    write_text_atomic(save_dir / LATEST, name + "\n")
+    for removed in rotate_checkpoints(save_dir, trainer.cfg.train.keep_last):
+        print(f"train.keep_last={trainer.cfg.train.keep_last}: removed {removed}", flush=True)
+
+
+def _on_every_rank(phase, partial: Path, device: torch.device) -> None:
+    """Runs one phase of a save on this rank, then agrees with the others (one all-reduce):
+    when any rank failed, every rank raises CheckpointError with the first failure, and
+    rank 0 removes the partial folder (space back, nothing half-written left)."""
+    failure = None
+    try:
+        phase()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # any (torch's CheckpointException is a BaseException): all ranks must hear
+        failure = _storage_error(err, partial)
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, failure)
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    raise CheckpointError(next(m for m in messages if m is not None))
+
+
+def _errno_in(err: BaseException) -> Optional[int]:
+    """The OS error number behind ``err``: its own, one in its cause / context chain, or one
+    in the text of a wrapper (torch's CheckpointException reports every rank's failure so)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    return next((code for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+                 if f"[Errno {code}]" in text or os.strerror(code) in text), None)
+
+
+def _storage_error(err: Exception, partial: Path) -> str:
+    """One line: which checkpoint, the cause (no space, read-only, ...), the free space."""
+    causes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+              errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+    code = _errno_in(err)
+    cause = causes.get(code, f"{type(err).__name__}: {err}")
+    try:
+        usage = shutil.disk_usage(partial.parent)
+        space = f"; {usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.1f} GiB on its file system"
+    except OSError:
+        space = ""
+    # torch's CheckpointException carries every failing rank's exception: name those ranks.
+    failures = getattr(err, "failures", None)
+    ranks = sorted(failures) if isinstance(failures, dict) and failures else [dist.get_rank()]
+    if isinstance(failures, dict) and failures and code is None:
+        first = failures[ranks[0]][0] if isinstance(failures[ranks[0]], tuple) else failures[ranks[0]]
+        cause = f"{type(first).__name__}: {first}"
+    where = "rank " + ", ".join(map(str, ranks)) if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    final = partial.parent / partial.name.lstrip(".").removesuffix(".partial")
+    return f"writing checkpoint {final} failed on {where}: {cause}{space} (the previous checkpoints are intact)"
 
 
 def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
@@ -103,6 +193,14 @@ def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
     return path
 
 
+def checkpoint_step(save_dir: str | Path) -> Optional[tuple[int, str]]:
+    """(step, folder name) of the newest complete checkpoint under ``save_dir``, or None."""
+    latest = latest_checkpoint(save_dir)
+    if latest is None:
+        return None
+    return int(json.loads((latest / "trainer.json").read_text())["step"]), latest.name
+
+
 def load_checkpoint(path: str | Path, trainer, ctx) -> int:
     """Restores ``trainer`` from ``path``; returns the number of steps already done."""
     path = Path(path)
@@ -113,8 +211,9 @@ def load_checkpoint(path: str | Path, trainer, ctx) -> int:
     if meta["layout"] != _layout(ctx):
         raise ValueError(f"{path} was saved with parallel layout {meta['layout']}, this run is {_layout(ctx)}: "
                          "the optimizer state is per rank, resume with the same tp/pp/dp")
+    verify(path)  # every file against the manifest (collective), before anything is read
     stage = trainer.stage
-    load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(path / "model"))
+    load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(path / "model"), verify=False)
     per_rank = torch.load(path / f"rank_{ctx.rank:05d}.pt", weights_only=False)
     trainer.optimizer.load_state_dict(per_rank["optimizer"])
     trainer.load_rank_state(per_rank["trainer"])

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from megatron_r1v.rollout.weight_sync import WeightSync
 from megatron_r1v.ssb import SelectiveSampleBuffer, plan_batch
 from megatron_r1v.ssb import load as load_ssb
 from megatron_r1v.ssb import save as save_ssb
+from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
 from megatron_r1v.trainer.grpo_batch import (
     ScoredGroup,
     StepBatch,
@@ -75,6 +76,13 @@ def sum_over_world(values: list[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+@dataclass(frozen=True)
+class RolloutFailed:
+    """What the engine owner broadcasts instead of groups when its rollout phase failed."""
+
+    message: str
 
 
 class PhaseTimer:
@@ -122,8 +130,7 @@ class GRPOTrainer:
         timer, sums = PhaseTimer(), StepSums()
         with timer.phase("step"):
             with timer.phase("rollout"):
-                items = self.loader.next_batch(self.cfg.grpo.prompts_per_step)
-                groups = self._rollout(items, step)
+                items, groups = self._rollout_phase(step)
             with timer.phase("train"):
                 batch = self._assemble(items, groups, step)
                 microbatches, sample_logprobs = self._old_policy_pass(batch, sums)
@@ -134,25 +141,50 @@ class GRPOTrainer:
                                                 step))
         return self._metrics(groups, result, batch, sums, grad_norm, timer.seconds)
 
-    def _rollout(self, items: list[PromptItem], step: int) -> list[ScoredGroup]:
-        """G responses per prompt from this replica's engine, scored; on every rank of the replica."""
-        groups = None
+    def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup]]:
+        """This rank's prompts and their scored groups. A failure on any rank (a data error
+        in ``on_bad_sample=error`` mode, the reward server down past its budget, the
+        engine) becomes a recoverable StepFailure on every rank (``trainer/failure.py``)."""
+        items, failure = [], None
+        try:
+            items = self.loader.next_batch(self.cfg.grpo.prompts_per_step)
+        except Exception as err:  # any: the weights are untouched, so the state is still consistent
+            failure = describe(err)
+        outcome = self._rollout(items, step, failure)
+        if isinstance(outcome, RolloutFailed):
+            failure = failure or outcome.message
+        agree_on_failure(failure, self.ctx.device, self.ctx.rank)
+        return items, outcome
+
+    def _rollout(self, items: list[PromptItem], step: int,
+                 failure: Optional[str]) -> Union[list[ScoredGroup], RolloutFailed]:
+        """G responses per prompt from this replica's engine, scored, on every rank of the
+        replica; or the owner's failure (so that no rank waits for an answer that never comes)."""
+        outcome: Union[list[ScoredGroup], RolloutFailed, None] = None
         if self.ctx.device.type == "cuda":
             # Colocated engines run on the GPUs of their TP group: every rank hands its cached
             # activation memory back to the driver before the owner resumes the engine.
             torch.cuda.empty_cache()
             dist.barrier(group=self.ctx.tp_group)
-        if self.engine is not None:
-            r = self.cfg.rollout
-            params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
-                                    max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed * 100003 + step,
-                                    stop_token_ids=self.stop_token_ids)
-            self.engine.resume_memory()
-            rollouts = self.engine.generate(
-                [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items], params)
-            self.engine.release_memory()  # colocated: the GPUs go back to training until the next rollout
-            groups = [self._score(item, responses) for item, responses in zip(items, rollouts, strict=True)]
-        return broadcast_to_replica(groups, self.ctx)
+        if self.engine is not None and failure is not None:
+            outcome = RolloutFailed(failure)  # this rank's data already failed: the engine is not run
+        elif self.engine is not None:
+            try:
+                outcome = self._generate_and_score(items, step)
+            except Exception as err:  # any: still before the update
+                outcome = RolloutFailed(describe(err))
+        return broadcast_to_replica(outcome, self.ctx)
+
+    def _generate_and_score(self, items: list[PromptItem], step: int) -> list[ScoredGroup]:
+        r = self.cfg.rollout
+        params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
+                                max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed * 100003 + step,
+                                stop_token_ids=self.stop_token_ids)
+        self.engine.resume_memory()
+        rollouts = self.engine.generate(
+            [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items], params)
+        self.engine.release_memory()  # colocated: the GPUs go back to training until the next rollout
+        return [self._score(item, responses) for item, responses in zip(items, rollouts, strict=True)]
 
     def _score(self, item: PromptItem, responses: list) -> ScoredGroup:
         terms = self.reward.score_batch([item.record] * len(responses), [s.text for s in responses])
@@ -210,12 +242,24 @@ class GRPOTrainer:
         (on-policy) pass, the gradient norm the last."""
         first = None
         for epoch in range(self.cfg.grpo.ppo_epochs):
-            result, grad_norm = optimizer_step(
-                self.ddp, self.optimizer, lambda: grpo_forward_backward(self.ddp, microbatches, self.ctx,
-                                                                       self.loss_cfg),
-                f"step {step}, PPO epoch {epoch}")
+            try:
+                result, grad_norm = optimizer_step(
+                    self.ddp, self.optimizer, lambda: grpo_forward_backward(self.ddp, microbatches, self.ctx,
+                                                                           self.loss_cfg),
+                    f"step {step}, PPO epoch {epoch}")
+            except FloatingPointError as err:  # on every rank: the gradient norm is global
+                # The optimizer skipped this update; earlier epochs' updates stand.
+                raise StepFailure(describe(err), recoverable=epoch == 0) from None
             first = result if first is None else first
         return first, grad_norm
+
+    # -- a failed step (trainer/failure.py) --------------------------------------------------
+    def snapshot(self) -> StepSnapshot:
+        return StepSnapshot.take(self.loader, {"ssb": self.buffer.snapshot()})
+
+    def restore(self, snapshot: StepSnapshot) -> None:
+        snapshot.restore(self.loader)
+        self.buffer.restore_snapshot(snapshot.extra["ssb"])
 
     @contextmanager
     def _reference_weights(self) -> Iterator[None]:

@@ -24,6 +24,7 @@ from megatron_r1v.data.loader import PairLoader
 from megatron_r1v.data.packing import pack_pairs
 from megatron_r1v.losses.mpo import MPOLossConfig, RewardMean
 from megatron_r1v.platform import ParallelContext
+from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
 from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward
 from megatron_r1v.trainer.reference_cache import ReferenceLogprobs
 from megatron_r1v.trainer.schedule import optimizer_step
@@ -63,19 +64,27 @@ class MPOTrainer:
 
     def step(self, step: int) -> dict[str, float]:
         ctx, t_start = self.ctx, time.perf_counter()
-        items = self.loader.next_batch(self.cfg.mpo.pairs_per_step)
-        missing = [it.record.id for it in items if it.record.id not in self.reference]
-        if missing:
-            raise KeyError(f"no reference log-probs for pairs {missing[:3]}: the reference cache does not match "
-                           "this run's data")
+        items, failure = [], None
+        try:
+            items = self.loader.next_batch(self.cfg.mpo.pairs_per_step)
+            missing = [it.record.id for it in items if it.record.id not in self.reference]
+            if missing:
+                raise KeyError(f"no reference log-probs for pairs {missing[:3]}: the reference cache does not "
+                               "match this run's data")
+        except Exception as err:  # a data error on any rank stops every rank, safely (trainer/failure.py)
+            failure = describe(err)
+        agree_on_failure(failure, ctx.device, ctx.rank)
         count = torch.tensor([float(len(items))], dtype=torch.float64, device=ctx.device)
         torch.distributed.all_reduce(count, group=ctx.dp_group)
         delta = self.reward_mean.mean
         microbatches = self._microbatches(items)
-        result, grad_norm = optimizer_step(
-            self.ddp, self.optimizer,
-            lambda: mpo_forward_backward(self.ddp, microbatches, ctx, self.loss_cfg, delta, int(count.item())),
-            f"step {step}")
+        try:
+            result, grad_norm = optimizer_step(
+                self.ddp, self.optimizer,
+                lambda: mpo_forward_backward(self.ddp, microbatches, ctx, self.loss_cfg, delta, int(count.item())),
+                f"step {step}")
+        except FloatingPointError as err:  # on every rank; the optimizer skipped the update
+            raise StepFailure(describe(err), recoverable=True) from None
         self.reward_mean.update_sum((result.reward_chosen + result.reward_rejected) * result.pairs, 2 * result.pairs)
         return {
             "mpo/loss": result.loss, "mpo/pref_loss": result.preference, "mpo/quality_loss": result.quality,
@@ -84,6 +93,14 @@ class MPOTrainer:
             "mpo/rejected_reward": result.reward_rejected, "train/grad_norm": float(grad_norm or 0.0),
             "perf/step_time_s": time.perf_counter() - t_start,
         }
+
+    # -- a failed step (trainer/failure.py) --------------------------------------------------
+    def snapshot(self) -> StepSnapshot:
+        return StepSnapshot.take(self.loader, {"reward_mean": self.reward_mean.state_dict()})
+
+    def restore(self, snapshot: StepSnapshot) -> None:
+        snapshot.restore(self.loader)
+        self.reward_mean.load_state_dict(snapshot.extra["reward_mean"])
 
     # -- checkpoint hooks (trainer/checkpoint.py) ------------------------------------------
     def rank_state(self) -> dict:

@@ -8,7 +8,8 @@ take every dp-th pair, each replica runs Megatron's schedule, then everything is
 gathered), and stored as
 
     <cache dir>/reference_logprobs-<key>.npz     ids, chosen, rejected (float64)
-    <cache dir>/reference_logprobs-<key>.json    what the key was made of (for people)
+    <cache dir>/reference_logprobs-<key>.json    what the key was made of (for people), and
+                                                 the .npz file's size and SHA-256
 
 ``key`` is a hash of everything that changes the numbers: the data file's bytes and the
 size and mtime of each image, the initial checkpoint (every file's name, size and mtime;
@@ -17,7 +18,8 @@ tiling settings, the parallel layout of a random initialization. A changed input
 a new key: the old file is stale, is removed, and the numbers are recomputed. A resumed
 run finds the file of its key, so it never recomputes with trained weights; if the cache
 was deleted, the build recomputes it before the training checkpoint is loaded, with the
-initial weights.
+initial weights. A cache file that fails its hash or cannot be read is reported by name
+and recomputed the same way (the weights are still the initial policy's at that point).
 """
 
 from __future__ import annotations
@@ -91,23 +93,45 @@ def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def load_cached(cache_dir: Path, key: str) -> Optional[ReferenceLogprobs]:
+class DamagedCache(ValueError):
+    """The cache file of this run's key exists but cannot be trusted (message: file and cause)."""
+
+
+def load_cached(cache_dir: Path, key: str, pair_ids: Sequence[str]) -> Optional[ReferenceLogprobs]:
+    """The cached values of ``key``; None when there is no file; :class:`DamagedCache` when
+    the file does not match the hash its sidecar recorded, cannot be read, or lacks pairs."""
     path = cache_dir / f"{PREFIX}{key}.npz"
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        return {str(i): (float(c), float(r)) for i, c, r in zip(data["ids"], data["chosen"], data["rejected"])}
+    sidecar = cache_dir / f"{PREFIX}{key}.json"
+    try:
+        recorded = json.loads(sidecar.read_text()).get("npz") if sidecar.is_file() else None
+        if recorded is not None and (path.stat().st_size != recorded["size"]
+                                     or _file_digest(path) != recorded["sha256"]):
+            raise DamagedCache(f"{path}: size or SHA-256 differs from what {sidecar.name} recorded")
+        with np.load(path, allow_pickle=False) as data:
+            values = {str(i): (float(c), float(r)) for i, c, r in zip(data["ids"], data["chosen"], data["rejected"])}
+    except DamagedCache:
+        raise
+    except Exception as err:  # zipfile, numpy and json raise several types for damaged files
+        raise DamagedCache(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
+    missing = [i for i in pair_ids if i not in values]
+    if missing:
+        raise DamagedCache(f"{path}: lacks {len(missing)} of the run's {len(pair_ids)} pairs (e.g. {missing[0]!r})")
+    return values
 
 
 def write_cache(cache_dir: Path, key: str, inputs: dict, values: ReferenceLogprobs) -> Path:
-    """Writes the cache atomically and removes files of other (stale) keys."""
+    """Writes the cache atomically, its sidecar (with the file's size and SHA-256) after it,
+    and removes files of other (stale) keys."""
     final = cache_dir / f"{PREFIX}{key}.npz"
     ids = sorted(values)
     with atomic_file(final, "wb") as handle:
         np.savez(handle, ids=np.array(ids, dtype=str), chosen=np.array([values[i][0] for i in ids], dtype=np.float64),
                  rejected=np.array([values[i][1] for i in ids], dtype=np.float64))
-    write_text_atomic(cache_dir / f"{PREFIX}{key}.json",
-                      json.dumps({k: v for k, v in inputs.items() if k != "pairs"}, indent=1))
+    described = {k: v for k, v in inputs.items() if k != "pairs"}
+    described["npz"] = {"size": final.stat().st_size, "sha256": _file_digest(final)}
+    write_text_atomic(cache_dir / f"{PREFIX}{key}.json", json.dumps(described, indent=1))
     for stale in cache_dir.glob(f"{PREFIX}*"):
         if not stale.name.startswith(f"{PREFIX}{key}."):
             stale.unlink()
@@ -161,7 +185,12 @@ def reference_logprobs(cfg: RunConfig, ctx: ParallelContext, model, loader: Pair
     inputs = cache_inputs(cfg, ctx, loader.records) if cache_dir else None
     key = cache_key(inputs) if inputs else None
     if cache_dir:
-        cached = load_cached(Path(cache_dir), key)
+        try:
+            cached = load_cached(Path(cache_dir), key, [r.id for r in loader.records])
+        except DamagedCache as err:  # recomputing is safe: the weights are still the initial policy's
+            cached = None
+            if ctx.rank == 0:
+                print(f"warning: reference log-probs: {err}; recomputing them", flush=True)
         if cached is not None:
             if ctx.rank == 0:
                 print(f"reference log-probs: {len(cached)} pairs from {cache_dir} (key {key})", flush=True)

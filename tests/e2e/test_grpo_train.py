@@ -39,14 +39,18 @@ def served_reward(tmp_path, reward_tools, num_prompts: int, seed: int):
 def _run(tmp_path, name, steps, *extra):
     """``steps`` GRPO steps (TP=2 recipe) saving to ``tmp_path/name``, metrics to ``name.jsonl``;
     later ``--set`` in ``extra`` override the earlier ones."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
-           "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
-           "--set", "logging.tensorboard_dir=null", "--set", f"train.steps={steps}",
-           "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path)
+    proc = subprocess.run(_command(tmp_path, name, steps, *extra), capture_output=True, text=True, timeout=900,
+                          env=ENV, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def _command(tmp_path, name, steps, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
+            "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
+            "--set", "logging.tensorboard_dir=null", "--set", f"train.steps={steps}",
+            "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
 
 
 def _metrics(tmp_path, name) -> list[dict]:
@@ -110,7 +114,11 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
 
 
 def test_resume_is_bit_identical(tmp_path, reward_tools):
-    """6 steps in one run == 3 steps, then --resume for 3 more: metrics, weights, optimizer, SSB."""
+    """6 steps in one run == a run whose reward server goes down for good after its first
+    step (it stops with a checkpoint of the last finished step and exit 1), then --resume
+    with a server back up: metrics, weights, optimizer, SSB. (trainer/failure.py)"""
+    import time
+
     import torch
 
     from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
@@ -118,10 +126,30 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
     with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
         every3 = [*reward_args, "--set", "train.save_interval=3"]
         _run(tmp_path, "full", 6, *every3)
-        _run(tmp_path, "split", 3, *every3)
-        # The same save_dir, now asked for 6 steps: continues after step 3.
+        with reward_tools.serve(tmp_path / "rm", tmp_path / "rm2.log") as second:
+            split = subprocess.Popen(
+                _command(tmp_path, "split", 6, *every3, "--set", f"reward.reward_model_url={second['url']}",
+                         "--set", "reward.model_retry_s=2", "--set", "reward.model_backoff_s=0.5"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+            deadline = time.monotonic() + 600
+            while not (tmp_path / "split.jsonl").exists() or not (tmp_path / "split.jsonl").read_text().strip():
+                assert split.poll() is None and time.monotonic() < deadline, split.communicate()[1][-4000:]
+                time.sleep(0.2)
+        # The server is gone (past the 2 s retry budget): the run stops safely.
+        out, err = split.communicate(timeout=600)
+        status = json.loads((tmp_path / "split" / "run_status.json").read_text())
+        done = status["completed_steps"]
+        assert split.returncode != 0 and status["state"] == "failed" and 1 <= done < 6, out[-2000:] + err[-4000:]
+        assert "RewardServerError: reward model server at" in status["error"] and "retry budget" in status["error"]
+        assert status["checkpoint"] == f"step_{done:06d}"  # a stop checkpoint, not only the every-3 ones
+        assert (tmp_path / "split" / "latest").read_text().strip() == f"step_{done:06d}"
+        assert f"error: step {done + 1}/6 failed: rank 0: RewardServerError" in err
+        assert f"holds the state after step {done}; fix the cause and continue with --resume" in err
+        assert "attempt 1 failed" in err  # every retry was logged
+        assert [m["step"] for m in _metrics(tmp_path, "split")] == list(range(done))
+        # The server is back (the first one, still up): resume for the remaining steps.
         proc = _run(tmp_path, "split", 6, *every3, "--resume")
-    assert "resumed from" in proc.stdout and "after step 3" in proc.stdout
+    assert "resumed from" in proc.stdout and f"after step {done}" in proc.stdout
     full, split = _metrics(tmp_path, "full"), _metrics(tmp_path, "split")
     assert [m["step"] for m in split] == list(range(6))
     drop = ("perf/",)  # timings differ; everything else, the gradient norm included, must not
@@ -141,7 +169,7 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
                 assert torch.equal(torch.as_tensor(va[name]), torch.as_tensor(vb[name])), (rank, pa, name)
     for key in a.keys():
         assert torch.equal(a.read(key), b.read(key)), key
-    start = TorchDistReader(tmp_path / "split" / "step_000003" / "model")
+    start = TorchDistReader(tmp_path / "split" / f"step_{done:06d}" / "model")
     assert any(not torch.equal(start.read(k), a.read(k)) for k in a.keys() if "adapter" in k)  # it trained
 
 

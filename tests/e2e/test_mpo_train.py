@@ -8,6 +8,7 @@ exports to an HF checkpoint that the next stage can start from.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,16 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _run(tmp_path, name, steps, *extra, data="data"):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+def _run(tmp_path, name, steps, *extra, data="data", expect_ok=True):
+    proc = subprocess.run(_command(tmp_path, name, steps, *extra, data=data), capture_output=True, text=True,
+                          timeout=900, env=ENV, cwd=tmp_path)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _command(tmp_path, name, steps, *extra, data="data") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_mpo_cpu.yaml"),
            "--set", f"data.train_path={tmp_path / data / 'preferences.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
            "--set", f"logging.tensorboard_dir={tmp_path / name / 'tb'}", "--set", f"train.steps={steps}",
@@ -31,9 +40,6 @@ def _run(tmp_path, name, steps, *extra, data="data"):
            # A decaying learning rate, so the resumed run must also restore the schedule.
            "--set", "optimizer.lr_decay_style=cosine", "--set", "optimizer.min_lr=1.0e-4",
            "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 def _metrics(tmp_path, name) -> list[dict]:
@@ -91,7 +97,7 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     (tmp_path / "data2").mkdir()
     lines = (tmp_path / "data" / "preferences.jsonl").read_text().splitlines()
     (tmp_path / "data2" / "preferences.jsonl").write_text("\n".join(lines[:-1]).replace("images/", "../data/images/") + "\n")
-    again = _run(tmp_path, "full", 1, "--set", f"mpo.reference_cache={cache}", data="data2")
+    again = _run(tmp_path, "again", 1, "--set", f"mpo.reference_cache={cache}", data="data2")
     assert "stale" in again.stdout and "pairs from" not in again.stdout
     after = sorted(p.name for p in cache.glob("*.npz"))
     assert len(after) == 1 and after != before
@@ -102,3 +108,27 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     assert (tmp_path / "hf" / "config.json").is_file()
+
+    # Damage is named, never trained on or exported: one flipped byte in a model fragment
+    # of the newest checkpoint (same size) stops --resume, export and the offline check,
+    # each naming the file (checkpoint/manifest.py).
+    shutil.copytree(tmp_path / "split", tmp_path / "damaged")
+    fragment = sorted((tmp_path / "damaged" / "step_000006" / "model").glob("*.distcp"))[0]
+    data = bytearray(fragment.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    fragment.write_bytes(bytes(data))
+    resume = _run(tmp_path, "damaged", 6, "--resume", expect_ok=False)
+    assert resume.returncode == 1, resume.stdout[-2000:] + resume.stderr[-4000:]
+    assert f"failed its integrity check: {fragment}: content differs from the manifest" in resume.stderr
+    assert json.loads((tmp_path / "damaged" / "run_status.json").read_text())["state"] == "failed"
+    export = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint.py"), "export", "--mcore-dir",
+                             str(fragment.parent), "--out", str(tmp_path / "hf_damaged")],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert export.returncode != 0 and f"{fragment.name}: content differs" in export.stderr, export.stderr[-3000:]
+    assert not (tmp_path / "hf_damaged").exists()
+    for folder, ok in ((tmp_path / "split" / "step_000006", True), (tmp_path / "damaged" / "step_000006", False)):
+        check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity", str(folder)],
+                               capture_output=True, text=True, env=ENV, timeout=300)
+        report = json.loads(check.stdout)
+        assert report["pass"] is ok and check.returncode == (0 if ok else 1), check.stdout + check.stderr[-2000:]
+        assert ok or fragment.name in report["error"]

@@ -83,7 +83,7 @@ def post(url, body: bytes):
 def test_scores_match_the_model_in_process(server, reference_scores):
     sleeps = []
     # Client batches of 4 (4 + 3 texts); the server runs forward batches of at most 3.
-    client = RewardModelClient(server, timeout_s=30, max_retries=0, batch_size=4, sleep=sleeps.append)
+    client = RewardModelClient(server, timeout_s=30, retry_s=0, batch_size=4, sleep=sleeps.append)
     scores = client.score(TEXTS)
     # fp32, padded batch vs a text alone: only summation order differs (~1e-7).
     assert max(abs(a - b) for a, b in zip(scores, reference_scores)) < 1e-5
@@ -132,7 +132,7 @@ def test_unknown_path_is_404(server):
 
 def test_4xx_is_not_retried(server):
     sleeps = []
-    client = RewardModelClient(server, max_retries=3, backoff_s=1.0, batch_size=16, sleep=sleeps.append)
+    client = RewardModelClient(server, retry_s=60, backoff_s=1.0, batch_size=16, sleep=sleeps.append)
     with pytest.raises(RewardServerError) as info:
         client.score(["a"] * 10)
     assert sleeps == [] and info.value.attempts == 1 and info.value.status == 400
@@ -157,27 +157,50 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_server_down_retries_with_backoff_then_raises():
+def test_server_down_retries_with_backoff_within_the_budget_then_raises(caplog):
     port = closed_port()
     sleeps = []
-    client = RewardModelClient(f"http://127.0.0.1:{port}", max_retries=3, backoff_s=0.5, sleep=sleeps.append)
-    with pytest.raises(RewardServerError) as info:
-        client.score(["a", "b"])
-    assert sleeps == [0.5, 1.0, 2.0]  # 3 retries, doubling
+    # Budget 3.5 s: sleeps 0.5 + 1 + 2 fit, the next 4 would not.
+    client = RewardModelClient(f"http://127.0.0.1:{port}", retry_s=3.5, backoff_s=0.5, sleep=sleeps.append)
+    with caplog.at_level("WARNING", logger="megatron_r1v.rewards.reward_model"):
+        with pytest.raises(RewardServerError) as info:
+            client.score(["a", "b"])
+    assert sleeps == [0.5, 1.0, 2.0]  # doubling
     assert info.value.attempts == 4 and info.value.url == f"http://127.0.0.1:{port}/score"
     message = str(info.value)
-    assert message.startswith(f"reward model server at http://127.0.0.1:{port}/score failed after 4 attempts "
-                              "(3 retries); last error: cannot connect:")
+    assert message.startswith(f"reward model server at http://127.0.0.1:{port}/score failed 4 attempt(s) over 3.5 s "
+                              "(retry budget reward.model_retry_s=3.5 s); last error: cannot connect:")
     assert "Connection refused" in message
+    # Every failed attempt that is retried is logged, with the wait and the budget.
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 3 and all(f"127.0.0.1:{port}/score: attempt" in m for m in logged)
+    assert "attempt 3 failed (cannot connect:" in logged[2] and "retrying in 2.0 s (1.5 of the 3.5 s" in logged[2]
 
 
 def test_backoff_is_capped():
     sleeps = []
-    client = RewardModelClient(f"http://127.0.0.1:{closed_port()}", max_retries=5, backoff_s=1.0,
+    client = RewardModelClient(f"http://127.0.0.1:{closed_port()}", retry_s=12, backoff_s=1.0,
                                max_backoff_s=3.0, sleep=sleeps.append)
-    with pytest.raises(RewardServerError, match="failed after 6 attempts"):
+    with pytest.raises(RewardServerError, match="failed 6 attempt"):
         client.health()
     assert sleeps == [1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+def test_budget_counts_wall_time_of_slow_attempts():
+    """Attempts that each take long (a silent server's timeouts) use up the budget too."""
+    now = [0.0]
+
+    def slow_clock():
+        now[0] += 10.0  # every clock reading is 10 s later: attempts are slow
+        return now[0]
+
+    sleeps = []
+    client = RewardModelClient(f"http://127.0.0.1:{closed_port()}", retry_s=25, backoff_s=1.0,
+                               sleep=sleeps.append, clock=slow_clock)
+    # Clock readings 10 s apart: 10 s spent after attempt 1, 20 s after 2, 30 s after 3 > 25.
+    with pytest.raises(RewardServerError, match=r"failed 3 attempt\(s\) over 30\.0 s"):
+        client.health()
+    assert sleeps == [1.0, 2.0]
 
 
 def test_silent_server_times_out_and_is_retried():
@@ -188,19 +211,20 @@ def test_silent_server_times_out_and_is_retried():
         sock.listen(8)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         sleeps = []
-        client = RewardModelClient(url, timeout_s=0.2, max_retries=1, backoff_s=0.01, sleep=sleeps.append)
+        # Each attempt takes the 0.5 s timeout: the budget of 0.8 s holds one retry, never two.
+        client = RewardModelClient(url, timeout_s=0.5, retry_s=0.8, backoff_s=0.01, sleep=sleeps.append)
         start = time.monotonic()
         with pytest.raises(RewardServerError) as info:
             client.score(["a"])
         assert time.monotonic() - start < 10
     assert sleeps == [0.01] and info.value.attempts == 2
-    assert "failed after 2 attempts (1 retries); last error: timed out after 0.2 s" in str(info.value)
+    assert "failed 2 attempt(s) over " in str(info.value) and "last error: timed out after 0.5 s" in str(info.value)
 
 
 class StubServer:
     """An in-thread HTTP server answering POST /score from a list of (status, payload)."""
 
-    def __init__(self, answers):
+    def __init__(self, answers, port: int = 0):
         self.answers = list(answers)
         self.requests = []
         stub = self
@@ -219,10 +243,14 @@ class StubServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         # A short poll interval: shutdown() waits for the serve loop to look up.
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    @classmethod
+    def on_port(cls, port: int, answers) -> "StubServer":
+        return cls(answers, port=port)
 
     def __enter__(self):
         self.thread.start()
@@ -238,7 +266,7 @@ def test_5xx_is_retried_until_success():
     answers = [(503, {"error": "overloaded"}), (500, {"error": "CUDA OOM"}), (200, {"scores": [0.5, -1.5]})]
     sleeps = []
     with StubServer(answers) as stub:
-        client = RewardModelClient(stub.url, max_retries=2, backoff_s=0.1, sleep=sleeps.append)
+        client = RewardModelClient(stub.url, retry_s=60, backoff_s=0.1, sleep=sleeps.append)
         assert client.score(["a", "b"]) == [0.5, -1.5]
     assert sleeps == [0.1, 0.2] and stub.requests == [{"texts": ["a", "b"]}] * 3
 
@@ -246,12 +274,12 @@ def test_5xx_is_retried_until_success():
 def test_5xx_that_persists_names_the_last_error():
     sleeps = []
     with StubServer([(503, {"error": "overloaded"})]) as stub:
-        client = RewardModelClient(stub.url, max_retries=2, backoff_s=0.1, sleep=sleeps.append)
+        client = RewardModelClient(stub.url, retry_s=0.35, backoff_s=0.1, sleep=sleeps.append)  # 0.1 + 0.2 fit
         with pytest.raises(RewardServerError) as info:
             client.score(["a"])
     assert len(stub.requests) == 3 and sleeps == [0.1, 0.2] and info.value.status == 503
-    assert str(info.value) == (f"reward model server at {stub.url}/score failed after 3 attempts (2 retries); "
-                               "last error: HTTP 503: overloaded")
+    assert str(info.value) == (f"reward model server at {stub.url}/score failed 3 attempt(s) over 0.3 s (retry "
+                               "budget reward.model_retry_s=0.35 s); last error: HTTP 503: overloaded")
 
 
 def test_batches_and_reply_checks():
@@ -274,3 +302,27 @@ def test_client_argument_errors():
         RewardModelClient("http://127.0.0.1:1", batch_size=0)
     with pytest.raises(TypeError, match=r"texts\[1\] is int, expected str"):
         RewardModelClient("http://127.0.0.1:1").score(["a", 1])
+
+
+def test_server_back_within_the_budget_is_not_a_failure():
+    """A server restarting (down for ~1 s, then up on the same port) inside the retry
+    budget: the request succeeds after logged retries; nothing is raised."""
+    port = closed_port()
+    ready = threading.Event()
+
+    def restart_later():
+        time.sleep(1.0)
+        with StubServer.on_port(port, [(200, {"scores": [0.25]})]):
+            ready.set()
+            done.wait(30)
+
+    done = threading.Event()
+    thread = threading.Thread(target=restart_later, daemon=True)
+    thread.start()
+    client = RewardModelClient(f"http://127.0.0.1:{port}", retry_s=20, backoff_s=0.2)
+    try:
+        assert client.score(["a"]) == [0.25]
+    finally:
+        done.set()
+        thread.join(30)
+    assert ready.is_set()

@@ -273,14 +273,14 @@ def test_from_config():
     sleeps = []
     reward = HybridReward.from_config(
         RewardConfig(model_weight=0.5, reward_model_url="http://127.0.0.1:9/", model_timeout_s=2.0,
-                     model_max_retries=4, model_backoff_s=0.25, model_batch_size=7, model_calibration="clip",
+                     model_retry_s=45.0, model_backoff_s=0.25, model_batch_size=7, model_calibration="clip",
                      model_threshold=3.0),
         think_opened_by_prompt=False, sleep=sleeps.append,
     )
     client = reward.scorer
     assert isinstance(client, RewardModelClient)
-    assert (client.url, client.timeout_s, client.max_retries, client.backoff_s, client.batch_size) == (
-        "http://127.0.0.1:9", 2.0, 4, 0.25, 7)
+    assert (client.url, client.timeout_s, client.retry_s, client.backoff_s, client.batch_size) == (
+        "http://127.0.0.1:9", 2.0, 45.0, 0.25, 7)
     assert client.sleep == sleeps.append
     assert (reward.model_weight, reward.model_calibration, reward.model_threshold, reward.think_opened_by_prompt) == (
         0.5, "clip", 3.0, False)
@@ -296,7 +296,7 @@ def test_from_config():
     [
         ({"model_weight": 1.0}, r"reward\.model_weight=1 needs reward\.reward_model_url"),
         ({"model_calibration": "tanh"}, r"reward\.model_calibration: 'tanh' is not one of"),
-        ({"model_max_retries": -1}, r"reward\.model_max_retries must be >= 0, got -1"),
+        ({"model_retry_s": -1.0}, r"reward\.model_retry_s must be >= 0, got -1"),
         ({"model_timeout_s": 0.0}, r"reward\.model_timeout_s must be > 0"),
         ({"model_batch_size": 0}, r"reward\.model_batch_size must be >= 1"),
         ({"rule_weight": float("nan")}, r"reward\.rule_weight must be finite"),
@@ -311,8 +311,8 @@ def test_reward_config_from_yaml_overrides():
     from megatron_r1v.config import load_config
 
     cfg = load_config(None, ["reward.model_calibration=sigmoid", "reward.model_threshold=1.5",
-                             "reward.model_max_retries=5"])
-    assert (cfg.reward.model_calibration, cfg.reward.model_threshold, cfg.reward.model_max_retries) == (
-        "sigmoid", 1.5, 5)
+                             "reward.model_retry_s=5"])
+    assert (cfg.reward.model_calibration, cfg.reward.model_threshold, cfg.reward.model_retry_s) == (
+        "sigmoid", 1.5, 5.0)
     with pytest.raises(ValueError, match=r"'reward\.model_calibration': 'tanh' is not one of"):
         load_config(None, ["reward.model_calibration=tanh"])

@@ -9,8 +9,17 @@ import pytest
 import zarr
 
 from megatron_r1v.config import SSBConfig
-from megatron_r1v.ssb import (SelectiveSampleBuffer, SSBGroup, balance_drops, load, persist, plan_batch,
-                              read_metadata, reuse_count, save)
+from megatron_r1v.ssb import (
+    SelectiveSampleBuffer,
+    SSBGroup,
+    balance_drops,
+    load,
+    persist,
+    plan_batch,
+    read_metadata,
+    reuse_count,
+    save,
+)
 
 
 def make_group(prompt_id: str, step: int, advantages, seed: int = 0, rewards=None, images=("a.png",)) -> SSBGroup:
@@ -280,9 +289,10 @@ def test_store_errors_name_the_file(tmp_path):
     save(varied_buffer(), tmp_path / "ssb", step=3)
     root = zarr.open_group(str(tmp_path / "ssb"), mode="r+")
     root.attrs["format_version"] = 99
-    with pytest.raises(ValueError, match=r"ssb/\.zattrs: SSB store format version 99, this code reads version 1"):
+    with pytest.raises(ValueError,
+                       match=r"ssb/\.zattrs: SSB store format version 99, this code reads versions \(1, 2\)"):
         load(tmp_path / "ssb")
-    root.attrs.update({"format_version": 1, "dp_size": 2})
+    root.attrs.update({"format_version": 2, "dp_size": 2})
     with pytest.raises(ValueError, match=r"shard rank_00001 is missing"):
         load(tmp_path / "ssb", dp_rank=0, dp_size=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -290,6 +300,41 @@ def test_store_errors_name_the_file(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match=r"plain/\.zattrs: not"):
         load(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("array", ["old_logprobs", "loss_mask", "rewards", "times_drawn", "token_ids", "advantages"])
+def test_damaged_array_is_named_not_trained_on(tmp_path, array):
+    """A deleted chunk reads back as zeros (zarr's fill value) and an altered one as other
+    values: either way the per-group checksum must catch it, whichever array it hit."""
+    buf = varied_buffer()
+    save(buf, tmp_path / "ssb", step=3)
+    shard = tmp_path / "ssb" / "rank_00000"
+    chunks = [p for p in (shard / array).iterdir() if not p.name.startswith(".")]
+    assert chunks, f"{array} has no chunk files"
+    for chunk in chunks:
+        chunk.unlink()  # the lost chunk of the issue's repro
+    with pytest.raises(ValueError, match=r"rank_00000: group \d+ \(prompt .*\) does not match its stored uid / "
+                                         r"checksum; the SSB store is damaged"):
+        load(tmp_path / "ssb")
+
+
+def test_truncated_chunk_names_the_array(tmp_path):
+    save(varied_buffer(), tmp_path / "ssb", step=3)
+    chunk = next(p for p in (tmp_path / "ssb" / "rank_00000" / "old_logprobs").iterdir() if p.name[0] != ".")
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    with pytest.raises(ValueError, match=r"rank_00000/old_logprobs: cannot be read .*the SSB store is damaged"):
+        load(tmp_path / "ssb")
+
+
+def test_version_1_store_loads_without_checksum(tmp_path):
+    import shutil
+
+    buf = varied_buffer()
+    save(buf, tmp_path / "ssb", step=3)
+    root = zarr.open_group(str(tmp_path / "ssb"), mode="r+")
+    root.attrs["format_version"] = 1
+    shutil.rmtree(tmp_path / "ssb" / "rank_00000" / "checksum")  # what version 1 wrote
+    assert [g.uid for g in load(tmp_path / "ssb").groups] == [g.uid for g in buf.groups]
 
 
 def test_config_validation_names_the_key():

@@ -67,3 +67,44 @@ def test_settings_that_cannot_run_here(base):
             preflight(load_config(None, hf + ["model.fp8.format=hybrid"]))
         with pytest.raises(ValueError, match=r"parallel\.cp=2: context parallelism needs CUDA"):
             preflight(load_config(None, hf + ["parallel.cp=2"]))
+
+
+def test_reward_server_must_answer_before_the_first_step(base, monkeypatch, caplog):
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    hf = [o for o in base if not o.startswith("rollout.engine")]
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = hf + ["reward.model_weight=1.0", f"reward.reward_model_url=http://127.0.0.1:{port}",
+                 "reward.model_retry_s=0.3", "reward.model_backoff_s=0.1"]
+    with caplog.at_level("WARNING", logger="megatron_r1v.rewards.reward_model"):
+        with pytest.raises(ValueError, match=rf"reward\.reward_model_url: reward model server at "
+                                             rf"http://127\.0\.0\.1:{port}/health failed \d attempt"):
+            preflight(load_config(None, down))
+    assert any("attempt 1 failed (cannot connect" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("RANK", "3")
+    preflight(load_config(None, down))  # one request per job: rank 0's
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("RANK", "0")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        up = hf + ["reward.model_weight=1.0", f"reward.reward_model_url=http://127.0.0.1:{server.server_address[1]}"]
+        preflight(load_config(None, up))
+    finally:
+        server.shutdown()
+        server.server_close()

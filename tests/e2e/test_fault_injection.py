@@ -1,0 +1,105 @@
+"""Fault injection on a tiny 2-rank MPO run (the stage with the shortest steps; the save
+path is the entry point's and the same for GRPO): a disk that fills during a save, on the
+rank that is not rank 0. Damage to each kind of checkpoint file is in
+tests/unit/test_manifest.py and tests/e2e/test_mpo_train.py, kill -9 mid-write in
+tests/unit/test_atomic_dir.py, a reward server that stays down in tests/e2e/test_grpo_train.py,
+a second trainer on one folder and a killed launcher in tests/e2e/test_graceful_stop.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_r1v.data.synthetic import generate_dataset
+from megatron_r1v.data.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _train(tmp_path, *extra, fault=None, steps=3) -> subprocess.CompletedProcess:
+    launch = [str(Path(__file__).parent / "fault_train.py")] if fault else ["-m", "megatron_r1v.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launch,
+           "--config", str(REPO / "examples/configs/tiny_mpo_cpu.yaml"),
+           "--set", f"data.train_path={tmp_path / 'data' / 'preferences.jsonl'}",
+           "--set", f"data.tokenizer={tmp_path / 'tok'}", "--set", f"train.steps={steps}",
+           "--set", "mpo.pairs_per_step=4", "--set", "train.save_interval=1", "--set", "logging.tensorboard_dir=null",
+           "--set", f"train.save_dir={tmp_path / 'run'}", "--metrics-jsonl", str(tmp_path / "metrics.jsonl"), *extra]
+    env = dict(ENV, R1V_FAULT=fault) if fault else ENV
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+
+
+def test_disk_full_during_a_save_is_named_and_loses_nothing(tmp_path):
+    generate_dataset(tmp_path / "data", 16, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    run = tmp_path / "run"
+    # The disk fills inside Megatron's model save of the first checkpoint, on rank 1: torch's
+    # CheckpointException is turned into one line naming the rank and the cause.
+    first = _train(tmp_path, fault="enospc:1:#1", steps=1)
+    assert first.returncode != 0 and (f"error: writing checkpoint {run / 'step_000001'} failed on rank 1: no space "
+                                      "left on the device; " in first.stderr), first.stderr[-4000:]
+    assert not (run / "latest").exists() and not [p for p in run.iterdir() if "step_" in p.name]
+    assert json.loads((run / "run_status.json").read_text())["checkpoint"] is None
+    assert not (tmp_path / "metrics.jsonl").exists()  # the step finished, its save did not: not logged
+
+    # Rank 1's own optimizer file of the step-2 checkpoint hits ENOSPC (rank 0 writes on and
+    # must not wait for it forever).
+    proc = _train(tmp_path, fault="enospc:1:step_000002.partial/rank_00001.pt")
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert (f"error: writing checkpoint {run / 'step_000002'} failed on rank 1: no space left on the device; "
+            in proc.stderr), proc.stderr[-4000:]
+    assert "MiB free of" in proc.stderr and "(the previous checkpoints are intact)" in proc.stderr
+    # Nothing half-written, nothing lost: step 1 is complete, verified and named by latest.
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".step", "step"))) == ["step_000001"]
+    assert (run / "latest").read_text().strip() == "step_000001"
+    check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity",
+                            str(run / "step_000001")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert json.loads(check.stdout)["pass"], check.stdout
+    status = json.loads((run / "run_status.json").read_text())
+    assert status["state"] == "failed" and "no space left" in status["error"]
+    assert status["completed_steps"] == 2 and status["checkpoint"] == "step_000001"
+    assert not (run / ".lock").exists()
+    # With space again, --resume continues from step 1.
+    resumed = _train(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "after step 1" in resumed.stdout and (run / "latest").read_text().strip() == "step_000003"
+    # Step index 1 finished but its save failed, so it was not logged; the resumed run redid it.
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_image_gone_mid_run_stops_with_a_checkpoint_and_resumes(tmp_path):
+    """data.on_bad_sample=error and the images disappear during training: the step fails on
+    the ranks that read them, every rank stops, the state after the last finished step is
+    saved (no interval checkpoint exists: save_interval 0), and --resume continues."""
+    import time
+
+    generate_dataset(tmp_path / "data", 16, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_mpo_cpu.yaml"),
+           "--set", f"data.train_path={tmp_path / 'data' / 'preferences.jsonl'}",
+           "--set", f"data.tokenizer={tmp_path / 'tok'}", "--set", "train.steps=400", "--set", "mpo.pairs_per_step=4",
+           "--set", "train.save_interval=0", "--set", "logging.tensorboard_dir=null",
+           "--set", f"mpo.reference_cache={tmp_path / 'cache'}",
+           "--set", f"train.save_dir={tmp_path / 'run'}", "--metrics-jsonl", str(tmp_path / "metrics.jsonl")]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 600
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-4000:]
+        time.sleep(0.2)
+    (tmp_path / "data" / "images").rename(tmp_path / "images_away")
+    out, err = job.communicate(timeout=600)
+    status = json.loads((tmp_path / "run" / "run_status.json").read_text())
+    done = status["completed_steps"]
+    assert job.returncode != 0 and status["state"] == "failed" and done >= 2, out[-2000:] + err[-4000:]
+    assert "ImageError" in status["error"] and f"error: step {done + 1}/400 failed: rank " in err
+    assert status["checkpoint"] == f"step_{done:06d}" and (tmp_path / "run" / f"step_{done:06d}").is_dir()
+    (tmp_path / "images_away").rename(tmp_path / "data" / "images")
+    resumed = subprocess.run([*cmd, "--resume", "--stop-after", "1"], capture_output=True, text=True, env=ENV,
+                             cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0 and f"after step {done}" in resumed.stdout, resumed.stderr[-4000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(done + 1))
