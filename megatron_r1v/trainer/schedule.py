@@ -14,7 +14,8 @@ schedules, the reductions of per-step sums, and the optimizer step.
   replicas (which saw different micro-batches), optionally over TP (where the TP ranks
   contributed one copy between them).
 - :func:`optimizer_step` zeroes the gradients, runs a forward/backward, steps the
-  optimizer and refuses a skipped (non-finite) update.
+  optimizer, and refuses non-finite gradients (:func:`gradients_finite`) or a skipped
+  update, leaving the weights untouched.
 """
 
 from __future__ import annotations
@@ -112,15 +113,35 @@ def sum_over_step(values: Sequence[float] | torch.Tensor, ctx: ParallelContext, 
 def optimizer_step(ddp_model, optimizer: MegatronOptimizer, forward_backward: Callable[[], Result],
                    where: str) -> tuple[Result, Optional[float]]:
     """Zeroes the gradients, runs ``forward_backward()`` (which leaves gradients in the DDP
-    buffers), steps the optimizer; returns (its result, the gradient norm). A step the
-    optimizer skips for non-finite gradients raises FloatingPointError naming ``where``."""
+    buffers), steps the optimizer; returns (its result, the gradient norm).
+
+    Non-finite gradients on any rank raise FloatingPointError naming ``where`` on every
+    rank, with the weights and the optimizer state untouched: checked here (one all-reduce)
+    because Megatron's fp32 optimizer would apply them, and a step the mixed-precision
+    optimizer skips for them raises the same."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     result = forward_backward()
+    if not gradients_finite(ddp_model):
+        raise FloatingPointError(f"{where}: non-finite gradients; the optimizer step was not taken")
     update_ok, grad_norm, _ = optimizer.step()
     if not update_ok:
         raise FloatingPointError(f"{where}: optimizer step skipped (non-finite gradients)")
     return result, grad_norm
+
+
+def gradients_finite(ddp_model) -> bool:
+    """Whether every rank's reduced gradients (``main_grad``) are finite (collective, MIN)."""
+    grads = [p.main_grad for p in ddp_model.parameters()
+             if p.requires_grad and getattr(p, "main_grad", None) is not None]
+    # A stage may hold no trainable parameter (frozen layers) and still takes part.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    finite = torch.ones(1, device=device)
+    for grad in grads:
+        finite = torch.minimum(finite, torch.isfinite(grad).all().to(finite.dtype))
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def attach_ddp_hooks(ddp_model: torch.nn.Module, optimizer: Optional[MegatronOptimizer] = None) -> None:

@@ -103,3 +103,31 @@ def test_image_gone_mid_run_stops_with_a_checkpoint_and_resumes(tmp_path):
                              cwd=tmp_path, timeout=900)
     assert resumed.returncode == 0 and f"after step {done}" in resumed.stdout, resumed.stderr[-4000:]
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(done + 1))
+
+
+def test_non_finite_gradients_stop_before_the_update_and_resume_identically(tmp_path):
+    """A NaN gradient on rank 1 in step 2: every rank refuses the update (weights and
+    optimizer state untouched), the stop checkpoint holds the state after step 1, and
+    --resume gives the uninterrupted run's metrics bit for bit."""
+    generate_dataset(tmp_path / "data", 16, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    cache = ["--set", f"mpo.reference_cache={tmp_path / 'cache'}", "--set", "train.save_interval=0"]
+    full = _train(tmp_path, *cache, "--set", f"train.save_dir={tmp_path / 'full'}",
+                  "--metrics-jsonl", str(tmp_path / "full.jsonl"))
+    assert full.returncode == 0, full.stderr[-4000:]
+    failed = _train(tmp_path, *cache, fault="nan:1:2")
+    run = tmp_path / "run"
+    status = json.loads((run / "run_status.json").read_text())
+    assert failed.returncode != 0 and status["state"] == "failed", failed.stderr[-4000:]
+    assert status["completed_steps"] == 1 and status["checkpoint"] == "step_000001"
+    assert "FloatingPointError: step 1: non-finite gradients; the optimizer step was not taken" in status["error"]
+    assert "error: step 2/3 failed: FloatingPointError" in failed.stderr
+    resumed = _train(tmp_path, *cache, "--resume")
+    assert resumed.returncode == 0 and "after step 1" in resumed.stdout, resumed.stderr[-4000:]
+
+    def metrics(path):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}
+                for line in path.read_text().splitlines()]
+
+    assert metrics(tmp_path / "metrics.jsonl") == metrics(tmp_path / "full.jsonl")

@@ -129,3 +129,25 @@ def test_signal_stops_with_checkpoint_and_resumes(tmp_path):
     assert (tmp_path / "run" / "latest").read_text().strip() == f"step_{third_stop:06d}"
     assert not (tmp_path / "run" / ".lock").exists()
     assert _steps_logged(tmp_path) == list(range(third_stop))
+
+
+def test_signal_during_the_build_says_no_checkpoint_was_written(tmp_path):
+    # 300 records: the build computes reference log-probs of ~100 pairs, seconds of work
+    # inside which the signal lands.
+    generate_dataset(tmp_path / "data", 300, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    job = _start(tmp_path)
+    status_file, deadline = tmp_path / "run" / "run_status.json", time.monotonic() + 300
+    # "running" is written after the stop handlers are in and before the model build.
+    while not status_file.exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-4000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # rank 1 installs its handlers at about the same moment
+    os.kill(job.pid, signal.SIGTERM)  # torchrun forwards it, then exits non-zero as it does after any signal
+    out, err = job.communicate(timeout=600)
+    assert "stopped by SIGTERM after step 0/400: no checkpoint written (no step had finished)" in out
+    status = _status(tmp_path)
+    assert (status["state"], status["completed_steps"], status["checkpoint"], status["signal"]) == \
+        ("stopped", 0, None, "SIGTERM")
+    assert not (tmp_path / "run" / "latest").exists() and _steps_logged(tmp_path) == []
