@@ -2,7 +2,8 @@
 with one fault injected, for tests/e2e/test_fault_injection.py.
 
 R1V_FAULT=enospc:RANK:MATCH makes ``torch.save`` on rank RANK raise ``OSError(ENOSPC)``,
-as a disk that fills during a checkpoint save does: MATCH ``#N`` fails the N-th call (the
+as a disk that fills during a checkpoint save does (``kill:RANK:MATCH``: SIGKILL the rank
+there instead, a kill -9 in the middle of a save): MATCH ``#N`` fails the N-th call (the
 first ones are Megatron's dist-checkpoint writes of the first save), any other MATCH the
 first call whose destination path contains it. R1V_FAULT=nan:RANK:N puts a NaN into one
 gradient on rank RANK in the N-th optimizer step (after the backward pass, before the
@@ -11,6 +12,7 @@ step). The faults wrap library calls, so the trainer runs unchanged.
 
 import errno
 import os
+import signal
 import sys
 
 import torch
@@ -20,7 +22,7 @@ from megatron_r1v.train import main
 
 def _inject(spec: str) -> None:
     kind, rank, match = spec.split(":", 2)
-    if kind not in ("enospc", "nan"):
+    if kind not in ("enospc", "kill", "nan"):
         raise SystemExit(f"unknown fault {spec!r}")
     if os.environ.get("RANK", "0") != rank:
         return
@@ -33,6 +35,8 @@ def _inject(spec: str) -> None:
         calls[0] += 1
         hit = calls[0] == int(match[1:]) if match.startswith("#") else isinstance(f, (str, os.PathLike)) and \
             match in str(f)
+        if hit and kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         if hit:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(obj, f, *args, **kwargs)

@@ -27,8 +27,27 @@ def _train(tmp_path, *extra, fault=None, steps=3) -> subprocess.CompletedProcess
            "--set", f"data.tokenizer={tmp_path / 'tok'}", "--set", f"train.steps={steps}",
            "--set", "mpo.pairs_per_step=4", "--set", "train.save_interval=1", "--set", "logging.tensorboard_dir=null",
            "--set", f"train.save_dir={tmp_path / 'run'}", "--metrics-jsonl", str(tmp_path / "metrics.jsonl"), *extra]
-    env = dict(ENV, R1V_FAULT=fault) if fault else ENV
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    env = dict(ENV, R1V_FAULT=fault, R1V_TEST_RUN=str(tmp_path)) if fault else dict(ENV, R1V_TEST_RUN=str(tmp_path))
+    # Output to files, not pipes: after a kill -9, Megatron's checkpoint writer leaves its
+    # multiprocessing Manager behind (an orphan holding the pipes open; on a cluster the
+    # job's cgroup ends it), and reading pipes to EOF would wait for it.
+    out, err = tmp_path / "train.out", tmp_path / "train.err"
+    with open(out, "w") as out_file, open(err, "w") as err_file:
+        proc = subprocess.run(cmd, stdout=out_file, stderr=err_file, env=env, cwd=tmp_path, timeout=900)
+    _end_orphans(tmp_path)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+
+
+def _end_orphans(tmp_path) -> None:
+    """Kills what a killed run left behind: processes whose environment names this test's run."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("R1V_TEST_RUN") == str(tmp_path):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
 
 
 def test_disk_full_during_a_save_is_named_and_loses_nothing(tmp_path):
@@ -131,3 +150,25 @@ def test_non_finite_gradients_stop_before_the_update_and_resume_identically(tmp_
                 for line in path.read_text().splitlines()]
 
     assert metrics(tmp_path / "metrics.jsonl") == metrics(tmp_path / "full.jsonl")
+
+
+def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """Rank 0 is SIGKILLed while writing its optimizer file of the step-2 checkpoint (the
+    model fragments of step 2 are already on disk): latest still names step 1, which
+    verifies, and --resume continues from it; its next save of step 2 replaces the leftover."""
+    generate_dataset(tmp_path / "data", 16, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    killed = _train(tmp_path, fault="kill:0:step_000002.partial/rank_00000.pt")
+    run = tmp_path / "run"
+    assert killed.returncode != 0
+    assert (run / "latest").read_text().strip() == "step_000001" and not (run / "step_000002").exists()
+    assert (run / ".step_000002.partial" / "model").is_dir()  # the half-written one, never named by latest
+    check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity",
+                            str(run / "step_000001")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert json.loads(check.stdout)["pass"], check.stdout
+    # The killed rank 0 held the folder's lock: on this host its dead pid marks it stale.
+    resumed = _train(tmp_path, "--resume")
+    assert resumed.returncode == 0 and "after step 1" in resumed.stdout, resumed.stderr[-4000:]
+    assert "which is no longer running: taking it over" in resumed.stderr
+    assert (run / "latest").read_text().strip() == "step_000003" and not (run / ".step_000002.partial").exists()

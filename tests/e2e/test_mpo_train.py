@@ -8,6 +8,7 @@ exports to an HF checkpoint that the next stage can start from.
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,9 +127,35 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert export.returncode != 0 and f"{fragment.name}: content differs" in export.stderr, export.stderr[-3000:]
     assert not (tmp_path / "hf_damaged").exists()
+    _each_kind_of_damage_is_named(tmp_path / "split" / "step_000006", tmp_path / "copies")
     for folder, ok in ((tmp_path / "split" / "step_000006", True), (tmp_path / "damaged" / "step_000006", False)):
         check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity", str(folder)],
                                capture_output=True, text=True, env=ENV, timeout=300)
         report = json.loads(check.stdout)
         assert report["pass"] is ok and check.returncode == (0 if ok else 1), check.stdout + check.stderr[-2000:]
         assert ok or fragment.name in report["error"]
+
+
+def _each_kind_of_damage_is_named(checkpoint, scratch):
+    """Truncate, flip a byte in, or delete each kind of file of a real checkpoint: the
+    integrity check names that file and the cause (checkpoint/manifest.py)."""
+    from megatron_r1v.checkpoint.manifest import CheckpointIntegrityError, verify
+
+    kinds = [next(checkpoint.glob("model/*.distcp")), checkpoint / "model" / ".metadata",
+             checkpoint / "model" / "r1v_checkpoint.json", checkpoint / "rank_00001.pt", checkpoint / "trainer.json"]
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    damages = {"truncated": lambda p: p.write_bytes(p.read_bytes()[:-1]), "content differs": flip,
+               "missing": lambda p: p.unlink()}
+    for original in kinds:
+        for cause, damage in damages.items():
+            copy = scratch / f"{original.name}-{cause.split()[0]}"
+            shutil.copytree(checkpoint, copy)
+            damage(copy / original.relative_to(checkpoint))
+            with pytest.raises(CheckpointIntegrityError, match=re.escape(f"{original.name}: {cause}")):
+                verify(copy)
+            shutil.rmtree(copy)
