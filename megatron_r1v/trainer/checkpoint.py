@@ -147,6 +147,10 @@ def _on_every_rank(phase, partial: Path, device: torch.device) -> None:
     raise CheckpointError(next(m for m in messages if m is not None))
 
 
+_FULL_BYTES = 16 * 2**20
+"""Less free space than this after a failed write: the disk is full, whatever the error says."""
+
+
 def _errno_in(err: BaseException) -> Optional[int]:
     """The OS error number behind ``err``: its own, one in its cause / context chain, or one
     in the text of a wrapper (torch's CheckpointException reports every rank's failure so)."""
@@ -160,7 +164,7 @@ def _errno_in(err: BaseException) -> Optional[int]:
                  if f"[Errno {code}]" in text or os.strerror(code) in text), None)
 
 
-def _storage_error(err: Exception, partial: Path) -> str:
+def _storage_error(err: BaseException, partial: Path) -> str:
     """One line: which checkpoint, the cause (no space, read-only, ...), the free space."""
     causes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
               errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
@@ -168,9 +172,15 @@ def _storage_error(err: Exception, partial: Path) -> str:
     cause = causes.get(code, f"{type(err).__name__}: {err}")
     try:
         usage = shutil.disk_usage(partial.parent)
-        space = f"; {usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.1f} GiB on its file system"
     except OSError:
-        space = ""
+        usage = None
+    space = ""
+    if usage is not None:
+        total = f"{usage.total / 2**30:.1f} GiB" if usage.total >= 2**30 else f"{usage.total / 2**20:.1f} MiB"
+        space = f"; {usage.free / 2**20:.1f} MiB free of {total} on its file system"
+        if code is None and usage.free < _FULL_BYTES:
+            # torch.save reports a full disk as "unexpected pos ..." with no errno.
+            code, cause = errno.ENOSPC, f"no space left on the device ({type(err).__name__}: {err})"
     # torch's CheckpointException carries every failing rank's exception: name those ranks.
     failures = getattr(err, "failures", None)
     ranks = sorted(failures) if isinstance(failures, dict) and failures else [dist.get_rank()]

@@ -1,6 +1,7 @@
 """Fault injection on a tiny 2-rank MPO run (the stage with the shortest steps; the save
-path is the entry point's and the same for GRPO): a disk that fills during a save, on the
-rank that is not rank 0. Damage to each kind of checkpoint file is in
+path is the entry point's and the same for GRPO): a disk that fills during a save (a real
+small tmpfs where a private mount is possible, and an ENOSPC hook on the rank that is not
+rank 0), an image gone mid-run, a NaN gradient, kill -9 in the middle of a save. Damage to each kind of checkpoint file is in
 tests/unit/test_manifest.py and tests/e2e/test_mpo_train.py, kill -9 mid-write in
 tests/unit/test_atomic_dir.py, a reward server that stays down in tests/e2e/test_grpo_train.py,
 a second trainer on one folder and a killed launcher in tests/e2e/test_graceful_stop.py.
@@ -11,6 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
@@ -172,3 +175,62 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path)
     assert resumed.returncode == 0 and "after step 1" in resumed.stdout, resumed.stderr[-4000:]
     assert "which is no longer running: taking it over" in resumed.stderr
     assert (run / "latest").read_text().strip() == "step_000003" and not (run / ".step_000002.partial").exists()
+
+
+def _private_tmpfs_works() -> bool:
+    """Whether this machine lets an unprivileged-looking test mount a small tmpfs in a mount
+    namespace of its own (root, or user namespaces enabled)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c",
+                            "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d && rmdir $d"],
+                           capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _private_tmpfs_works(), reason="no private tmpfs mount here (needs root or user "
+                    "namespaces); test_disk_full_during_a_save_is_named_and_loses_nothing covers it with a hook")
+def test_a_really_full_disk_during_a_save(tmp_path):
+    """The save folder on a 6 MiB tmpfs: the step-1 checkpoint (~3.8 MiB) fits, the step-2
+    one does not. Inside one private mount namespace: train, inspect, grow the mount, resume."""
+    generate_dataset(tmp_path / "data", 16, seed=0)
+    build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
+                    tmp_path / "tok")
+    disk, run = tmp_path / "disk", tmp_path / "disk" / "run"
+    disk.mkdir()
+    train = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megatron_r1v.train",
+             "--config", str(REPO / "examples/configs/tiny_mpo_cpu.yaml"),
+             "--set", f"data.train_path={tmp_path / 'data' / 'preferences.jsonl'}",
+             "--set", f"data.tokenizer={tmp_path / 'tok'}", "--set", "train.steps=3", "--set", "mpo.pairs_per_step=4",
+             "--set", "train.save_interval=1", "--set", "logging.tensorboard_dir=null",
+             "--set", f"mpo.reference_cache={tmp_path / 'cache'}", "--set", f"train.save_dir={run}"]
+    py, quoted = sys.executable, " ".join(f"'{a}'" for a in train)
+    script = f"""
+        mount -t tmpfs -o size=6m tmpfs '{disk}' || exit 90
+        '{py}' {quoted} > '{tmp_path}/first.out' 2> '{tmp_path}/first.err'; echo $? > '{tmp_path}/first.rc'
+        ls -a '{run}' > '{tmp_path}/listing'
+        '{py}' '{REPO}/tools/verify_checkpoint.py' --integrity '{run}/step_000001' > '{tmp_path}/verify.json'
+        cp '{run}/run_status.json' '{tmp_path}/status.json'
+        mount -o remount,size=64m '{disk}'
+        '{py}' {quoted} --resume > '{tmp_path}/second.out' 2> '{tmp_path}/second.err'; echo $? > '{tmp_path}/second.rc'
+        cat '{run}/latest' > '{tmp_path}/latest'
+    """
+    env = dict(ENV, R1V_TEST_RUN=str(tmp_path))
+    proc = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=1200)
+    _end_orphans(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() != "0"
+    assert f"error: writing checkpoint {run / 'step_000002'} failed on rank" in err, err[-4000:]
+    assert "no space left on the device" in err and "MiB free of" in err
+    listing = (tmp_path / "listing").read_text().split()
+    assert "step_000001" in listing and "step_000002" not in listing and ".step_000002.partial" not in listing
+    assert json.loads((tmp_path / "verify.json").read_text())["pass"]
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and status["checkpoint"] == "step_000001"
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()[-4000:]
+    assert "after step 1" in (tmp_path / "second.out").read_text()
+    assert (tmp_path / "latest").read_text().strip() == "step_000003"
