@@ -27,7 +27,7 @@ from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
 from megatron_r1v.losses.mpo import MPOLossConfig, mpo_pair_losses
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.trainer.schedule import label_targets, packed_batch, run_schedule, sum_over_step
+from megatron_r1v.trainer.schedule import label_targets, packed_batch, row_logits, run_schedule, sum_over_step
 
 # Sums reduced over the pipeline and DP groups; their means are the step's metrics.
 _SUMS = ("loss", "preference", "quality", "generation", "reward_chosen", "reward_rejected", "margin", "correct",
@@ -69,7 +69,8 @@ def make_mpo_microbatch(
 def _mpo_loss_func(cfg: MPOLossConfig, delta: float, pair_weight: float, ctx: ParallelContext, scale: float,
                    sums: list, batch: dict, logits_BLv: torch.Tensor):
     labels_L, mask_L = label_targets(batch)
-    logp_L, _ = vocab_parallel_logprobs(logits_BLv[0], labels_L, tp_group=ctx.tp_group)
+    # inplace: backward writes d/dlogits over the logits buffer (nothing reads them later).
+    logp_L, _ = vocab_parallel_logprobs(row_logits(logits_BLv), labels_L, tp_group=ctx.tp_group, inplace=True)
     seq_S = sequence_sums(logp_L * mask_L, batch["cu_seqlens"])
     terms = mpo_pair_losses(seq_S[batch["pair_chosen"]], seq_S[batch["pair_rejected"]], batch["ref_chosen"],
                             batch["ref_rejected"], batch["chosen_lengths"], cfg, delta)

@@ -74,6 +74,15 @@ def label_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(labels_L == IGNORE_INDEX, torch.zeros_like(labels_L), labels_L), mask_L
 
 
+def row_logits(logits_BLv: torch.Tensor) -> torch.Tensor:
+    """The ``[L, V/tp]`` logits of a packed row (B = 1) as a view of the model's output, so
+    an in-place loss backward writes its gradient straight into that buffer (indexing
+    ``[0]`` would make autograd allocate a zero-filled ``[1, L, V/tp]`` gradient for it)."""
+    if logits_BLv.shape[0] == 1 and logits_BLv.is_contiguous():
+        return logits_BLv.view(logits_BLv.shape[1], logits_BLv.shape[2])
+    return logits_BLv[0]
+
+
 def run_schedule(model, microbatches: Sequence[dict], ctx: ParallelContext, loss_func: Callable,
                  forward_only: bool) -> list:
     """Runs Megatron's schedule over the micro-batch dicts; ``loss_func(batch, logits)`` is
