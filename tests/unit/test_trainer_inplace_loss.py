@@ -68,6 +68,7 @@ def test_mpo_step_loss_is_in_place_and_exact():
     grad, buffer, before = grad_and_buffer(partial(mpo_step._mpo_loss_func, cfg, 0.0, 1.0, CTX, 1.0, []), batch)
 
     from megatron_r1v.kernels import vocab_parallel_logprobs
+
     from megatron_r1v.losses.mpo import mpo_pair_losses
     from megatron_r1v.trainer.schedule import label_targets
 
