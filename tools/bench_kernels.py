@@ -8,7 +8,9 @@ production setting, backward writes dlogits over the logits buffer), the achieve
 bandwidth against the device's memory-bandwidth peak, and, in the same run, the peak
 extra memory of the fused path and of the naive torch path (fp32 log_softmax + gather +
 clipped loss + k3 KL). One JSON object per shape and backend goes to ``--json`` and, as
-a list, to stdout.
+a list, to stdout. Each shape also gets a ``"path": "trainer"`` row: the loss called
+exactly as the GRPO step calls it (``trainer.grpo_step._grpo_loss_func``, same arguments,
+the backend ``auto`` resolves to), with its peak extra memory next to the naive path's.
 
 Bytes moved (the roofline's numerator): forward reads the logits once; backward reads
 them again and writes dlogits, so fwd+bwd moves 3 x T x V x element size (the [T]
@@ -159,12 +161,15 @@ def bench_shape(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.dev
             fused_fwd_bwd()
         refresh()
         fused_peak = peak_extra_bytes(fused_fwd_bwd, device)
-        fwd_ms = timed(fused_fwd, device, args.repeats)
+        # setup=refresh: the timed forward reads logits, not the gradients the previous
+        # in-place backward left in the buffer.
+        fwd_ms = timed(fused_fwd, device, args.repeats, setup=refresh)
         fwd_bwd_ms = timed(fused_fwd_bwd, device, args.repeats, setup=refresh)
         moved = 3 * n_tokens * vocab * pristine.element_size()
         gbps = moved / fwd_bwd_ms / 1e6
         rows.append(dict(
-            T=n_tokens, V=vocab, dtype=str(dtype).replace("torch.", ""), backend=backend, device=device.type,
+            path="kernel", T=n_tokens, V=vocab, dtype=str(dtype).replace("torch.", ""), backend=backend,
+            device=device.type,
             fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(fwd_bwd_ms, 4), gbps=round(gbps, 3),
             roofline_frac=round(gbps / peak_gbps, 4), peak_gbps=round(peak_gbps, 1),
             fused_peak_bytes=fused_peak, naive_peak_bytes=naive_peak,
@@ -174,7 +179,51 @@ def bench_shape(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.dev
             speedup_vs_liger=round(liger_ms / fwd_bwd_ms, 3) if liger_ms else None,
         ))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    rows.append(bench_trainer_path(inputs, work, refresh, device, args, naive_peak, naive_ms))
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def bench_trainer_path(inputs: dict, work: torch.Tensor, refresh: Callable[[], None], device: torch.device,
+                       args: argparse.Namespace, naive_peak: Optional[int], naive_ms: Optional[float]) -> dict:
+    """The loss exactly as the GRPO step calls it: ``trainer.grpo_step._grpo_loss_func`` (the
+    function Megatron's schedule runs on the last stage) on a packed row holding the
+    ``[1, T, V]`` logits buffer, with the backend the trainer resolves (``auto``)."""
+    import types
+
+    from megatron_r1v.data.packing import PackedMicroBatch
+    from megatron_r1v.kernels.dispatch import resolve_backend
+    from megatron_r1v.losses.grpo import GRPOLossConfig
+    from megatron_r1v.trainer.grpo_step import _grpo_loss_func, make_grpo_microbatch
+
+    n_tokens, vocab = work.shape
+    labels = inputs["labels"].cpu()
+    packed = PackedMicroBatch(labels[None].clone(), labels[None], inputs["mask"].cpu()[None],
+                              torch.arange(n_tokens)[None], torch.tensor([0, n_tokens], dtype=torch.int32), None,
+                              ["bench"], [0])
+    weights = torch.full((n_tokens,), 1.0 / n_tokens)
+    batch = {k: v.to(device) for k, v in make_grpo_microbatch(packed, inputs["old"].cpu(), inputs["ref"].cpu(),
+                                                               inputs["adv"].cpu(), weights).items()}
+    cfg = GRPOLossConfig(clip_low=0.2, clip_high=0.2, kl_beta=args.kl_beta, temperature=args.temperature)
+    ctx = types.SimpleNamespace(tp_group=None)  # one TP rank: the loss function reads only this
+
+    def trainer_fwd_bwd():
+        leaf = work.detach().requires_grad_()
+        loss, _ = _grpo_loss_func(cfg, ctx, 1.0, [], batch, leaf.view(1, n_tokens, vocab))
+        return torch.autograd.grad(loss, leaf)
+
+    for _ in range(args.warmup):
+        refresh()
+        trainer_fwd_bwd()
+    refresh()
+    peak = peak_extra_bytes(trainer_fwd_bwd, device)
+    fwd_bwd_ms = timed(trainer_fwd_bwd, device, args.repeats, setup=refresh)
+    return dict(path="trainer", T=n_tokens, V=vocab, dtype=str(work.dtype).replace("torch.", ""),
+                backend=resolve_backend("auto", device), device=device.type, fwd_bwd_ms=round(fwd_bwd_ms, 4),
+                fused_peak_bytes=peak, naive_peak_bytes=naive_peak,
+                fused_to_naive_peak=round(peak / naive_peak, 4) if naive_peak else None,
+                naive_fwd_bwd_ms=round(naive_ms, 4) if naive_ms is not None else None,
+                call="megatron_r1v.trainer.grpo_step._grpo_loss_func (inplace fused loss, as the GRPO step runs it)")
 
 
 def liger_fwd_bwd_ms(inputs: dict, device: torch.device, args: argparse.Namespace,
