@@ -35,9 +35,18 @@ def test_bench_kernels_cpu_reports_every_field():
                            "--shapes", "64x500,33x1001", "--repeats", "1", "--warmup", "0"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [(r["T"], r["V"], r["backend"], r["dtype"]) for r in rows] == [
-        (64, 500, "torch", "float32"), (33, 1001, "torch", "float32")]
+    every = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(r["path"], r["T"], r["V"], r["backend"], r["dtype"]) for r in every] == [
+        ("kernel", 64, 500, "torch", "float32"), ("trainer", 64, 500, "torch", "float32"),
+        ("kernel", 33, 1001, "torch", "float32"), ("trainer", 33, 1001, "torch", "float32")]
+    rows = [r for r in every if r["path"] == "kernel"]
+    for kernel, trainer in zip(rows, [r for r in every if r["path"] == "trainer"]):
+        # The trainer's call (trainer.grpo_step._grpo_loss_func) is the in-place fused loss:
+        # its extra memory is the kernel's. Out of place it would add a T x V fp32 gradient
+        # (128-132 KB here), more than this bound's 5% + 64 KiB allows.
+        assert 0 < trainer["fused_peak_bytes"] <= 1.05 * kernel["fused_peak_bytes"] + 65536
+        assert 1.05 * kernel["fused_peak_bytes"] + 65536 < kernel["fused_peak_bytes"] + 4 * trainer["T"] * trainer["V"]
+        assert "grpo_step._grpo_loss_func" in trainer["call"] and trainer["fwd_bwd_ms"] > 0
     for row in rows:
         for key in ("fwd_ms", "fwd_bwd_ms", "gbps", "roofline_frac", "fused_peak_bytes", "naive_peak_bytes"):
             assert row[key] > 0, (key, row)
