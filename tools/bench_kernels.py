@@ -103,6 +103,18 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
     return peak
 
 
+def measure_in_place(fwd_bwd: Callable[[], object], refresh: Callable[[], None], device: torch.device,
+                     args: argparse.Namespace) -> tuple[Optional[int], float]:
+    """(peak extra bytes, median ms) of an in-place forward+backward: ``refresh`` restores
+    the logits its backward overwrote, untimed, before every run (warm-up included)."""
+    for _ in range(args.warmup):
+        refresh()
+        fwd_bwd()
+    refresh()
+    peak = peak_extra_bytes(fwd_bwd, device)
+    return peak, timed(fwd_bwd, device, args.repeats, setup=refresh)
+
+
 def make_inputs(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(n_tokens, vocab, generator=gen, device=device, dtype=torch.float32).mul_(2).to(dtype)
@@ -156,15 +168,10 @@ def bench_shape(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.dev
             loss, _ = grpo_loss(leaf, *vectors, kl_beta=beta, temperature=temp, backend=backend, inplace=True)
             return torch.autograd.grad(loss.sum(), leaf)
 
-        for _ in range(args.warmup):
-            refresh()
-            fused_fwd_bwd()
-        refresh()
-        fused_peak = peak_extra_bytes(fused_fwd_bwd, device)
+        fused_peak, fwd_bwd_ms = measure_in_place(fused_fwd_bwd, refresh, device, args)
         # setup=refresh: the timed forward reads logits, not the gradients the previous
         # in-place backward left in the buffer.
         fwd_ms = timed(fused_fwd, device, args.repeats, setup=refresh)
-        fwd_bwd_ms = timed(fused_fwd_bwd, device, args.repeats, setup=refresh)
         moved = 3 * n_tokens * vocab * pristine.element_size()
         gbps = moved / fwd_bwd_ms / 1e6
         rows.append(dict(
@@ -212,12 +219,7 @@ def bench_trainer_path(inputs: dict, work: torch.Tensor, refresh: Callable[[], N
         loss, _ = _grpo_loss_func(cfg, ctx, 1.0, [], batch, leaf.view(1, n_tokens, vocab))
         return torch.autograd.grad(loss, leaf)
 
-    for _ in range(args.warmup):
-        refresh()
-        trainer_fwd_bwd()
-    refresh()
-    peak = peak_extra_bytes(trainer_fwd_bwd, device)
-    fwd_bwd_ms = timed(trainer_fwd_bwd, device, args.repeats, setup=refresh)
+    peak, fwd_bwd_ms = measure_in_place(trainer_fwd_bwd, refresh, device, args)
     return dict(path="trainer", T=n_tokens, V=vocab, dtype=str(work.dtype).replace("torch.", ""),
                 backend=resolve_backend("auto", device), device=device.type, fwd_bwd_ms=round(fwd_bwd_ms, 4),
                 fused_peak_bytes=peak, naive_peak_bytes=naive_peak,
