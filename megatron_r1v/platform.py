@@ -224,6 +224,30 @@ def init_distributed(
     return ctx
 
 
+def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device collectives on ``group`` need: CUDA for NCCL, CPU otherwise (gloo, or no
+    process group)."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def first_failure(local: Optional[str], device: torch.device,
+                  group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
+    """The first (lowest-rank) failure message any rank of ``group`` passed, on every rank;
+    None when none failed. Collective: one scalar all-reduce, plus an all-gather of the
+    messages only when something failed. Without a process group: ``local``."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return local
+    flag = torch.tensor([0.0 if local is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return None
+    messages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, local, group=group)
+    return next(m for m in messages if m is not None)
+
+
 def destroy_distributed(ctx: ParallelContext) -> None:
     """Tears down Megatron's parallel state, the process group and the CPU mode."""
     from megatron.core import parallel_state

@@ -231,10 +231,8 @@ def _check_reward_server(reward: "RewardConfig") -> None:
         return
     from megatron_r1v.rewards.reward_model import RewardModelClient, RewardServerError
 
-    client = RewardModelClient(reward.reward_model_url, timeout_s=reward.model_timeout_s,
-                               retry_s=reward.model_retry_s, backoff_s=reward.model_backoff_s)
     try:
-        client.health()
+        RewardModelClient.from_config(reward).health()
     except RewardServerError as err:
         raise ValueError(f"reward.reward_model_url: {err}") from None
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_r1v.atomic_dir import write_text_atomic
 from megatron_r1v.checkpoint.hf_io import CheckpointError
+from megatron_r1v.platform import collective_device, first_failure
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "megatron_r1v.manifest"
@@ -140,11 +141,7 @@ def verify(folder: str | Path, group: Optional[dist.ProcessGroup] = None) -> int
     rank, world = _world(group)
     names = sorted(entries)
     problems = [p for name in _share(names, rank, world) if (p := check_file(folder / name, entries[name]))]
-    first = problems[0] if problems else None
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, first, group=group)
-        first = next((p for p in everyone if p is not None), None)
+    first = first_failure(problems[0] if problems else None, collective_device(group), group)
     if first is not None:
         raise CheckpointIntegrityError(f"checkpoint {folder} failed its integrity check: {first}")
     return len(names)

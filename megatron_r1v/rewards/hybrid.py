@@ -123,10 +123,7 @@ class HybridReward:
         check_reward_config(config, has_scorer=scorer is not None)
         if scorer is None and config.model_weight != 0:
             assert config.reward_model_url is not None  # check_reward_config guarantees it
-            scorer = RewardModelClient(
-                config.reward_model_url, timeout_s=config.model_timeout_s, retry_s=config.model_retry_s,
-                backoff_s=config.model_backoff_s, batch_size=config.model_batch_size, sleep=sleep,
-            )
+            scorer = RewardModelClient.from_config(config, sleep=sleep)
         return cls(
             rule_weight=config.rule_weight, format_weight=config.format_weight, model_weight=config.model_weight,
             model_calibration=config.model_calibration, model_threshold=config.model_threshold, scorer=scorer,

@@ -31,8 +31,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from megatron_r1v.config import RewardConfig
 
 _log = logging.getLogger(__name__)
 
@@ -109,6 +112,12 @@ class RewardModelClient:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
                 raise ValueError(f"RewardModelClient.{name} must be a finite number >= {minimum}, got {value!r}")
+
+    @classmethod
+    def from_config(cls, config: "RewardConfig", sleep: Callable[[float], None] = time.sleep) -> "RewardModelClient":
+        """The client a run's ``reward.*`` settings describe (``reward_model_url`` must be set)."""
+        return cls(config.reward_model_url, timeout_s=config.model_timeout_s, retry_s=config.model_retry_s,
+                   backoff_s=config.model_backoff_s, batch_size=config.model_batch_size, sleep=sleep)
 
     def score(self, texts: Sequence[str]) -> list[float]:
         """One score per text; raises RewardServerError when the server cannot answer."""

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.config import SSBConfig
+from megatron_r1v.platform import collective_device
 from megatron_r1v.validation import check_ssb_config
 
 _UINT64 = np.uint64
@@ -229,13 +230,6 @@ class Draw:
         for rank in self.owners:
             counts[rank] += 1
         return counts
-
-
-def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    """The device collectives on ``group`` need: CUDA for NCCL, CPU otherwise (gloo)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def group_rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:

@@ -50,8 +50,9 @@ import zarr
 
 from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial_path
 from megatron_r1v.config import SSBConfig, from_dict
+from megatron_r1v.platform import first_failure
 
-from .buffer import SelectiveSampleBuffer, SSBGroup, group_checksum, group_rank_size
+from .buffer import SelectiveSampleBuffer, SSBGroup, collective_device, group_checksum, group_rank_size
 
 FORMAT = "megatron_r1v.ssb"
 FORMAT_VERSION = 2  # 2: per-group checksum
@@ -125,12 +126,11 @@ def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
 
 def _agree(failure: Optional[str], partial: Path, path: Path, group: Optional[dist.ProcessGroup]) -> None:
     """Raises RuntimeError on every rank of ``group`` when any rank's shard failed to write
-    (its message first); ``path`` is left as it was. Doubles as the barrier after the writes."""
-    messages = [failure]
-    if group_rank_size(group)[1] > 1:
-        messages = [None] * group_rank_size(group)[1]
-        dist.all_gather_object(messages, failure, group=group)
-    first = next((m for m in messages if m is not None), None)
+    (its message first); ``path`` is left as it was. Doubles as the barrier after the writes:
+    ``first_failure``'s all-reduce waits for every rank."""
+    # group None is one process here (group_rank_size), not the default world group.
+    alone = group_rank_size(group)[1] == 1
+    first = failure if alone else first_failure(failure, collective_device(group), group)
     if first is not None:
         raise RuntimeError(f"SSB save into {partial} failed ({first}); {path} was left unchanged")
 

@@ -45,6 +45,7 @@ from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial
 from megatron_r1v.checkpoint.hf_io import CheckpointError
 from megatron_r1v.checkpoint.manifest import verify, write_manifest
 from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint, save_model_checkpoint
+from megatron_r1v.platform import first_failure
 from megatron_r1v.trainer.run_folder import LATEST, rotate_checkpoints
 
 
@@ -136,15 +137,12 @@ def _on_every_rank(phase, partial: Path, device: torch.device) -> None:
         raise
     except BaseException as err:  # any (torch's CheckpointException is a BaseException): all ranks must hear
         failure = _storage_error(err, partial)
-    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
+    first = first_failure(failure, device)
+    if first is None:
         return
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, failure)
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-    raise CheckpointError(next(m for m in messages if m is not None))
+    raise CheckpointError(first)
 
 
 _FULL_BYTES = 16 * 2**20

@@ -21,10 +21,12 @@ is recoverable too; a failure after an optimizer step changed the weights is not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_r1v.platform import first_failure
 
 
 class StepFailure(RuntimeError):
@@ -44,17 +46,9 @@ def describe(err: BaseException) -> str:
 def agree_on_failure(local: Optional[str], device: torch.device, rank: int = 0) -> None:
     """Collective over the world: raises :class:`StepFailure` (recoverable) on every rank
     when any rank passes a failure message, naming the first failing rank's."""
-    if not dist.is_initialized():
-        if local is not None:
-            raise StepFailure(local, recoverable=True)
-        return
-    flag = torch.tensor([0.0 if local is None else 1.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
-        return
-    messages: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if local is None else f"rank {rank}: {local}")
-    raise StepFailure(next(m for m in messages if m is not None), recoverable=True)
+    first = first_failure(None if local is None else f"rank {rank}: {local}", device)
+    if first is not None:
+        raise StepFailure(first if dist.is_initialized() else local, recoverable=True)
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.atomic_dir import atomic_file, write_text_atomic
+from megatron_r1v.checkpoint.manifest import hash_file
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
 from megatron_r1v.data.packing import pack_pairs
@@ -50,11 +51,7 @@ ReferenceLogprobs = dict[str, tuple[float, float]]
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hash_file(path)["sha256"]
 
 
 def _stat(path: Path) -> list:
