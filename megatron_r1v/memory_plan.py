@@ -34,14 +34,15 @@ reports the worst one) it adds:
     output (8) and fc2 input (8) for a 4h GELU MLP, and two dropout masks (2).
     Re-derived term by term for Qwen2 (see :func:`decoder_layer_bytes`): GQA K/V of
     ``num_query_groups * head_dim``, SwiGLU saving ``2F`` (fc1 out) + ``F`` (fc2 in), no
-    dropout. Flash attention (``model.backend`` te/auto) saves Q, K, V, O and a
-    logsumexp instead of the ``a*s^2`` probabilities, so the ``5*a*s/h`` term vanishes
-    and selective recomputation (Megatron's default ``recompute_modules=["core_attn"]``)
-    saves nothing more; the local backend keeps an ``e*a/t*s^2`` softmax per layer over
-    the whole packed row (the dense block-diagonal mask), which selective recomputation
-    drops. Frozen linear layers save no GEMM input (Megatron's ``linear_with_frozen_weight``;
-    TE likewise), but activations are still kept for the input gradient that must reach
-    the adapter. Full recompute stores a layer group's
+    dropout. Attention is varlen flash attention on every backend (TE's fused kernel over
+    ``cu_seqlens``; the local backend's ``SegmentAttention``, PyTorch's flash kernel per
+    sample): it saves Q, K, V, O and a logsumexp instead of the ``a*s^2`` probabilities, so
+    the ``5*a*s/h`` term vanishes and selective recomputation (Megatron's default
+    ``recompute_modules=["core_attn"]``) saves nothing more (``tools/bench_packing.py``
+    measures one layer's attention saves next to this model's; the local backend keeps O
+    twice, see :func:`attention_bytes`). Frozen linear layers save no GEMM input
+    (Megatron's ``linear_with_frozen_weight``; TE likewise), but activations are still kept
+    for the input gradient that must reach the adapter. Full recompute stores a layer group's
     input (``e*h/r`` per token, r = t with SP) and re-runs one group during backward
     (uniform: groups of ``recompute_num_layers``; block: the first ``recompute_num_layers``
     layers of the stage). 1F1B keeps ``pp - stage`` micro-batches in flight (stage 0: pp).
@@ -75,7 +76,6 @@ reports the worst one) it adds:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -188,12 +188,20 @@ class _Act:
     e: int  # bytes per activation element (params dtype)
     tp: int
     sp: bool
-    flash: bool
     fp8: bool
+    local: bool  # the local backend: SegmentAttention's output is copied once more (see attention_bytes)
 
     @property
     def gemm_e(self) -> int:
         return 1 if self.fp8 else self.e
+
+
+def attention_bytes(e: int, q_width: float, kv_width: float, local: bool) -> float:
+    """Bytes per token the core attention saves (varlen flash attention, every backend): Q, K
+    and V after RoPE / q-k norms, the output O (the projection's input too) and a per-head
+    logsumexp (neglected). The local backend's SegmentAttention concatenates the per-sample
+    outputs that each flash call saved, so it keeps O twice (``tools/bench_packing.py``)."""
+    return e * (q_width + 2 * kv_width) + e * q_width * (2 if local else 1)
 
 
 def decoder_layer_bytes(arch: R1VArch, a: _Act, tokens: int, trainable: bool) -> float:
@@ -202,13 +210,12 @@ def decoder_layer_bytes(arch: R1VArch, a: _Act, tokens: int, trainable: bool) ->
     h, f, kv, e = d.hidden_size, d.ffn_hidden_size, d.num_query_groups * d.head_dim, a.e
     r = t if a.sp else 1  # residual-width tensors are sharded only under sequence parallelism
     per_token = 2 * e * h / r  # inputs of the two RMSNorms
-    per_token += e * (h + 2 * kv) / t + e * h / t  # Q, K, V after RoPE and O (flash attention's saved set)
+    per_token += attention_bytes(e, h / t, kv / t, a.local)
     per_token += e * 2 * f / t  # fc1 output: SwiGLU input
     if trainable:  # GEMM inputs, needed for weight gradients only
         per_token += 2 * a.gemm_e * h / r + a.gemm_e * f / t  # QKV and fc1 inputs; fc2 input
         per_token += h / t if a.fp8 else 0  # fp8 copy of O as the projection's input
-    probs = 0 if a.flash else e * d.num_attention_heads / t * tokens * tokens  # unfused softmax output
-    return per_token * tokens + probs
+    return per_token * tokens
 
 
 def vision_layer_bytes(arch: R1VArch, a: _Act, tokens: int, trainable: bool) -> float:
@@ -219,14 +226,13 @@ def vision_layer_bytes(arch: R1VArch, a: _Act, tokens: int, trainable: bool) -> 
     hp = _ceil_div(v.num_attention_heads, t) * v.head_dim  # local width of the padded heads
     per_token = 2 * e * h  # norm inputs
     per_token += 2 * 4 * hp  # fp32 copies inside the all-heads q/k RMSNorms
-    per_token += 3 * e * hp + e * hp  # Q, K, V and O
+    per_token += attention_bytes(e, hp, hp, a.local)
     per_token += e * f / t  # fc1 output: GELU input
     if trainable:
         per_token += 2 * a.gemm_e * h + a.gemm_e * f / t  # QKV, fc1 and fc2 inputs
         per_token += 2 * e * hp + 2 * e * h  # normed q/k (norm weights) and ls1/ls2 inputs
         per_token += hp if a.fp8 else 0
-    probs = 0 if a.flash else e * hp / v.head_dim * tokens * v.num_positions  # per tile: [heads, 1025, 1025]
-    return per_token * tokens + probs
+    return per_token * tokens
 
 
 def _block(cfg: RunConfig, layers: int, full: float, ckpt: float) -> tuple[float, float]:
@@ -258,20 +264,16 @@ def stage_activations(cfg: RunConfig, pp_rank: int, tiles: int) -> tuple[dict[st
     """Activation bytes of stage ``pp_rank`` by part, and its in-flight micro-batches."""
     arch, p, m = get_preset(cfg.model.preset), cfg.parallel, cfg.model
     parts = FREEZE_PARTS[m.freeze]
-    a = _Act(DTYPE_BYTES[m.params_dtype], p.tp, p.sequence_parallel, m.backend != "local",
-             m.fp8.format is not None and m.backend != "local")
+    a = _Act(DTYPE_BYTES[m.params_dtype], p.tp, p.sequence_parallel, m.fp8.format is not None and m.backend != "local",
+             m.backend == "local")
     r = p.tp if p.sequence_parallel else 1
     tokens = micro_batch_tokens(cfg) // p.cp
     h = arch.decoder.hidden_size
     in_flight = p.pp - pp_rank
     lm_trains = "language_model" in parts
-    # Selective recomputation re-runs core attention: no unfused softmax output is kept
-    # (flash attention keeps none anyway); it exists transiently, in the working set.
-    kept = dataclasses.replace(a, flash=a.flash or m.recompute_granularity == "selective")
     layer = decoder_layer_bytes(arch, a, tokens, lm_trains)
     ckpt = a.e * tokens * h / r
-    saved, working = _block(cfg, arch.decoder.num_layers // p.pp, decoder_layer_bytes(arch, kept, tokens, lm_trains),
-                            ckpt)
+    saved, working = _block(cfg, arch.decoder.num_layers // p.pp, layer, ckpt)
     out = {"decoder": in_flight * saved, "working": working + layer}
     out["pipeline"] = in_flight * a.e * tokens * h / r if p.pp > 1 and pp_rank < p.pp - 1 else 0.0
     if pp_rank == 0 and arch.vision is not None:
@@ -281,8 +283,7 @@ def stage_activations(cfg: RunConfig, pp_rank: int, tiles: int) -> tuple[dict[st
         out["adapter"] = in_flight * a.e * img_tokens * (2 * n_in + 2 * h / p.tp)  # LN + fc1 inputs, fc1 out, fc2 in
         if "vision" in parts:
             v_layer = vision_layer_bytes(arch, a, v_tokens, True)
-            v_saved, v_work = _block(cfg, arch.vision.num_layers, vision_layer_bytes(arch, kept, v_tokens, True),
-                                     a.e * v_tokens * arch.vision.hidden_size)
+            v_saved, v_work = _block(cfg, arch.vision.num_layers, v_layer, a.e * v_tokens * arch.vision.hidden_size)
             out["vision"] = in_flight * v_saved
             out["working"] = max(out["working"], v_work + v_layer)
     if pp_rank == p.pp - 1:

@@ -3,9 +3,11 @@
 First-fit decreasing (Johnson, 1973): samples sorted by length, longest first, each
 placed into the first micro-batch with room, a new one opened otherwise; it uses at most
 11/9 OPT + 6/9 micro-batches. A packed micro-batch is one row ``[1, L]`` in which every
-sample keeps its boundaries: position ids restart at 0 per sample, the attention mask
-is block-diagonal causal (no token sees another sample), ``cu_seqlens`` marks the
-boundaries for variable-length attention kernels, and the images are concatenated in
+sample keeps its boundaries: position ids restart at 0 per sample and ``cu_seqlens``
+marks the boundaries, which reach the model as Megatron's ``PackedSeqParams`` (THD) so
+that attention stays within each sample (Transformer Engine's varlen kernel, or
+``models.r1v.attention.SegmentAttention``; no ``[L, L]`` mask is ever built). Padding, when
+a row is padded to a fixed length, is a segment of its own. The images are concatenated in
 the order their ``<IMG_CONTEXT>`` tokens appear, which is the order ``R1VModel``
 scatters image features in.
 """
@@ -56,16 +58,6 @@ class PackedMicroBatch:
     sample_ids: list[str]
     sample_indices: list[int]  # positions of the samples in the packer's input
 
-    def attention_mask(self) -> torch.Tensor:
-        """Megatron's dense boolean mask ``[1, 1, L, L]`` (True = not attended): causal
-        within each segment, nothing across. For CPU runs and checks; GPU kernels take
-        ``cu_seqlens`` instead of an L x L tensor."""
-        length = self.input_ids.shape[1]
-        segment = torch.repeat_interleave(
-            torch.arange(len(self.cu_seqlens) - 1), (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long())
-        same = segment[:, None] == segment[None, :]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        return ~(same & causal)[None, None]
 
 
 def pack_samples(

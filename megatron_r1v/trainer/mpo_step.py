@@ -56,7 +56,6 @@ def make_mpo_microbatch(
     chosen = torch.tensor([c for c, _ in pairs], dtype=torch.long)
     batch = packed_batch(packed)
     batch.update({
-        "cu_seqlens": packed.cu_seqlens.long(),
         "pair_chosen": chosen,
         "pair_rejected": torch.tensor([r for _, r in pairs], dtype=torch.long),
         "ref_chosen": torch.tensor(ref_chosen, dtype=torch.float32),

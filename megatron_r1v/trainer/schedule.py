@@ -1,8 +1,10 @@
 """What every training step shares: micro-batches through Megatron-Core's pipeline
 schedules, the reductions of per-step sums, and the optimizer step.
 
-- :func:`run_schedule` runs micro-batch dicts (``tokens``, ``position_ids``,
-  ``attention_mask``, optional ``pixel_values``, plus whatever the loss reads) through the
+- :func:`run_schedule` runs micro-batch dicts (``tokens``, ``position_ids``, for packed
+  rows ``cu_seqlens`` (the model gets them as :func:`packed_seq_params`, THD; without them
+  attention is causal over each batch row), optional ``pixel_values``, plus whatever the
+  loss reads) through the
   schedule Megatron picks for the PP size (no pipelining, or 1F1B); ``loss_func(batch,
   logits)`` runs on the last stage, with logits the vocab-parallel ``[B, S, V/tp]`` of
   this rank. :func:`packed_batch` / :func:`causal_lm_microbatch` build those dicts from
@@ -27,12 +29,12 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
-from megatron_r1v.models.r1v.model import causal_attention_mask
 from megatron_r1v.platform import ParallelContext
 
 Result = TypeVar("Result")
@@ -45,7 +47,7 @@ def packed_batch(packed: PackedMicroBatch) -> dict[str, torch.Tensor]:
         "labels": packed.labels,
         "loss_mask": packed.loss_mask,
         "position_ids": packed.position_ids,
-        "attention_mask": packed.attention_mask(),
+        "cu_seqlens": packed.cu_seqlens,
     }
     if packed.pixel_values is not None:
         batch["pixel_values"] = packed.pixel_values
@@ -54,7 +56,7 @@ def packed_batch(packed: PackedMicroBatch) -> dict[str, torch.Tensor]:
 
 def causal_lm_microbatch(tokens_BS: torch.Tensor, labels_BS: Optional[torch.Tensor] = None,
                          loss_mask_BS: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """A micro-batch of plain (unpacked) sequences ``[B, S]`` with a causal mask; labels
+    """A micro-batch of plain (unpacked) sequences ``[B, S]``, each attended causally; labels
     default to the tokens, the loss mask to all ones."""
     batch, seq = tokens_BS.shape
     return {
@@ -62,8 +64,19 @@ def causal_lm_microbatch(tokens_BS: torch.Tensor, labels_BS: Optional[torch.Tens
         "labels": tokens_BS if labels_BS is None else labels_BS,
         "loss_mask": torch.ones_like(tokens_BS, dtype=torch.float32) if loss_mask_BS is None else loss_mask_BS.float(),
         "position_ids": torch.arange(seq, device=tokens_BS.device).expand(batch, seq),
-        "attention_mask": causal_attention_mask(seq, tokens_BS.device),
     }
+
+
+def packed_seq_params(cu_seqlens: Optional[torch.Tensor], device: torch.device) -> Optional[PackedSeqParams]:
+    """Megatron's THD description of a packed row ``[1, L]`` from its segment bounds
+    (``None`` for unpacked batches). ``cu_seqlens`` is read on the host: the max length
+    must be a Python int, and taking it from a GPU tensor would synchronize."""
+    if cu_seqlens is None:
+        return None
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
 def label_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +104,10 @@ def run_schedule(model, microbatches: Sequence[dict], ctx: ParallelContext, loss
         raise ValueError("no micro-batches on this rank: every data-parallel rank needs at least one sample")
 
     def forward_step(data_iterator: Iterator[dict], stage_model: torch.nn.Module):
-        batch = {k: v.to(ctx.device) for k, v in next(data_iterator).items()}
-        output = stage_model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                             pixel_values=batch.get("pixel_values"))
+        host_batch = next(data_iterator)
+        batch = {k: v.to(ctx.device) for k, v in host_batch.items()}
+        output = stage_model(batch["tokens"], batch["position_ids"], pixel_values=batch.get("pixel_values"),
+                             packed_seq_params=packed_seq_params(host_batch.get("cu_seqlens"), ctx.device))
         return output, partial(loss_func, batch)
 
     # A 1F1B pipeline sends one activation shape between stages: packed rows must all

@@ -202,14 +202,18 @@ def test_ps_v1_checkpoint_cannot_go_to_transformers_layout(skywork_dir, torchrun
 VERIFY = "tools/verify_checkpoint.py"
 
 
-@pytest.mark.parametrize("source,tp,pp", [("transformers", 2, 1), ("skywork", 1, 2)])
-def test_verify_checkpoint_passes(source, tp, pp, saved_at_tp2, skywork_dir, internvl, torchrun):
+@pytest.mark.parametrize("source,tp,pp,packed", [("transformers", 2, 1, None), ("skywork", 1, 2, None),
+                                                  ("transformers", 2, 1, 4), ("skywork", 1, 2, 3)])
+def test_verify_checkpoint_passes(source, tp, pp, packed, saved_at_tp2, skywork_dir, internvl, torchrun):
+    """--packed K: K samples (images of 1-3 tiles) in one row, each compared with transformers alone."""
     hf_dir = internvl["hf_dir"] if source == "transformers" else skywork_dir
+    extra = [] if packed is None else ["--packed", str(packed)]
     proc = torchrun(VERIFY, tp * pp, ["--hf-dir", str(hf_dir), "--mcore-dir", str(saved_at_tp2),
-                                      "--tp", str(tp), "--pp", str(pp)])
+                                      "--tp", str(tp), "--pp", str(pp), *extra])
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    print(f"verify_checkpoint {source} tp={tp} pp={pp} packed={packed}: {result}")  # shown with pytest -s
     assert result["pass"] and result["max_abs_logit_diff"] <= 1e-4 and result["tolerance"] == 1e-4
-    assert result["hf_layout"] == source
+    assert result["hf_layout"] == source and result["packed"] == packed
 
 
 def test_verify_checkpoint_fails_on_other_weights(saved_at_tp2, internvl, torchrun, tmp_path):
@@ -219,7 +223,8 @@ def test_verify_checkpoint_fails_on_other_weights(saved_at_tp2, internvl, torchr
     tensors = load_file(str(path))
     tensors["multi_modal_projector.linear_2.bias"] += 0.01
     save_file(tensors, str(path), metadata={"format": "pt"})
-    proc = torchrun(VERIFY, 1, ["--hf-dir", str(other), "--mcore-dir", str(saved_at_tp2)], check=False)
-    assert proc.returncode == 1
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert not result["pass"] and result["max_abs_logit_diff"] > 1e-3
+    for extra in ([], ["--packed", "3"]):
+        proc = torchrun(VERIFY, 1, ["--hf-dir", str(other), "--mcore-dir", str(saved_at_tp2), *extra], check=False)
+        assert proc.returncode == 1
+        result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        assert not result["pass"] and result["max_abs_logit_diff"] > 1e-3

@@ -175,22 +175,23 @@ def test_decoder_activations_follow_the_derivation():
     arch = get_preset("r1v2-38b")
     # QwQ per token per layer, bf16, TP 8 + SP, frozen: 2 norm inputs 2*2*5120/8 + Q,K,V 2*(5120+2*1024)/8
     # + O 2*5120/8 + SwiGLU input 2*2*27648/8 = 2560 + 1792 + 1280 + 13824.
-    sp8 = _Act(2, 8, True, True, False)
+    sp8 = _Act(2, 8, True, False, False)
     assert decoder_layer_bytes(arch, sp8, 1, False) == 19456
     # Trainable adds the QKV/fc1 inputs (2*2*5120/8) and the fc2 input (2*27648/8): Korthikanti's "34" analogue.
     assert decoder_layer_bytes(arch, sp8, 1, True) == 19456 + 2560 + 6912
     # With SP every term is divided by TP; without it the norm/GEMM inputs are replicated.
-    assert decoder_layer_bytes(arch, _Act(2, 1, False, True, False), 1, True) == 8 * (19456 + 2560 + 6912)
-    no_sp = decoder_layer_bytes(arch, _Act(2, 8, False, True, False), 1, True)
+    assert decoder_layer_bytes(arch, _Act(2, 1, False, False, False), 1, True) == 8 * (19456 + 2560 + 6912)
+    no_sp = decoder_layer_bytes(arch, _Act(2, 8, False, False, False), 1, True)
     # (Korthikanti's 10 + 24/t: here 4 replicated tensors, 2 norm inputs and 2 GEMM inputs, no dropout masks.)
     assert no_sp == (19456 + 2560 + 6912) + 4 * 2 * 5120 * (1 - 1 / 8)
     # FP8 stores the three GEMM inputs in one byte and adds a 1-byte copy of O.
-    fp8 = decoder_layer_bytes(arch, _Act(2, 8, True, True, True), 1, True)
+    fp8 = decoder_layer_bytes(arch, _Act(2, 8, True, True, False), 1, True)
     assert fp8 == 19456 + 2560 / 2 + 6912 / 2 + 5120 / 8
-    # The local backend's unfused attention adds the softmax output, 2*a/t*s^2.
+    # Varlen attention on every backend: no a*s^2 term; the local backend's SegmentAttention keeps one
+    # more copy of O (its per-sample outputs are concatenated), linear in the tokens.
     s = 4096
-    local = decoder_layer_bytes(arch, _Act(2, 8, True, False, False), s, False)
-    assert local - decoder_layer_bytes(arch, sp8, s, False) == 2 * 40 / 8 * s * s
+    local = decoder_layer_bytes(arch, _Act(2, 8, True, False, True), s, False)
+    assert local - decoder_layer_bytes(arch, sp8, s, False) == 2 * 5120 / 8 * s
 
 
 def test_recomputation_pipeline_and_selective_under_flash():
@@ -199,10 +200,10 @@ def test_recomputation_pipeline_and_selective_under_flash():
     sel = plan_memory(with_overrides(cfg, {"model.recompute_granularity": "selective"}), 64, 80.0).stages
     assert sel[0].activations_gb == base[0].activations_gb  # flash attention saves no a*s^2 to drop
     local = with_overrides(cfg, {"model.backend": "local", "parallel.sequence_parallel": False})
-    unfused = plan_memory(local, 64, 80.0).stages[1].activation_parts_gb["decoder"]
+    local_base = plan_memory(local, 64, 80.0).stages[1].activation_parts_gb["decoder"]
     local_sel = plan_memory(with_overrides(local, {"model.recompute_granularity": "selective"}), 64, 80.0).stages
-    # Without flash attention, selective recomputation drops the 2*a/t*s^2 softmax output of all 32 layers.
-    assert (unfused - local_sel[1].activation_parts_gb["decoder"]) * GB == 32 * 2 * 40 / 8 * 32768**2
+    # The local backend's SegmentAttention is varlen flash attention too: no a*s^2 output to drop.
+    assert local_sel[1].activation_parts_gb["decoder"] == local_base
     full = plan_memory(with_overrides(cfg, {"model.recompute_granularity": "full"}), 64, 80.0).stages
     tokens, h = 32768, 5120
     # Full, uniform, 1 layer per group: each of the 32 layers of a stage keeps its input, sharded by SP.

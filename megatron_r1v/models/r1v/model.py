@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -109,11 +110,6 @@ def mask_padded_vocab(logits_BSv: torch.Tensor, vocab_size: int, tp_rank: int) -
     )
 
 
-def causal_attention_mask(seq_len: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Megatron's boolean mask convention: ``True`` marks positions NOT attended. [1,1,S,S]"""
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
-
-
 # Trainable top-level parts for each freeze policy (Table 4: adapter-only is best).
 FREEZE_POLICIES: dict[str, tuple[str, ...]] = {
     "adapter": ("adapter",),
@@ -130,6 +126,8 @@ class R1VModel(MegatronModule):
     ``input_ids [B, S]`` holding ``tokens_per_tile`` IMG_CONTEXT ids per tile and
     ``pixel_values [N_tiles, 3, H, W]`` with tiles in the order their tokens appear
     (sample by sample, left to right); the adapter output replaces those embeddings.
+    Attention is causal; ``packed_seq_params`` (THD, ``cu_seqlens``) makes a packed row
+    ``[1, L]`` attend within each sample, and rotary positions restart at every sample.
     Returns masked vocab-parallel logits ``[B, S, V_pad / tp]`` on the last stage and
     hidden states ``[S, B, H]`` elsewhere.
     """
@@ -185,8 +183,8 @@ class R1VModel(MegatronModule):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
         pixel_values: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
         decoder_input = None
         if self.pre_process:
@@ -199,7 +197,8 @@ class R1VModel(MegatronModule):
                 embeds_SBH = tensor_parallel.scatter_to_sequence_parallel_region(embeds_SBH)
             decoder_input = embeds_SBH
         output = self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
+            input_ids=None, position_ids=position_ids, attention_mask=None, decoder_input=decoder_input,
+            packed_seq_params=packed_seq_params,
         )
         if self.post_process:
             output = mask_padded_vocab(output, self.arch.decoder.vocab_size, self.tp_rank)

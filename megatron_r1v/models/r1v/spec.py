@@ -61,13 +61,19 @@ def decoder_layer_spec(backend: Backend) -> ModuleSpec:
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     if backend == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+        from megatron_r1v.models.r1v.attention import SegmentAttention
+
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+        # Megatron's local DotProductAttention needs a dense [L, L] mask for packed rows.
+        layer_spec.submodules.self_attention.submodules.core_attention = SegmentAttention
+        return layer_spec
     raise ValueError(f"unknown backend {backend!r}")
 
 
 def vision_layer_spec(backend: Backend, *, real_width: int, tp_group=None) -> ModuleSpec:
     """InternViT layer: RMSNorm -> MHA (no QKV bias, all-heads q/k RMSNorm) -> layer scale,
-    RMSNorm -> MLP (exact GELU, biases) -> layer scale. Non-causal, no attention mask.
+    RMSNorm -> MLP (exact GELU, biases) -> layer scale. Non-causal, no attention mask: the
+    tiles are the batch dimension, so each tile attends only within itself.
 
     Norms stay separate modules with TE too (no fused LayerNorm-Linear), so parameter
     names are the same for both backends.
@@ -96,11 +102,12 @@ def vision_layer_spec(backend: Backend, *, real_width: int, tp_group=None) -> Mo
         )
     elif backend == "local":
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+        from megatron_r1v.models.r1v.attention import SegmentAttention
+
         norm, qkv, core, row, column = (
-            WrappedTorchNorm, ColumnParallelLinearNoBias, DotProductAttention, RowParallelLinear, ColumnParallelLinear,
+            WrappedTorchNorm, ColumnParallelLinearNoBias, SegmentAttention, RowParallelLinear, ColumnParallelLinear,
         )
     else:
         raise ValueError(f"unknown backend {backend!r}")

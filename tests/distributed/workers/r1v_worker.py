@@ -21,7 +21,7 @@ from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint
 from megatron_r1v.checkpoint.weights import gather_hf_tensors, load_hf_weights, unwrap_model
 from megatron_r1v.config import ModelConfig, OptimizerConfig, ParallelConfig
 from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
-from megatron_r1v.models.r1v.model import FREEZE_POLICIES, causal_attention_mask
+from megatron_r1v.models.r1v.model import FREEZE_POLICIES
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.platform import destroy_distributed, init_distributed
 from megatron_r1v.trainer.schedule import attach_ddp_hooks, gather_vocab_logits
@@ -36,7 +36,6 @@ def microbatch(batch: dict) -> dict:
         "labels": batch["labels"],
         "loss_mask": torch.ones(b, s),
         "position_ids": torch.arange(s).expand(b, s),
-        "attention_mask": causal_attention_mask(s),
     }
     if batch.get("pixel_values") is not None:
         mb["pixel_values"] = batch["pixel_values"]
