@@ -104,3 +104,21 @@ def assert_grads_close():
             torch.testing.assert_close(grads[name], ref, atol=2e-5 * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
     return check
+
+
+@pytest.fixture
+def assert_mpo_result_matches():
+    """An MPO step's result.json (``trainer.mpo_step.mpo_forward_backward``) against a per-pair
+    reference {loss, parts, margins}: fp32 throughout; packing, TP reductions and the fused
+    log-prob kernel reorder sums (~1e-6 relative)."""
+
+    def check(result: dict, reference: dict):
+        pairs = len(reference["margins"])
+        assert result["pairs"] == pairs
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-6)
+        for got, want in zip((result["preference"], result["quality"], result["generation"]), reference["parts"]):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert result["reward_margin"] == pytest.approx(sum(reference["margins"]) / pairs, rel=1e-4, abs=1e-5)
+        assert result["accuracy"] == pytest.approx(sum(m > 0 for m in reference["margins"]) / pairs)
+
+    return check

@@ -12,8 +12,8 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 from lm_steps import lm_forward_backward, lm_train_step  # the workers folder (the script's own)
+from r1v_checks import dummy_head_max
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -69,30 +69,6 @@ def parity(args, ctx, arch) -> None:
                   os.path.join(args.out, "grads.safetensors"))
 
 
-def dummy_head_stats(model) -> dict:
-    """Largest |value| over every dummy-head entry of the vision tower, across all ranks."""
-    vision = model.vision
-    d, real = vision.arch.head_dim, vision.arch.num_attention_heads
-    heads_local = vision.config.num_attention_heads // vision.config.tensor_model_parallel_size
-    first = dist.get_rank(vision.encoder.tp_group) * heads_local
-    stats = torch.zeros(2, dtype=torch.float64)  # [max |dummy entry|, entries checked]
-    for layer in vision.encoder.layers:
-        attn = layer.self_attention
-        for h in range(heads_local):
-            if first + h < real:
-                continue
-            rows = slice(h * d, (h + 1) * d)
-            parts = [attn.linear_qkv.weight.view(heads_local, 3 * d, -1)[h], attn.linear_proj.weight[:, rows],
-                     attn.q_layernorm.weight[rows], attn.k_layernorm.weight[rows]]
-            for part in parts:
-                stats[0] = max(stats[0], part.detach().abs().max().double())
-                stats[1] += part.numel()
-    maxed, counted = stats[:1].clone(), stats[1:].clone()
-    dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
-    dist.all_reduce(counted)
-    return {"dummy_max_abs": float(maxed), "dummy_entries": int(counted)}
-
-
 def freeze(args, ctx, arch) -> None:
     batches = torch.load(args.data_file)
     report = {}
@@ -109,9 +85,10 @@ def freeze(args, ctx, arch) -> None:
         with_state = [names[id(p)] for p in optimizer.optimizer.state]
         with_grad = [n for n, p in model.named_parameters()
                      if getattr(p, "main_grad", None) is not None or p.grad is not None]
-        dummy = dummy_head_stats(model)
+        dummy_max, dummy_entries = dummy_head_max(model, lambda p: p)
         report[policy] = {"trainable": stage.trainable, "in_optimizer": in_optimizer, "with_state": with_state,
-                          "with_grad": with_grad, "all": list(names.values()), **dummy}
+                          "with_grad": with_grad, "all": list(names.values()), "dummy_max_abs": dummy_max,
+                          "dummy_entries": dummy_entries}
     if ctx.rank == 0:
         json.dump(report, open(os.path.join(args.out, "freeze.json"), "w"))
 

@@ -20,22 +20,20 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH=1
 from lm_steps import lm_forward_backward  # noqa: E402
+from r1v_checks import dummy_head_max, mpo_pair_microbatches  # noqa: E402
 
 from megatron_r1v.checkpoint.weights import gather_hf_tensors, load_hf_weights, unwrap_model  # noqa: E402
 from megatron_r1v.config import ModelConfig, ParallelConfig  # noqa: E402
-from megatron_r1v.data.packing import pack_samples  # noqa: E402
-from megatron_r1v.data.template import EncodedSample  # noqa: E402
 from megatron_r1v.losses.mpo import MPOLossConfig  # noqa: E402
 from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT  # noqa: E402
 from megatron_r1v.models.r1v.presets import get_preset  # noqa: E402
 from megatron_r1v.platform import destroy_distributed, init_distributed  # noqa: E402
-from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward  # noqa: E402
+from megatron_r1v.trainer.mpo_step import mpo_forward_backward  # noqa: E402
 from megatron_r1v.trainer.schedule import attach_ddp_hooks, causal_lm_microbatch  # noqa: E402
 from megatron_r1v.trainer.setup import build_model_stage, wrap_ddp  # noqa: E402
 
@@ -57,33 +55,6 @@ def r1v_ddp(args: argparse.Namespace):
     return ctx, stage, ddp
 
 
-def dummy_head_grad_stats(model) -> dict:
-    """Largest |gradient| over every dummy-head entry of the vision tower (q/k/v rows, q/k
-    norm entries, projection columns), and how many entries were checked, over all ranks."""
-    stats = torch.zeros(2, dtype=torch.float64)  # [max |dummy grad|, entries checked]
-    vision = model.vision
-    if vision is not None:
-        d, real = vision.arch.head_dim, vision.arch.num_attention_heads
-        heads_local = vision.config.num_attention_heads // vision.config.tensor_model_parallel_size
-        first = dist.get_rank(vision.encoder.tp_group) * heads_local
-        for layer in vision.encoder.layers:
-            attn = layer.self_attention
-            for h in range(first, first + heads_local):
-                if h < real:
-                    continue
-                cols = slice((h - first) * d, (h - first + 1) * d)
-                parts = [attn.linear_qkv.weight.main_grad.view(heads_local, 3 * d, -1)[h - first],
-                         attn.linear_proj.weight.main_grad[:, cols], attn.q_layernorm.weight.main_grad[cols],
-                         attn.k_layernorm.weight.main_grad[cols]]
-                for part in parts:
-                    stats[0] = max(stats[0], part.abs().max().double())
-                    stats[1] += part.numel()
-    maxed, counted = stats[:1].clone(), stats[1:].clone()
-    dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
-    dist.all_reduce(counted)
-    return {"dummy_grad_max_abs": float(maxed), "dummy_entries": int(counted)}
-
-
 def lm_step(args, ctx, ddp) -> dict:
     """One micro-batch per row (rows of one length, as 1F1B needs); returns the mean loss."""
     cases = torch.load(args.cases)
@@ -95,33 +66,10 @@ def lm_step(args, ctx, ddp) -> dict:
     return {"loss": lm_forward_backward(ddp, microbatches, ctx).loss, "microbatches": len(microbatches)}
 
 
-def mpo_microbatches(pairs: list, mine: list) -> list:
-    """This rank's pairs packed into rows of BUDGET tokens, a pair's two sequences (and
-    their copies of the prompt's image) in one row."""
-    encoded, pixels = [], []
-    for i in mine:
-        tiles = pairs[i]["tiles"]
-        for side in ("chosen", "rejected"):
-            seq = pairs[i][side]
-            encoded.append(EncodedSample(f"{i}{side[0]}", seq["tokens"], seq["labels"], pairs[i]["prompt_len"],
-                                         (tiles,) if tiles else (), tiles * TOKENS_PER_TILE))
-            pixels.append(pairs[i]["pixel_values"])
-    groups = [[2 * k, 2 * k + 1] for k in range(len(mine))]
-    packed = pack_samples(encoded, pixels, BUDGET, pad_id=0, pad_to_multiple=BUDGET, groups=groups)
-    microbatches = []
-    for mb in packed:
-        row = {s: pos for pos, s in enumerate(mb.sample_indices)}
-        local_pairs = sorted({s // 2 for s in mb.sample_indices})
-        microbatches.append(make_mpo_microbatch(
-            mb, [(row[2 * k], row[2 * k + 1]) for k in local_pairs],
-            [pairs[mine[k]]["ref_chosen"] for k in local_pairs], [pairs[mine[k]]["ref_rejected"] for k in local_pairs]))
-    return microbatches
-
-
 def mpo_step(args, ctx, ddp) -> dict:
     cases = torch.load(args.cases)
     pairs = cases["pairs"]
-    microbatches = mpo_microbatches(pairs, list(range(ctx.dp_rank, len(pairs), ctx.dp)))
+    microbatches = mpo_pair_microbatches(pairs, list(range(ctx.dp_rank, len(pairs), ctx.dp)), BUDGET, TOKENS_PER_TILE)
     result = mpo_forward_backward(ddp, microbatches, ctx, MPOLossConfig(**cases["config"]), cases["delta"],
                                   len(pairs))
     tiles_per_row = [int(mb.get("pixel_values", torch.empty(0)).shape[0]) for mb in microbatches]
@@ -142,7 +90,9 @@ def main() -> None:
     ctx, stage, ddp = r1v_ddp(args)
     ddp.zero_grad_buffer()
     result = (lm_step if args.mode == "lm" else mpo_step)(args, ctx, ddp)
-    result.update(dummy_head_grad_stats(unwrap_model(ddp)))
+    # Gradients reach main_grad; a dummy head's must be exactly zero.
+    maxed, counted = dummy_head_max(unwrap_model(ddp), lambda p: p.main_grad)
+    result.update(dummy_grad_max_abs=maxed, dummy_entries=counted)
     grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
     if ctx.rank == 0:
         save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
