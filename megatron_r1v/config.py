@@ -138,6 +138,16 @@ class DataConfig:
     on_bad_sample: Literal["error", "skip"] = "error"
     """A record whose images cannot be read or whose prompt is too long: stop with an error
     naming it, or skip it with a warning."""
+    tiler: Literal["auto", "dali", "pil"] = "auto"
+    """Image tiling backend (data/tilers.py): dali (NVIDIA DALI's CPU pipeline with the project's
+    r1v.internvl_tiles operator, bit-identical to pil and ~5x its images/s), pil (the PIL reference),
+    or auto (dali when DALI is installed and the operator builds, else pil with one warning saying
+    why). One rank per replica tiles (the first TP rank of the first pipeline stage); its TP peers
+    receive the tiles, later pipeline stages only the tile counts."""
+    tiler_threads: int = 2
+    """Worker threads of the tiler on each tiling rank. 2 is what docs/benchmarks.md measures and
+    what a 2-core CPU run can give it; on a GPU node, where one rank per replica tiles for its
+    TP peers, raise it to the cores those ranks leave free (e.g. 8-16 per replica)."""
 
 
 @dataclass

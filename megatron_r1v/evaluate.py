@@ -2,12 +2,15 @@
 
     python -m megatron_r1v.evaluate --model HF_DIR --data prompts.jsonl [--tokenizer DIR] \\
         [--max-tiles 12] [--max-new-tokens 256] [--batch-size 64] [--temperature 0] [--seed 0] \\
-        [--limit N] [--out result.json] [--samples-out samples.jsonl] [--device cpu]
+        [--limit N] [--out result.json] [--samples-out samples.jsonl] [--device cpu] \\
+        [--tiler auto|dali|pil] [--tiler-threads 2]
 
 ``HF_DIR`` is an InternVL checkpoint in the transformers or the released skywork layout
 (``rollout.hf_engine.load_hf_engine``). Each prompt record is prepared exactly as the
-GRPO trainer prepares it (images tiled by ``data.tiling.PILTiler``, the chat template
-of ``data.template`` opening the assistant turn with ``<think>\\n``) and answered once;
+GRPO trainer prepares it (images tiled by the tiler ``--tiler`` selects, as ``data.tiler``
+does for training: ``data.tilers.build_tiler``, DALI or the PIL reference, identical tiles;
+the chat template of ``data.template`` opening the assistant turn with ``<think>\\n``) and
+answered once;
 ``--temperature 0`` (the default) decodes greedily, so a checkpoint has one score. A
 response ends at ``<|im_end|>`` or after ``--max-new-tokens``.
 
@@ -18,8 +21,9 @@ Scores per response, both 1 or 0:
 * format: the format reward r_format (``rewards.format.check_format``, with the thought
   opened by the prompt, as the template does).
 
-Progress goes to stderr, one line per batch; the last line of stdout is the result,
-``{"accuracy", "format", "num_prompts", "by_answer_type", "seconds", "model", ...}``,
+Progress goes to stderr (first the ``tiler: ...`` line, then one line per batch); the last line
+of stdout is the result, ``{"accuracy", "format", "num_prompts", "by_answer_type", "seconds",
+"model", "tiler", ...}``,
 which ``--out`` also writes (atomically). ``--samples-out`` writes one JSON line per
 prompt: id, answer, extracted, correct, format, finished, text. User errors (a missing
 model folder, bad data) print ``error: ...`` and exit with status 2.
@@ -93,12 +97,19 @@ class _Evaluation:
     loader: Any
     stop_ids: tuple[int, ...]
     think_opened: bool
+    tiler: str
+    """Which tiler runs (``data.tilers.SelectedTiler.description``)."""
 
 
 def _check_arguments(model_dir: PathLike, batch_size: int, limit: Optional[int], temperature: float,
-                     max_new_tokens: int) -> None:
+                     max_new_tokens: int, tiler: str, tiler_threads: int) -> None:
     from megatron_r1v.rollout.engine import SamplingParams
+    from megatron_r1v.validation import TILERS
 
+    if tiler not in TILERS:
+        raise ValueError(f"--tiler must be one of {', '.join(TILERS)}, got {tiler!r}")
+    if tiler_threads < 1:
+        raise ValueError(f"--tiler-threads must be >= 1, got {tiler_threads}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -110,12 +121,14 @@ def _check_arguments(model_dir: PathLike, batch_size: int, limit: Optional[int],
 
 
 def _prepare(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[PathLike], max_tiles: int,
-             max_new_tokens: int, seed: int, limit: Optional[int], device: str) -> _Evaluation:
-    """Reads the records and the checkpoint; prompts are built as the GRPO trainer builds them."""
+             max_new_tokens: int, seed: int, limit: Optional[int], device: str, tiler_data: Any) -> _Evaluation:
+    """Reads the records and the checkpoint; prompts are built as the GRPO trainer builds them.
+    ``tiler_data``: a ``DataConfig`` holding the ``--tiler`` / ``--tiler-threads`` choice."""
     from megatron_r1v.data.loader import PromptLoader
     from megatron_r1v.data.schema import load_records
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tiling import PILTiler, TilingConfig
+    from megatron_r1v.data.tilers import build_tiler
+    from megatron_r1v.data.tiling import TilingConfig
     from megatron_r1v.data.tokenizer import IM_END
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
@@ -131,11 +144,12 @@ def _prepare(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[P
     if template.image_token_id != arch.image_token_id:
         raise ValueError(f"the tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; the model at {model_dir} "
                          f"expects {arch.image_token_id}")
-    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=max_tiles))
-    # Only prepare() is used (no shuffling): evaluation visits the records in file order.
+    tiler, description = build_tiler(tiler_data, TilingConfig(image_size=arch.vision.image_size,
+                                                               max_tiles=max_tiles), key="--tiler")
+    # Only prepare_many() is used (no shuffling): evaluation visits the records in file order.
     loader = PromptLoader(records, template, tiler, seed=seed)
     return _Evaluation(records, engine, loader, (tokenizer.convert_tokens_to_ids(IM_END),),
-                       template.config.open_think)
+                       template.config.open_think, description)
 
 
 def _sample_line(record: Any, score: SampleScore, sample: Any) -> str:
@@ -157,8 +171,7 @@ def _generate_and_score(run: _Evaluation, batch_size: int, params: dict, seed: i
     for b in range(num_batches):
         batch = run.records[b * batch_size:(b + 1) * batch_size]
         requests = []
-        for record in batch:
-            item = run.loader.prepare(record)
+        for record, item in zip(batch, run.loader.prepare_many(batch), strict=True):  # one tiling call per batch
             assert item is not None  # on_bad_sample="error": a bad prompt raises instead
             requests.append(RolloutRequest(record.id, item.prompt_ids, item.pixel_values))
         groups = run.engine.generate(requests, SamplingParams(n=1, seed=seed + b, stop_token_ids=run.stop_ids,
@@ -192,19 +205,28 @@ def evaluate(
     samples_out: Optional[PathLike] = None,
     device: str = "cpu",
     progress: Optional[Callable[[str], None]] = _stderr_progress,
+    tiler: str = "auto",
+    tiler_threads: int = 2,
 ) -> dict:
     """Generates one response per prompt of ``data_path`` with the checkpoint ``model_dir``
     and scores it (module docstring); returns the result dict the CLI prints.
 
     Batch ``b`` samples with seed ``seed + b`` (only matters for ``temperature > 0``), so
     a run is reproducible for a batch size. ``limit`` keeps the first ``limit`` records.
+    ``tiler`` / ``tiler_threads``: ``data.tiler`` / ``data.tiler_threads`` (``auto``: DALI
+    when it can run here, else PIL with a warning; both give the same tiles).
     ``samples_out`` appears only complete. Raises FileNotFoundError / ValueError
     (DataError, ImageError, CheckpointError, ...) with a message naming the file for user
     errors.
     """
     start = time.perf_counter()
-    _check_arguments(model_dir, batch_size, limit, temperature, max_new_tokens)
-    run = _prepare(model_dir, data_path, tokenizer_dir, max_tiles, max_new_tokens, seed, limit, device)
+    from megatron_r1v.config import DataConfig
+
+    _check_arguments(model_dir, batch_size, limit, temperature, max_new_tokens, tiler, tiler_threads)
+    run = _prepare(model_dir, data_path, tokenizer_dir, max_tiles, max_new_tokens, seed, limit, device,
+                   DataConfig(max_tiles=max_tiles, tiler=tiler, tiler_threads=tiler_threads))
+    if progress is not None:
+        progress(f"tiler: {run.tiler}")
     params = {"temperature": temperature, "max_new_tokens": max_new_tokens}
     with atomic_file(samples_out) if samples_out is not None else contextlib.nullcontext() as samples_file:
         scores, generated_tokens, cut = _generate_and_score(run, batch_size, params, seed, samples_file, progress,
@@ -215,11 +237,13 @@ def evaluate(
         "by_answer_type": result["by_answer_type"], "seconds": round(time.perf_counter() - start, 3),
         "model": str(model_dir), "data": str(data_path), "temperature": temperature,
         "max_new_tokens": max_new_tokens, "generated_tokens": generated_tokens,
-        "cut_at_max_new_tokens": cut / len(run.records),
+        "cut_at_max_new_tokens": cut / len(run.records), "tiler": run.tiler,
     }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_r1v.data.tilers import add_tiler_args
+
     parser = argparse.ArgumentParser(prog="python -m megatron_r1v.evaluate",
                                      description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -235,6 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the result JSON here")
     parser.add_argument("--samples-out", type=Path, default=None, help="one JSON line per prompt")
     parser.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
+    add_tiler_args(parser)
     args = parser.parse_args(argv)
     try:
         for flag, path in (("--out", args.out), ("--samples-out", args.samples_out)):
@@ -244,6 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.data, tokenizer_dir=args.tokenizer, max_tiles=args.max_tiles,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
             seed=args.seed, limit=args.limit, samples_out=args.samples_out, device=args.device,
+            tiler=args.tiler, tiler_threads=args.tiler_threads,
         )
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

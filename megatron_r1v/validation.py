@@ -8,7 +8,8 @@ Two passes, each error a ``ValueError`` naming its key (``section.field``):
   (``python -m megatron_r1v.config`` shows the same errors).
 - :func:`preflight`: what the chosen stage needs from this machine and the file system:
   the inputs it names (data, tokenizer, checkpoint, SGLang model folder) exist, the
-  backend, dtype and parallel settings can run here (CUDA, Transformer Engine, SGLang),
+  backend, dtype and parallel settings can run here (CUDA, Transformer Engine, SGLang,
+  DALI for ``data.tiler=dali``),
   and a reward-model server the GRPO stage uses answers its health check.
   ``python -m megatron_r1v.train`` runs it on every rank before distributed init.
 
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from megatron_r1v.config import (
+        DataConfig,
         GRPOConfig,
         LoggingConfig,
         ModelConfig,
@@ -66,7 +68,7 @@ def validate_config(cfg: "RunConfig") -> "RunConfig":
     _at_least("train.seq_length", cfg.train.seq_length, 1)
     _at_least("train.save_interval", cfg.train.save_interval, 0)
     _at_least("train.keep_last", cfg.train.keep_last, 0)
-    _at_least("data.max_tiles", cfg.data.max_tiles, 1)
+    check_data_config(cfg.data)
     _check_rollout(cfg.rollout, greedy_ok=cfg.train.stage != "grpo")
     check_reward_config(cfg.reward, has_scorer=True)  # the server URL is a preflight matter
     check_ssb_config(cfg.ssb)
@@ -128,6 +130,23 @@ def _check_optimizer(o: "OptimizerConfig", steps: int) -> None:
     _within("optimizer.adam_beta2", o.adam_beta2, 0.0, 1.0, open_high=True)
     _above("optimizer.adam_eps", o.adam_eps, 0.0)
     _at_least("optimizer.clip_grad", o.clip_grad, 0.0)
+
+
+TILERS = ("auto", "dali", "pil")
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+
+def check_data_config(d: "DataConfig") -> None:
+    """The ``data.*`` values (``data.tilers.build_tiler`` runs it too, for a config built by hand)."""
+    _at_least("data.max_tiles", d.max_tiles, 1)
+    if d.tiler not in TILERS:
+        raise ValueError(f"data.tiler must be one of {', '.join(TILERS)}, got {d.tiler!r}")
+    if isinstance(d.tiler_threads, bool) or not isinstance(d.tiler_threads, int):
+        raise ValueError(f"data.tiler_threads must be an integer >= 1, got {d.tiler_threads!r}")
+    _at_least("data.tiler_threads", d.tiler_threads, 1)
+    if d.on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ValueError(f"data.on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, "
+                         f"got {d.on_bad_sample!r}")
 
 
 def _check_rollout(r: "RolloutConfig", greedy_ok: bool) -> None:
@@ -215,6 +234,7 @@ def _check_logging(log: "LoggingConfig") -> None:
 def preflight(cfg: "RunConfig") -> None:
     """What the chosen stage needs here, each error naming its key (module docstring)."""
     _check_inputs(cfg)
+    _check_tiler_installed(cfg.data)
     check_model_on_machine(cfg.model, cfg.parallel, device_type=_device_type())
     if cfg.train.stage == "grpo":
         check_reward_config(cfg.reward)
@@ -256,6 +276,20 @@ def _check_inputs(cfg: "RunConfig") -> None:
         raise ValueError(f"model.checkpoint: {cfg.model.checkpoint} is not a folder")
     if cfg.rollout.model_dir and not os.path.isdir(cfg.rollout.model_dir):
         raise ValueError(f"rollout.model_dir: {cfg.rollout.model_dir} is not a folder")
+
+
+def _check_tiler_installed(data: "DataConfig") -> None:
+    """``data.tiler=dali`` needs DALI here. Only whether it is installed: building the operator
+    is left to the tiling ranks (``data.tilers.build_tiler``), which agree on its outcome."""
+    if data.tiler != "dali":
+        return
+    try:
+        found = importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no ``nvidia`` namespace package at all
+        found = False
+    if not found:
+        raise ValueError("data.tiler=dali: NVIDIA DALI is not installed (pip install 'megatron-r1v[data]', "
+                         "which brings nvidia-dali-cuda120); set data.tiler=auto or pil to tile with PIL")
 
 
 def check_model_on_machine(model: "ModelConfig", parallel: "ParallelConfig", device_type: str) -> str:

@@ -1,6 +1,13 @@
 """Benchmark InternVL tiling: DALI (CPU pipeline) against the PIL reference on the same images.
 
-    python tools/bench_data.py [--num 200] [--threads 2] [--batch-size 16]
+    python tools/bench_data.py [--num 200] [--threads 2] [--batch-size 16] [--e2e-pairs-per-step 16]
+
+Two ratios, PIL time / DALI time: ``kernel_speedup`` (tiling only: ``Tiler.tile_files`` over
+all images) and ``e2e_speedup`` (the loader path the MPO trainer takes, with the tilers
+``data.tilers.build_tiler`` gives for ``data.tiler=pil`` / ``dali``: the preference records
+of the same images -> ``PairLoader.next_batch`` (tiles + chat template with 256 tokens per
+tile) -> ``data.packing.pack_pairs`` micro-batches, one step of ``--e2e-pairs-per-step``
+pairs after another over all pairs; the packed batches of both are checked to be equal).
 
 Images: ``megatron_r1v.data.synthetic.generate_dataset`` (PNG, 64..900 px, aspect 1:3..4:1)
 when that module is importable, else (or with ``--source drawn``) PNGs drawn here with PIL
@@ -16,6 +23,7 @@ intra-op pool is set to one thread so neither side gets extra cores from it. Aft
 warm-up pass over all images (pipeline build, page cache, memory pools) the backends are
 timed alternately, ``--repeats`` runs each over all images, and the median run counts. CPU ms per image (all threads of
 the process) is reported too: on a shared machine it moves far less than wall time.
+The end-to-end path is timed the same way (a warm-up epoch, then alternating runs).
 The last line printed is one JSON object.
 """
 
@@ -122,9 +130,99 @@ def pixel_differences(reference: Tiler, other: Tiler, paths: list[Path], chunk: 
     return max_diff, total / count, tiles
 
 
+def e2e_data(work: Path, num: int, seed: int) -> Path:
+    """The preference records of the synthetic images (generated here when --source drew the images)."""
+    prefs = work / "synthetic" / "preferences.jsonl"
+    if not prefs.is_file():
+        from megatron_r1v.data.synthetic import generate_dataset
+
+        generate_dataset(work / "e2e", num, seed)
+        prefs = work / "e2e" / "preferences.jsonl"
+    return prefs
+
+
+class TimedTiler:
+    """A tiler that adds up the wall seconds of its ``tile_files`` calls (the e2e path's tiling share)."""
+
+    def __init__(self, tiler: Tiler):
+        self.tiler, self.config, self.seconds = tiler, tiler.config, 0.0
+
+    def tile_files(self, paths):
+        start = time.perf_counter()
+        try:
+            return self.tiler.tile_files(paths)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def e2e_epoch(tiler: Tiler, records: list, template, pairs_per_step: int, budget: int) -> tuple[int, list]:
+    """The trainer's data path over all pairs, step by step: (pairs packed, the first step's micro-batches)."""
+    from megatron_r1v.data.loader import PairLoader
+    from megatron_r1v.data.packing import pack_pairs
+
+    loader = PairLoader(records, template, tiler, seed=0)
+    pairs, first = 0, None
+    for _ in range(max(len(records) // pairs_per_step, 1)):
+        items = loader.next_batch(pairs_per_step)
+        microbatches = pack_pairs(items, budget, pipeline=False)
+        pairs += len(items)
+        first = microbatches if first is None else first
+    return pairs, first
+
+
+def same_batches(a: list, b: list) -> bool:
+    """Packed micro-batches equal field by field (tokens, labels, boundaries, pixels)."""
+    fields = ("input_ids", "labels", "cu_seqlens", "pixel_values")
+    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in fields)
+
+
+def run_e2e(args: argparse.Namespace, work: Path, cfg: TilingConfig) -> dict:
+    """``e2e_*`` keys of the report (module docstring)."""
+    from transformers import AutoTokenizer
+
+    from megatron_r1v.config import DataConfig
+    from megatron_r1v.data.pairs import load_pairs
+    from megatron_r1v.data.template import ChatTemplate, TemplateConfig
+    from megatron_r1v.data.tilers import build_tiler
+    from megatron_r1v.data.tokenizer import build_tokenizer
+
+    prefs = e2e_data(work, args.num, args.seed)
+    build_tokenizer([prefs], 640, work / "tok")
+    seq = 2 * 256 * (cfg.max_tiles + 1)  # every image's tokens fit, with room for the text
+    template = ChatTemplate(AutoTokenizer.from_pretrained(str(work / "tok")),
+                            TemplateConfig(tokens_per_tile=256, max_seq_len=seq))
+    records = load_pairs(prefs, "preferences", None).records
+    tilers = {name: TimedTiler(build_tiler(DataConfig(tiler=name, tiler_threads=args.threads), cfg).tiler)
+              for name in ("pil", "dali")}
+
+    def epoch(name: str) -> tuple[int, list]:
+        return e2e_epoch(tilers[name], records, template, args.e2e_pairs_per_step, 2 * seq)
+
+    identical = same_batches(epoch("pil")[1], epoch("dali")[1])  # also the warm-up epoch
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in tilers}  # (wall, CPU, tiling) s
+    for r in range(args.repeats):
+        for name, tiler in tilers.items():
+            tiler.seconds, start, start_cpu = 0.0, time.perf_counter(), cpu_seconds()
+            pairs, _ = epoch(name)
+            runs[name].append((time.perf_counter() - start, cpu_seconds() - start_cpu, tiler.seconds))
+            print(f"[e2e {name}] run {r + 1}/{args.repeats}: {pairs} pairs in {runs[name][-1][0]:.2f} s "
+                  f"({pairs / runs[name][-1][0]:.1f} pairs/s, tiling {runs[name][-1][2]:.2f} s)", flush=True)
+    (pil_s, pil_cpu, pil_tiling), (dali_s, dali_cpu, dali_tiling) = (
+        tuple(statistics.median(run[k] for run in runs[name]) for k in range(3)) for name in ("pil", "dali"))
+    return {"e2e_pil_pairs_per_s": round(pairs / pil_s, 2), "e2e_dali_pairs_per_s": round(pairs / dali_s, 2),
+            "e2e_speedup": round(pil_s / dali_s, 3), "e2e_pil_cpu_ms_per_pair": round(pil_cpu / pairs * 1e3, 2),
+            "e2e_dali_cpu_ms_per_pair": round(dali_cpu / pairs * 1e3, 2),
+            "e2e_pil_tiling_share": round(pil_tiling / pil_s, 3),
+            "e2e_dali_tiling_share": round(dali_tiling / dali_s, 3),
+            "e2e_pairs": pairs, "e2e_pairs_per_step": args.e2e_pairs_per_step, "e2e_identical_batches": identical,
+            "e2e_path": "load_pairs -> PairLoader.next_batch (build_tiler + chat template, 256 tokens per tile) "
+                        "-> pack_pairs"}
+
+
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
-    from megatron_r1v.data.dali_tiling import DALITiler  # here, so --help works without DALI
     import nvidia.dali
+
+    from megatron_r1v.data.dali_tiling import DALITiler  # here, so --help works without DALI
 
     cfg = TilingConfig()
     paths, source = make_images(work, args.num, args.seed, args.source)
@@ -146,10 +244,12 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         ops_s, ops_cpu = timings["dali_ops"]
         baseline = {"dali_ops_images_per_s": round(len(paths) / ops_s, 2), "dali_ops_speedup": round(pil_s / ops_s, 3),
                     "dali_ops_cpu_ms_per_image": round(ops_cpu / len(paths) * 1e3, 2)}
+    e2e = run_e2e(args, work, cfg) if args.e2e_pairs_per_step else {}
     return {
         "pil_images_per_s": round(len(paths) / pil_s, 2),
         "dali_images_per_s": round(len(paths) / dali_s, 2),
-        "speedup": round(pil_s / dali_s, 3),
+        "kernel_speedup": round(pil_s / dali_s, 3),
+        **e2e,
         "pil_tiles_per_s": round(tiles / pil_s, 1),
         "dali_tiles_per_s": round(tiles / dali_s, 1),
         "pil_cpu_ms_per_image": round(pil_cpu / len(paths) * 1e3, 2),
@@ -184,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", choices=("auto", "synthetic", "drawn"), default="auto",
                         help="images: the synthetic data set (auto: when importable) or PIL drawings")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to write images (default: a temp dir)")
+    parser.add_argument("--e2e-pairs-per-step", type=int, default=16,
+                        help="pairs per step of the end-to-end (trainer loader) timing, as mpo.pairs_per_step; "
+                             "0 skips it")
     args = parser.parse_args(argv)
 
     torch_threads = torch.get_num_threads()

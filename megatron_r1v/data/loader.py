@@ -7,16 +7,24 @@ one ends), and data-parallel rank r takes every dp_size-th of them starting at r
 position in that order is the whole state (:class:`DataCursor`), saved with checkpoints,
 so a resumed run sees exactly the prompts an uninterrupted run would.
 
-A prompt whose images fail to tile, or whose prompt does not fit ``max_seq_len``, is a
-bad sample: an error, or with ``on_bad_sample="skip"`` dropped from this step's batch,
-counted in the cursor and logged with the reason.
+A step's records are tiled together (:meth:`PromptLoader.prepare_many`: one ``tile_files``
+call over all their images, so a DALI tiler fills its batches and a replica's ranks share
+one broadcast per step, see :mod:`.replica_tiling`). A prompt whose images fail to tile, or
+whose prompt does not fit ``max_seq_len``, is a bad sample: an error, or with
+``on_bad_sample="skip"`` dropped from this step's batch, counted in the cursor and logged
+with the reason, exactly as when each record is prepared alone (a batch with a bad image is
+tiled again record by record, so the policy applies per record).
+
+:attr:`PromptLoader.data_seconds` adds up the wall time spent preparing records (reading,
+tiling, templating); trainers read it per step with :meth:`PromptLoader.take_data_seconds`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,16 +32,21 @@ import torch
 from .images import ImageError
 from .schema import PreferenceRecord, PromptRecord
 from .template import ChatTemplate, EncodedSample, OverlengthError
-from .tiling import Tiler
+from .tiling import Tiler, TilingResult
 
 logger = logging.getLogger(__name__)
+
+_Tiles = Union[tuple[Optional[torch.Tensor], tuple[int, ...]], ImageError]
+"""A record's (pixels, tiles per image), or the ImageError that makes it a bad sample."""
 
 
 @dataclass
 class PromptItem:
     record: PromptRecord
     prompt_ids: torch.Tensor  # [P] int64
-    pixel_values: Optional[torch.Tensor]  # [tiles, 3, S, S] in image-token order, or None
+    pixel_values: Optional[torch.Tensor]
+    """[tiles, 3, S, S] in image-token order, or None without images; [tiles, 0] (the count
+    only, ``replica_tiling.layout_only``) on ranks that need no pixels (later pipeline stages)."""
     tiles_per_image: tuple[int, ...]
 
 
@@ -70,6 +83,13 @@ class PromptLoader:
         self.dp_rank, self.dp_size, self.on_bad_sample = dp_rank, dp_size, on_bad_sample
         self.cursor = DataCursor()
         self._by_id = {r.id: r for r in self.records}
+        self.data_seconds = 0.0
+        """Wall seconds spent in :meth:`prepare_many` so far (see :meth:`take_data_seconds`)."""
+
+    def take_data_seconds(self) -> float:
+        """Seconds spent preparing records since the last call (a step's ``perf/data_time_s``)."""
+        seconds, self.data_seconds = self.data_seconds, 0.0
+        return seconds
 
     def record(self, prompt_id: str) -> PromptRecord:
         """The record with this id (e.g. for a group drawn from the Selective Sample Buffer)."""
@@ -98,21 +118,51 @@ class PromptLoader:
     def next_batch(self, n_prompts: int) -> list[PromptItem]:
         """This rank's share of the next ``n_prompts`` global prompts, prepared for rollout."""
         mine = self.next_indices(n_prompts)[self.dp_rank::self.dp_size]
-        items = []
-        for index in mine:
-            item = self.prepare(self.records[index])
-            if item is not None:
-                items.append(item)
-        return items
+        return [item for item in self.prepare_many([self.records[i] for i in mine]) if item is not None]
 
-    def _tiles(self, record) -> tuple[Optional[torch.Tensor], tuple[int, ...]]:
-        """(tiles of all the record's images in order, tiles per image); raises ImageError."""
-        tiled = self.tiler.tile_files(record.images) if record.images else None
+    def prepare_many(self, records: Sequence) -> list:
+        """``prepare`` of each record (None where skipped), all their images tiled in one call."""
+        start = time.perf_counter()
+        try:
+            return self._prepare_many(records)
+        finally:
+            self.data_seconds += time.perf_counter() - start
+
+    def _prepare_many(self, records: Sequence) -> list:
+        paths = [path for record in records for path in record.images]
+        tiled: Optional[TilingResult] = None
+        if paths:
+            try:
+                tiled = self.tiler.tile_files(paths)
+            except ImageError:  # on_bad_sample=error in the tiler: judge record by record, as alone
+                return [self._prepare(record, self._tiles(record)) for record in records]
+        out, offset = [], 0
+        for record in records:
+            n = len(record.images)
+            part = TilingResult(tiled.images[offset:offset + n],
+                                [s for s in tiled.skipped if offset <= s.index < offset + n]) if n else None
+            out.append(self._prepare(record, self._join(part)))
+            offset += n
+        return out
+
+    def _tiles(self, record) -> _Tiles:
+        """The record's own tiling, :meth:`_join` ed (or the ImageError it raised)."""
+        try:
+            return self._join(self.tiler.tile_files(record.images) if record.images else None)
+        except ImageError as err:
+            return err
+
+    @staticmethod
+    def _join(tiled: Optional[TilingResult]) -> _Tiles:
+        """(tiles of a record's images in order, tiles per image), or the ImageError of its first skipped image."""
         if tiled is not None and tiled.num_skipped:
             first = tiled.skipped[0]
-            raise ImageError(first.path, first.reason)
+            return ImageError(first.path, first.reason)
         images = tiled.kept() if tiled is not None else []
-        pixels = torch.cat([img.pixel_values for img in images]) if images else None
+        if len(images) == 1:  # its tiles as they are: the packer copies them into its row anyway
+            pixels = images[0].pixel_values
+        else:
+            pixels = torch.cat([img.pixel_values for img in images]) if images else None
         return pixels, tuple(img.num_tiles for img in images)
 
     def _skip(self, record, err: Exception) -> None:
@@ -124,9 +174,16 @@ class PromptLoader:
                        kind, record.id, self.cursor.skipped, err)
 
     def prepare(self, record: PromptRecord) -> Optional[PromptItem]:
+        """The record tiled and templated; None when it is skipped as a bad sample."""
+        return self.prepare_many([record])[0]
+
+    def _prepare(self, record: PromptRecord, tiles: _Tiles) -> Optional[PromptItem]:
+        """``tiles``: what :meth:`_join` gave for the record."""
         try:
-            pixels, tiles = self._tiles(record)
-            return PromptItem(record, self.template.prompt_ids(record.id, record.question, tiles), pixels, tiles)
+            if isinstance(tiles, ImageError):
+                raise tiles
+            pixels, counts = tiles
+            return PromptItem(record, self.template.prompt_ids(record.id, record.question, counts), pixels, counts)
         except (ImageError, OverlengthError) as err:
             return self._skip(record, err)
 
@@ -145,18 +202,21 @@ class PairItem:
     record: PreferenceRecord
     chosen: EncodedSample
     rejected: EncodedSample
-    pixel_values: Optional[torch.Tensor]  # the prompt's tiles; both sequences hold the same image tokens
+    pixel_values: Optional[torch.Tensor]
+    """The prompt's tiles, as :attr:`PromptItem.pixel_values`; both sequences hold the same image tokens."""
 
 
 class PairLoader(PromptLoader):
     """:class:`PromptLoader` over preference pairs: each item is the pair's two full
     conversations (prompt + chosen, prompt + rejected), labels on the responses only."""
 
-    def prepare(self, record: PreferenceRecord) -> Optional[PairItem]:
+    def _prepare(self, record: PreferenceRecord, tiles: _Tiles) -> Optional[PairItem]:
         try:
-            pixels, tiles = self._tiles(record)
-            chosen = self.template.encode(record.id, record.prompt, record.chosen, tiles)
-            rejected = self.template.encode(record.id, record.prompt, record.rejected, tiles)
+            if isinstance(tiles, ImageError):
+                raise tiles
+            pixels, counts = tiles
+            chosen = self.template.encode(record.id, record.prompt, record.chosen, counts)
+            rejected = self.template.encode(record.id, record.prompt, record.rejected, counts)
             return PairItem(record, chosen, rejected, pixels)
         except (ImageError, OverlengthError) as err:
             return self._skip(record, err)

@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 from megatron_r1v.atomic_dir import write_text_atomic
 
@@ -170,8 +170,11 @@ def load_pairs(
     margin: Optional[float],
     max_pairs_per_prompt: int = 1,
     on_bad_sample: Literal["error", "skip"] = "error",
+    checked_images: Optional[Mapping[Path, Optional[str]]] = None,
 ) -> PairSet:
     """Reads ``path`` (schema kind ``data_format``) and selects its pairs.
+
+    ``checked_images``: images already checked elsewhere (``schema.read_records``'s ``checked``).
 
     Scored data needs a margin (0 pairs any strictly lower score). Raises ValueError
     (``schema.DataError`` for schema problems) naming the file, and when no pair
@@ -182,7 +185,7 @@ def load_pairs(
     if data_format == "scored" and margin is None:
         raise ValueError(f"{path}: scored data needs a margin (the R1V2 report compares 7, 10 and 15; "
                          f"0 pairs every response with any lower-scored one)")
-    loaded = load_records(path, data_format, on_bad_sample)
+    loaded = load_records(path, data_format, on_bad_sample, checked=checked_images)
     try:
         if data_format == "scored":
             selection = _select_scored(loaded.records, margin, max_pairs_per_prompt)

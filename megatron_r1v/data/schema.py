@@ -48,7 +48,7 @@ import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Union
 
 from .images import DEFAULT_MAX_PIXELS, check_image
 from .tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
@@ -435,22 +435,18 @@ def read_records(
     max_images: int = DEFAULT_MAX_IMAGES,
     check_images: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    checked: Optional[Mapping[Path, Optional[str]]] = None,
 ) -> tuple[list[Record], list[Problem]]:
     """Reads the whole file: (records without problems, every problem found).
 
     ``check_images=False`` skips decoding the images (fast, for huge sets whose images
-    were checked before); paths are still resolved. A file that cannot be opened raises
-    OSError naming it.
+    were checked before); paths are still resolved. ``checked`` holds images already
+    checked elsewhere (resolved path -> reason, None when fine; e.g. by other ranks of a
+    training run, ``data.replica_tiling.check_images_once``): only the others are decoded.
+    A file that cannot be opened raises OSError naming it.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind: {kind!r} is not one of {', '.join(repr(k) for k in KINDS)}")
-    shown = str(path)
-    path = Path(path)
-    base = Path(os.path.abspath(path)).parent
-    data = path.read_bytes()
-
     # Several records often share an image (a prompt's preference pairs); decode it once.
-    image_reasons: dict[Path, Optional[str]] = {}
+    image_reasons: dict[Path, Optional[str]] = dict(checked or {})
 
     def image_check(image: Path) -> Optional[str]:
         if not check_images:
@@ -459,6 +455,30 @@ def read_records(
             image_reasons[image] = check_image(image, max_pixels)
         return image_reasons[image]
 
+    return _read(path, kind, max_images, image_check)
+
+
+def referenced_images(path: Union[str, Path], kind: Kind, *, max_images: int = DEFAULT_MAX_IMAGES) -> list[Path]:
+    """Every image path the file's records name (resolved; records with problems too), in
+    first-seen order, without decoding any."""
+    seen: dict[Path, None] = {}
+
+    def collect(image: Path) -> Optional[str]:
+        seen.setdefault(image)
+        return None
+
+    _read(path, kind, max_images, collect)
+    return list(seen)
+
+
+def _read(path: Union[str, Path], kind: Kind, max_images: int,
+          image_check: Callable[[Path], Optional[str]]) -> tuple[list[Record], list[Problem]]:
+    if kind not in KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {', '.join(repr(k) for k in KINDS)}")
+    shown = str(path)
+    path = Path(path)
+    base = Path(os.path.abspath(path)).parent
+    data = path.read_bytes()
     records: list[Record] = []
     problems: list[Problem] = []
     first_line_of_id: dict[str, int] = {}
@@ -492,6 +512,7 @@ def load_records(
     max_images: int = DEFAULT_MAX_IMAGES,
     check_images: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    checked: Optional[Mapping[Path, Optional[str]]] = None,
 ) -> Loaded:
     """The valid records of ``path`` and how many bad ones were skipped.
 
@@ -502,7 +523,7 @@ def load_records(
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample: {on_bad_sample!r} is not one of 'error', 'skip'")
     records, problems = read_records(
-        path, kind, max_images=max_images, check_images=check_images, max_pixels=max_pixels
+        path, kind, max_images=max_images, check_images=check_images, max_pixels=max_pixels, checked=checked
     )
     bad_lines = len({p.line for p in problems})
     hint = f"run `python -m megatron_r1v.data.validate {path} --kind {kind}` to list them all"

@@ -8,10 +8,12 @@ it is dropped. What remains is written as JSONL (the original lines, unchanged) 
 stats file.
 
     python -m megatron_r1v.ssb.prompt_pool --prompts data/prompts.jsonl --model HF_DIR \\
-        --tokenizer TOK_DIR --samples 8 --out data/pool
+        --tokenizer TOK_DIR --samples 8 --out data/pool [--tiler auto|dali|pil] [--tiler-threads 2]
 
 ``HF_DIR`` is a transformers-layout InternVL checkpoint (``tools/convert_checkpoint.py
-export --layout transformers`` writes one).
+export --layout transformers`` writes one). Images are tiled as the trainer tiles them
+(``--tiler`` / ``--tiler-threads`` are ``data.tiler`` / ``data.tiler_threads``:
+``data.tilers.build_tiler``; the log's ``tiler: ...`` line says which one ran).
 """
 
 from __future__ import annotations
@@ -117,8 +119,10 @@ def write_pool(prompts_path: Path, kept: Sequence[PromptRecord], stats: PoolStat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_r1v.config import DataConfig
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tiling import PILTiler, TilingConfig
+    from megatron_r1v.data.tilers import add_tiler_args, build_tiler
+    from megatron_r1v.data.tiling import TilingConfig
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,22 +137,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--on-bad-sample", choices=["error", "skip"], default="error")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true")
+    add_tiler_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.tiler_threads < 1:
+        parser.error(f"--tiler-threads must be >= 1, got {args.tiler_threads}")
 
     records = load_records(args.prompts, "prompts", args.on_bad_sample).records
     engine, arch, tokenizer = load_hf_engine(args.model, args.tokenizer or args.model)
     template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile))
-    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=args.max_tiles,
-                                  on_bad_sample=args.on_bad_sample))
+    tiler, description = build_tiler(
+        DataConfig(max_tiles=args.max_tiles, on_bad_sample=args.on_bad_sample, tiler=args.tiler,
+                   tiler_threads=args.tiler_threads),
+        TilingConfig(image_size=arch.vision.image_size, max_tiles=args.max_tiles, on_bad_sample=args.on_bad_sample),
+        key="--tiler")
+    logger.info("tiler: %s", description)
     loader = PromptLoader(records, template, tiler, seed=args.seed, on_bad_sample=args.on_bad_sample)
-    items = [item for item in (loader.prepare(r) for r in records) if item is not None]
+    items = [item for item in loader.prepare_many(records) if item is not None]
     params = SamplingParams(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, stop_token_ids=(tokenizer.convert_tokens_to_ids("<|im_end|>"),))
     kept, stats = filter_prompts(items, engine, HybridReward.from_config(RewardConfig()), params)
     stats.skipped_bad = loader.cursor.skipped
     write_pool(args.prompts, kept, stats, args.out, args.force)
-    print(json.dumps({"out": str(args.out), **asdict(stats)}))
+    print(json.dumps({"out": str(args.out), **asdict(stats), "tiler": description}))
     return 0
 
 

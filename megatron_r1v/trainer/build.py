@@ -2,7 +2,9 @@
 
 Shared by both stages: the process group and Megatron parallel state, this rank's model
 stage (``model.checkpoint`` or random weights), DDP, the optimizer, the tokenizer (checked
-against the preset's vocabulary and image token), the chat template and the tiler.
+against the preset's vocabulary and image token), the chat template and the tiler
+(``data.tiler``, built by ``data.tilers.build_tiler`` on one rank per replica and shared
+with the rest of it by ``data.replica_tiling``; rank 0 prints a ``tiler: ...`` line).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class _Common:
 
 def _build_common(cfg: RunConfig) -> _Common:
     from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint
+    from megatron_r1v.data.replica_tiling import build_replica_tiler
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
-    from megatron_r1v.data.tiling import PILTiler, TilingConfig
+    from megatron_r1v.data.tiling import TilingConfig
     from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
     from megatron_r1v.models.r1v.presets import get_preset
@@ -53,8 +56,11 @@ def _build_common(cfg: RunConfig) -> _Common:
                          f"model.preset {cfg.model.preset!r}")
     template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
                                                       max_seq_len=cfg.train.seq_length))
-    tiler = PILTiler(TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
-                                  on_bad_sample=cfg.data.on_bad_sample))
+    tiling = TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
+                          on_bad_sample=cfg.data.on_bad_sample)
+    tiler, description = build_replica_tiler(ctx, cfg.data, tiling)
+    if ctx.rank == 0:
+        print(f"tiler: {description}", flush=True)
     return _Common(ctx, arch, stage, ddp, optimizer, tokenizer, template, tiler)
 
 
@@ -93,6 +99,7 @@ def build_rollout_engine(cfg: RunConfig, c: _Common, ctx):
 
 def build_grpo_trainer(cfg: RunConfig):
     from megatron_r1v.data.loader import PromptLoader
+    from megatron_r1v.data.replica_tiling import check_images_once
     from megatron_r1v.data.schema import load_records
     from megatron_r1v.data.tokenizer import IM_END
     from megatron_r1v.rewards.hybrid import HybridReward
@@ -102,7 +109,8 @@ def build_grpo_trainer(cfg: RunConfig):
 
     c = _build_common(cfg)
     ctx = c.ctx
-    records = load_records(cfg.data.train_path, "prompts", cfg.data.on_bad_sample).records
+    checked = check_images_once(cfg.data.train_path, "prompts", ctx)  # decoded by the tiling ranks only
+    records = load_records(cfg.data.train_path, "prompts", cfg.data.on_bad_sample, checked=checked).records
     loader = PromptLoader(records, c.template, c.tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
                           on_bad_sample=cfg.data.on_bad_sample)
     sync = WeightSync(c.arch, ctx, [c.ddp], shard_spec=c.stage.shard_spec, backend=c.stage.backend,
@@ -119,14 +127,16 @@ def build_grpo_trainer(cfg: RunConfig):
 def build_mpo_trainer(cfg: RunConfig):
     from megatron_r1v.data.loader import PairLoader
     from megatron_r1v.data.pairs import load_pairs
+    from megatron_r1v.data.replica_tiling import check_images_once
     from megatron_r1v.trainer.mpo import MPOTrainer
     from megatron_r1v.trainer.reference_cache import reference_logprobs
 
     c = _build_common(cfg)
     ctx = c.ctx
     m = cfg.mpo
+    checked = check_images_once(cfg.data.train_path, m.data_format, ctx)  # decoded by the tiling ranks only
     pairs = load_pairs(cfg.data.train_path, m.data_format, m.margin_threshold, m.max_pairs_per_prompt,
-                       on_bad_sample=cfg.data.on_bad_sample)
+                       on_bad_sample=cfg.data.on_bad_sample, checked_images=checked)
     if ctx.rank == 0:
         print(f"MPO pairs: {pairs.summary()}", flush=True)
     loader = PairLoader(pairs.records, c.template, c.tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank,

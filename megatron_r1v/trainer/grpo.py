@@ -128,6 +128,7 @@ class GRPOTrainer:
     # -- the step --------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
         timer, sums = PhaseTimer(), StepSums()
+        self.loader.take_data_seconds()  # from here on: this step's data (its prompts, reused SSB prompts)
         with timer.phase("step"):
             with timer.phase("rollout"):
                 items, groups = self._rollout_phase(step)
@@ -139,6 +140,7 @@ class GRPOTrainer:
                 self.sync.sync(self.engine)
             self.buffer.insert(fresh_ssb_groups(items, groups, batch.advantages, batch.samples, sample_logprobs,
                                                 step))
+        timer.seconds["data"] = self.loader.take_data_seconds()
         return self._metrics(groups, result, batch, sums, grad_norm, timer.seconds)
 
     def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup]]:
@@ -295,6 +297,7 @@ class GRPOTrainer:
                 t.response_tokens / count, "train/grad_norm": float(grad_norm or 0.0),
             "perf/step_time_s": seconds["step"], "perf/rollout_time_s": seconds["rollout"],
             "perf/train_time_s": seconds["train"], "perf/weight_sync_time_s": seconds["weight_sync"],
+            "perf/data_time_s": seconds["data"],
             "rollout/logprob_abs_diff": t.gap_sum / fresh_tokens,
         }
         if self.cfg.rollout.tis_cap is not None:

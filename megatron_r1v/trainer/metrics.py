@@ -17,16 +17,20 @@ from typing import Optional
 
 import torch
 
+# perf/data_time_s (both stages): seconds this step spent preparing its records in data.loader
+# (reading and tiling images, the chat template). Like every perf/ tag it is rank 0's own, and
+# rank 0 tiles for its replica (data/replica_tiling.py), so it includes the tiling.
 MPO_TAGS = (
     "mpo/loss", "mpo/pref_loss", "mpo/quality_loss", "mpo/gen_loss", "mpo/reward_margin", "mpo/accuracy",
     "mpo/delta", "mpo/chosen_reward", "mpo/rejected_reward", "train/grad_norm", "perf/step_time_s",
+    "perf/data_time_s",
 )
 GRPO_TAGS = (
     "train/reward_mean", "train/accuracy", "train/format_reward", "train/rm_reward", "train/grpo_loss", "train/kl",
     "train/clip_fraction", "train/entropy", "train/response_length", "train/grad_norm",
     "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size", "ssb/reused_groups",
     "ssb/reused_samples", "ssb/aged_out", "rollout/logprob_abs_diff",
-    "perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/weight_sync_time_s",
+    "perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/weight_sync_time_s", "perf/data_time_s",
 )
 # GRPO with rollout.tis_cap: the mean TIS weight and the share of weights cut at the cap.
 TIS_TAGS = ("rollout/tis_weight_mean", "rollout/tis_truncated_fraction")

@@ -64,6 +64,7 @@ class MPOTrainer:
 
     def step(self, step: int) -> dict[str, float]:
         ctx, t_start = self.ctx, time.perf_counter()
+        self.loader.take_data_seconds()  # from here on: this step's pairs
         items, failure = [], None
         try:
             items = self.loader.next_batch(self.cfg.mpo.pairs_per_step)
@@ -91,7 +92,7 @@ class MPOTrainer:
             "mpo/gen_loss": result.generation, "mpo/reward_margin": result.reward_margin,
             "mpo/accuracy": result.accuracy, "mpo/delta": delta, "mpo/chosen_reward": result.reward_chosen,
             "mpo/rejected_reward": result.reward_rejected, "train/grad_norm": float(grad_norm or 0.0),
-            "perf/step_time_s": time.perf_counter() - t_start,
+            "perf/step_time_s": time.perf_counter() - t_start, "perf/data_time_s": self.loader.take_data_seconds(),
         }
 
     # -- a failed step (trainer/failure.py) --------------------------------------------------

@@ -92,6 +92,7 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     for m in metrics:
         assert 0.0 <= m["train/accuracy"] <= 1.0 and m["train/response_length"] > 0
         assert m["train/entropy"] > 0 and m["perf/step_time_s"] > m["perf/train_time_s"] > 0
+        assert m["perf/step_time_s"] > m["perf/data_time_s"] > 0  # its prompts (and reused SSB prompts) prepared
         assert 0.0 <= m["ssb/effective_ratio_fresh"] <= m["ssb/effective_ratio_batch"] <= 1.0
         assert 0.0 < m["train/rm_reward"] < 1.0  # sigmoid-calibrated model scores
         # The HF engine and the trainer both run fp32 on CPU: their log-probs of the sampled

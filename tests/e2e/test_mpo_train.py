@@ -62,6 +62,8 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     assert 5 <= kept < 20
     lines = [line for line in full.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == [f"step {i}/6" for i in range(1, 7)]
+    # data.tiler=auto with DALI installed; rank 0 tiles for both TP ranks (data/replica_tiling.py).
+    assert "tiler: dali (r1v.internvl_tiles, 2 threads) on 1 rank per replica (tp 2 x pp 1)" in full.stdout
     events = EventAccumulator(str(tmp_path / "full" / "tb"))
     events.Reload()
     assert set(stage_tags("mpo")) <= set(events.Tags()["scalars"])
@@ -74,6 +76,8 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     assert metrics[0]["mpo/delta"] == 0.0 and abs(metrics[1]["mpo/delta"]) < 1e-5  # the mean of step 0's ~zeros
     assert metrics[-1]["mpo/reward_margin"] > 0 and metrics[-1]["mpo/gen_loss"] < metrics[0]["mpo/gen_loss"]
     assert metrics[-1]["mpo/delta"] != 0.0
+    # Each step's data time: 4 pairs read, tiled and templated, a part of the step.
+    assert all(0.0 < m["perf/data_time_s"] < m["perf/step_time_s"] for m in metrics)
 
     # Resume: 3 steps, then 3 more from the checkpoint == 6 in one go, bit for bit; the
     # resumed run reads the reference cache instead of recomputing with trained weights.

@@ -406,12 +406,17 @@ def test_bench_data_smoke(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     report = bench.main(["--num", "6", "--repeats", "1", "--warmup", "2", "--source", "drawn",
-                         "--work-dir", str(tmp_path)])
+                         "--work-dir", str(tmp_path), "--e2e-pairs-per-step", "3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == report
     assert report["num_images"] == 6 and report["images"] == "drawn"
     assert report["pil_images_per_s"] > 0 and report["dali_images_per_s"] > 0
-    assert report["speedup"] == pytest.approx(report["dali_images_per_s"] / report["pil_images_per_s"], rel=0.02)
+    assert report["kernel_speedup"] == pytest.approx(report["dali_images_per_s"] / report["pil_images_per_s"],
+                                                     rel=0.02)
+    # End to end: the MPO loader path over 6 pairs in 2 steps, packed batches equal with either tiler.
+    assert report["e2e_pairs"] == 6 and report["e2e_pairs_per_step"] == 3 and report["e2e_identical_batches"]
+    assert report["e2e_speedup"] == pytest.approx(report["e2e_dali_pairs_per_s"] / report["e2e_pil_pairs_per_s"],
+                                                  rel=0.02)
     # The r1v operator reproduces the reference exactly; DALI's own operators are timed beside it.
     assert report["dali_cpu_kernel"] == "r1v" and report["max_abs_diff"] == 0.0
     assert report["dali_ops_images_per_s"] > 0 and report["num_tiles"] > 6

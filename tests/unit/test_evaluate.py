@@ -78,7 +78,9 @@ def test_accuracy_equals_an_independent_recomputation(setup, tmp_path):
     types = {r.answer_type for r in records}
     assert set(result["by_answer_type"]) == types == {"choice", "number"}
     assert sum(v["num_prompts"] for v in result["by_answer_type"].values()) == 6
-    assert len(lines) == 2 and lines[-1].startswith("batch 2/2 | prompts 6/6")
+    # The default data.tiler=auto tiles with DALI here (bit-identical to the PILTiler of recompute()).
+    assert lines[0] == "tiler: dali (r1v.internvl_tiles, 2 threads)" == "tiler: " + result["tiler"]
+    assert len(lines) == 3 and lines[-1].startswith("batch 2/2 | prompts 6/6")
     assert result["seconds"] > 0 and 6 <= result["generated_tokens"] <= 6 * MAX_NEW
 
 
@@ -133,13 +135,14 @@ def test_cli_prints_and_writes_the_result(setup, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "megatron_r1v.evaluate", "--model", str(setup["model"]), "--data",
                            str(setup["data"]), "--max-new-tokens", "4", "--limit", "3", "--batch-size", "2",
-                           "--out", str(out), "--samples-out", str(samples)],
+                           "--out", str(out), "--samples-out", str(samples), "--tiler", "pil", "--tiler-threads", "1"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == result
     assert result["num_prompts"] == 3 and set(result) >= {"accuracy", "format", "num_prompts", "by_answer_type",
-                                                          "seconds", "model"}
+                                                          "seconds", "model", "tiler"}
+    assert result["tiler"] == "pil (1 thread; --tiler=pil)" and "tiler: pil (1 thread" in proc.stderr
     assert len(samples.read_text().splitlines()) == 3
     assert "batch 1/2 | prompts 2/3" in proc.stderr and "batch 2/2 | prompts 3/3" in proc.stderr
     assert not [p for p in tmp_path.rglob(".*")], "a temporary file was left behind"
@@ -157,3 +160,5 @@ def test_user_errors_exit_2_with_a_message(setup, tmp_path, capsys):
     assert "need temperature >= 0" in capsys.readouterr().err
     assert main(["--model", str(setup["model"]), "--data", str(setup["data"]), "--max-new-tokens", "5000"]) == 2
     assert "leaves no room for a prompt" in capsys.readouterr().err
+    assert main(["--model", str(setup["model"]), "--data", str(setup["data"]), "--tiler-threads", "0"]) == 2
+    assert "error: --tiler-threads must be >= 1, got 0" in capsys.readouterr().err

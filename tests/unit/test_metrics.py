@@ -17,7 +17,8 @@ from megatron_r1v.trainer.metrics import (
 
 MPO_STEP = {"mpo/loss": 1.5, "mpo/pref_loss": 0.7, "mpo/quality_loss": 0.3, "mpo/gen_loss": 0.5,
             "mpo/reward_margin": 0.25, "mpo/accuracy": 0.75, "mpo/delta": 0.0, "mpo/chosen_reward": 0.1,
-            "mpo/rejected_reward": -0.15, "train/grad_norm": 2.0, "perf/step_time_s": 1.0}
+            "mpo/rejected_reward": -0.15, "train/grad_norm": 2.0, "perf/step_time_s": 1.0,
+            "perf/data_time_s": 0.25}
 
 
 def test_stage_tags_are_complete_and_distinct():
@@ -26,6 +27,7 @@ def test_stage_tags_are_complete_and_distinct():
         assert len(set(tags)) == len(tags)
     # The three the GRPO list used to miss.
     assert {"train/grad_norm", "ssb/reused_groups", "ssb/aged_out"} <= set(GRPO_TAGS)
+    assert "perf/data_time_s" in GRPO_TAGS and "perf/data_time_s" in MPO_TAGS
     assert stage_tags("grpo") == GRPO_TAGS + COMMON_TAGS
     assert stage_tags("grpo", tis=True, device=torch.device("cuda")) == GRPO_TAGS + TIS_TAGS + COMMON_TAGS \
         + DEVICE_MEMORY_TAGS

@@ -51,6 +51,7 @@ def test_cli_on_a_tiny_random_model(tmp_path, capsys):
     # A random model never writes "</think> ... \boxed{}": every reward is 0, every group flat.
     assert summary["prompts"] == 5 and summary["kept"] == 0 and summary["dropped_all_equal_other"] == 5
     assert summary["mean_reward"] == 0.0
+    assert summary["tiler"] == "dali (r1v.internvl_tiles, 2 threads)"  # --tiler auto, DALI installed here
     assert (tmp_path / "pool" / "prompts.jsonl").read_text() == ""
     with pytest.raises(FileExistsError):
         main(args)
