@@ -43,8 +43,9 @@ class FP8Config:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny-qwen2"
-    """Architecture preset name (see megatron_r1v/models/r1v/presets.py)."""
+    preset: Optional[str] = None
+    """Architecture preset name (megatron_r1v/models/r1v/presets.py): required to initialise randomly;
+    optional with model.checkpoint, whose recorded architecture is built (a preset must then agree)."""
     backend: Literal["auto", "local", "te"] = "auto"
     """Layer implementation: Transformer Engine ("te"), Megatron-Core local modules
     ("local"), or "auto" (TE when it is installed and CUDA is present)."""
@@ -59,7 +60,8 @@ class ModelConfig:
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 Transformer Engine recipe (GPU only)."""
     checkpoint: Optional[str] = None
-    """Megatron checkpoint to start from (``tools/convert_checkpoint.py import``); None: random init."""
+    """Megatron checkpoint to start from (``tools/convert_checkpoint.py import``); its architecture and image
+    token id are the run's; None: random init of model.preset."""
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     """Activation recomputation of the decoder and vision blocks: selective (core attention only),
     full (whole layers, see recompute_method), or null (keep every activation)."""
@@ -110,7 +112,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["mpo", "grpo"] = "grpo"
+    stage: Literal["sft", "mpo", "grpo"] = "grpo"
     """Training stage run by ``python -m megatron_r1v.train``."""
     seed: int = 1234
     """Seed of weight initialization, data order and rollout sampling."""
@@ -130,7 +132,8 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     train_path: Optional[str] = None
-    """JSON Lines file of training prompts or preference pairs."""
+    """JSON Lines file of training prompts (grpo), preference pairs or scored responses (mpo), or
+    conversations (sft); schemas in megatron_r1v/data/schema.py."""
     max_tiles: int = 12
     """Maximum dynamic tiles per image (a thumbnail is added when more than one)."""
     tokenizer: Optional[str] = None
@@ -269,6 +272,17 @@ class MPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    samples_per_step: int = 16
+    """Conversations per optimizer step over all data-parallel ranks (a multiple of the DP size);
+    the loss is the mean over every assistant token of the step. train.steps sets the length of
+    the run: the data is visited in a new permutation each epoch, as many epochs as the steps need."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (whole conversations, first-fit decreasing);
+    >= train.seq_length."""
+
+
+@dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     """Folder of the TensorBoard event files (rank 0); null: no TensorBoard."""
@@ -288,6 +302,7 @@ class RunConfig:
     ssb: SSBConfig = field(default_factory=SSBConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     mpo: MPOConfig = field(default_factory=MPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "RunConfig":

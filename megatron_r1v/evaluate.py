@@ -141,9 +141,11 @@ def _prepare(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[P
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"{arch.decoder.max_position_embeddings} positions")
     template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile, max_seq_len=max_prompt))
+    # The ids are the tokenizer's (the template reads them there); a checkpoint whose config
+    # records another <IMG_CONTEXT> id cannot be evaluated with it.
     if template.image_token_id != arch.image_token_id:
-        raise ValueError(f"the tokenizer's <IMG_CONTEXT> is id {template.image_token_id}; the model at {model_dir} "
-                         f"expects {arch.image_token_id}")
+        raise ValueError(f"tokenizer {tokenizer_dir or model_dir}: <IMG_CONTEXT> has id {template.image_token_id}, "
+                         f"but {os.path.join(model_dir, 'config.json')} records image token id {arch.image_token_id}")
     tiler, description = build_tiler(tiler_data, TilingConfig(image_size=arch.vision.image_size,
                                                                max_tiles=max_tiles), key="--tiler")
     # Only prepare_many() is used (no shuffling): evaluation visits the records in file order.

@@ -1,7 +1,9 @@
 """Per-GPU memory plan of a run: will this config fit, and what to change if not.
 
-Arithmetic over a :class:`RunConfig`, a GPU count and a GPU size; tensor shapes come
-from the one HF mapping on the meta device (nothing is allocated). All
+Arithmetic over a :class:`RunConfig`, a GPU count and a GPU size; the architecture is the
+run's (:func:`planned_arch`: ``model.checkpoint``'s record, or ``model.preset`` where the
+record is not on this machine), and tensor shapes come from the one HF mapping on the
+meta device (nothing is allocated). All
 sizes in the returned plan are GB = 2**30 bytes. For every pipeline stage (the plan
 reports the worst one) it adds:
 
@@ -84,6 +86,7 @@ from typing import Optional
 from megatron_r1v.config import RunConfig
 from megatron_r1v.models.r1v.model import FREEZE_POLICIES
 from megatron_r1v.models.r1v.presets import R1VArch, get_preset
+from megatron_r1v.trainer.arch import resolve_arch
 
 GB = 1 << 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -115,12 +118,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def planned_arch(cfg: RunConfig) -> R1VArch:
+    """The architecture the run builds (``trainer.arch.resolve_arch``); a checkpoint whose
+    record is not on this machine is planned as ``model.preset``."""
+    return resolve_arch(cfg.model, missing_checkpoint_ok=True)
+
+
 @functools.lru_cache(maxsize=None)
-def stage_tensors(preset: str, tp: int, pp: int, pp_rank: int, divisible_by: int = 128,
+def stage_tensors(arch: "str | R1VArch", tp: int, pp: int, pp_rank: int, divisible_by: int = 128,
                   vocab_pad_tp: int = 8) -> tuple[TensorInfo, ...]:
     """Every parameter of pipeline stage ``pp_rank`` on one TP rank (all TP ranks hold equal
     sizes): the stage's tensor maps (``weights.model_stage_maps``'s names) with the shard
-    shapes ``hf_mapping.hf_to_mcore_shard`` builds for loading, computed on meta tensors."""
+    shapes ``hf_mapping.hf_to_mcore_shard`` builds for loading, computed on meta tensors.
+    ``arch``: an architecture, or a preset name."""
     import torch
 
     from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes
@@ -133,7 +143,7 @@ def stage_tensors(preset: str, tp: int, pp: int, pp_rank: int, divisible_by: int
         stage_tensor_maps,
     )
 
-    arch = get_preset(preset)
+    arch = get_preset(arch) if isinstance(arch, str) else arch
     layout = QWEN2_LAYOUT if arch.vision is None else TRANSFORMERS_LAYOUT
     hf_shapes = expected_hf_shapes(arch, layout)
     spec = ShardSpec.for_model(arch, tp, divisible_by, vocab_pad_tp)
@@ -166,7 +176,7 @@ def param_bytes(cfg: RunConfig, pp_rank: int, tp_rank: int = 0, dp: int = 1) -> 
     p = cfg.parallel
     if not (0 <= pp_rank < p.pp and 0 <= tp_rank < p.tp):
         raise ValueError(f"rank (pp {pp_rank}, tp {tp_rank}) outside parallel.pp={p.pp} x parallel.tp={p.tp}")
-    tensors = stage_tensors(cfg.model.preset, p.tp, p.pp, pp_rank,
+    tensors = stage_tensors(planned_arch(cfg), p.tp, p.pp, pp_rank,
                             cfg.model.make_vocab_size_divisible_by, cfg.model.vocab_pad_tp)
     parts = FREEZE_PARTS[cfg.model.freeze]
     numel = sum(t.numel for t in tensors)
@@ -247,7 +257,7 @@ def _block(cfg: RunConfig, layers: int, full: float, ckpt: float) -> tuple[float
 
 
 def micro_batch_tokens(cfg: RunConfig) -> int:
-    return cfg.grpo.micro_batch_tokens if cfg.train.stage == "grpo" else cfg.mpo.micro_batch_tokens
+    return {"grpo": cfg.grpo, "mpo": cfg.mpo, "sft": cfg.sft}[cfg.train.stage].micro_batch_tokens
 
 
 def default_tiles(cfg: RunConfig, arch: R1VArch) -> int:
@@ -262,7 +272,7 @@ def default_tiles(cfg: RunConfig, arch: R1VArch) -> int:
 
 def stage_activations(cfg: RunConfig, pp_rank: int, tiles: int) -> tuple[dict[str, float], int]:
     """Activation bytes of stage ``pp_rank`` by part, and its in-flight micro-batches."""
-    arch, p, m = get_preset(cfg.model.preset), cfg.parallel, cfg.model
+    arch, p, m = planned_arch(cfg), cfg.parallel, cfg.model
     parts = FREEZE_PARTS[m.freeze]
     a = _Act(DTYPE_BYTES[m.params_dtype], p.tp, p.sequence_parallel, m.fp8.format is not None and m.backend != "local",
              m.backend == "local")
@@ -342,6 +352,7 @@ class MemoryPlan:
     """The plan: per-stage numbers, the worst stage's components, phases, peak, verdict, advice (GB)."""
 
     preset: str
+    """The model planned: model.preset, or model.checkpoint when no preset is set."""
     stage: str
     gpus: int
     gpu_mem_gb: float
@@ -394,7 +405,7 @@ def _trainer_at_engine_start(cfg: RunConfig, dp: int) -> float:
 
 
 def _rollout(cfg: RunConfig, gpu_bytes: float, dp: int) -> RolloutMemory:
-    arch, r, p = get_preset(cfg.model.preset), cfg.rollout, cfg.parallel
+    arch, r, p = planned_arch(cfg), cfg.rollout, cfg.parallel
     d = arch.decoder
     total = arch.parameter_counts()["total"]
     seqs = _ceil_div(cfg.grpo.prompts_per_step * r.n_samples, dp)
@@ -427,7 +438,7 @@ def _rollout(cfg: RunConfig, gpu_bytes: float, dp: int) -> RolloutMemory:
 
 def _plan(cfg: RunConfig, gpus: int, gpu_mem_gb: float, tiles: Optional[int]) -> MemoryPlan:
     dp = check_layout(cfg, gpus)
-    arch, p = get_preset(cfg.model.preset), cfg.parallel
+    arch, p = planned_arch(cfg), cfg.parallel
     if arch.vision is None:
         tiles = 0
     elif tiles is None:
@@ -479,7 +490,8 @@ def _plan(cfg: RunConfig, gpus: int, gpu_mem_gb: float, tiles: Optional[int]) ->
     if arch.vision is not None and "vision" in FREEZE_PARTS[cfg.model.freeze]:
         notes.append(f"vision activations assume {tiles} tiles per micro-batch (--tiles-per-microbatch; at most "
                      f"{micro_batch_tokens(cfg) // arch.tokens_per_tile} if every token were an image token)")
-    return MemoryPlan(cfg.model.preset, cfg.train.stage, gpus, gpu_mem_gb, p.tp, p.pp, p.cp, dp,
+    label = cfg.model.preset or str(cfg.model.checkpoint)
+    return MemoryPlan(label, cfg.train.stage, gpus, gpu_mem_gb, p.tp, p.pp, p.cp, dp,
                       micro_batch_tokens(cfg), tiles, stages, worst.pp_rank, worst.weights_gb, worst.grads_gb,
                       worst.optimizer_gb, worst.activations_gb, rollout, RESERVE_GB, training_phase, rollout_phase,
                       peak, not problems, problems=problems, notes=notes)
@@ -499,7 +511,7 @@ def _candidates(cfg: RunConfig, plan: MemoryPlan) -> list[tuple[str, dict]]:
         out.append(("a smaller micro-batch", {key: plan.micro_batch_tokens // 2}))
     if not cfg.optimizer.use_distributed_optimizer and plan.dp * p.cp > 1:
         out.append(("the distributed optimizer", {"optimizer.use_distributed_optimizer": True}))
-    arch = get_preset(m.preset)
+    arch = planned_arch(cfg)
     if arch.decoder.num_layers % (2 * p.pp) == 0 and plan.gpus % (p.tp * 2 * p.pp * p.cp) == 0:
         out.append(("more pipeline stages", {"parallel.pp": 2 * p.pp}))
     try:

@@ -6,7 +6,9 @@ that rank would build it: a fake process group (``torch.testing``'s ``fake`` bac
 whose collectives do nothing) gives this process the rank and world size of the job,
 Megatron-Core's parallel state is initialized on it for the recipe's TP/PP, and
 ``build_model_stage`` runs under ``torch.device("meta")`` (shapes only, nothing
-allocated). What this proves: the preset divides over the recipe's TP and PP (heads,
+allocated), for the architecture the run builds (``memory_plan.planned_arch``: the
+checkpoint's record, or ``model.preset`` where the record is not on this machine). What
+this proves: that architecture divides over the recipe's TP and PP (heads,
 query groups, layers, vocabulary padding), the stage of each pipeline rank builds, and
 its parameter counts; :func:`check_recipe` compares those counts with the memory plan's.
 
@@ -61,14 +63,14 @@ def stage_parameter_bytes(cfg: RunConfig, world_size: int, rank: int) -> dict:
     """Builds rank ``rank``'s model stage on the meta device; returns its parameter counts
     and bytes: ``params``, ``trainable``, ``weight_bytes``, ``trainable_bytes`` and the
     rank's ``tp_rank`` / ``pp_rank``."""
+    from megatron_r1v.memory_plan import planned_arch
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
-    from megatron_r1v.models.r1v.presets import get_preset
     from megatron_r1v.trainer.setup import build_model_stage
 
     model_cfg = dataclasses.replace(cfg.model, backend="local", fp8=dataclasses.replace(cfg.model.fp8, format=None))
     with simulated_rank(cfg, world_size, rank) as ctx:
         with torch.device("meta"):
-            stage = build_model_stage(get_preset(cfg.model.preset), ctx, model_cfg, layout=TRANSFORMERS_LAYOUT,
+            stage = build_model_stage(planned_arch(cfg), ctx, model_cfg, layout=TRANSFORMERS_LAYOUT,
                                       meta_device=True)
         params = list(stage.model.parameters())
         trainable = [p for p in params if p.requires_grad]

@@ -2,12 +2,14 @@
 
 Runs the stage ``train.stage`` names (``trainer/build.py`` builds it):
 
+- ``sft``: supervised fine-tuning on conversations, the token-mean NLL of every assistant
+  reply (``trainer/sft.py``).
 - ``mpo``: Mixed Preference Optimization on preference pairs (``trainer/mpo.py``);
   reference log-probs are computed once and cached (``trainer/reference_cache.py``).
 - ``grpo``: GRPO with the hybrid reward, the Selective Sample Buffer and one rollout
   engine per data-parallel replica (``trainer/grpo.py``).
 
-Both start from ``model.checkpoint`` (a Megatron checkpoint written by
+Each starts from ``model.checkpoint`` (a Megatron checkpoint written by
 ``tools/convert_checkpoint.py import``, or the ``model/`` folder of an earlier stage's
 training checkpoint) or random weights, print one progress line per step and write the
 TensorBoard scalars ``trainer/metrics.py`` declares under ``logging.tensorboard_dir``. With

@@ -2,15 +2,19 @@
 
 Two passes, each error a ``ValueError`` naming its key (``section.field``):
 
-- :func:`validate_config`: values and how they fit together (ranges, the preset and the
-  parallel layout, the stage's own constraints). :func:`megatron_r1v.config.load_config`
-  runs it, so a recipe or ``--set`` with a bad value fails before any process starts
-  (``python -m megatron_r1v.config`` shows the same errors).
+- :func:`validate_config`: values and how they fit together (ranges, the architecture and
+  the parallel layout, the stage's own constraints; the architecture is the checkpoint's
+  record when it is on this machine, else ``model.preset``: ``trainer/arch.py``).
+  :func:`megatron_r1v.config.load_config` runs it, so a recipe or ``--set`` with a bad
+  value fails before any process starts (``python -m megatron_r1v.config`` shows the same
+  errors).
 - :func:`preflight`: what the chosen stage needs from this machine and the file system:
   the inputs it names (data, tokenizer, checkpoint, SGLang model folder) exist, the
   backend, dtype and parallel settings can run here (CUDA, Transformer Engine, SGLang,
   DALI for ``data.tiler=dali``),
-  and a reward-model server the GRPO stage uses answers its health check.
+  a reward-model server the GRPO stage uses answers its health check, and the architecture
+  the run builds is known (``model.checkpoint``'s record, agreeing with a ``model.preset``
+  given with it, or the preset) and divides over the parallel layout.
   ``python -m megatron_r1v.train`` runs it on every rank before distributed init.
 
 Components built from a config (the SSB, the hybrid reward, the model stage) call the
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
         RewardConfig,
         RolloutConfig,
         RunConfig,
+        SFTConfig,
         SSBConfig,
     )
 
@@ -74,6 +79,7 @@ def validate_config(cfg: "RunConfig") -> "RunConfig":
     check_ssb_config(cfg.ssb)
     _check_grpo(cfg.grpo, cfg.train.seq_length if cfg.train.stage == "grpo" else None)
     _check_mpo(cfg.mpo, cfg.train.seq_length if cfg.train.stage == "mpo" else None)
+    _check_sft(cfg.sft, cfg.train.seq_length if cfg.train.stage == "sft" else None)
     _check_logging(cfg.logging)
     return cfg
 
@@ -87,13 +93,12 @@ def _check_parallel(p: "ParallelConfig") -> None:
 
 
 def _check_model(m: "ModelConfig", p: "ParallelConfig") -> None:
-    from megatron_r1v.models.r1v.presets import get_preset
+    from megatron_r1v.trainer.arch import describe, has_checkpoint_record, resolve_arch
 
-    try:
-        arch = get_preset(m.preset)
-    except KeyError as err:
-        raise ValueError(f"model.preset: {err.args[0]}") from None
-    arch.check_parallel(p.tp, p.pp, where=f"model.preset '{m.preset}'")
+    # The architecture as far as the config tells here (the checkpoint's record when it is on
+    # this machine, else the preset); the preflight requires one (trainer/arch.py).
+    if m.preset is not None or has_checkpoint_record(m):
+        resolve_arch(m, missing_checkpoint_ok=True).check_parallel(p.tp, p.pp, where=describe(m))
     _at_least("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
     _at_least("model.vocab_pad_tp", m.vocab_pad_tp, 1)
     _at_least("model.recompute_num_layers", m.recompute_num_layers, 1)
@@ -224,6 +229,14 @@ def _check_mpo(m: "MPOConfig", seq_length: Optional[int]) -> None:
         raise ValueError("mpo.margin_threshold must be set with mpo.data_format=scored (the report uses 7, 10 or 15)")
 
 
+def _check_sft(s: "SFTConfig", seq_length: Optional[int]) -> None:
+    _at_least("sft.samples_per_step", s.samples_per_step, 1)
+    _at_least("sft.micro_batch_tokens", s.micro_batch_tokens, 1)
+    if seq_length is not None and s.micro_batch_tokens < seq_length:
+        raise ValueError(f"sft.micro_batch_tokens ({s.micro_batch_tokens}) must be >= train.seq_length "
+                         f"({seq_length}): a conversation must fit one micro-batch")
+
+
 def _check_logging(log: "LoggingConfig") -> None:
     _at_least("logging.log_interval", log.log_interval, 1)
 
@@ -241,6 +254,15 @@ def preflight(cfg: "RunConfig") -> None:
         if cfg.rollout.engine == "sglang":
             _check_sglang(cfg)
         _check_reward_server(cfg.reward)
+    _check_architecture(cfg)
+
+
+def _check_architecture(cfg: "RunConfig") -> None:
+    """The architecture the run builds exists: the checkpoint's record (agreeing with a
+    preset given with it) or a preset, and divides over the parallel layout."""
+    from megatron_r1v.trainer.arch import describe, resolve_arch
+
+    resolve_arch(cfg.model).check_parallel(cfg.parallel.tp, cfg.parallel.pp, where=describe(cfg.model))
 
 
 def _check_reward_server(reward: "RewardConfig") -> None:
@@ -322,3 +344,6 @@ def _check_sglang(cfg: "RunConfig") -> None:
     if importlib.util.find_spec("sglang") is None:
         raise ValueError(f"rollout.engine=sglang: sglang is not installed ({ROLLOUT_EXTRA}, or use the "
                          "docker/Dockerfile image)")
+    from megatron_r1v.trainer.arch import check_rollout_folder, describe, resolve_arch
+
+    check_rollout_folder(sglang_model_dir(cfg), resolve_arch(cfg.model), describe(cfg.model))

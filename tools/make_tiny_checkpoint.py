@@ -14,8 +14,10 @@ transformers' ``InternVLForConditionalGeneration`` for the preset, drawn from ``
 
 Without ``--tokenizer`` the byte-level BPE of ``megatron_r1v.data.tokenizer`` is trained
 with the preset's vocabulary size on a synthetic corpus (``data.synthetic``, seed 0,
-200 samples); its ``<IMG_CONTEXT>`` must have the preset's image token id (639 for
-tiny-r1v-chat). The output appears complete or not at all. Prints a JSON summary.
+200 samples). The image token id (``img_context_token_id``) is the tokenizer's
+``<IMG_CONTEXT>`` (639 for the trained 640-token BPE), never the preset's; the tokenizer
+must fit the preset's vocabulary. The output appears complete or not at all. Prints a
+JSON summary.
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ def _tokenizer_into(out: Path, vocab_size: int, tokenizer_dir: Optional[Path]) -
     save_hf_tokenizer(tokenizer, out)
 
 
-def _check_tokenizer(directory: Path, arch: Any, source: str) -> None:
-    """The tokenizer in ``directory`` loads and fits the preset (vocabulary, image token)."""
-    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
+def _with_tokenizer_ids(directory: Path, arch: Any, source: str, preset: str) -> Any:
+    """``arch`` with the image token id of the tokenizer in ``directory``, which must load,
+    fit the preset's vocabulary and have ``<IMG_CONTEXT>`` (``trainer.arch.with_tokenizer_ids``)."""
+    from megatron_r1v.data.tokenizer import load_tokenizer
+    from megatron_r1v.trainer.arch import with_tokenizer_ids
 
-    check_tokenizer_fits(load_tokenizer(directory), arch.decoder.vocab_size, arch.image_token_id, source, "the preset")
+    return with_tokenizer_ids(arch, load_tokenizer(directory), source, f"preset {preset!r}")
 
 
 def random_skywork_tensors(arch: Any, seed: int) -> dict[str, Any]:
@@ -90,7 +94,8 @@ def make_tiny_checkpoint(out: str | Path, preset: str = "tiny-r1v-chat", seed: i
         raise ValueError(f"preset {preset!r} has no vision tower; the skywork layout is an InternVL-chat model")
     with atomic_directory(out) as tmp:
         _tokenizer_into(tmp, arch.decoder.vocab_size, Path(tokenizer_dir) if tokenizer_dir is not None else None)
-        _check_tokenizer(tmp, arch, f"--tokenizer {tokenizer_dir}" if tokenizer_dir else "the trained tokenizer")
+        source = f"--tokenizer {tokenizer_dir}" if tokenizer_dir else "the trained tokenizer"
+        arch = _with_tokenizer_ids(tmp, arch, source, preset)
         tensors = random_skywork_tensors(arch, seed)
         plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes=5 * 10**9)

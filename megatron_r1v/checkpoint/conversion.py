@@ -85,17 +85,25 @@ def _names_layout(name: str, tensor_names: Optional[list[str]] = None) -> HFLayo
     raise CheckpointError(f"unknown layout {name!r}")
 
 
+def _tokenizer_image_token_id(hf_dir: Path) -> Optional[int]:
+    """The <IMG_CONTEXT> id of the checkpoint's tokenizer.json (None without one)."""
+    tokenizer = hf_dir / "tokenizer.json"
+    if tokenizer.exists():
+        for token in json.loads(tokenizer.read_text()).get("added_tokens", []):
+            if token.get("content") == "<IMG_CONTEXT>":
+                return int(token["id"])
+    return None
+
+
 def _image_token_id(hf_dir: Path, config: dict, override: Optional[int]) -> int:
     """IMG_CONTEXT id of a skywork checkpoint: --image-token-id, config, or the tokenizer."""
     if override is not None:
         return override
     if config.get("img_context_token_id") is not None:
         return int(config["img_context_token_id"])
-    tokenizer = hf_dir / "tokenizer.json"
-    if tokenizer.exists():
-        for token in json.loads(tokenizer.read_text()).get("added_tokens", []):
-            if token.get("content") == "<IMG_CONTEXT>":
-                return int(token["id"])
+    token_id = _tokenizer_image_token_id(hf_dir)
+    if token_id is not None:
+        return token_id
     raise CheckpointError(
         f"{hf_dir}: cannot find the <IMG_CONTEXT> token id (not in config.json or tokenizer.json); "
         "pass --image-token-id"
@@ -105,10 +113,18 @@ def _image_token_id(hf_dir: Path, config: dict, override: Optional[int]) -> int:
 def _arch_of(hf_dir: Path, config: dict, layout_name: str, image_token_id: Optional[int]) -> R1VArch:
     try:
         if layout_name == "skywork":
-            return arch_from_skywork_config(config, _image_token_id(hf_dir, config, image_token_id))
-        return arch_from_transformers_config(config)
+            arch = arch_from_skywork_config(config, _image_token_id(hf_dir, config, image_token_id))
+        else:
+            arch = arch_from_transformers_config(config)
     except ValueError as err:
         raise CheckpointError(f"{hf_dir / 'config.json'}: {err}") from None
+    # The id recorded in r1v_checkpoint.json is the one training holds the tokenizer to.
+    in_tokenizer = _tokenizer_image_token_id(hf_dir)
+    if arch.vision is not None and in_tokenizer is not None and in_tokenizer != arch.image_token_id:
+        given = "--image-token-id" if image_token_id is not None else str(hf_dir / "config.json")
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: <IMG_CONTEXT> has id {in_tokenizer}, but {given} gives "
+                              f"{arch.image_token_id}")
+    return arch
 
 
 def _shared_tmp_dir(out: Path, ctx: Optional[ParallelContext]) -> Path:

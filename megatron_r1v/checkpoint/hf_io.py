@@ -141,6 +141,14 @@ class HFCheckpointReader:
         """A tensor's shape from its file header, without reading the data."""
         return self._entry(name)[1].shape
 
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype from its file header; CheckpointError for a dtype :meth:`read` cannot read."""
+        path, entry = self._entry(name)
+        if entry.dtype is None:
+            raise CheckpointError(f"tensor {name!r} in {path} has dtype {entry.dtype_name}, "
+                                  "which conversion does not read")
+        return entry.dtype
+
     def get(self, name: str) -> torch.Tensor:
         """One tensor by HF name; KeyError names the tensor when it is absent."""
         return self.read(name)

@@ -61,8 +61,9 @@ def expected_hf_shapes(arch: R1VArch, layout: HFLayout) -> dict[str, tuple[int, 
         if arch.vision is None:
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**decoder_arch_to_hf_config(arch.decoder)))
         else:
-            # The token order (ps_version) does not change any shape.
-            as_v2 = dataclasses.replace(arch, adapter=dataclasses.replace(arch.adapter, ps_version="v2"))
+            # The token order (ps_version) and the image token id (unset in a 38B preset) change no shape.
+            as_v2 = dataclasses.replace(arch, adapter=dataclasses.replace(arch.adapter, ps_version="v2"),
+                                        image_token_id=arch.image_token_id or 0)
             model = transformers.InternVLForConditionalGeneration(
                 transformers.InternVLConfig(**transformers_internvl_config(as_v2))
             )
@@ -114,7 +115,8 @@ def convert_layout(
     pixel-shuffle v1) and KeyError naming a tensor ``read`` does not have.
     """
     if dst.style == "transformers" and dst.vision_prefix and arch.vision is not None:
-        transformers_internvl_config(arch)  # raises for ps_version v1
+        # Raises for ps_version v1; the image token id moves no tensor.
+        transformers_internvl_config(dataclasses.replace(arch, image_token_id=arch.image_token_id or 0))
     # No vocabulary padding: the stored form would otherwise hold padding rows that the
     # way out only slices off again (a transient copy of the embedding for nothing).
     spec = dataclasses.replace(ShardSpec.for_model(arch, 1), padded_vocab_size=arch.decoder.vocab_size)

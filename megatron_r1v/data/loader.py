@@ -1,5 +1,6 @@
-"""Prompt batches for rollouts (:class:`PromptLoader`) and preference-pair batches for MPO
-(:class:`PairLoader`): records -> tiles -> chat-template token ids, with a cursor.
+"""Prompt batches for rollouts (:class:`PromptLoader`), preference-pair batches for MPO
+(:class:`PairLoader`) and conversation batches for SFT (:class:`SFTLoader`): records -> tiles
+-> chat-template token ids, with a cursor.
 
 Each epoch visits the records in a permutation drawn from ``(seed, epoch)``; a step's
 global batch is the next ``n`` positions (running into the next epoch's permutation when
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from .images import ImageError
-from .schema import PreferenceRecord, PromptRecord
+from .schema import PreferenceRecord, PromptRecord, SFTRecord
 from .template import ChatTemplate, EncodedSample, OverlengthError
 from .tiling import Tiler, TilingResult
 
@@ -169,7 +170,7 @@ class PromptLoader:
         if self.on_bad_sample == "error":
             raise err
         self.cursor.skipped += 1
-        kind = "prompt" if isinstance(record, PromptRecord) else "pair"
+        kind = {PromptRecord: "prompt", SFTRecord: "conversation"}.get(type(record), "pair")
         logger.warning("skipping %s %s (on_bad_sample=skip; %d skipped so far): %s",
                        kind, record.id, self.cursor.skipped, err)
 
@@ -218,5 +219,27 @@ class PairLoader(PromptLoader):
             chosen = self.template.encode(record.id, record.prompt, record.chosen, counts)
             rejected = self.template.encode(record.id, record.prompt, record.rejected, counts)
             return PairItem(record, chosen, rejected, pixels)
+        except (ImageError, OverlengthError) as err:
+            return self._skip(record, err)
+
+
+@dataclass
+class SFTItem:
+    record: SFTRecord
+    sample: EncodedSample
+    """The whole conversation; labels on every assistant reply (``ChatTemplate.encode_conversation``)."""
+    pixel_values: Optional[torch.Tensor]
+    """The images of all its user turns, as :attr:`PromptItem.pixel_values`."""
+
+
+class SFTLoader(PromptLoader):
+    """:class:`PromptLoader` over SFT conversations (``data.schema.SFTRecord``)."""
+
+    def _prepare(self, record: SFTRecord, tiles: _Tiles) -> Optional[SFTItem]:
+        try:
+            if isinstance(tiles, ImageError):
+                raise tiles
+            pixels, counts = tiles
+            return SFTItem(record, self.template.encode_conversation(record.id, record.messages, counts), pixels)
         except (ImageError, OverlengthError) as err:
             return self._skip(record, err)

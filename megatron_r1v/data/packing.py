@@ -126,3 +126,10 @@ def pack_pairs(items: Sequence, token_budget: int, pipeline: bool) -> list[Packe
     pixels = [it.pixel_values for it in items for _ in range(2)]
     return pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=token_budget if pipeline else 1,
                         groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
+
+
+def pack_conversations(items: Sequence, token_budget: int, pipeline: bool) -> list[PackedMicroBatch]:
+    """Packs ``data.loader.SFTItem`` s (whole conversations, each with its images) by FFD;
+    ``pipeline``: pad every row to the budget (PP needs one shape)."""
+    return pack_samples([it.sample for it in items], [it.pixel_values for it in items], token_budget, pad_id=0,
+                        pad_to_multiple=token_budget if pipeline else 1)

@@ -1,4 +1,5 @@
-"""JSON Lines schemas for prompts (GRPO), preference pairs (MPO) and scored responses, with validation.
+"""JSON Lines schemas for prompts (GRPO), preference pairs (MPO), scored responses and SFT
+conversations, with validation.
 
 One JSON object per line; blank lines are ignored.
 
@@ -8,6 +9,8 @@ One JSON object per line; blank lines are ignored.
                   "chosen_score"?, "rejected_score"?}
     scored:      {"id", "images": [...], "prompt",
                   "responses": [{"text": str, "score": number}, ...]}
+    sft:         {"id", "images": [...],
+                  "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 
 Conventions:
 
@@ -32,6 +35,13 @@ Conventions:
   MPO pair construction (``data.pairs``): at least one response, each an object with
   exactly ``text`` and ``score``. Problems name the entry, e.g. ``responses[2]: missing
   field 'score'``. Repeated texts are allowed (sampling repeats itself).
+- ``sft`` is one conversation for supervised fine-tuning: an optional ``system`` message
+  first (it replaces the template's system prompt), then ``user`` and ``assistant`` turns
+  alternating, starting with a user turn and ending with an assistant turn (the loss is
+  on every assistant turn; a trailing user turn would have nothing to train on). Each
+  entry has exactly ``role`` and ``content`` (non-empty text). ``<image>`` placeholders go
+  in user turns only; their count over all user turns must equal ``len(images)`` (the
+  i-th for ``images[i]``), and with none the images go before the first user turn's text.
 
 Every problem is reported as ``FILE:LINE: message`` and a file is read to the end, so one
 run lists them all. ``load_records`` turns them into a :class:`DataError` or, with
@@ -55,8 +65,8 @@ from .tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["prompts", "preferences", "scored"]
-KINDS: tuple[str, ...] = ("prompts", "preferences", "scored")
+Kind = Literal["prompts", "preferences", "scored", "sft"]
+KINDS: tuple[str, ...] = ("prompts", "preferences", "scored", "sft")
 ANSWER_TYPES: tuple[str, ...] = ("number", "choice", "expression", "text")
 IMAGE_PLACEHOLDER = "<image>"
 # Written literally in a text, these would add or remove image tokens or chat turns.
@@ -70,10 +80,14 @@ _REQUIRED = {
     "prompts": ("id", "images", "question", "answer", "answer_type"),
     "preferences": ("id", "images", "prompt", "chosen", "rejected"),
     "scored": ("id", "images", "prompt", "responses"),
+    "sft": ("id", "images", "messages"),
 }
-_OPTIONAL = {"prompts": ("choices",), "preferences": ("chosen_score", "rejected_score"), "scored": ()}
+_OPTIONAL = {"prompts": ("choices",), "preferences": ("chosen_score", "rejected_score"), "scored": (), "sft": ()}
 # The fields of one entry of a scored record's ``responses``; both required.
 _RESPONSE_FIELDS = ("text", "score")
+# The fields of one entry of an SFT record's ``messages`` (both required), and its roles.
+_MESSAGE_FIELDS = ("role", "content")
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,24 @@ class ScoredRecord:
     responses: tuple[ScoredResponse, ...]
 
 
-Record = Union[PromptRecord, PreferenceRecord, ScoredRecord]
+@dataclass(frozen=True)
+class Message:
+    """One turn of an SFT conversation."""
+
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """A conversation whose assistant turns are the SFT targets (rules in the module docstring)."""
+
+    id: str
+    images: tuple[Path, ...]
+    messages: tuple[Message, ...]
+
+
+Record = Union[PromptRecord, PreferenceRecord, ScoredRecord, SFTRecord]
 
 
 @dataclass(frozen=True)
@@ -293,6 +324,75 @@ class _RecordChecker:
                 parsed.append(ScoredResponse(text, score))
         return tuple(parsed) if len(parsed) == len(value) else None
 
+    def messages(self, images: Optional[tuple[Path, ...]]) -> Optional[tuple[Message, ...]]:
+        """The ``messages`` of an SFT record; None if any entry or the turn order has a problem."""
+        value = self.obj.get("messages")
+        if not isinstance(value, list) or not value:
+            got = "an empty array" if isinstance(value, list) else _json_type(value)
+            self.errors.append(f"messages: expected a non-empty array of {{\"role\", \"content\"}} objects, got {got}")
+            return None
+        parsed = [self._message(i, entry) for i, entry in enumerate(value)]
+        if any(m is None for m in parsed):
+            return None
+        before = len(self.errors)
+        self._turn_order(parsed)
+        placeholders = 0
+        for i, message in enumerate(parsed):
+            if message.role == "user":
+                placeholders += message.content.count(IMAGE_PLACEHOLDER)
+            elif IMAGE_PLACEHOLDER in message.content:
+                self.errors.append(f"messages[{i}].content: {IMAGE_PLACEHOLDER} placeholders go in user turns only "
+                                   f"(this is the {message.role} message)")
+        if images is not None and placeholders and placeholders != len(images):
+            self.errors.append(f"messages: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the user turns but "
+                               f"{len(images)} image(s); use one per image, or none to put the images before the "
+                               "first user turn's text")
+        return tuple(parsed) if len(self.errors) == before else None
+
+    def _message(self, i: int, entry: Any) -> Optional[Message]:
+        where = f"messages[{i}]"
+        if not isinstance(entry, dict):
+            self.errors.append(f"{where}: expected an object with 'role' and 'content', got {_json_type(entry)}")
+            return None
+        before = len(self.errors)
+        for key in getattr(entry, "duplicates", ()):
+            self.errors.append(f"{where}: field {key!r} appears more than once")
+        for key in entry:
+            if key not in _MESSAGE_FIELDS:
+                close = difflib.get_close_matches(key, _MESSAGE_FIELDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.errors.append(f"{where}: unknown field {key!r}{hint}")
+        for key in _MESSAGE_FIELDS:
+            if key not in entry:
+                self.errors.append(f"{where}: missing field {key!r}")
+        role = entry.get("role")
+        if "role" in entry and role not in ROLES:
+            shown = repr(role) if isinstance(role, str) else _json_type(role)
+            self.errors.append(f"{where}.role: {shown} is not one of {', '.join(repr(r) for r in ROLES)}")
+        content = self._text_value(f"{where}.content", entry["content"]) if "content" in entry else None
+        return Message(role, content) if len(self.errors) == before else None
+
+    def _turn_order(self, messages: list[Message]) -> None:
+        """[system], user, assistant, user, assistant, ..., ending with an assistant turn."""
+        start = 1 if messages[0].role == "system" else 0
+        for i, message in enumerate(messages[start:], start):
+            expected = "user" if (i - start) % 2 == 0 else "assistant"
+            if message.role == "system":
+                self.errors.append(f"messages[{i}].role: 'system' is allowed only as the first message")
+            elif message.role != expected:
+                after = "after an optional system message" if i == start else f"after the {messages[i - 1].role} turn"
+                article = "an" if expected == "assistant" else "a"
+                self.errors.append(f"messages[{i}].role: expected {article} {expected} turn {after}, got "
+                                   f"{message.role!r} (turns alternate user, assistant, ...)")
+            else:
+                continue
+            return
+        if not any(m.role == "assistant" for m in messages):
+            self.errors.append("messages: no assistant turn; an SFT conversation needs one to train on")
+        elif messages[-1].role != "assistant":
+            self.errors.append(f"messages[{len(messages) - 1}].role: the last message must be an assistant turn, got "
+                               f"{messages[-1].role!r} (a trailing user turn has nothing to train on)")
+
     def answer(self, answer_type: Optional[str]) -> Optional[str]:
         value = self.obj.get("answer")
         if answer_type == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -388,6 +488,10 @@ def _parse_record(obj: dict, kind: str, checker: _RecordChecker) -> tuple[Option
         checker.placeholders("prompt", prompt, images)
         if not checker.errors:
             record = ScoredRecord(record_id, images, prompt, responses)
+    elif kind == "sft":
+        messages = checker.messages(images) if "messages" in obj else None
+        if not checker.errors:
+            record = SFTRecord(record_id, images, messages)
     else:
         prompt = checker.text("prompt") if "prompt" in obj else None
         chosen = checker.text("chosen") if "chosen" in obj else None

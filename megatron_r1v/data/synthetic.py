@@ -7,6 +7,9 @@ writes
     DIR/images/<id>.png     one image per sample
     DIR/prompts.jsonl       GRPO prompts (schema in ``megatron_r1v.data.schema``)
     DIR/preferences.jsonl   one MPO pair per prompt
+    DIR/sft.jsonl           one SFT conversation per prompt: the question and the correct,
+                            well-formatted response (every fourth with a second turn that
+                            asks to check the answer, and its reply)
     DIR/metadata.jsonl      what each image holds (task, size, every object's colour and
                             box), so answers can be re-derived from the pixels
 
@@ -264,7 +267,7 @@ def _responses(sample: Sample, rng: np.random.Generator) -> tuple[str, str]:
     return chosen, f"<think>\n{sample.reasoning}\n\nThe answer is \\boxed{{{sample.answer}}}."
 
 
-def _records(sample: Sample, seed: int, index: int) -> tuple[dict, dict, dict]:
+def _records(sample: Sample, seed: int, index: int) -> tuple[dict, dict, dict, dict]:
     image = f"images/{sample.id}.png"
     prompt = {"id": sample.id, "images": [image], "question": sample.question, "answer": sample.answer,
               "answer_type": "choice" if sample.choices else "number"}
@@ -277,9 +280,15 @@ def _records(sample: Sample, seed: int, index: int) -> tuple[dict, dict, dict]:
     preference = {"id": sample.id, "images": [image], "prompt": sample.question, "chosen": chosen,
                   "rejected": rejected, "chosen_score": response_score(chosen, sample.answer, noise[0]),
                   "rejected_score": response_score(rejected, sample.answer, noise[1])}
+    messages = [{"role": "user", "content": sample.question}, {"role": "assistant", "content": chosen}]
+    if index % 4 == 3:  # all three tasks get second turns
+        messages += [{"role": "user", "content": "Check your answer once more and state it again."},
+                     {"role": "assistant", "content": f"<think>\nChecking again: {sample.reasoning}\n</think>\n\n"
+                                                      f"The answer is \\boxed{{{sample.answer}}}."}]
+    sft = {"id": sample.id, "images": [image], "messages": messages}
     meta = {"id": sample.id, "task": sample.task, "width": sample.width, "height": sample.height,
             "background": list(sample.background), "objects": sample.objects}
-    return prompt, preference, meta
+    return prompt, preference, sft, meta
 
 
 def _write_png(image: Image.Image, path: Path) -> None:
@@ -301,7 +310,8 @@ def generate_dataset(out_dir: Union[str, Path], num: int, seed: int, *, force: b
     tasks: Counter = Counter()
     widths, heights = [], []
     try:
-        lines: dict[str, list[str]] = {"prompts.jsonl": [], "preferences.jsonl": [], "metadata.jsonl": []}
+        lines: dict[str, list[str]] = {"prompts.jsonl": [], "preferences.jsonl": [], "sft.jsonl": [],
+                                       "metadata.jsonl": []}
         for index in range(num):
             sample = make_sample(seed, index)
             _write_png(render(sample), tmp / "images" / f"{sample.id}.png")
@@ -336,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     tasks = ", ".join(f"{n} {t}" for t, n in summary["tasks"].items())
     print(f"wrote {summary['num']} samples ({tasks}) to {summary['out']}: images/, prompts.jsonl, "
-          f"preferences.jsonl, metadata.jsonl; widths {summary['width'][0]}..{summary['width'][1]}, "
+          f"preferences.jsonl, sft.jsonl, metadata.jsonl; widths {summary['width'][0]}..{summary['width'][1]}, "
           f"heights {summary['height'][0]}..{summary['height'][1]}")
     return 0
 

@@ -10,6 +10,20 @@ no ``<image>`` placeholder gets one per image in front of the text (InternVL's r
 ``tokens_per_tile`` is 256 for 448px InternViT tiles with pixel shuffle 0.5 (R1V2);
 tiny presets have fewer (``R1VArch.tokens_per_tile``).
 
+Conversations (SFT, :meth:`ChatTemplate.encode_conversation`) render every turn the same
+way, one after the other:
+
+    <|im_start|>system\\n{system}<|im_end|>\\n
+    <|im_start|>user\\n{turn 1}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n{reply 1}<|im_end|>\\n
+    <|im_start|>user\\n{turn 2}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n{reply 2}<|im_end|>
+
+with labels on every reply and the ``<|im_end|>`` that closes it (not on the ``<think>\\n``
+that opens it: that is the generation prompt). Earlier replies are kept whole: QwQ's
+inference template drops the reasoning of earlier turns, but SFT trains on each of them.
+The images of all user turns are numbered in order; with no placeholder anywhere they go
+before the first user turn's text. A one-turn conversation gives exactly
+:meth:`ChatTemplate.encode`'s ids and labels.
+
 Token ids are assembled piece by piece (special tokens spliced in, the text between them
 encoded on its own), which is exactly what encoding the rendered text gives, because
 Hugging Face tokenizers split at added tokens before BPE; a test holds the two equal.
@@ -117,6 +131,76 @@ class ChatTemplate:
         if self.config.open_think:
             pieces += [self.ids[THINK_START], "\n"]
         return pieces
+
+    def encode_conversation(self, sample_id: str, messages: Sequence, tiles_per_image: Sequence[int] = ()
+                            ) -> EncodedSample:
+        """A conversation (``data.schema.Message`` s: [system], user, assistant, ...; see the
+        module docstring) with next-token labels on every assistant reply. ``prompt_len`` is
+        the length before the first reply. Over ``max_seq_len``: an error, or with
+        ``overlength: truncate`` the conversation's end is cut, never the first prompt or an
+        image token."""
+        ids, target = self._conversation_ids(sample_id, messages, tiles_per_image)
+        prompt_len = target.index(True)
+        max_len, truncated = self.config.max_seq_len, False
+        if len(ids) > max_len:
+            images_after = self._count_images(ids[max_len:])
+            if self.config.overlength == "error" or prompt_len >= max_len or images_after:
+                why = "" if self.config.overlength == "error" else (
+                    f" and truncation would cut {images_after} image tokens" if images_after else
+                    " and only the replies may be truncated (the first prompt holds image tokens)")
+                raise OverlengthError(f"sample {sample_id}: the conversation has {len(ids)} tokens ({prompt_len} "
+                                      f"before the first reply), more than max_seq_len {max_len}{why}")
+            ids, target, truncated = ids[:max_len], target[:max_len], True
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        # Position t predicts token t+1: a target wherever token t+1 belongs to a reply.
+        follows = torch.tensor(target[1:], dtype=torch.bool)
+        labels[:-1][follows] = input_ids[1:][follows]
+        return EncodedSample(sample_id, input_ids, labels, prompt_len, tuple(tiles_per_image),
+                             self._count_images(ids), truncated)
+
+    def _conversation_ids(self, sample_id: str, messages: Sequence, tiles_per_image: Sequence[int]
+                          ) -> tuple[list[int], list[bool]]:
+        """(token ids, whether each token is a reply target) of a whole conversation."""
+        system, first = self.config.system_prompt, 0
+        if messages and messages[0].role == "system":
+            system, first = messages[0].content, 1
+            self._check_text(sample_id, "messages[0].content", system)
+        start, end = self.ids[IM_START], self.ids[IM_END]
+        counts = [m.content.count(IMAGE_PLACEHOLDER) if m.role == "user" else 0 for m in messages]
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
+        if not any(counts) and tiles_per_image and users:  # InternVL's rule: before the first user turn's text
+            counts[users[0]] = len(tiles_per_image)
+        if sum(counts) != len(tiles_per_image):
+            raise ValueError(f"sample {sample_id}: {sum(counts)} {IMAGE_PLACEHOLDER} placeholders for "
+                             f"{len(tiles_per_image)} images")
+        context: list[Piece] = [start, f"system\n{system}", end, "\n"] if system is not None else []
+        ids: list[int] = []
+        target: list[bool] = []
+        used = 0
+        for i, message in enumerate(messages[first:], first):
+            self._check_text(sample_id, f"messages[{i}].content", message.content)
+            if message.role == "user":
+                tiles = tiles_per_image[used:used + counts[i]]
+                context += [start, "user\n", *self._user_pieces(sample_id, message.content, tiles), end, "\n"]
+                used += counts[i]
+                continue
+            if message.role != "assistant":
+                raise ValueError(f"sample {sample_id}: messages[{i}] has role {message.role!r}; after an optional "
+                                 "first system message only user and assistant turns")
+            context += [start, "assistant\n"] + ([self.ids[THINK_START], "\n"] if self.config.open_think else [])
+            reply = message.content
+            if self.config.open_think and reply.startswith(THINK_START + "\n"):
+                reply = reply[len(THINK_START) + 1:]
+            prompt_ids, reply_ids = self._encode(context), self._encode([reply, end])
+            ids += prompt_ids + reply_ids
+            target += [False] * len(prompt_ids) + [True] * len(reply_ids)
+            context = ["\n"]
+        if not any(target):
+            raise ValueError(f"sample {sample_id}: the conversation has no assistant turn to train on")
+        if context != ["\n"]:
+            raise ValueError(f"sample {sample_id}: the conversation must end with an assistant turn")
+        return ids, target
 
     def _encode(self, pieces: Sequence[Piece]) -> list[int]:
         ids: list[int] = []

@@ -39,7 +39,7 @@ def special_token_ids(vocab_size: int) -> dict[str, int]:
 
 
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Every text field of JSONL records (prompts or preferences), plus the template's words."""
+    """Every text field of JSONL records (prompts, preferences, SFT conversations), plus the template's words."""
     yield TEMPLATE_WORDS
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -56,6 +56,10 @@ def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
                         yield value
                     elif isinstance(value, list):
                         yield " ".join(str(v) for v in value)
+                messages = record.get("messages") if isinstance(record, dict) else None
+                for message in messages if isinstance(messages, list) else ():  # SFT conversations
+                    if isinstance(message, dict) and isinstance(message.get("content"), str):
+                        yield message["content"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -1,6 +1,6 @@
-"""Checks prompts, preferences and scored JSONL files; lists every problem as ``FILE:LINE: message``.
+"""Checks prompts, preferences, scored and SFT JSONL files; lists every problem as ``FILE:LINE: message``.
 
-    python -m megatron_r1v.data.validate FILE.jsonl [FILE2 ...] --kind prompts|preferences|scored
+    python -m megatron_r1v.data.validate FILE.jsonl [FILE2 ...] --kind prompts|preferences|scored|sft
         [--max-images N] [--no-image-check]
 
 Exit status: 0 when every file is clean, 1 when any problem was found, 2 for usage

@@ -1,2 +1,3 @@
-"""Training objectives: GRPO (``grpo``: Eq. 6 advantages, Eq. 8 objective) and MPO
-(``mpo``: Eq. 2-5, the preference stage's losses)."""
+"""Training objectives: GRPO (``grpo``: Eq. 6 advantages, Eq. 8 objective), MPO
+(``mpo``: Eq. 2-5, the preference stage's losses) and SFT (``sft``: the token-mean NLL of
+the assistant replies)."""

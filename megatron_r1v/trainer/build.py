@@ -1,10 +1,11 @@
 """Builds everything one rank of a training run holds, for the stage ``train.stage`` names.
 
 Shared by both stages: the process group and Megatron parallel state, this rank's model
-stage (``model.checkpoint`` or random weights), DDP, the optimizer, the tokenizer (checked
-against the preset's vocabulary and image token), the chat template and the tiler
-(``data.tiler``, built by ``data.tilers.build_tiler`` on one rank per replica and shared
-with the rest of it by ``data.replica_tiling``; rank 0 prints a ``tiler: ...`` line).
+stage (the architecture ``model.checkpoint`` records, with its weights, or ``model.preset``'s,
+random; ``trainer/arch.py``), DDP, the optimizer, the tokenizer (which gives the image token
+id; it must fit the vocabulary and agree with the checkpoint's record), the chat template
+and the tiler (``data.tiler``, built by ``data.tilers.build_tiler`` on one rank per replica
+and shared with the rest of it by ``data.replica_tiling``; rank 0 prints a ``tiler: ...`` line).
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ def _build_common(cfg: RunConfig) -> _Common:
     from megatron_r1v.data.replica_tiling import build_replica_tiler
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
     from megatron_r1v.data.tiling import TilingConfig
-    from megatron_r1v.data.tokenizer import check_tokenizer_fits, load_tokenizer
+    from megatron_r1v.data.tokenizer import load_tokenizer
     from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT
-    from megatron_r1v.models.r1v.presets import get_preset
     from megatron_r1v.platform import init_distributed
+    from megatron_r1v.trainer.arch import describe, run_arch
     from megatron_r1v.trainer.schedule import attach_ddp_hooks
     from megatron_r1v.trainer.setup import build_model_stage, build_optimizer, wrap_ddp
 
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
-    arch = get_preset(cfg.model.preset)
+    # The checkpoint's architecture (or the preset's, randomly initialised) with the
+    # tokenizer's <IMG_CONTEXT> id: trainer/arch.py.
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    arch = run_arch(cfg.model, tokenizer, f"data.tokenizer {cfg.data.tokenizer}")
     if arch.vision is None:
-        raise ValueError(f"model.preset {cfg.model.preset!r} has no vision tower; the R1V stages need an R1V preset")
+        raise ValueError(f"{describe(cfg.model)} has no vision tower; the R1V stages need an R1V architecture")
     stage = build_model_stage(arch, ctx, cfg.model, layout=TRANSFORMERS_LAYOUT,
                               sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.model.checkpoint:
@@ -51,9 +55,6 @@ def _build_common(cfg: RunConfig) -> _Common:
     optimizer = build_optimizer([ddp], cfg.optimizer, cfg.model.params_dtype)
     attach_ddp_hooks(ddp, optimizer)
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    check_tokenizer_fits(tokenizer, arch.decoder.vocab_size, arch.image_token_id, "data.tokenizer",
-                         f"model.preset {cfg.model.preset!r}")
     template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
                                                       max_seq_len=cfg.train.seq_length))
     tiling = TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
@@ -147,6 +148,25 @@ def build_mpo_trainer(cfg: RunConfig):
     return MPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, reference), ctx
 
 
+def build_sft_trainer(cfg: RunConfig):
+    from megatron_r1v.data.loader import SFTLoader
+    from megatron_r1v.data.replica_tiling import check_images_once
+    from megatron_r1v.data.schema import load_records
+    from megatron_r1v.trainer.sft import SFTTrainer
+
+    c = _build_common(cfg)
+    ctx = c.ctx
+    checked = check_images_once(cfg.data.train_path, "sft", ctx)  # decoded by the tiling ranks only
+    loaded = load_records(cfg.data.train_path, "sft", cfg.data.on_bad_sample, checked=checked)
+    loader = SFTLoader(loaded.records, c.template, c.tiler, seed=cfg.train.seed, dp_rank=ctx.dp_rank,
+                       dp_size=ctx.dp, on_bad_sample=cfg.data.on_bad_sample)
+    if ctx.rank == 0:
+        per_step, n = cfg.sft.samples_per_step, len(loaded.records)
+        print(f"SFT conversations: {n} ({loaded.skipped} skipped); {cfg.train.steps} steps x {per_step} = "
+              f"{cfg.train.steps * per_step / n:.2f} epochs", flush=True)
+    return SFTTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader), ctx
+
+
 def build_trainer(cfg: RunConfig):
     """(trainer, parallel context) for ``cfg.train.stage``."""
-    return {"mpo": build_mpo_trainer, "grpo": build_grpo_trainer}[cfg.train.stage](cfg)
+    return {"sft": build_sft_trainer, "mpo": build_mpo_trainer, "grpo": build_grpo_trainer}[cfg.train.stage](cfg)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-# perf/data_time_s (both stages): seconds this step spent preparing its records in data.loader
+# perf/data_time_s (every stage): seconds this step spent preparing its records in data.loader
 # (reading and tiling images, the chat template). Like every perf/ tag it is rank 0's own, and
 # rank 0 tiles for its replica (data/replica_tiling.py), so it includes the tiling.
 MPO_TAGS = (
@@ -32,6 +32,14 @@ GRPO_TAGS = (
     "ssb/reused_samples", "ssb/aged_out", "rollout/logprob_abs_diff",
     "perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/weight_sync_time_s", "perf/data_time_s",
 )
+# sft/loss: token-mean NLL over every assistant token of the step (losses/sft.py); sft/tokens_per_s:
+# all tokens of the step's conversations (prompts, image tokens, replies; no padding) over all DP
+# ranks / step time; sft/assistant_tokens: the step's assistant tokens (the loss's N); sft/lr: the
+# step's learning rate (train/lr under the stage's prefix).
+SFT_TAGS = (
+    "sft/loss", "sft/tokens_per_s", "sft/assistant_tokens", "sft/lr", "train/grad_norm", "perf/step_time_s",
+    "perf/data_time_s",
+)
 # GRPO with rollout.tis_cap: the mean TIS weight and the share of weights cut at the cap.
 TIS_TAGS = ("rollout/tis_weight_mean", "rollout/tis_truncated_fraction")
 # Added by the logger: the learning rate of the step and this process's memory.
@@ -42,15 +50,20 @@ DEVICE_MEMORY_TAGS = ("perf/device_memory_peak_gb", "perf/device_memory_reserved
 
 def stage_tags(stage: str, tis: bool = False, device: Optional[torch.device] = None) -> tuple[str, ...]:
     """Every tag a run of ``stage`` emits (``tis``: GRPO with ``rollout.tis_cap``)."""
-    if stage not in ("mpo", "grpo"):
+    if stage not in ("sft", "mpo", "grpo"):
         raise ValueError(f"no metrics are declared for stage {stage!r}")
-    tags = MPO_TAGS if stage == "mpo" else GRPO_TAGS + (TIS_TAGS if tis else ())
+    tags = {"sft": SFT_TAGS, "mpo": MPO_TAGS}.get(stage) or GRPO_TAGS + (TIS_TAGS if tis else ())
     memory = DEVICE_MEMORY_TAGS if device is not None and device.type == "cuda" else ()
     return tags + COMMON_TAGS + memory
 
 
 def progress_line(stage: str, step: int, total: int, metrics: dict) -> str:
     """The one line a step prints on rank 0."""
+    if stage == "sft":
+        return (f"step {step + 1}/{total} | loss {metrics['sft/loss']:.4f} | "
+                f"{metrics['sft/assistant_tokens']:.0f} assistant tokens | "
+                f"{metrics['sft/tokens_per_s']:.0f} tokens/s | lr {metrics['sft/lr']:.3e} | "
+                f"step time {metrics['perf/step_time_s']:.1f}s")
     if stage == "mpo":
         return (f"step {step + 1}/{total} | loss {metrics['mpo/loss']:.4f} (pref {metrics['mpo/pref_loss']:.4f}, "
                 f"quality {metrics['mpo/quality_loss']:.4f}, gen {metrics['mpo/gen_loss']:.4f}) | "

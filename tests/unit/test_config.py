@@ -49,12 +49,13 @@ def test_bad_types_name_key_and_value(override, message):
 
 def test_tp_not_dividing_heads_is_a_clear_error():
     # tiny-qwen2 has 4 query heads in 2 groups.
+    tiny = "model.preset=tiny-qwen2"
     with pytest.raises(ValueError, match=r"parallel\.tp=3 must divide the decoder's num_attention_heads=4"):
-        load_config(None, ["parallel.tp=3"])
+        load_config(None, [tiny, "parallel.tp=3"])
     with pytest.raises(ValueError, match=r"parallel\.tp=4 must divide .* num_query_groups=2"):
-        load_config(None, ["parallel.tp=4"])
+        load_config(None, [tiny, "parallel.tp=4"])
     with pytest.raises(ValueError, match=r"parallel\.pp=3 must divide the decoder's num_layers=4"):
-        load_config(None, ["parallel.pp=3"])
+        load_config(None, [tiny, "parallel.pp=3"])
     with pytest.raises(ValueError, match=r"model\.preset: unknown preset 'nope'"):
         load_config(None, ["model.preset=nope"])
     assert load_config(None, ["model.preset=qwq-32b", "parallel.tp=8", "parallel.pp=4"]).parallel.tp == 8
@@ -67,6 +68,10 @@ def test_cross_field_checks():
         load_config(None, ["grpo.micro_batch_tokens=64", "train.seq_length=128"])
     with pytest.raises(ValueError, match=r"mpo\.micro_batch_tokens \(200\) must be >= 2 \* train\.seq_length"):
         load_config(None, ["train.stage=mpo", "mpo.micro_batch_tokens=200", "train.seq_length=128"])
+    with pytest.raises(ValueError, match=r"sft\.micro_batch_tokens \(100\) must be >= train\.seq_length \(128\)"):
+        load_config(None, ["train.stage=sft", "sft.micro_batch_tokens=100", "train.seq_length=128"])
+    assert load_config(None, ["train.stage=sft", "sft.micro_batch_tokens=128", "train.seq_length=128"]).sft.\
+        micro_batch_tokens == 128
     # Fields nothing read are gone: setting one is an error, not a silent no-op.
     for removed in ("train.micro_batch_size", "train.global_batch_size", "train.load_dir", "data.eval_path"):
         with pytest.raises(ValueError, match=f"unknown config key '{removed}'"):
@@ -89,6 +94,8 @@ def test_cross_field_checks():
         ("logging.log_interval=0", "logging.log_interval"),
         ("optimizer.adam_beta2=1.0", "optimizer.adam_beta2"),
         ("mpo.beta=0", "mpo.beta"),
+        ("sft.samples_per_step=0", "sft.samples_per_step"),
+        ("sft.micro_batch_tokens=0", "sft.micro_batch_tokens"),
         ("reward.model_batch_size=0", "reward.model_batch_size"),
         ("train.steps=0", "train.steps"),
         ("rollout.mem_fraction_static=1.5", "rollout.mem_fraction_static"),

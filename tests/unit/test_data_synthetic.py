@@ -51,11 +51,11 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, dataset):
     generate_dataset(tmp_path / "a", num=12, seed=11)
     generate_dataset(tmp_path / "b", num=12, seed=11)
     a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
-    assert a == b and len(a) == 12 + 3 and "images/syn-000011.png" in a
+    assert a == b and len(a) == 12 + 4 and "images/syn-000011.png" in a
     # Sample i depends on (seed, i) only: a smaller set is a prefix of a larger one.
     big = tree(dataset[0])
     assert all(big[name] == data for name, data in a.items() if name.startswith("images/"))
-    assert big["prompts.jsonl"].startswith(a["prompts.jsonl"])
+    assert big["prompts.jsonl"].startswith(a["prompts.jsonl"]) and big["sft.jsonl"].startswith(a["sft.jsonl"])
     generate_dataset(tmp_path / "c", num=12, seed=12)
     c = tree(tmp_path / "c")
     assert c["prompts.jsonl"] != a["prompts.jsonl"]
@@ -68,6 +68,10 @@ def test_generated_files_validate_cleanly(dataset):
     assert problems == [] and len(prompts) == 60
     prefs = load_records(out / "preferences.jsonl", "preferences")
     assert prefs.skipped == 0 and len(prefs.records) == 60
+    sft = load_records(out / "sft.jsonl", "sft")
+    assert sft.skipped == 0 and [len(r.messages) for r in sft.records] == [2, 2, 2, 4] * 15
+    chosen = {r.id: r.chosen for r in prefs.records}
+    assert all(r.messages[1].content == chosen[r.id] for r in sft.records)  # the correct, well-formatted reply
     assert summary["tasks"] == {"count": 20, "digit_sum": 20, "majority_color": 20}
     assert {p.answer_type for p in prompts} == {"number", "choice"}
     for p in prompts:
@@ -158,7 +162,8 @@ def test_refuses_non_empty_output_and_force_replaces(tmp_path):
         generate_dataset(out, num=3, seed=1)
     assert (out / "mine.txt").read_text() == "keep"
     generate_dataset(out, num=4, seed=1, force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["images", "metadata.jsonl", "preferences.jsonl", "prompts.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["images", "metadata.jsonl", "preferences.jsonl", "prompts.jsonl",
+                                                     "sft.jsonl"]
     assert len(list((out / "images").iterdir())) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["set"]
     with pytest.raises(ValueError, match="num: expected at least 1 sample, got 0"):
         generate_dataset(tmp_path / "none", num=0, seed=0)

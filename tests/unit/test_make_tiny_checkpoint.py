@@ -109,7 +109,8 @@ def test_cli_errors_name_the_problem(tool, tiny, tmp_path, capsys):
     wide = tmp_path / "wide_tokenizer"
     save_hf_tokenizer(train_tokenizer(["some text"], 1024), wide)  # <IMG_CONTEXT> = 1023
     assert tool.main(["--out", str(tmp_path / "x"), "--tokenizer", str(wide)]) == 2
-    assert "<IMG_CONTEXT> has id 1023, but the preset's image token id is 639" in capsys.readouterr().err
+    assert f"--tokenizer {wide} has 1024 tokens, more than the vocabulary of preset 'tiny-r1v-chat' (640)" in \
+        capsys.readouterr().err
     assert tool.main(["--out", str(tmp_path / "y"), "--preset", "tiny-qwen2"]) == 2
     assert "has no vision tower" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

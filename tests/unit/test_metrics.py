@@ -10,6 +10,7 @@ from megatron_r1v.trainer.metrics import (
     DEVICE_MEMORY_TAGS,
     GRPO_TAGS,
     MPO_TAGS,
+    SFT_TAGS,
     TIS_TAGS,
     MetricsLogger,
     stage_tags,
@@ -19,11 +20,13 @@ MPO_STEP = {"mpo/loss": 1.5, "mpo/pref_loss": 0.7, "mpo/quality_loss": 0.3, "mpo
             "mpo/reward_margin": 0.25, "mpo/accuracy": 0.75, "mpo/delta": 0.0, "mpo/chosen_reward": 0.1,
             "mpo/rejected_reward": -0.15, "train/grad_norm": 2.0, "perf/step_time_s": 1.0,
             "perf/data_time_s": 0.25}
+SFT_STEP = {"sft/loss": 2.5, "sft/tokens_per_s": 1234.0, "sft/assistant_tokens": 300.0, "sft/lr": 1e-3,
+            "train/grad_norm": 1.0, "perf/step_time_s": 0.5, "perf/data_time_s": 0.1}
 
 
 def test_stage_tags_are_complete_and_distinct():
-    assert set(MPO_STEP) == set(MPO_TAGS)
-    for tags in (MPO_TAGS, GRPO_TAGS + TIS_TAGS):
+    assert set(MPO_STEP) == set(MPO_TAGS) and set(SFT_STEP) == set(SFT_TAGS)
+    for tags in (MPO_TAGS, SFT_TAGS, GRPO_TAGS + TIS_TAGS):
         assert len(set(tags)) == len(tags)
     # The three the GRPO list used to miss.
     assert {"train/grad_norm", "ssb/reused_groups", "ssb/aged_out"} <= set(GRPO_TAGS)
@@ -31,8 +34,18 @@ def test_stage_tags_are_complete_and_distinct():
     assert stage_tags("grpo") == GRPO_TAGS + COMMON_TAGS
     assert stage_tags("grpo", tis=True, device=torch.device("cuda")) == GRPO_TAGS + TIS_TAGS + COMMON_TAGS \
         + DEVICE_MEMORY_TAGS
-    with pytest.raises(ValueError, match="no metrics are declared for stage 'sft'"):
-        stage_tags("sft")
+    assert stage_tags("sft") == SFT_TAGS + COMMON_TAGS
+    with pytest.raises(ValueError, match="no metrics are declared for stage 'dpo'"):
+        stage_tags("dpo")
+
+
+def test_sft_progress_line(capsys):
+    with MetricsLogger(stage_tags("sft"), stage="sft", total_steps=3, log_interval=1, device=torch.device("cpu"),
+                       is_rank0=True) as logger:
+        logged = logger.log(2, SFT_STEP, lr=1e-3)
+    assert logged["train/lr"] == logged["sft/lr"] == 1e-3
+    assert capsys.readouterr().out == ("step 3/3 | loss 2.5000 | 300 assistant tokens | 1234 tokens/s | lr 1.000e-03 | "
+                                       "step time 0.5s\n")
 
 
 def test_rank0_writes_every_sink(tmp_path, capsys):

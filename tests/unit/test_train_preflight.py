@@ -1,11 +1,14 @@
 """validation.preflight: what a stage needs fails before any process group exists, naming the key."""
 
 import importlib.util
+import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from megatron_r1v.config import load_config
+from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.validation import preflight
 
 
@@ -15,7 +18,7 @@ def base(tmp_path):
     (tmp_path / "p.jsonl").write_text("")
     (tmp_path / "tok").mkdir()
     return [f"data.train_path={tmp_path / 'p.jsonl'}", f"data.tokenizer={tmp_path / 'tok'}", "rollout.engine=sglang",
-            "grpo.micro_batch_tokens=2048"]
+            "grpo.micro_batch_tokens=2048", "model.preset=tiny-r1v-chat"]
 
 
 def test_sglang_engine_needs_a_model_dir_on_every_rank(tmp_path, base):
@@ -30,6 +33,8 @@ def test_sglang_engine_needs_a_model_dir_on_every_rank(tmp_path, base):
 def test_sglang_engine_needs_cuda_and_sglang(tmp_path, base):
     (tmp_path / "hf_extra").mkdir()
     (tmp_path / "hf_extra" / "config.json").write_text("{}")
+    # The architecture record every model checkpoint has (trainer/arch.py reads it).
+    (tmp_path / "r1v_checkpoint.json").write_text(json.dumps({"arch": asdict(get_preset("tiny-r1v-chat"))}))
     cfg = load_config(None, base + [f"model.checkpoint={tmp_path}"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):

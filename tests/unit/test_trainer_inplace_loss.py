@@ -1,4 +1,4 @@
-"""The trainer's loss functions (the ones the GRPO and MPO steps hand to Megatron's
+"""The trainer's loss functions (the ones the GRPO, MPO and SFT steps hand to Megatron's
 schedule) run the fused loss in place: backward writes d/dlogits over the model's logits
 buffer, so no second [L, V/tp] tensor is allocated; the gradient is bit-identical to the
 out-of-place one."""
@@ -11,7 +11,7 @@ import torch
 from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.losses.grpo import GRPOLossConfig
 from megatron_r1v.losses.mpo import MPOLossConfig
-from megatron_r1v.trainer import grpo_step, mpo_step
+from megatron_r1v.trainer import grpo_step, mpo_step, sft_step
 
 LENGTHS, VOCAB = (5, 7, 4), 53  # three samples packed in one row of 16 tokens (odd sizes)
 CTX = types.SimpleNamespace(tp_group=None)  # the loss functions read only the TP group
@@ -80,4 +80,16 @@ def test_mpo_step_loss_is_in_place_and_exact():
                             batch["ref_rejected"], batch["chosen_lengths"], cfg, 0.0)
     terms.loss.sum().backward()
     assert torch.equal(buffer[0], leaf.grad)
+    assert not torch.equal(buffer, before) and grad is not None
+
+
+def test_sft_step_loss_is_in_place_and_exact():
+    batch = sft_step.make_sft_microbatch(packed_row())
+    tokens = int(batch["loss_mask"].sum())
+    grad, buffer, before = grad_and_buffer(partial(sft_step._sft_loss_func, tokens, CTX, 3.0, []), batch)
+
+    # The reference: plain torch cross-entropy over the labelled tokens, mean over them, out of place.
+    leaf = before.clone()[0].requires_grad_()
+    (torch.nn.functional.cross_entropy(leaf, batch["labels"][0], ignore_index=-100) * 3.0).backward()
+    assert torch.allclose(buffer[0], leaf.grad, rtol=1e-6, atol=1e-9)  # the fused kernel vs torch: fp32 rounding
     assert not torch.equal(buffer, before) and grad is not None

@@ -78,10 +78,15 @@ def transformers_internvl_config(arch: R1VArch) -> dict[str, Any]:
 
     transformers' pixel shuffle is InternVL's v2 order; a v1 model orders its visual
     tokens as a spatial transpose of that, which no weight permutation can express in
-    this layout, so it is refused rather than mis-exported.
+    this layout, so it is refused rather than mis-exported. An architecture without an
+    image token id (a 38B preset before a tokenizer gave it one) is refused too: the config
+    would otherwise carry transformers' default id.
     """
     if arch.vision is None or arch.adapter is None:
         raise ValueError("a decoder-only architecture has no InternVL config")
+    if arch.image_token_id is None:
+        raise ValueError("the transformers InternVL config records the image token id, and this architecture has "
+                         "none: take it from the tokenizer (trainer/arch.py) or the checkpoint")
     if arch.adapter.ps_version != "v2":
         raise ValueError("the transformers InternVL layout only expresses ps_version v2; use the skywork layout")
     return {

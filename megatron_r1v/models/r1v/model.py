@@ -166,6 +166,9 @@ class R1VModel(MegatronModule):
         return self.adapter(self.vision(pixel_values))
 
     def _scatter_images(self, embeds_SBH: torch.Tensor, input_ids: torch.Tensor, images_NTH: torch.Tensor):
+        if self.arch.image_token_id is None:
+            raise ValueError("the model has no image token id: a run reads it from the tokenizer or the checkpoint "
+                             "(trainer/arch.py); set the architecture's image_token_id")
         is_image_BS = input_ids == self.arch.image_token_id
         n_tokens, n_features = int(is_image_BS.sum()), images_NTH.shape[0] * images_NTH.shape[1]
         if n_tokens != n_features:
