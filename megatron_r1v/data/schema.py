@@ -307,22 +307,26 @@ class _RecordChecker:
                 self.errors.append(f"{where}: expected an object with 'text' and 'score', got {_json_type(entry)}")
                 continue
             before = len(self.errors)
-            for key in getattr(entry, "duplicates", ()):
-                self.errors.append(f"{where}: field {key!r} appears more than once")
-            for key in entry:
-                if key not in _RESPONSE_FIELDS:
-                    close = difflib.get_close_matches(key, _RESPONSE_FIELDS, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    self.errors.append(f"{where}: unknown field {key!r}{hint}")
-            for key in _RESPONSE_FIELDS:
-                if key not in entry:
-                    self.errors.append(f"{where}: missing field {key!r}")
+            self._nested_fields(where, entry, _RESPONSE_FIELDS)
             text = self._text_value(f"{where}.text", entry["text"]) if "text" in entry else None
             # Unlike chosen_score / rejected_score a response score is required, so null is an error.
             score = self._score_value(f"{where}.score", entry["score"]) if "score" in entry else None
             if len(self.errors) == before:
                 parsed.append(ScoredResponse(text, score))
         return tuple(parsed) if len(parsed) == len(value) else None
+
+    def _nested_fields(self, where: str, entry: dict, fields: tuple[str, ...]) -> None:
+        """Duplicate, unknown (with a close match as a hint) and missing keys of a nested object."""
+        for key in getattr(entry, "duplicates", ()):
+            self.errors.append(f"{where}: field {key!r} appears more than once")
+        for key in entry:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.errors.append(f"{where}: unknown field {key!r}{hint}")
+        for key in fields:
+            if key not in entry:
+                self.errors.append(f"{where}: missing field {key!r}")
 
     def messages(self, images: Optional[tuple[Path, ...]]) -> Optional[tuple[Message, ...]]:
         """The ``messages`` of an SFT record; None if any entry or the turn order has a problem."""
@@ -355,16 +359,7 @@ class _RecordChecker:
             self.errors.append(f"{where}: expected an object with 'role' and 'content', got {_json_type(entry)}")
             return None
         before = len(self.errors)
-        for key in getattr(entry, "duplicates", ()):
-            self.errors.append(f"{where}: field {key!r} appears more than once")
-        for key in entry:
-            if key not in _MESSAGE_FIELDS:
-                close = difflib.get_close_matches(key, _MESSAGE_FIELDS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.errors.append(f"{where}: unknown field {key!r}{hint}")
-        for key in _MESSAGE_FIELDS:
-            if key not in entry:
-                self.errors.append(f"{where}: missing field {key!r}")
+        self._nested_fields(where, entry, _MESSAGE_FIELDS)
         role = entry.get("role")
         if "role" in entry and role not in ROLES:
             shown = repr(role) if isinstance(role, str) else _json_type(role)

@@ -3,11 +3,15 @@ packed into micro-batches exactly as the trainer packs them."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
+from megatron_r1v.checkpoint.weights import gather_hf_tensors, unwrap_model
 from megatron_r1v.data.packing import pack_samples
 from megatron_r1v.data.template import EncodedSample
 from megatron_r1v.trainer.mpo_step import make_mpo_microbatch
@@ -64,3 +68,16 @@ def mpo_pair_microbatches(pairs: list[dict], mine: list[int], budget: int, token
             mb, [(row[2 * k], row[2 * k + 1]) for k in local_pairs],
             [pairs[mine[k]]["ref_chosen"] for k in local_pairs], [pairs[mine[k]]["ref_rejected"] for k in local_pairs]))
     return microbatches
+
+
+def save_step_outputs(ctx, stage, ddp, result: dict, out: str) -> None:
+    """Adds the dummy-head gradient check to ``result`` (gradients reach ``main_grad``; a
+    dummy head's must be exactly zero) and writes ``grads.safetensors`` (HF names, gathered
+    over TP and PP) and ``result.json`` into ``out`` on rank 0 (collective)."""
+    maxed, counted = dummy_head_max(unwrap_model(ddp), lambda p: p.main_grad)
+    result.update(dummy_grad_max_abs=maxed, dummy_entries=counted)
+    grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
+    if ctx.rank == 0:
+        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(out, "grads.safetensors"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(result, f)

@@ -11,19 +11,16 @@ the largest |gradient| on a dummy attention head of the vision tower (must be ex
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH=1
-from r1v_checks import dummy_head_max  # noqa: E402
+from r1v_checks import save_step_outputs  # noqa: E402
 from vision_grads_worker import r1v_ddp  # noqa: E402
 
-from megatron_r1v.checkpoint.weights import gather_hf_tensors, unwrap_model  # noqa: E402
 from megatron_r1v.data.packing import pack_conversations  # noqa: E402
 from megatron_r1v.data.template import EncodedSample  # noqa: E402
 from megatron_r1v.platform import destroy_distributed  # noqa: E402
@@ -55,12 +52,7 @@ def main() -> None:
     result.update(microbatches=len(microbatches),
                   samples_per_row=[len(row.sample_indices) for row in rows],
                   tiles_per_row=[int(mb.get("pixel_values", torch.empty(0)).shape[0]) for mb in microbatches])
-    maxed, counted = dummy_head_max(unwrap_model(ddp), lambda p: p.main_grad)
-    result.update(dummy_grad_max_abs=maxed, dummy_entries=counted)
-    grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
-    if ctx.rank == 0:
-        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
-        json.dump(result, open(os.path.join(args.out, "result.json"), "w"))
+    save_step_outputs(ctx, stage, ddp, result, args.out)
     destroy_distributed(ctx)
 
 

@@ -15,19 +15,17 @@ all ranks (dummy heads pad 3 heads to a multiple of TP; they must get exactly no
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH=1
 from lm_steps import lm_forward_backward  # noqa: E402
-from r1v_checks import dummy_head_max, mpo_pair_microbatches  # noqa: E402
+from r1v_checks import mpo_pair_microbatches, save_step_outputs  # noqa: E402
 
-from megatron_r1v.checkpoint.weights import gather_hf_tensors, load_hf_weights, unwrap_model  # noqa: E402
+from megatron_r1v.checkpoint.weights import load_hf_weights  # noqa: E402
 from megatron_r1v.config import ModelConfig, ParallelConfig  # noqa: E402
 from megatron_r1v.losses.mpo import MPOLossConfig  # noqa: E402
 from megatron_r1v.models.r1v.hf_mapping import TRANSFORMERS_LAYOUT  # noqa: E402
@@ -90,13 +88,7 @@ def main() -> None:
     ctx, stage, ddp = r1v_ddp(args)
     ddp.zero_grad_buffer()
     result = (lm_step if args.mode == "lm" else mpo_step)(args, ctx, ddp)
-    # Gradients reach main_grad; a dummy head's must be exactly zero.
-    maxed, counted = dummy_head_max(unwrap_model(ddp), lambda p: p.main_grad)
-    result.update(dummy_grad_max_abs=maxed, dummy_entries=counted)
-    grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
-    if ctx.rank == 0:
-        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
-        json.dump(result, open(os.path.join(args.out, "result.json"), "w"))
+    save_step_outputs(ctx, stage, ddp, result, args.out)
     destroy_distributed(ctx)
 
 
