@@ -26,6 +26,27 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be
+    read by setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _plain_mode(path: str | os.PathLike, base: int) -> None:
+    """Gives a temporary from mkstemp (0600) / mkdtemp (0700) the mode an ordinary
+    ``open`` / ``mkdir`` would have (``base`` minus the umask), so outputs on a shared
+    filesystem stay readable by the group as usual."""
+    os.chmod(path, base & ~_umask())
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Yields ``path``'s new content as a file open on a hidden temporary beside it.
@@ -39,6 +60,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     try:
+        _plain_mode(tmp, 0o666)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
@@ -80,6 +102,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
+        _plain_mode(tmp, 0o777)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

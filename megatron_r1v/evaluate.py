@@ -89,8 +89,9 @@ def _stderr_progress(line: str) -> None:
 
 
 @dataclass
-class _Evaluation:
-    """What :func:`evaluate` generates with: the records, the engine and how prompts are built."""
+class GenerationSetup:
+    """What :func:`evaluate` (and ``tools/rejection_sample.py``) generates with: the records,
+    the engine and how prompts are built."""
 
     records: list
     engine: Any
@@ -101,8 +102,9 @@ class _Evaluation:
     """Which tiler runs (``data.tilers.SelectedTiler.description``)."""
 
 
-def _check_arguments(model_dir: PathLike, batch_size: int, limit: Optional[int], temperature: float,
-                     max_new_tokens: int, tiler: str, tiler_threads: int) -> None:
+def check_generation_arguments(model_dir: PathLike, batch_size: int, limit: Optional[int], temperature: float,
+                               max_new_tokens: int, tiler: str, tiler_threads: int, top_p: float = 1.0) -> None:
+    """Raises ValueError / FileNotFoundError naming the flag for a bad argument, before anything slow."""
     from megatron_r1v.rollout.engine import SamplingParams
     from megatron_r1v.validation import TILERS
 
@@ -114,14 +116,15 @@ def _check_arguments(model_dir: PathLike, batch_size: int, limit: Optional[int],
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    # SamplingParams checks temperature and max_new_tokens before anything slow runs.
-    SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens)
+    # SamplingParams checks temperature, top_p and max_new_tokens before anything slow runs.
+    SamplingParams(n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
 
 
-def _prepare(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[PathLike], max_tiles: int,
-             max_new_tokens: int, seed: int, limit: Optional[int], device: str, tiler_data: Any) -> _Evaluation:
+def prepare_generation(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[PathLike], max_tiles: int,
+                       max_new_tokens: int, seed: int, limit: Optional[int], device: str,
+                       tiler_data: Any) -> GenerationSetup:
     """Reads the records and the checkpoint; prompts are built as the GRPO trainer builds them.
     ``tiler_data``: a ``DataConfig`` holding the ``--tiler`` / ``--tiler-threads`` choice."""
     from megatron_r1v.data.loader import PromptLoader
@@ -150,7 +153,7 @@ def _prepare(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[P
                                                                max_tiles=max_tiles), key="--tiler")
     # Only prepare_many() is used (no shuffling): evaluation visits the records in file order.
     loader = PromptLoader(records, template, tiler, seed=seed)
-    return _Evaluation(records, engine, loader, (tokenizer.convert_tokens_to_ids(IM_END),),
+    return GenerationSetup(records, engine, loader, (tokenizer.convert_tokens_to_ids(IM_END),),
                        template.config.open_think, description)
 
 
@@ -161,23 +164,30 @@ def _sample_line(record: Any, score: SampleScore, sample: Any) -> str:
     }, ensure_ascii=False) + "\n"
 
 
-def _generate_and_score(run: _Evaluation, batch_size: int, params: dict, seed: int,
+def build_requests(run: GenerationSetup, batch: Sequence[Any]) -> list:
+    """The engine's requests for ``batch`` (records of ``run.records``), tiled in one call."""
+    from megatron_r1v.rollout.engine import RolloutRequest
+
+    requests = []
+    for record, item in zip(batch, run.loader.prepare_many(batch), strict=True):  # one tiling call per batch
+        assert item is not None  # on_bad_sample="error": a bad prompt raises instead
+        requests.append(RolloutRequest(record.id, item.prompt_ids, item.pixel_values))
+    return requests
+
+
+def _generate_and_score(run: GenerationSetup, batch_size: int, params: dict, seed: int,
                         samples_file: Optional[IO[str]], progress: Optional[Callable[[str], None]],
                         start: float) -> tuple[list[SampleScore], int, int]:
     """(scores in record order, generated tokens, responses cut at max_new_tokens)."""
-    from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
+    from megatron_r1v.rollout.engine import SamplingParams
 
     scores: list[SampleScore] = []
     generated_tokens = cut = 0
     num_batches = -(-len(run.records) // batch_size)
     for b in range(num_batches):
         batch = run.records[b * batch_size:(b + 1) * batch_size]
-        requests = []
-        for record, item in zip(batch, run.loader.prepare_many(batch), strict=True):  # one tiling call per batch
-            assert item is not None  # on_bad_sample="error": a bad prompt raises instead
-            requests.append(RolloutRequest(record.id, item.prompt_ids, item.pixel_values))
-        groups = run.engine.generate(requests, SamplingParams(n=1, seed=seed + b, stop_token_ids=run.stop_ids,
-                                                              **params))
+        groups = run.engine.generate(build_requests(run, batch),
+                                     SamplingParams(n=1, seed=seed + b, stop_token_ids=run.stop_ids, **params))
         for record, (sample,) in zip(batch, groups, strict=True):
             score = score_text(record, sample.text, run.think_opened)
             scores.append(score)
@@ -224,8 +234,8 @@ def evaluate(
     start = time.perf_counter()
     from megatron_r1v.config import DataConfig
 
-    _check_arguments(model_dir, batch_size, limit, temperature, max_new_tokens, tiler, tiler_threads)
-    run = _prepare(model_dir, data_path, tokenizer_dir, max_tiles, max_new_tokens, seed, limit, device,
+    check_generation_arguments(model_dir, batch_size, limit, temperature, max_new_tokens, tiler, tiler_threads)
+    run = prepare_generation(model_dir, data_path, tokenizer_dir, max_tiles, max_new_tokens, seed, limit, device,
                    DataConfig(max_tiles=max_tiles, tiler=tiler, tiler_threads=tiler_threads))
     if progress is not None:
         progress(f"tiler: {run.tiler}")

@@ -1,9 +1,9 @@
 """megatron_r1v.atomic_dir: outputs appear complete or not at all, also when the writer is killed."""
 
+import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -84,3 +84,18 @@ def test_multi_rank_folder_commit_replaces_only_when_complete(tmp_path):
     commit_directory(partial, out)
     assert (out / "trainer.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003"]  # no backup or partial left
+
+
+def test_outputs_get_the_umask_mode_not_the_temporary_one(tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700 temporaries; the committed output must carry the mode a
+    plain open / mkdir gives (0666 / 0777 minus the umask), or checkpoints on a shared
+    filesystem would be private to their writer."""
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
