@@ -31,22 +31,9 @@ import time
 from typing import Callable
 
 import torch
+from bench_kernels import peak_extra_bytes  # tools/ (the script's own folder): one CPU peak measurement
 
 SWEEP = [(2048, 1), (2048, 16), (4096, 4), (4096, 16), (8192, 16), (8192, 64)]
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by ``fn`` above what was live when it started (CPU allocator timeline)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action, MemoryProfile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    live = peak = 0
-    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
-        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, live)
-    return peak
 
 
 def attention_saved_bytes(fn: Callable[[], torch.Tensor], layer) -> int:
@@ -128,7 +115,7 @@ def bench_row(arch, varlen, dense, length: int, segments: int, args) -> dict:
     outputs = {}
     for name, run in (("dense", run_dense), ("varlen", run_varlen)):
         outputs[name] = run().detach()
-        row[f"{name}_peak_bytes"] = peak_bytes(lambda: run().backward(grad))
+        row[f"{name}_peak_bytes"] = peak_extra_bytes(lambda: run().backward(grad), torch.device("cpu"))
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
