@@ -147,6 +147,10 @@ class DataConfig:
     or auto (dali when DALI is installed and the operator builds, else pil with one warning saying
     why). One rank per replica tiles (the first TP rank of the first pipeline stage); its TP peers
     receive the tiles, later pipeline stages only the tile counts."""
+    chat_template: str = "auto"
+    """Turn markers of the prompts and conversations (data/chat_format.py): auto reads them from the
+    tokenizer's chat_template (QwQ's <|im_start|> turns, R1-Distill's <｜User｜> / <｜Assistant｜>, ...;
+    the qwq family's when it has none), or a family's: qwq, qwen2.5, r1-distill."""
     tiler_threads: int = 2
     """Worker threads of the tiler on each tiling rank. 2 is what docs/benchmarks.md measures and
     what a 2-core CPU run can give it; on a GPU node, where one rank per replica tiles for its

@@ -3,23 +3,24 @@
     python -m megatron_r1v.evaluate --model HF_DIR --data prompts.jsonl [--tokenizer DIR] \\
         [--max-tiles 12] [--max-new-tokens 256] [--batch-size 64] [--temperature 0] [--seed 0] \\
         [--limit N] [--out result.json] [--samples-out samples.jsonl] [--device cpu] \\
-        [--tiler auto|dali|pil] [--tiler-threads 2]
+        [--tiler auto|dali|pil] [--tiler-threads 2] [--chat-template auto|qwq|qwen2.5|r1-distill]
 
 ``HF_DIR`` is an InternVL checkpoint in the transformers or the released skywork layout
 (``rollout.hf_engine.load_hf_engine``). Each prompt record is prepared exactly as the
 GRPO trainer prepares it (images tiled by the tiler ``--tiler`` selects, as ``data.tiler``
 does for training: ``data.tilers.build_tiler``, DALI or the PIL reference, identical tiles;
-the chat template of ``data.template`` opening the assistant turn with ``<think>\\n``) and
-answered once;
+the chat template of ``data.template`` with the tokenizer's turn markers, ``--chat-template``
+as ``data.chat_template``) and answered once;
 ``--temperature 0`` (the default) decodes greedily, so a checkpoint has one score. A
-response ends at ``<|im_end|>`` or after ``--max-new-tokens``.
+response ends at the template's reply-closing token (``<|im_end|>`` for QwQ,
+``<｜end▁of▁sentence｜>`` for R1-Distill) or after ``--max-new-tokens``.
 
 Scores per response, both 1 or 0:
 
 * correct: the rule reward r_rule of Eq. 7 (``rewards.rule.rule_reward``) on the final
   answer, the last ``\\boxed{}`` after ``</think>`` (``rewards.format.extract_answer``);
 * format: the format reward r_format (``rewards.format.check_format``, with the thought
-  opened by the prompt, as the template does).
+  opened by the prompt when the template's generation prompt opens it).
 
 Progress goes to stderr (first the ``tiler: ...`` line, then one line per batch); the last line
 of stdout is the result, ``{"accuracy", "format", "num_prompts", "by_answer_type", "seconds",
@@ -126,13 +127,13 @@ def prepare_generation(model_dir: PathLike, data_path: PathLike, tokenizer_dir: 
                        max_new_tokens: int, seed: int, limit: Optional[int], device: str,
                        tiler_data: Any) -> GenerationSetup:
     """Reads the records and the checkpoint; prompts are built as the GRPO trainer builds them.
-    ``tiler_data``: a ``DataConfig`` holding the ``--tiler`` / ``--tiler-threads`` choice."""
+    ``tiler_data``: a ``DataConfig`` holding the ``--tiler`` / ``--tiler-threads`` /
+    ``--chat-template`` choices."""
     from megatron_r1v.data.loader import PromptLoader
     from megatron_r1v.data.schema import load_records
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
     from megatron_r1v.data.tilers import build_tiler
     from megatron_r1v.data.tiling import TilingConfig
-    from megatron_r1v.data.tokenizer import IM_END
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
     records = load_records(data_path, "prompts").records[:limit]
@@ -143,7 +144,8 @@ def prepare_generation(model_dir: PathLike, data_path: PathLike, tokenizer_dir: 
     if max_prompt < 1:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"{arch.decoder.max_position_embeddings} positions")
-    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile, max_seq_len=max_prompt))
+    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile, max_seq_len=max_prompt,
+                                                      chat_template=tiler_data.chat_template))
     # The ids are the tokenizer's (the template reads them there); a checkpoint whose config
     # records another <IMG_CONTEXT> id cannot be evaluated with it.
     if template.image_token_id != arch.image_token_id:
@@ -153,8 +155,7 @@ def prepare_generation(model_dir: PathLike, data_path: PathLike, tokenizer_dir: 
                                                                max_tiles=max_tiles), key="--tiler")
     # Only prepare_many() is used (no shuffling): evaluation visits the records in file order.
     loader = PromptLoader(records, template, tiler, seed=seed)
-    return GenerationSetup(records, engine, loader, (tokenizer.convert_tokens_to_ids(IM_END),),
-                       template.config.open_think, description)
+    return GenerationSetup(records, engine, loader, (template.stop_token_id,), template.open_think, description)
 
 
 def _sample_line(record: Any, score: SampleScore, sample: Any) -> str:
@@ -219,6 +220,7 @@ def evaluate(
     progress: Optional[Callable[[str], None]] = _stderr_progress,
     tiler: str = "auto",
     tiler_threads: int = 2,
+    chat_template: str = "auto",
 ) -> dict:
     """Generates one response per prompt of ``data_path`` with the checkpoint ``model_dir``
     and scores it (module docstring); returns the result dict the CLI prints.
@@ -227,16 +229,17 @@ def evaluate(
     a run is reproducible for a batch size. ``limit`` keeps the first ``limit`` records.
     ``tiler`` / ``tiler_threads``: ``data.tiler`` / ``data.tiler_threads`` (``auto``: DALI
     when it can run here, else PIL with a warning; both give the same tiles).
-    ``samples_out`` appears only complete. Raises FileNotFoundError / ValueError
-    (DataError, ImageError, CheckpointError, ...) with a message naming the file for user
-    errors.
+    ``chat_template``: ``data.chat_template``. ``samples_out`` appears only complete.
+    Raises FileNotFoundError / ValueError (DataError, ImageError, CheckpointError,
+    ChatFormatError, ...) with a message naming the file for user errors.
     """
     start = time.perf_counter()
     from megatron_r1v.config import DataConfig
 
     check_generation_arguments(model_dir, batch_size, limit, temperature, max_new_tokens, tiler, tiler_threads)
     run = prepare_generation(model_dir, data_path, tokenizer_dir, max_tiles, max_new_tokens, seed, limit, device,
-                   DataConfig(max_tiles=max_tiles, tiler=tiler, tiler_threads=tiler_threads))
+                             DataConfig(max_tiles=max_tiles, tiler=tiler, tiler_threads=tiler_threads,
+                                        chat_template=chat_template))
     if progress is not None:
         progress(f"tiler: {run.tiler}")
     params = {"temperature": temperature, "max_new_tokens": max_new_tokens}
@@ -254,6 +257,7 @@ def evaluate(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_r1v.data.chat_format import add_chat_template_arg
     from megatron_r1v.data.tilers import add_tiler_args
 
     parser = argparse.ArgumentParser(prog="python -m megatron_r1v.evaluate",
@@ -272,6 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--samples-out", type=Path, default=None, help="one JSON line per prompt")
     parser.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
     add_tiler_args(parser)
+    add_chat_template_arg(parser)
     args = parser.parse_args(argv)
     try:
         for flag, path in (("--out", args.out), ("--samples-out", args.samples_out)):
@@ -281,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.model, args.data, tokenizer_dir=args.tokenizer, max_tiles=args.max_tiles,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
             seed=args.seed, limit=args.limit, samples_out=args.samples_out, device=args.device,
-            tiler=args.tiler, tiler_threads=args.tiler_threads,
+            tiler=args.tiler, tiler_threads=args.tiler_threads, chat_template=args.chat_template,
         )
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

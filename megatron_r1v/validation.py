@@ -152,6 +152,11 @@ def check_data_config(d: "DataConfig") -> None:
     if d.on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"data.on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, "
                          f"got {d.on_bad_sample!r}")
+    from megatron_r1v.data.chat_format import CHAT_TEMPLATE_CHOICES
+
+    if d.chat_template not in CHAT_TEMPLATE_CHOICES:
+        raise ValueError(f"data.chat_template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, "
+                         f"got {d.chat_template!r}")
 
 
 def _check_rollout(r: "RolloutConfig", greedy_ok: bool) -> None:

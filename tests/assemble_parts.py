@@ -91,14 +91,14 @@ def write_internvit(directory: Path, vision: VisionArch = VISION, seed: int = 1)
     return tensors
 
 
-def qwen_like_tokenizer(with_image_tokens: bool = False):
-    """data/tokenizer.py's BPE (chat and think tokens at the top ids); by default without
-    InternVL's three image tokens (the last three ids), leaving 637 contiguous ids."""
+def qwen_like_tokenizer(with_image_tokens: bool = False, family: str = "qwq"):
+    """data/tokenizer.py's BPE (the family's chat and think tokens at the top ids); by default
+    without InternVL's three image tokens (the last three ids), leaving 637 contiguous ids."""
     from tokenizers import Tokenizer
 
     from megatron_r1v.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, train_tokenizer
 
-    tokenizer = train_tokenizer(CORPUS, TRAINED_VOCAB)
+    tokenizer = train_tokenizer(CORPUS, TRAINED_VOCAB, family)
     if with_image_tokens:
         return tokenizer
     data = json.loads(tokenizer.to_str())
@@ -109,9 +109,11 @@ def qwen_like_tokenizer(with_image_tokens: bool = False):
 
 
 def write_qwen2(directory: Path, rows: int, seed: int = 2, decoder: DecoderArch = DECODER,
-                with_image_tokens: bool = False, max_shard_size: str = "150KB") -> None:
+                with_image_tokens: bool = False, max_shard_size: str = "150KB", family: str = "qwq") -> None:
     """A Qwen2ForCausalLM with ``rows`` vocabulary rows (Qwen2 checkpoints pad past the
-    tokenizer), norms and biases moved off their init so swapped tensors cannot pass."""
+    tokenizer), norms and biases moved off their init so swapped tensors cannot pass; its
+    tokenizer has the special tokens and ``chat_template`` of ``family``
+    (``data.tokenizer.FAMILY_TOKENS``: qwq for QwQ-32B, r1-distill for R1-Distill-Qwen-32B)."""
     import transformers
 
     from megatron_r1v.data.tokenizer import save_hf_tokenizer
@@ -127,4 +129,4 @@ def write_qwen2(directory: Path, rows: int, seed: int = 2, decoder: DecoderArch 
                 if "norm" in name or "bias" in name:
                     param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(directory, max_shard_size=max_shard_size)
-    save_hf_tokenizer(qwen_like_tokenizer(with_image_tokens), directory)
+    save_hf_tokenizer(qwen_like_tokenizer(with_image_tokens, family), directory, family=family)

@@ -3,17 +3,18 @@
     python tools/rejection_sample.py --model HF_DIR --prompts prompts.jsonl --out DIR \\
         [--samples 8] [--temperature 1.0] [--top-p 1.0] [--max-new-tokens 256] [--keep-shortest K] \\
         [--seed 0] [--batch-size 8] [--max-tiles 12] [--tokenizer DIR] [--device cpu] [--engine hf] \\
-        [--tiler auto|dali|pil] [--tiler-threads 2]
+        [--tiler auto|dali|pil] [--tiler-threads 2] [--chat-template auto|qwq|qwen2.5|r1-distill]
 
 The data step of R1V's iterative SFT (and R1V3's cold start): each prompt of a ``prompts``
 JSONL (``data/schema.py``) is prepared exactly as ``python -m megatron_r1v.evaluate``
-prepares it (same engine loading, chat template opening the thought with ``<think>\\n``,
+prepares it (same engine loading, the tokenizer's chat template or ``--chat-template``'s,
 tiler: ``evaluate.prepare_generation``), answered ``--samples`` times by the HF rollout
 engine, and each response is judged with the terms of the training reward
 (``evaluate.score_text``: ``rewards.hybrid.HybridReward``, no reward model). A response is
-**accepted** when it ended at ``<|im_end|>`` (not cut at ``--max-new-tokens``), has the R1
-format (r_format = 1), its final ``\\boxed{}`` answer is right (r_rule = 1), and it holds no
-chat / image special token as text (it could not be trained on). Identical accepted texts of
+**accepted** when it ended at the template's reply-closing token (``<|im_end|>``,
+``<｜end▁of▁sentence｜>``; not cut at ``--max-new-tokens``), has the R1 format (r_format = 1),
+its final ``\\boxed{}`` answer is right (r_rule = 1), and it holds no chat / image special
+token as text (it could not be trained on). Identical accepted texts of
 one prompt are kept once; ``--keep-shortest K`` then keeps the K shortest (in tokens, ties
 by sample order), R1V's adaptive-length distillation that prefers concise reasoning.
 
@@ -21,9 +22,9 @@ Outputs in ``--out`` (each written to a temporary and renamed: never half-writte
 
 * ``sft.jsonl``: one ``sft`` record per kept response, ``{"id": "<prompt id>#k<sample>",
   "images" (relative to --out), "messages": [user: the question as the prompt had it
-  (``<image>`` placeholders included), assistant: "<think>\\n" + the response without
-  ``<|im_end|>``]}``; ``data.template`` removes the leading ``<think>\\n`` again (the
-  generation prompt opens it), so the trained reply is exactly the sampled one;
+  (``<image>`` placeholders included), assistant: the response without its closing token,
+  after "<think>\\n" when the generation prompt opened the thought]}``; ``data.template``
+  removes that leading ``<think>\\n`` again, so the trained reply is exactly the sampled one;
 * ``summary.json``: prompts, samples, accepted, kept, acceptance rate overall and per
   answer type, the first reason of each rejection, mean / median response length in tokens
   (generated ids, the stop token included) of accepted and rejected samples, the prompts
@@ -40,7 +41,7 @@ rebuilt from ``samples.jsonl``, so they are identical to an uninterrupted run's.
 appended to the file later are sampled by a rerun (batch boundaries are counted from the
 file's start). A rerun into the same ``--out`` with other settings that decide the samples
 (model, prompts file, tokenizer, samples, temperature, top-p, max-new-tokens, seed, batch
-size, max tiles, engine) is refused; ``--keep-shortest`` only selects, so a rerun with
+size, max tiles, engine, chat template) is refused; ``--keep-shortest`` only selects, so a rerun with
 another value re-selects without generating. Progress goes to stderr, the summary is the
 last stdout line. User errors print ``error: ...`` and exit with status 2 before anything
 is generated.
@@ -61,7 +62,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from megatron_r1v.atomic_dir import atomic_file, check_writable, write_text_atomic
 from megatron_r1v.data.schema import RESERVED_TEXT
-from megatron_r1v.data.tokenizer import IM_END, THINK_START
+from megatron_r1v.data.tokenizer import THINK_START
 
 PROGRESS, RUN, SFT, SUMMARY, PLOT = "samples.jsonl", "run.json", "sft.jsonl", "summary.json", "lengths.png"
 ENGINES = ("hf",)
@@ -80,6 +81,8 @@ class Response:
     finished: bool
     correct: bool
     format_ok: bool
+    special_text: bool = False
+    """Holds one of the chat template's marker tokens as text (besides ``RESERVED_TEXT``)."""
 
     @property
     def reason(self) -> Optional[str]:
@@ -90,7 +93,7 @@ class Response:
             return REASONS[1]
         if not self.correct:
             return REASONS[2]
-        if any(token in self.text for token in RESERVED_TEXT):
+        if self.special_text or any(token in self.text for token in RESERVED_TEXT):
             return REASONS[3]
         return None
 
@@ -116,13 +119,15 @@ class PromptResult:
         return cls(obj["id"], obj["answer_type"], tuple(Response(**r) for r in obj["responses"]))
 
 
-def judge(record: Any, sample: Any, think_opened: bool) -> Response:
+def judge(record: Any, sample: Any, template: Any) -> Response:
     """Scores one ``RolloutSample`` for its ``PromptRecord`` as the evaluation does."""
     from megatron_r1v.evaluate import score_text
 
-    score = score_text(record, sample.text, think_opened)
-    text = sample.text[:-len(IM_END)] if sample.finished and sample.text.endswith(IM_END) else sample.text
-    return Response(text, len(sample.response_ids), bool(sample.finished), score.correct, score.format_ok)
+    score = score_text(record, sample.text, template.open_think)
+    end = template.format.reply_end
+    text = sample.text[:-len(end)] if sample.finished and sample.text.endswith(end) else sample.text
+    special = any(token in text for token in template.reserved_text)
+    return Response(text, len(sample.response_ids), bool(sample.finished), score.correct, score.format_ok, special)
 
 
 def select(responses: Sequence[Response], keep_shortest: Optional[int]) -> list[int]:
@@ -138,9 +143,10 @@ def select(responses: Sequence[Response], keep_shortest: Optional[int]) -> list[
     return sorted(kept)
 
 
-def sft_record(record: Any, response: Response, index: int, out_dir: Path) -> dict:
+def sft_record(record: Any, response: Response, index: int, out_dir: Path, think_opened: bool = True) -> dict:
     """The ``sft`` record of one kept response (module docstring)."""
-    reply = response.text if response.text.startswith(THINK_START + "\n") else f"{THINK_START}\n{response.text}"
+    opened = think_opened and not response.text.startswith(THINK_START + "\n")
+    reply = f"{THINK_START}\n{response.text}" if opened else response.text
     return {"id": f"{record.id}#k{index}", "images": [os.path.relpath(p, out_dir) for p in record.images],
             "messages": [{"role": "user", "content": record.question}, {"role": "assistant", "content": reply}]}
 
@@ -236,7 +242,8 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"model": os.path.abspath(args.model), "prompts": os.path.abspath(args.prompts),
             "tokenizer": os.path.abspath(args.tokenizer) if args.tokenizer else None, "samples": args.samples,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, "batch_size": args.batch_size, "max_tiles": args.max_tiles, "engine": args.engine}
+            "seed": args.seed, "batch_size": args.batch_size, "max_tiles": args.max_tiles, "engine": args.engine,
+            "chat_template": args.chat_template}
 
 
 def _check_settings(out: Path, settings: dict) -> None:
@@ -284,7 +291,8 @@ def rejection_sample(args: argparse.Namespace, progress: Callable[[str], None]) 
     _check_settings(out, settings)
     run = prepare_generation(args.model, args.prompts, args.tokenizer, args.max_tiles, args.max_new_tokens,
                              args.seed, None, args.device, DataConfig(max_tiles=args.max_tiles, tiler=args.tiler,
-                                                                      tiler_threads=args.tiler_threads))
+                                                                      tiler_threads=args.tiler_threads,
+                                                                      chat_template=args.chat_template))
     progress(f"tiler: {run.tiler}")
     ids = [r.id for r in run.records]
     results = read_progress(out / PROGRESS, progress)
@@ -309,7 +317,7 @@ def rejection_sample(args: argparse.Namespace, progress: Callable[[str], None]) 
             for record, group in zip(batch, groups, strict=True):
                 if record.id not in results:
                     results[record.id] = PromptResult(
-                        record.id, record.answer_type, tuple(judge(record, s, run.think_opened) for s in group))
+                        record.id, record.answer_type, tuple(judge(record, s, run.loader.template) for s in group))
                     progress_file.write(results[record.id].to_line())
             progress_file.flush()
             os.fsync(progress_file.fileno())
@@ -318,13 +326,14 @@ def rejection_sample(args: argparse.Namespace, progress: Callable[[str], None]) 
             samples = sum(len(p.responses) for p in done)
             progress(f"batch {b + 1}/{num_batches} | prompts {len(done)}/{len(ids)} | accepted {accepted}/{samples} "
                      f"({accepted / samples:.3f}) | {time.perf_counter() - start:.1f}s")
-    return write_outputs(run.records, results, args.keep_shortest, out, settings)
+    return write_outputs(run.records, results, args.keep_shortest, out, settings, run.think_opened)
 
 
 def write_outputs(records: Sequence[Any], results: dict[str, PromptResult], keep_shortest: Optional[int],
-                  out: Path, settings: dict) -> dict:
+                  out: Path, settings: dict, think_opened: bool = True) -> dict:
     """``sft.jsonl``, ``lengths.png`` and ``summary.json`` from every record's results."""
-    lines = [json.dumps(sft_record(record, results[record.id].responses[i], i, out), ensure_ascii=False) + "\n"
+    lines = [json.dumps(sft_record(record, results[record.id].responses[i], i, out, think_opened),
+                        ensure_ascii=False) + "\n"
              for record in records for i in select(results[record.id].responses, keep_shortest)]
     sft_ids = [json.loads(line)["id"] for line in lines]
     clash = next((i for i in sft_ids if sft_ids.count(i) > 1), None) if len(set(sft_ids)) < len(sft_ids) else None
@@ -343,6 +352,7 @@ def _stderr(line: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_r1v.data.chat_format import add_chat_template_arg
     from megatron_r1v.data.tilers import add_tiler_args
 
     parser = argparse.ArgumentParser(prog="tools/rejection_sample.py", description=__doc__.split("\n")[0],
@@ -363,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
     parser.add_argument("--engine", default="hf", help="rollout engine: hf (transformers; the only one here)")
     add_tiler_args(parser)
+    add_chat_template_arg(parser)
     return parser
 
 

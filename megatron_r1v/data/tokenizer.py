@@ -2,13 +2,15 @@
 
 The real R1V2 tokenizer (QwQ's, ~152k tokens plus InternVL's image tokens) cannot be
 downloaded here and would dwarf a tiny model's embedding, so tests and the quickstart
-train one with the ``tokenizers`` library on the synthetic corpus. It has QwQ / R1V2's
-special tokens, and they sit at fixed ids at the top of the vocabulary in the order of
-``SPECIAL_TOKENS``: ``<IMG_CONTEXT>`` is always ``vocab_size - 1``, so a preset can name
-its image token id without reading the tokenizer.
+train one with the ``tokenizers`` library on the synthetic corpus. It has the special
+tokens of a model family (``--chat-family``: ``qwq``, R1V2's, the default; ``r1-distill``,
+R1V's DeepSeek-R1-Distill-Qwen markers; ``qwen2.5``, chatml without an opened thought)
+at fixed ids at the top of the vocabulary in the order of ``FAMILY_TOKENS[family]``
+(``<IMG_CONTEXT>`` is always ``vocab_size - 1``), and that family's ``chat_template``
+(``data.chat_format.FAMILY_TEMPLATES``), as a released tokenizer has its own.
 
-    python -m megatron_r1v.data.tokenizer --corpus DIR/prompts.jsonl DIR/preferences.jsonl \
-        --vocab-size 1024 --out DIR/tokenizer
+    python -m megatron_r1v.data.tokenizer --corpus DIR/prompts.jsonl DIR/preferences.jsonl \\
+        --vocab-size 1024 --out DIR/tokenizer [--chat-family r1-distill]
 """
 
 from __future__ import annotations
@@ -25,17 +27,35 @@ from megatron_r1v.atomic_dir import atomic_directory
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_START, THINK_END = "<think>", "</think>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+# DeepSeek-R1-Distill-Qwen's markers (it renamed Qwen's <|endoftext|>, <|im_start|>, <|im_end|> ids).
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+R1_USER, R1_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 # Order fixes the ids: the last one gets vocab_size - 1.
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, THINK_START, THINK_END, IMG_START, IMG_END, IMG_CONTEXT)
+FAMILY_TOKENS = {
+    "qwq": SPECIAL_TOKENS,
+    "qwen2.5": SPECIAL_TOKENS,
+    "r1-distill": (R1_EOS, R1_USER, R1_ASSISTANT, R1_BOS, THINK_START, THINK_END, IMG_START, IMG_END, IMG_CONTEXT),
+}
+# (bos, eos, pad) of each family's tokenizer.
+_FAMILY_ROLES = {"qwq": (None, IM_END, ENDOFTEXT), "qwen2.5": (None, IM_END, ENDOFTEXT),
+                 "r1-distill": (R1_BOS, R1_EOS, R1_EOS)}
 # Text fields of the prompt / preference schemas that make up the corpus.
 CORPUS_FIELDS = ("question", "answer", "choices", "prompt", "chosen", "rejected")
 TEMPLATE_WORDS = "system user assistant You are a helpful assistant. Think step by step. The answer is \\boxed{}."
 
 
-def special_token_ids(vocab_size: int) -> dict[str, int]:
-    """The fixed id of each special token in a tokenizer built with ``vocab_size``."""
-    first = vocab_size - len(SPECIAL_TOKENS)
-    return {token: first + i for i, token in enumerate(SPECIAL_TOKENS)}
+def _family_tokens(family: str) -> tuple[str, ...]:
+    if family not in FAMILY_TOKENS:
+        raise ValueError(f"chat family {family!r} is not one of {', '.join(FAMILY_TOKENS)}")
+    return FAMILY_TOKENS[family]
+
+
+def special_token_ids(vocab_size: int, family: str = "qwq") -> dict[str, int]:
+    """The fixed id of each special token in a ``family`` tokenizer built with ``vocab_size``."""
+    tokens = _family_tokens(family)
+    first = vocab_size - len(tokens)
+    return {token: first + i for i, token in enumerate(tokens)}
 
 
 def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
@@ -62,17 +82,18 @@ def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
                         yield message["content"]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with exactly ``vocab_size`` tokens, the special ones last.
+def train_tokenizer(texts: Iterable[str], vocab_size: int, family: str = "qwq") -> Tokenizer:
+    """Byte-level BPE with exactly ``vocab_size`` tokens, the family's special ones last.
 
-    A corpus too small for ``vocab_size - len(SPECIAL_TOKENS)`` BPE tokens is filled up
-    with ``<|reserved_N|>`` tokens, so the special ids never move.
+    A corpus too small for ``vocab_size - len(FAMILY_TOKENS[family])`` BPE tokens is filled
+    up with ``<|reserved_N|>`` tokens, so the special ids never move.
     """
-    n_regular = vocab_size - len(SPECIAL_TOKENS)
+    special = _family_tokens(family)
+    n_regular = vocab_size - len(special)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if n_regular < len(alphabet):
         raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
-                         f"{len(alphabet) + len(SPECIAL_TOKENS)} tokens (256 bytes + {len(SPECIAL_TOKENS)} special)")
+                         f"{len(alphabet) + len(special)} tokens (256 bytes + {len(special)} special)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -83,21 +104,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     # As in QwQ's tokenizer, the think tags are added but not special: decoding with
     # skip_special_tokens keeps them, and the format reward needs to see them.
     tokenizer.add_tokens([AddedToken(t, special=t not in (THINK_START, THINK_END), normalized=False)
-                          for t in filler + list(SPECIAL_TOKENS)])
-    ids = special_token_ids(vocab_size)
-    got = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+                          for t in filler + list(special)])
+    ids = special_token_ids(vocab_size, family)
+    got = {token: tokenizer.token_to_id(token) for token in special}
     assert got == ids and tokenizer.get_vocab_size() == vocab_size, (got, ids, tokenizer.get_vocab_size())
     return tokenizer
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int = 32768) -> None:
-    """Writes tokenizer.json + tokenizer_config.json + special_tokens_map.json (AutoTokenizer loads it)."""
+def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int = 32768,
+                      family: str = "qwq") -> None:
+    """Writes tokenizer.json + tokenizer_config.json (with the family's ``chat_template``) +
+    special_tokens_map.json (AutoTokenizer loads it)."""
     from transformers import PreTrainedTokenizerFast
 
+    from .chat_format import FAMILY_TEMPLATES
+
+    _family_tokens(family)
+    bos, eos, pad = _FAMILY_ROLES[family]
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=None,
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=None,
         model_max_length=model_max_length, clean_up_tokenization_spaces=False,
     )
+    hf.chat_template = FAMILY_TEMPLATES[family]
     hf.save_pretrained(str(out_dir))
 
 
@@ -143,18 +171,21 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, image_token_id: Optional[in
         raise ValueError(f"{source} has {len(tokenizer)} tokens, more than {model}'s vocabulary of {vocab_size}")
 
 
-def build_tokenizer(corpus_files: list[Path], vocab_size: int, out_dir: Path, force: bool = False) -> dict:
+def build_tokenizer(corpus_files: list[Path], vocab_size: int, out_dir: Path, force: bool = False,
+                    family: str = "qwq") -> dict:
     """Trains and saves; the output folder appears complete or not at all."""
+    _family_tokens(family)
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
     for path in corpus_files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
-    tokenizer = train_tokenizer(corpus_texts(corpus_files), vocab_size)
+    tokenizer = train_tokenizer(corpus_texts(corpus_files), vocab_size, family)
     with atomic_directory(out_dir) as tmp:
-        save_hf_tokenizer(tokenizer, tmp)
-    return {"out": str(out_dir), "vocab_size": vocab_size, **special_token_ids(vocab_size)}
+        save_hf_tokenizer(tokenizer, tmp, family=family)
+    return {"out": str(out_dir), "vocab_size": vocab_size, "chat_family": family,
+            **special_token_ids(vocab_size, family)}
 
 
 def main() -> None:
@@ -163,9 +194,11 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--chat-family", default="qwq", choices=sorted(FAMILY_TOKENS),
+                        help="special tokens and chat_template of this model family (default qwq: R1V2's)")
     args = parser.parse_args()
     try:
-        summary = build_tokenizer(args.corpus, args.vocab_size, args.out, args.force)
+        summary = build_tokenizer(args.corpus, args.vocab_size, args.out, args.force, args.chat_family)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     print(json.dumps(summary))

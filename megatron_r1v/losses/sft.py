@@ -3,7 +3,7 @@ replies, the cold-start / iterative SFT stage of R1V and R1V3 (on rejection-samp
 
 For the conversations (x, y) of one optimizer step, with A_s the positions of sample s
 whose next token belongs to an assistant reply (``data.template``: every reply of a
-multi-turn conversation and the ``<|im_end|>`` closing it):
+multi-turn conversation and the token closing it, ``<|im_end|>`` for QwQ):
 
     L = -(1 / N) sum_s sum_{t in A_s} log pi(y_{t+1} | y_<=t, images),   N = sum_s |A_s|
 

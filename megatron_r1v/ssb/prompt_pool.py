@@ -120,6 +120,7 @@ def write_pool(prompts_path: Path, kept: Sequence[PromptRecord], stats: PoolStat
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_r1v.config import DataConfig
+    from megatron_r1v.data.chat_format import add_chat_template_arg
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
     from megatron_r1v.data.tilers import add_tiler_args, build_tiler
     from megatron_r1v.data.tiling import TilingConfig
@@ -138,6 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true")
     add_tiler_args(parser)
+    add_chat_template_arg(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.tiler_threads < 1:
@@ -145,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     records = load_records(args.prompts, "prompts", args.on_bad_sample).records
     engine, arch, tokenizer = load_hf_engine(args.model, args.tokenizer or args.model)
-    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile))
+    template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
+                                                      chat_template=args.chat_template))
     tiler, description = build_tiler(
         DataConfig(max_tiles=args.max_tiles, on_bad_sample=args.on_bad_sample, tiler=args.tiler,
                    tiler_threads=args.tiler_threads),
@@ -155,8 +158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loader = PromptLoader(records, template, tiler, seed=args.seed, on_bad_sample=args.on_bad_sample)
     items = [item for item in loader.prepare_many(records) if item is not None]
     params = SamplingParams(n=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, stop_token_ids=(tokenizer.convert_tokens_to_ids("<|im_end|>"),))
-    kept, stats = filter_prompts(items, engine, HybridReward.from_config(RewardConfig()), params)
+                            seed=args.seed, stop_token_ids=(template.stop_token_id,))
+    reward = HybridReward.from_config(RewardConfig(), think_opened_by_prompt=template.open_think)
+    kept, stats = filter_prompts(items, engine, reward, params)
     stats.skipped_bad = loader.cursor.skipped
     write_pool(args.prompts, kept, stats, args.out, args.force)
     print(json.dumps({"out": str(args.out), **asdict(stats), "tiler": description}))

@@ -11,8 +11,10 @@
   also compares the SGLang engine's model folder with it (:func:`check_rollout_folder`).
 - :func:`with_tokenizer_ids`: ``<IMG_CONTEXT>``'s id is the tokenizer's, never a preset's;
   a checkpoint that records another id is an error naming both files and both ids.
-  ``<img>``, ``</img>``, ``<think>`` and ``<|im_end|>`` are looked up in the tokenizer by
-  ``data.template.ChatTemplate`` and the stages; nothing reads them from a preset.
+  ``<img>``, ``</img>``, ``<think>`` and the turn markers (``<|im_end|>`` or
+  ``<｜end▁of▁sentence｜>``, ... : the tokenizer's ``chat_template``, ``data/chat_format.py``)
+  are looked up in the tokenizer by ``data.template.ChatTemplate`` and the stages; nothing
+  reads them from a preset.
 
 Reading a checkpoint's record imports ``checkpoint.conversion`` (Megatron-Core), so the
 functions import it only when ``model.checkpoint`` is set.

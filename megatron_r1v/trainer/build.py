@@ -56,12 +56,15 @@ def _build_common(cfg: RunConfig) -> _Common:
     attach_ddp_hooks(ddp, optimizer)
 
     template = ChatTemplate(tokenizer, TemplateConfig(tokens_per_tile=arch.tokens_per_tile,
-                                                      max_seq_len=cfg.train.seq_length))
+                                                      max_seq_len=cfg.train.seq_length,
+                                                      chat_template=cfg.data.chat_template))
     tiling = TilingConfig(image_size=arch.vision.image_size, max_tiles=cfg.data.max_tiles,
                           on_bad_sample=cfg.data.on_bad_sample)
     tiler, description = build_replica_tiler(ctx, cfg.data, tiling)
     if ctx.rank == 0:
         print(f"tiler: {description}", flush=True)
+        print(f"chat template: {template.format.source}: replies end with {template.format.reply_end!r} "
+              f"(id {template.stop_token_id}), thought opened by the prompt: {template.open_think}", flush=True)
     return _Common(ctx, arch, stage, ddp, optimizer, tokenizer, template, tiler)
 
 
@@ -102,7 +105,6 @@ def build_grpo_trainer(cfg: RunConfig):
     from megatron_r1v.data.loader import PromptLoader
     from megatron_r1v.data.replica_tiling import check_images_once
     from megatron_r1v.data.schema import load_records
-    from megatron_r1v.data.tokenizer import IM_END
     from megatron_r1v.rewards.hybrid import HybridReward
     from megatron_r1v.rollout.weight_sync import ENGINE_LAYOUTS, WeightSync
     from megatron_r1v.ssb import SelectiveSampleBuffer
@@ -119,9 +121,10 @@ def build_grpo_trainer(cfg: RunConfig):
                       bucket_bytes=cfg.rollout.weight_bucket_mb << 20)
     engine = build_rollout_engine(cfg, c, ctx) if sync.is_owner else None
     sync.sync(engine, full=True)  # the engine starts from the trainer's weights
-    trainer = GRPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, HybridReward.from_config(cfg.reward),
-                          SelectiveSampleBuffer(cfg.ssb), sync, engine,
-                          stop_token_ids=(c.tokenizer.convert_tokens_to_ids(IM_END),))
+    # The format reward expects the thought opened by the prompt exactly when the template opens it.
+    reward = HybridReward.from_config(cfg.reward, think_opened_by_prompt=c.template.open_think)
+    trainer = GRPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, reward, SelectiveSampleBuffer(cfg.ssb),
+                          sync, engine, stop_token_ids=(c.template.stop_token_id,))
     return trainer, ctx
 
 

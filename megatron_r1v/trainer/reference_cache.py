@@ -82,7 +82,7 @@ def cache_inputs(cfg: RunConfig, ctx: ParallelContext, records: Sequence[Prefere
         "tokenizer": {p.name: _file_digest(p) for p in sorted(tokenizer.iterdir())
                       if p.is_file() and p.name.startswith(_TOKENIZER_FILES)},
         "template": {"seq_length": cfg.train.seq_length, "max_tiles": cfg.data.max_tiles,
-                     "on_bad_sample": cfg.data.on_bad_sample},
+                     "on_bad_sample": cfg.data.on_bad_sample, "chat_template": cfg.data.chat_template},
     }
 
 

@@ -1,4 +1,6 @@
-"""The assembled start model goes where a released one goes: assemble (the real command) ->
+"""The assembled start model goes where a released one goes, for R1V's recipe (a
+DeepSeek-R1-Distill-Qwen-like LLM: its <｜User｜> / <｜Assistant｜> turns, replies closed by
+<｜end▁of▁sentence｜>, as its tokenizer's chat_template says): assemble (the real command) ->
 ``convert_checkpoint.py import --tp 2`` -> ``verify_checkpoint.py --tp 2`` passes -> a few
 ``train.stage=sft`` steps at TP=2 from the imported folder (no ``model.preset``: the
 architecture is the checkpoint's, ``<IMG_CONTEXT>``'s id the assembled tokenizer's) lower
@@ -51,7 +53,8 @@ def test_assembled_checkpoint_imports_verifies_trains_sft_and_exports(torchrun, 
     from transformers import AutoTokenizer
 
     write_internvit(tmp_path / "InternViT-tiny")
-    write_qwen2(tmp_path / "Qwen2-tiny", rows=ROWS)  # padding rows past the tokenizer, as Qwen2's
+    # Padding rows past the tokenizer, as Qwen2's; R1-Distill's special tokens and chat template.
+    write_qwen2(tmp_path / "Qwen2-tiny", rows=ROWS, family="r1-distill")
     out = tmp_path / "r1v"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "assemble_checkpoint.py"),
                            "--vision", str(tmp_path / "InternViT-tiny"), "--llm", str(tmp_path / "Qwen2-tiny"),
@@ -87,10 +90,14 @@ def test_assembled_checkpoint_imports_verifies_trains_sft_and_exports(torchrun, 
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert f"SFT conversations: {STEPS * PER_STEP} (0 skipped)" in proc.stdout
+    # The chat template follows the model family: read from the assembled tokenizer.
+    assert (f"chat template: the chat_template of {out}: replies end with '<｜end▁of▁sentence｜>' (id "
+            f"{AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids('<｜end▁of▁sentence｜>')}), thought "
+            "opened by the prompt: True") in proc.stdout, proc.stdout[-3000:]
     losses = [json.loads(line)["sft/loss"] for line in metrics_path.read_text().splitlines()]
     print(f"SFT loss on the assembled model, tp=2: {losses}")
     # The random Qwen2 part predicts close to uniformly over its 656 rows: CE ~ ln 656 = 6.49
-    # (measured 6.489). Measured 6.489, 6.199, 5.984, 5.799, 5.610.
+    # (measured 6.494). Measured 6.494, 6.190, 5.978, 5.800, 5.604.
     assert len(losses) == STEPS and abs(losses[0] - math.log(ROWS)) < 0.15, losses
     assert max(losses[1:]) < losses[0] and losses[-1] < losses[0] - 0.3, losses
     last = save_dir / f"step_{STEPS:06d}" / "model"
@@ -105,6 +112,7 @@ def test_assembled_checkpoint_imports_verifies_trains_sft_and_exports(torchrun, 
     assert config["llm_config"]["vocab_size"] == ROWS  # the released layout, TP padding dropped
     tokenizer = AutoTokenizer.from_pretrained(str(hf))
     assert len(tokenizer) == TOKENIZER_TOKENS and tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == IMAGE_TOKEN_ID
+    assert "<｜Assistant｜>" in tokenizer.chat_template  # the family's template travels with the model
     result = _verify(torchrun, hf, last)
     print(f"verify_checkpoint on the SFT export, tp=2: {result}")
     assert result["pass"] and result["max_abs_logit_diff"] <= 1e-4 and result["hf_layout"] == "skywork"
