@@ -210,7 +210,11 @@ class RewardConfig:
     model_backoff_s: float = 1.0
     """Sleep before the first retry; it doubles at each further retry (at most 30 s)."""
     model_batch_size: int = 32
-    """Texts per request to the reward-model server."""
+    """Items (prompt, response, images) per request to the reward-model server."""
+    model_image_transport: Literal["path", "base64"] = "path"
+    """How the prompts' images reach the reward-model server: path: their absolute paths (the
+    server reads them from a filesystem it shares with the trainer); base64: the files' bytes
+    in the request (a server on another machine)."""
 
 
 @dataclass
@@ -222,12 +226,39 @@ class SSBConfig:
     max_age: int = 8
     """Groups older than this many steps are dropped."""
     target_effective_ratio: float = 1.0
-    """Replace zero-advantage groups of a batch with buffered ones until this share of the
-    batch's groups has non-zero advantage (0: no reuse)."""
+    """Replace ineffective groups of a batch (see min_reward_std) with buffered ones until this
+    share of the batch's groups is effective (0: no reuse)."""
+    min_reward_std: Union[float, Literal["auto"]] = "auto"
+    """The effective-group criterion: a group of G responses is effective when its total rewards
+    (Eq. 7) are not all equal and their unbiased std is >= this; other groups get zero advantages
+    (Eq. 6), so they add no std-amplified noise to the loss, are not buffered, are the ones the
+    top-up replaces, and count as ineffective in ssb/effective_ratio_*. Applies with
+    ssb.enabled false too, so an SSB ablation compares the same advantages. 0: only exactly flat
+    groups (the rule-only behaviour). Why a reward std and not a minimum |A|: Eq. 6 divides by the
+    std, so |A| is the same for a spread of 1e-3 as for one of 1 and cannot tell noise from
+    signal. auto resolves (ssb.policy.resolve_min_reward_std) to 0 when the reward is discrete
+    (reward.model_weight 0, or model_calibration step: rule, format and stepped model terms
+    differ by whole weights or not at all); with a continuous reward-model term to the std of
+    0.2 logits of reward-model score in reward units, |model_weight| x 0.2 (none, clip) or
+    |model_weight| x 0.05 (sigmoid, whose steepest slope is 1/4): under Bradley-Terry a score
+    spread that small means pairwise preferences near 57/43, within a reward model's noise.
+    auto is capped at half the std that one response differing by the smallest non-zero
+    rule/format weight w gives in a group of G (w / (2 sqrt(G))), so a lone right answer is
+    never dropped. 0.2 logits is a starting point (the report gives no value): ablate it."""
     max_reuse: int = 0
     """A buffered group leaves the buffer once it has been drawn this many times (0: no limit)."""
     seed: int = 0
     """Seed of the buffer's weighted draws; a resumed run keeps the seed and draw counter of its checkpoint."""
+    initial_store: Optional[str] = None
+    """An SSB store written by ``python -m megatron_r1v.ssb.prompt_pool --ssb-store DIR`` (null: the
+    buffer starts empty). A fresh run starts with its groups in the buffer: saved as one shard,
+    they are split over the data-parallel ranks round-robin in uid order (``ssb.persist.load``),
+    each rank keeping at most ``capacity``. They count as generated at step 0 (by the initial
+    policy, which is the pool's model), so they age out after ``max_age`` steps like step 0's
+    rollouts, and pass the buffer's checks (effective at this run's ``min_reward_std``, no
+    duplicates, capacity). The store must fit the run (tokenizer, chat template, tokens per tile,
+    ``data.max_tiles``, ``rollout.n_samples``, ``rollout.temperature``: its old log-probs are the
+    pool engine's at that temperature); a resume ignores it (the checkpoint holds the buffer)."""
 
 
 @dataclass
@@ -263,11 +294,21 @@ class MPOConfig:
     beta: float = 0.1
     """Scale of the implicit reward r = beta log(pi / pi_ref) (Eq. 3-4)."""
     preference_weight: float = 0.8
-    """w_p of Eq. 2: the DPO term (Eq. 3)."""
+    """w_p of Eq. 2: the DPO term (Eq. 3). 0.8 / 0.2 / 1.0 are InternVL's MPO recipe values
+    (``--sigmoid_loss_weight 0.8 --bco_pair_loss_weight 0.2 --rpo_alpha 1``); the R1V2 report gives none."""
     quality_weight: float = 0.2
-    """w_q of Eq. 2: the BCO term (Eq. 4)."""
+    """w_q of Eq. 2: the BCO term (Eq. 4); InternVL's value."""
     generation_weight: float = 1.0
-    """w_g of Eq. 2: the length-normalized NLL of the chosen response (Eq. 5)."""
+    """w_g of Eq. 2: the chosen response's NLL (Eq. 5); InternVL's value."""
+    bco_delta: Literal["running_mean", "trl_running_mean", "zero"] = "running_mean"
+    """BCO's delta (Eq. 4): running_mean, the mean implicit reward of all earlier steps (ours);
+    trl_running_mean, of earlier steps and this one (TRL <= 0.28 folds the batch in before the
+    loss; here the batch is the whole step, over micro-batches and DP ranks, read by an extra
+    forward-only pass per step); zero (TRL >= 0.29). losses/mpo.py has the details."""
+    nll_normalization: Literal["pair", "token"] = "pair"
+    """Eq. 5's NLL: pair, each pair's NLL over its chosen length, averaged (ours, Eq. 5 as printed);
+    token, the step's summed chosen NLL over its chosen tokens (TRL's cross-entropy token mean,
+    with the whole step, over micro-batches and DP ranks, as the batch)."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch; a pair's two sequences share a micro-batch (>= 2 x train.seq_length)."""
     reference_cache: Optional[str] = None

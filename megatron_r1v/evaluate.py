@@ -125,10 +125,11 @@ def check_generation_arguments(model_dir: PathLike, batch_size: int, limit: Opti
 
 def prepare_generation(model_dir: PathLike, data_path: PathLike, tokenizer_dir: Optional[PathLike], max_tiles: int,
                        max_new_tokens: int, seed: int, limit: Optional[int], device: str,
-                       tiler_data: Any) -> GenerationSetup:
+                       tiler_data: Any, load_engine: Optional[Callable[..., tuple]] = None) -> GenerationSetup:
     """Reads the records and the checkpoint; prompts are built as the GRPO trainer builds them.
     ``tiler_data``: a ``DataConfig`` holding the ``--tiler`` / ``--tiler-threads`` /
-    ``--chat-template`` choices."""
+    ``--chat-template`` choices. ``load_engine``: ``load_hf_engine`` (the default) or a
+    function with its signature and result for another rollout engine."""
     from megatron_r1v.data.loader import PromptLoader
     from megatron_r1v.data.schema import load_records
     from megatron_r1v.data.template import ChatTemplate, TemplateConfig
@@ -137,7 +138,7 @@ def prepare_generation(model_dir: PathLike, data_path: PathLike, tokenizer_dir: 
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
     records = load_records(data_path, "prompts").records[:limit]
-    engine, arch, tokenizer = load_hf_engine(model_dir, tokenizer_dir, device)
+    engine, arch, tokenizer = (load_engine or load_hf_engine)(model_dir, tokenizer_dir, device)
     # The whole sequence must fit the model's positions: the prompt gets what the
     # response budget leaves.
     max_prompt = arch.decoder.max_position_embeddings - max_new_tokens

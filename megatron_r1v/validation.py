@@ -195,6 +195,8 @@ def check_reward_config(config: "RewardConfig", has_scorer: bool = False) -> Non
     _at_least("reward.model_retry_s", config.model_retry_s, 0.0)
     _at_least("reward.model_backoff_s", config.model_backoff_s, 0.0)
     _at_least("reward.model_batch_size", config.model_batch_size, 1)
+    if config.model_image_transport not in ("path", "base64"):
+        raise ValueError(f"reward.model_image_transport: {config.model_image_transport!r} is not one of path, base64")
 
 
 def check_ssb_config(config: "SSBConfig") -> None:
@@ -204,6 +206,21 @@ def check_ssb_config(config: "SSBConfig") -> None:
     _within("ssb.target_effective_ratio", config.target_effective_ratio, 0.0, 1.0)
     if config.max_reuse < 0:
         raise ValueError(f"ssb.max_reuse must be >= 0 (0: no limit), got {config.max_reuse}")
+    _check_min_reward_std(config.min_reward_std)
+    if config.initial_store is not None and not (isinstance(config.initial_store, str) and config.initial_store):
+        raise ValueError(f"ssb.initial_store must be a store folder or null, got {config.initial_store!r}")
+    if config.initial_store is not None and not config.enabled:
+        raise ValueError("ssb.initial_store needs ssb.enabled true (a disabled buffer never reuses its groups)")
+
+
+def _check_min_reward_std(value: object) -> None:
+    """``ssb.min_reward_std``: "auto" or a finite number >= 0 (a bool is not a number here)."""
+    if isinstance(value, str) and value == "auto":
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value >= 0):
+        raise ValueError(f"ssb.min_reward_std must be 'auto' or a finite number >= 0 (0: only exactly flat groups "
+                         f"are ineffective), got {value!r}")
 
 
 def _check_grpo(g: "GRPOConfig", seq_length: Optional[int]) -> None:
@@ -224,6 +241,14 @@ def _check_mpo(m: "MPOConfig", seq_length: Optional[int]) -> None:
     _above("mpo.beta", m.beta, 0.0)
     for name in ("preference_weight", "quality_weight", "generation_weight"):
         _at_least(f"mpo.{name}", getattr(m, name), 0.0)
+    from megatron_r1v.losses.mpo import BCO_DELTAS, NLL_NORMALIZATIONS
+
+    # A config built in code skips the YAML loader's Literal check.
+    if m.bco_delta not in BCO_DELTAS:
+        raise ValueError(f"mpo.bco_delta must be one of {', '.join(BCO_DELTAS)}, got {m.bco_delta!r}")
+    if m.nll_normalization not in NLL_NORMALIZATIONS:
+        raise ValueError(f"mpo.nll_normalization must be one of {', '.join(NLL_NORMALIZATIONS)}, "
+                         f"got {m.nll_normalization!r}")
     _at_least("mpo.micro_batch_tokens", m.micro_batch_tokens, 2)
     if seq_length is None:
         return

@@ -1,7 +1,8 @@
-"""Write a tiny random R1V2-architecture checkpoint in the released (skywork) HF layout.
+"""Write a tiny random R1V2-architecture checkpoint in the released (skywork) HF layout,
+or a tiny random image-aware reward model.
 
     python tools/make_tiny_checkpoint.py --out DIR [--preset tiny-r1v-chat] [--seed 0] \
-        [--tokenizer TOKENIZER_DIR] [--force]
+        [--tokenizer TOKENIZER_DIR] [--force] [--reward-model {skywork-vl,r1v}]
 
 The folder looks like a released Skywork-R1V2 checkpoint, only tiny: InternVL-chat
 tensor names (``vision_model.``, ``mlp1.``, ``language_model.``) in safetensors with an
@@ -18,6 +19,20 @@ with the preset's vocabulary size on a synthetic corpus (``data.synthetic``, see
 ``<IMG_CONTEXT>`` (639 for the trained 640-token BPE), never the preset's; the tokenizer
 must fit the preset's vocabulary. The output appears complete or not at all. Prints a
 JSON summary.
+
+``--reward-model`` writes a reward model for ``tools/serve_reward_model.py`` instead
+(``megatron_r1v/rewards/``), both with ``value_head.safetensors`` holding
+``v_head.summary.weight`` [1, hidden_size] and ``v_head.summary.bias`` [1] (random, from
+``--seed``; the names of Skywork-VL-Reward-7B's file, see ``rewards/value_head.py``):
+
+* ``r1v``: the checkpoint above (``--preset``, ``--tokenizer`` apply) plus the value head
+  over its decoder's hidden size (64 for tiny-r1v-chat);
+* ``skywork-vl``: a tiny Qwen2.5-VL in the Skywork-VL-Reward layout (``config.json``,
+  ``model.safetensors``, ``preprocessor_config.json``, a byte-level BPE tokenizer with
+  Qwen2.5-VL's special tokens and chat template; ``rewards/tiny.py``) plus the value head
+  (hidden size 32). ``--preset`` and ``--tokenizer`` do not apply.
+
+Both load in the server offline on CPU in about a second.
 """
 
 from __future__ import annotations
@@ -79,8 +94,10 @@ def random_skywork_tensors(arch: Any, seed: int) -> dict[str, Any]:
 
 
 def make_tiny_checkpoint(out: str | Path, preset: str = "tiny-r1v-chat", seed: int = 0,
-                         tokenizer_dir: str | Path | None = None, force: bool = False) -> dict:
-    """Writes the checkpoint (module docstring) to ``out``; returns the summary printed by the CLI."""
+                         tokenizer_dir: str | Path | None = None, force: bool = False,
+                         value_head: bool = False) -> dict:
+    """Writes the checkpoint (module docstring) to ``out``; returns the summary printed by the CLI.
+    ``value_head``: also a random ``value_head.safetensors`` (the ``r1v`` reward model)."""
     from megatron_r1v.atomic_dir import atomic_directory
     from megatron_r1v.checkpoint.hf_io import ShardedSafetensorsWriter
     from megatron_r1v.models.r1v.hf_config import skywork_config
@@ -104,11 +121,38 @@ def make_tiny_checkpoint(out: str | Path, preset: str = "tiny-r1v-chat", seed: i
         files = writer.finish()
         config = {**skywork_config(arch), "torch_dtype": "float32"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"out": str(out), "preset": preset, "seed": seed, "layout": "skywork", "dtype": "float32",
-            "num_tensors": len(tensors), "num_parameters": sum(t.numel() for t in tensors.values()),
-            "image_token_id": arch.image_token_id, "vocab_size": arch.decoder.vocab_size,
-            "files": [f.name for f in files],
-            "tokenizer": str(tokenizer_dir) if tokenizer_dir else f"trained (synthetic corpus, seed {CORPUS_SEED})"}
+        head = _write_value_head(tmp, arch.decoder.hidden_size, seed) if value_head else None
+    summary = {"out": str(out), "preset": preset, "seed": seed, "layout": "skywork", "dtype": "float32",
+               "num_tensors": len(tensors), "num_parameters": sum(t.numel() for t in tensors.values()),
+               "image_token_id": arch.image_token_id, "vocab_size": arch.decoder.vocab_size,
+               "files": [f.name for f in files],
+               "tokenizer": str(tokenizer_dir) if tokenizer_dir else f"trained (synthetic corpus, seed {CORPUS_SEED})"}
+    return {**summary, "reward_model": "r1v", "value_head": head} if head else summary
+
+
+def _write_value_head(folder: Path, hidden_size: int, seed: int) -> dict:
+    from megatron_r1v.rewards.value_head import describe_value_head, random_value_head, save_value_head
+
+    save_value_head(folder, *random_value_head(hidden_size, seed))
+    return describe_value_head(hidden_size)
+
+
+def make_tiny_reward_model(out: str | Path, kind: str, preset: str = "tiny-r1v-chat", seed: int = 0,
+                           tokenizer_dir: str | Path | None = None, force: bool = False) -> dict:
+    """A tiny random reward model of ``kind`` (``skywork-vl`` or ``r1v``, module docstring) in ``out``."""
+    from megatron_r1v.atomic_dir import atomic_directory
+    from megatron_r1v.rewards.tiny import write_tiny_skywork_vl
+
+    if kind == "r1v":
+        return make_tiny_checkpoint(out, preset, seed, tokenizer_dir, force, value_head=True)
+    if kind != "skywork-vl":
+        raise ValueError(f"--reward-model {kind!r} is not one of skywork-vl, r1v")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"output {out} exists; pass --force to replace it")
+    with atomic_directory(out) as tmp:
+        summary = write_tiny_skywork_vl(tmp, seed)
+    return {"out": str(out), "seed": seed, "reward_model": "skywork-vl", **summary}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,9 +163,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="copy this tokenizer folder instead of training one")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--reward-model", choices=["skywork-vl", "r1v"], default=None,
+                        help="write a tiny image-aware reward model of this kind instead (module docstring)")
     args = parser.parse_args(argv)
     try:
-        summary = make_tiny_checkpoint(args.out, args.preset, args.seed, args.tokenizer, args.force)
+        if args.reward_model is not None:
+            summary = make_tiny_reward_model(args.out, args.reward_model, args.preset, args.seed, args.tokenizer,
+                                             args.force)
+        else:
+            summary = make_tiny_checkpoint(args.out, args.preset, args.seed, args.tokenizer, args.force)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2

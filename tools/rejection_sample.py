@@ -54,17 +54,28 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from megatron_r1v.atomic_dir import atomic_file, check_writable, write_text_atomic
+from megatron_r1v.atomic_dir import write_text_atomic
 from megatron_r1v.data.schema import RESERVED_TEXT
-from megatron_r1v.data.tokenizer import THINK_START
+from megatron_r1v.rollout.sampling_runs import (
+    PromptSamples,
+    add_sampling_args,
+    check_sampling_arguments,
+    check_settings,
+    reply_text,
+    sample_batches,
+    sampling_settings,
+    start_run,
+    stderr,
+    trainable_reply,
+    user_error,
+)
 
-PROGRESS, RUN, SFT, SUMMARY, PLOT = "samples.jsonl", "run.json", "sft.jsonl", "summary.json", "lengths.png"
+SFT, SUMMARY, PLOT = "sft.jsonl", "summary.json", "lengths.png"
 ENGINES = ("hf",)
 # Why a response is rejected: the first of these that applies.
 REASONS = ("cut at max_new_tokens", "bad format", "wrong answer", "special token in text")
@@ -103,20 +114,11 @@ class Response:
 
 
 @dataclass(frozen=True)
-class PromptResult:
+class PromptResult(PromptSamples):
     """The responses of one prompt, in sample order (one line of ``samples.jsonl``)."""
 
-    id: str
-    answer_type: str
     responses: tuple[Response, ...]
-
-    def to_line(self) -> str:
-        return json.dumps({"id": self.id, "answer_type": self.answer_type,
-                           "responses": [asdict(r) for r in self.responses]}, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "PromptResult":
-        return cls(obj["id"], obj["answer_type"], tuple(Response(**r) for r in obj["responses"]))
+    response_type = Response
 
 
 def judge(record: Any, sample: Any, template: Any) -> Response:
@@ -124,8 +126,7 @@ def judge(record: Any, sample: Any, template: Any) -> Response:
     from megatron_r1v.evaluate import score_text
 
     score = score_text(record, sample.text, template.open_think)
-    end = template.format.reply_end
-    text = sample.text[:-len(end)] if sample.finished and sample.text.endswith(end) else sample.text
+    text = reply_text(sample, template)
     special = any(token in text for token in template.reserved_text)
     return Response(text, len(sample.response_ids), bool(sample.finished), score.correct, score.format_ok, special)
 
@@ -145,8 +146,7 @@ def select(responses: Sequence[Response], keep_shortest: Optional[int]) -> list[
 
 def sft_record(record: Any, response: Response, index: int, out_dir: Path, think_opened: bool = True) -> dict:
     """The ``sft`` record of one kept response (module docstring)."""
-    opened = think_opened and not response.text.startswith(THINK_START + "\n")
-    reply = f"{THINK_START}\n{response.text}" if opened else response.text
+    reply = trainable_reply(response.text, think_opened)
     return {"id": f"{record.id}#k{index}", "images": [os.path.relpath(p, out_dir) for p in record.images],
             "messages": [{"role": "user", "content": record.question}, {"role": "assistant", "content": reply}]}
 
@@ -191,141 +191,41 @@ def summarize(records: Sequence[Any], results: dict[str, PromptResult], kept: in
 
 def plot_lengths(records: Sequence[Any], results: dict[str, PromptResult], out: Path) -> None:
     """Histograms of accepted and rejected response lengths (tokens) on one axis, to ``out``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from megatron_r1v.plotting import plot_histograms
 
     responses = [r for record in records for r in results[record.id].responses]
     accepted = [r.tokens for r in responses if r.accepted]
     rejected = [r.tokens for r in responses if not r.accepted]
-    figure = Figure(figsize=(6.0, 3.6), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    low, high = min(r.tokens for r in responses), max(r.tokens for r in responses)
-    bins = [low + (high - low + 1) * i / 30 for i in range(31)]
-    for values, label in ((accepted, "accepted"), (rejected, "rejected")):
-        axes.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
-    axes.set_xlabel("response length (tokens)")
-    axes.set_ylabel("samples")
-    axes.set_title(f"rejection sampling: {len(accepted)} of {len(responses)} accepted", fontsize=10)
-    axes.legend(fontsize=8)
-    with atomic_file(out, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
-
-
-def read_progress(path: Path, warn: Callable[[str], None]) -> dict[str, PromptResult]:
-    """The results in ``samples.jsonl``. A cut last line (a crash while writing it) is dropped
-    from the file with a warning; any other bad line is a ValueError naming FILE:LINE."""
-    if not path.exists():
-        return {}
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):  # no newline after the last line: its write never finished
-        warn(f"warning: {path}: ignoring a cut last line ({len(raw) - end} bytes) left by an interrupted run; "
-             "its prompt is sampled again")
-        raw = raw[:end]
-        write_text_atomic(path, raw.decode("utf-8"))
-    results: dict[str, PromptResult] = {}
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            result = PromptResult.from_json(json.loads(line))
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: not a line this tool wrote ({err}); remove {path} to start over"
-                             ) from None
-        results[result.id] = result
-    return results
-
-
-def _settings(args: argparse.Namespace) -> dict:
-    """What decides the samples (``run.json``): a rerun must have the same."""
-    return {"model": os.path.abspath(args.model), "prompts": os.path.abspath(args.prompts),
-            "tokenizer": os.path.abspath(args.tokenizer) if args.tokenizer else None, "samples": args.samples,
-            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-            "seed": args.seed, "batch_size": args.batch_size, "max_tiles": args.max_tiles, "engine": args.engine,
-            "chat_template": args.chat_template}
-
-
-def _check_settings(out: Path, settings: dict) -> None:
-    run_file = out / RUN
-    if not run_file.exists():
-        if (out / PROGRESS).exists():
-            raise ValueError(f"{out / PROGRESS} exists without {run_file}: not a run of this tool; use another --out")
-        return
-    try:
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{run_file} is not valid JSON ({err}); use another --out") from None
-    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items() if before.get(key) != value]
-    if changed:
-        raise ValueError(f"--out {out} holds a run with other sampling settings ({'; '.join(changed)}); "
-                         "rerun with its settings to resume it, or use another --out")
+    plot_histograms({"accepted": accepted, "rejected": rejected}, out, xlabel="response length (tokens)",
+                    ylabel="samples", title=f"rejection sampling: {len(accepted)} of {len(responses)} accepted")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    from megatron_r1v.evaluate import check_generation_arguments
-
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    check_sampling_arguments(args, ENGINES, SFT)
     if args.keep_shortest is not None and not 1 <= args.keep_shortest <= args.samples:
         raise ValueError(f"--keep-shortest must be between 1 and --samples ({args.samples}), got {args.keep_shortest}")
-    if args.engine not in ENGINES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
-    check_generation_arguments(args.model, args.batch_size, None, args.temperature, args.max_new_tokens,
-                               args.tiler, args.tiler_threads, top_p=args.top_p)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a folder")
-    check_writable(Path(args.out) / SFT, "--out")
+
+
+def _accepted_so_far(done: list[PromptResult]) -> str:
+    accepted = sum(r.accepted for p in done for r in p.responses)
+    samples = sum(len(p.responses) for p in done)
+    return f"accepted {accepted}/{samples} ({accepted / samples:.3f})"
 
 
 def rejection_sample(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
     """Samples, judges and writes everything (module docstring); returns the summary."""
-    from megatron_r1v.config import DataConfig
-    from megatron_r1v.evaluate import build_requests, prepare_generation
-    from megatron_r1v.rollout.engine import SamplingParams
-
-    start = time.perf_counter()
     check_arguments(args)
     out = Path(args.out)
-    settings = _settings(args)
-    _check_settings(out, settings)
-    run = prepare_generation(args.model, args.prompts, args.tokenizer, args.max_tiles, args.max_new_tokens,
-                             args.seed, None, args.device, DataConfig(max_tiles=args.max_tiles, tiler=args.tiler,
-                                                                      tiler_threads=args.tiler_threads,
-                                                                      chat_template=args.chat_template))
-    progress(f"tiler: {run.tiler}")
-    ids = [r.id for r in run.records]
-    results = read_progress(out / PROGRESS, progress)
-    unknown = sorted(set(results) - set(ids))
-    if unknown:
-        progress(f"warning: {out / PROGRESS} holds {len(unknown)} prompt(s) not in {args.prompts} "
-                 f"(first: {unknown[0]}); they are left out of the outputs")
-    write_text_atomic(out / RUN, json.dumps(settings, indent=2) + "\n")
-    params = dict(n=args.samples, temperature=args.temperature, top_p=args.top_p,
-                  max_new_tokens=args.max_new_tokens, stop_token_ids=run.stop_ids)
-    bs = args.batch_size
-    num_batches = -(-len(ids) // bs)
-    if any(i in results for i in ids):
-        progress(f"resuming: {sum(i in results for i in ids)} of {len(ids)} prompts already sampled")
-    with open(out / PROGRESS, "a", encoding="utf-8") as progress_file:
-        for b in range(num_batches):
-            batch = run.records[b * bs:(b + 1) * bs]
-            if all(r.id in results for r in batch):
-                continue
-            # The whole batch, so each sample is the one an uninterrupted run draws.
-            groups = run.engine.generate(build_requests(run, batch), SamplingParams(seed=args.seed + b, **params))
-            for record, group in zip(batch, groups, strict=True):
-                if record.id not in results:
-                    results[record.id] = PromptResult(
-                        record.id, record.answer_type, tuple(judge(record, s, run.loader.template) for s in group))
-                    progress_file.write(results[record.id].to_line())
-            progress_file.flush()
-            os.fsync(progress_file.fileno())
-            done = [results[i] for i in ids if i in results]
-            accepted = sum(r.accepted for p in done for r in p.responses)
-            samples = sum(len(p.responses) for p in done)
-            progress(f"batch {b + 1}/{num_batches} | prompts {len(done)}/{len(ids)} | accepted {accepted}/{samples} "
-                     f"({accepted / samples:.3f}) | {time.perf_counter() - start:.1f}s")
+    settings = sampling_settings(args)
+    check_settings(out, settings)
+    run, results = start_run(args, settings, PromptResult, progress)
+    template = run.loader.template
+
+    def score(records: Sequence[Any], groups: Sequence[Sequence[Any]]) -> list[PromptResult]:
+        return [PromptResult(record.id, record.answer_type, tuple(judge(record, s, template) for s in group))
+                for record, group in zip(records, groups, strict=True)]
+
+    sample_batches(run, args, out, results, score, _accepted_so_far, progress)
     return write_outputs(run.records, results, args.keep_shortest, out, settings, run.think_opened)
 
 
@@ -347,43 +247,21 @@ def write_outputs(records: Sequence[Any], results: dict[str, PromptResult], keep
     return summary
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_r1v.data.chat_format import add_chat_template_arg
-    from megatron_r1v.data.tilers import add_tiler_args
-
     parser = argparse.ArgumentParser(prog="tools/rejection_sample.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="InternVL checkpoint folder (transformers or skywork layout)")
-    parser.add_argument("--prompts", required=True, help="prompts JSONL (data/schema.py, kind prompts)")
-    parser.add_argument("--out", required=True, help="output folder (resumed when it holds a run)")
-    parser.add_argument("--samples", type=int, default=8, help="responses per prompt (default 8)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="default 1.0; 0: greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_sampling_args(parser, ENGINES)
     parser.add_argument("--keep-shortest", type=int, default=None,
                         help="keep the K shortest accepted responses per prompt (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="batch b samples with seed + b")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    parser.add_argument("--max-tiles", type=int, default=12, help="most grid tiles per image (default 12)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    parser.add_argument("--device", default="cpu", help="torch device of the engine (default cpu)")
-    parser.add_argument("--engine", default="hf", help="rollout engine: hf (transformers; the only one here)")
-    add_tiler_args(parser)
-    add_chat_template_arg(parser)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, progress: Callable[[str], None] = _stderr) -> int:
+def main(argv: Optional[Sequence[str]] = None, progress: Callable[[str], None] = stderr) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = rejection_sample(args, progress)
     except (OSError, ValueError, KeyError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("prompt_ids_without_accepted", "settings")}),
           flush=True)
     return 0

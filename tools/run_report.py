@@ -25,7 +25,11 @@ from megatron_r1v.plotting import load_scalars, plot_runs
 STAGES = ("start", "after_mpo", "after_grpo")
 QUICKSTART_TAGS = ("mpo/loss", "mpo/reward_margin", "mpo/accuracy", "train/reward_mean", "train/accuracy",
                    "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size")
-ABLATION_TAGS = ("ssb/effective_ratio_batch", "ssb/effective_ratio_fresh", "train/accuracy", "train/reward_mean")
+ABLATION_TAGS = ("ssb/effective_ratio_batch", "ssb/effective_ratio_fresh", "train/accuracy", "train/reward_mean",
+                 "train/rm_reward")
+# Second-half means an ablation reports when its runs logged them (train/rm_reward: the calibrated
+# reward-model term of Eq. 7, 0 with the reward model off).
+ABLATION_OPTIONAL = {"train/rm_reward": "rm_reward_second_half", "train/format_reward": "format_reward_second_half"}
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -104,6 +108,7 @@ def ablation(runs_arg: list[str], out: Path) -> dict:
             "effective_ratio_batch_second_half": _mean(_second_half(scalars["ssb/effective_ratio_batch"])),
             "effective_ratio_fresh_second_half": _mean(_second_half(scalars["ssb/effective_ratio_fresh"])),
             "train_accuracy_second_half": _mean(_second_half(scalars["train/accuracy"])),
+            **{key: _mean(_second_half(scalars[tag])) for tag, key in ABLATION_OPTIONAL.items() if tag in scalars},
             "final": {tag: scalars[tag][1][-1] for tag in ABLATION_TAGS if tag in scalars},
         }
         eval_file = path / "eval.json"
@@ -112,14 +117,17 @@ def ablation(runs_arg: list[str], out: Path) -> dict:
         result[label] = entry
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_runs({label: scalars for label, (_, scalars) in runs.items()}, list(ABLATION_TAGS), out / "ablation.png",
-              title="GRPO with and without the Selective Sample Buffer")
+    plot_runs({label: scalars for label, (_, scalars) in runs.items()},
+              [tag for tag in ABLATION_TAGS if any(tag in scalars for _, scalars in runs.values())],
+              out / "ablation.png", title="GRPO with and without the Selective Sample Buffer")
     print()
-    print(f"{'run':<16}{'eff. ratio (2nd half)':>24}{'fresh ratio':>14}{'train acc.':>12}{'held-out acc.':>15}")
+    print(f"{'run':<16}{'eff. ratio (2nd half)':>24}{'fresh ratio':>14}{'train acc.':>12}{'rm reward':>12}"
+          f"{'held-out acc.':>15}")
     for label, e in result.items():
-        held = e.get("heldout_accuracy")
+        held, rm = e.get("heldout_accuracy"), e.get("rm_reward_second_half")
         print(f"{label:<16}{e['effective_ratio_batch_second_half']:>24.3f}{e['effective_ratio_fresh_second_half']:>14.3f}"
-              f"{e['train_accuracy_second_half']:>12.3f}{'-' if held is None else f'{held:.3f}':>15}")
+              f"{e['train_accuracy_second_half']:>12.3f}{'-' if rm is None else f'{rm:.4f}':>12}"
+              f"{'-' if held is None else f'{held:.3f}':>15}")
     print(f"wrote {out / 'ablation.json'}, {out / 'ablation.png'}")
     return result
 

@@ -100,9 +100,15 @@ def _tokenizer_name(tokenizer: Any) -> str:
 
 
 def _render(tokenizer: Any, template: str, messages: list[dict], generation: bool, source: str) -> str:
+    """``template`` rendered as ``tokenizer.apply_chat_template`` renders it: transformers'
+    own renderer with the tokenizer's special tokens (``bos_token``, ...) as variables; any
+    object with a ``special_tokens_map`` (or none) will do."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special = dict(getattr(tokenizer, "special_tokens_map", None) or {})
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation)
+        (text,), _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                           add_generation_prompt=generation, **special)
     except Exception as err:  # a Jinja error, or the template's own raise_exception
         raise ChatFormatError(f"{source} does not render a {[m['role'] for m in messages]} conversation: "
                               f"{type(err).__name__}: {err}") from None
@@ -123,11 +129,17 @@ def _split(text: str, words: tuple[str, ...], source: str) -> list[str]:
     return parts + [rest]
 
 
+def added_tokens(tokenizer: Any) -> set[str]:
+    """The tokenizer's added tokens (its whole vocabulary for a tokenizer-like object without
+    ``get_added_vocab``, e.g. a test double that knows only its special tokens)."""
+    getter = getattr(tokenizer, "get_added_vocab", None) or tokenizer.get_vocab
+    return set(getter())
+
+
 def _reply_end(tokenizer: Any, tail: str, source: str) -> str:
-    """The added token a reply's closing text starts with."""
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    token = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
-    if token is None or token not in tokenizer.get_added_vocab() or not tail.startswith(token):
+    """The added token a reply's closing text starts with (the longest, if several match)."""
+    token = max((t for t in added_tokens(tokenizer) if tail.startswith(t)), key=len, default=None)
+    if token is None:
         raise ChatFormatError(f"{source} closes a reply with {tail!r}, which does not start with an added token "
                               "(a stop token is needed to end generation)")
     return token

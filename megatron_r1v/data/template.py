@@ -50,7 +50,7 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
-from .chat_format import AUTO, ChatFormat, resolve_chat_format
+from .chat_format import AUTO, ChatFormat, added_tokens, resolve_chat_format
 from .schema import IMAGE_PLACEHOLDER, RESERVED_TEXT
 from .tokenizer import IMG_CONTEXT, IMG_END, IMG_START, THINK_END, THINK_START
 
@@ -115,7 +115,7 @@ class ChatTemplate:
         self.stop_token_id = int(vocab[self.format.reply_end])
         # The markers' added tokens may not appear in text either (the think tags may: replies hold them).
         markers = "".join(self.format.markers())
-        marker_tokens = [t for t in tokenizer.get_added_vocab() if t in markers and t not in (THINK_START, THINK_END)]
+        marker_tokens = [t for t in sorted(added_tokens(tokenizer)) if t in markers and t not in (THINK_START, THINK_END)]
         self.reserved_text = tuple(dict.fromkeys([*RESERVED_TEXT, *marker_tokens]))
 
     @property

@@ -8,6 +8,16 @@ with the unbiased (Bessel) standard deviation, as DeepSeekMath's GRPO implementa
 compute it; a group whose rewards are all equal has std 0 and gets A = 0 exactly (no
 learning signal: the "vanishing advantages" the Selective Sample Buffer works around).
 
+The division by std makes A scale-free: a group whose rewards differ by 1e-3 gets
+advantages as large as one whose rewards differ by 1. With a continuous reward-model
+term in Eq. 7 almost no group is exactly flat, so nearly-flat groups would turn the
+reward model's noise into full-size gradients. :func:`effective_groups` is therefore the
+one effective-group criterion: rewards not all equal and std >= ``min_std``
+(``ssb.min_reward_std``, resolved by ``ssb.policy.resolve_min_reward_std``); groups that
+fail it get A = 0, and everything downstream (the SSB's insert filter, its top-up, the
+``ssb/effective_ratio_*`` metrics) reads "effective" off non-zero advantages. With
+``min_std = 0`` only exactly flat groups fail it, bit for bit the plain Eq. 6.
+
 Eq. 8, the clipped objective averaged per sequence, then over the G sequences:
 
     J = 1/G sum_i 1/|o_i| sum_t [ min(r_it A_i, clip(r_it, 1 - e_low, 1 + e_high) A_i) - beta KL_it ]
@@ -50,17 +60,39 @@ class GRPOLossConfig:
             raise ValueError(f"normalization must be 'sequence' or 'token', got {self.normalization!r}")
 
 
-def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Eq. 6 for ``[n_prompts, G]`` rewards; fp32, zero for groups with equal rewards."""
+def _check_rewards(rewards_NG: torch.Tensor, min_std: float) -> torch.Tensor:
+    """``rewards_NG`` as fp32 (the precision Eq. 6 runs in), after checking shape and ``min_std``."""
     if rewards_NG.dim() != 2 or rewards_NG.shape[1] < 2:
         raise ValueError(f"rewards must be [n_prompts, G] with G >= 2, got {tuple(rewards_NG.shape)}")
-    rewards = rewards_NG.to(torch.float32)
+    if not (math.isfinite(min_std) and min_std >= 0):
+        raise ValueError(f"min_std (ssb.min_reward_std) must be a finite number >= 0, got {min_std}")
+    return rewards_NG.to(torch.float32)
+
+
+def _effective_N1(rewards: torch.Tensor, std_N1: torch.Tensor, min_std: float) -> torch.Tensor:
+    # An all-equal group can show a std of a few ulps from the mean's rounding: exact
+    # flatness is tested on the values themselves, not as std > 0.
+    flat_N1 = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    return ~flat_N1 & ~(std_N1 < min_std)
+
+
+def effective_groups(rewards_NG: torch.Tensor, min_std: float = 0.0) -> torch.Tensor:
+    """[n_prompts] bool: the groups with a learning signal under Eq. 6 (module docstring):
+    rewards not all equal, and their unbiased fp32 std at least ``min_std``."""
+    rewards = _check_rewards(rewards_NG, min_std)
+    return _effective_N1(rewards, rewards.std(dim=1, keepdim=True), min_std)[:, 0]
+
+
+def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-6, min_std: float = 0.0) -> torch.Tensor:
+    """Eq. 6 for ``[n_prompts, G]`` rewards; fp32, zero for the groups :func:`effective_groups`
+    rejects (equal rewards, or a std below ``min_std``), so nearly-flat groups put no
+    std-amplified noise into Eq. 8."""
+    rewards = _check_rewards(rewards_NG, min_std)
     mean_N1 = rewards.mean(dim=1, keepdim=True)
     std_N1 = rewards.std(dim=1, keepdim=True)
     centered = rewards - mean_N1
-    # An all-equal group can show a centered value of 1 ulp from the mean's rounding.
-    flat_N1 = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
-    return torch.where(flat_N1, torch.zeros_like(centered), centered / (std_N1 + eps))
+    keep_N1 = _effective_N1(rewards, std_N1, min_std)
+    return torch.where(keep_N1, centered / (std_N1 + eps), torch.zeros_like(centered))
 
 
 def token_weights(

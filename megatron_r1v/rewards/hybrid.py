@@ -25,8 +25,15 @@ configurable calibration c_t of the reward-model score s:
 With all weights 1 and ``"none"`` this is Eq. 7 exactly. ``RewardConfig``'s default
 ``model_weight`` is 0 (r_rule + r_format) because a reward model needs a server; the
 calibration defaults to ``"none"``. r_rule is :mod:`.rule`, r_format :mod:`.format`, s
-comes from any :class:`RewardScorer` (:mod:`.reward_model`). The total feeds the group
+comes from any :class:`RewardScorer` (:mod:`.protocol`; in practice the HTTP client of
+:mod:`.reward_model` and ``tools/serve_reward_model.py``). The total feeds the group
 advantage of Eq. 6.
+
+The reward model judges a :class:`RewardItem` per completion: the record's question (its
+``<image>`` placeholders included), the completion, and the record's images (absolute
+paths, ``PromptRecord.images``), so an image-aware model sees the image it judges. The
+policy's reply-closing marker at the end of a completion (``<|im_end|>`` when sampling
+stopped on it; ``reply_end``) is cut off first: the reward model renders its own turn end.
 """
 
 from __future__ import annotations
@@ -41,12 +48,13 @@ from megatron_r1v.data.schema import PromptRecord
 from megatron_r1v.validation import check_reward_config
 
 from .format import check_format, extract_answer
-from .reward_model import RewardModelClient, RewardScorer
+from .protocol import RewardItem, RewardScorer
+from .reward_model import RewardModelClient
 from .rule import DEFAULT_TIMEOUT_S, rule_reward
 
 CALIBRATIONS = ("none", "clip", "sigmoid", "step")
 
-RewardText = Callable[[PromptRecord, str], str]
+RewardItemFn = Callable[[PromptRecord, str], RewardItem]
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,10 @@ def calibrate(score: float, mode: str, threshold: float) -> float:
     raise ValueError(f"model_calibration: {mode!r} is not one of {', '.join(CALIBRATIONS)}")
 
 
-def default_reward_text(prompt: PromptRecord, completion: str) -> str:
-    """What the reward model judges: the question, a blank line, the whole completion."""
-    return f"{prompt.question}\n\n{completion}"
+def default_reward_item(prompt: PromptRecord, completion: str) -> RewardItem:
+    """What the reward model judges: the question, the completion and the record's images.
+    (A text-only model reads ``item.text``: the question, a blank line, the completion.)"""
+    return RewardItem(prompt.question, completion, tuple(str(path) for path in prompt.images))
 
 
 @dataclass
@@ -96,7 +105,8 @@ class HybridReward:
     ``think_opened_by_prompt`` must match the chat template
     (``data.template.TemplateConfig.open_think``): True when the generation prompt ends
     with ``<think>\\n`` so completions start inside the thought. ``scorer`` is needed
-    only when ``model_weight`` is not 0; it is called once per :meth:`score_batch`.
+    only when ``model_weight`` is not 0; it is called once per :meth:`score_batch`, with
+    one :class:`RewardItem` per completion (``reward_item``).
     """
 
     rule_weight: float = 1.0
@@ -106,7 +116,10 @@ class HybridReward:
     model_threshold: float = 0.0
     scorer: Optional[RewardScorer] = None
     think_opened_by_prompt: bool = True
-    reward_text: RewardText = default_reward_text
+    reward_item: RewardItemFn = default_reward_item
+    reply_end: Optional[str] = None
+    """The policy's reply-closing marker (``data.template.ChatTemplate.format.reply_end``);
+    one trailing occurrence is removed from what the reward model judges. None: nothing."""
     rule_timeout_s: Optional[int] = DEFAULT_TIMEOUT_S
     """math-verify's timeout (main thread only; see rule.py)."""
 
@@ -118,7 +131,8 @@ class HybridReward:
     @classmethod
     def from_config(cls, config: RewardConfig, *, think_opened_by_prompt: bool = True,
                     scorer: Optional[RewardScorer] = None, sleep: Callable[[float], None] = time.sleep,
-                    reward_text: RewardText = default_reward_text) -> "HybridReward":
+                    reward_item: RewardItemFn = default_reward_item,
+                    reply_end: Optional[str] = None) -> "HybridReward":
         """Builds the reward of a run; a RewardModelClient on ``reward_model_url`` unless ``scorer`` is given."""
         check_reward_config(config, has_scorer=scorer is not None)
         if scorer is None and config.model_weight != 0:
@@ -127,12 +141,18 @@ class HybridReward:
         return cls(
             rule_weight=config.rule_weight, format_weight=config.format_weight, model_weight=config.model_weight,
             model_calibration=config.model_calibration, model_threshold=config.model_threshold, scorer=scorer,
-            think_opened_by_prompt=think_opened_by_prompt, reward_text=reward_text,
+            think_opened_by_prompt=think_opened_by_prompt, reward_item=reward_item, reply_end=reply_end,
         )
 
     def combine(self, rule: float, fmt: float, model: float) -> float:
         """Eq. 7 with weights, from the (calibrated) terms."""
         return self.rule_weight * rule + self.model_weight * model + self.format_weight * fmt
+
+    def _judged(self, completion: str) -> str:
+        """The completion without the policy's trailing reply-closing marker."""
+        if self.reply_end and completion.endswith(self.reply_end):
+            return completion[:-len(self.reply_end)]
+        return completion
 
     def score_batch(self, prompts: Sequence[PromptRecord], completions: Sequence[str]) -> list[RewardBreakdown]:
         """One :class:`RewardBreakdown` per completion; ``prompts[i]`` is the prompt of ``completions[i]``.
@@ -144,10 +164,10 @@ class HybridReward:
         model_raw: list[Optional[float]] = [None] * len(completions)
         if self.model_weight != 0 and completions:
             assert self.scorer is not None
-            texts = [self.reward_text(p, c) for p, c in zip(prompts, completions)]
-            scores = self.scorer.score(texts)
-            if len(scores) != len(texts):
-                raise RuntimeError(f"reward model returned {len(scores)} scores for {len(texts)} texts")
+            items = [self.reward_item(p, self._judged(c)) for p, c in zip(prompts, completions)]
+            scores = self.scorer.score(items)
+            if len(scores) != len(items):
+                raise RuntimeError(f"reward model returned {len(scores)} scores for {len(items)} items")
             model_raw = list(scores)
         results = []
         for prompt, completion, raw in zip(prompts, completions, model_raw):

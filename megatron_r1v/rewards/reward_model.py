@@ -1,23 +1,31 @@
-"""Reward-model reward r_theta of the hybrid reward (R1V2 report, Eq. 7): HTTP client and in-process scorer.
+"""Reward-model reward r_theta of the hybrid reward (R1V2 report, Eq. 7): HTTP client and text scorer.
 
 The report scores responses with its Skywork-VL Reward model ("a preference reward
-signal r_theta, supplementing the rule-based reward r_rule"). Here any Hugging Face
-sequence-classification model plays that part, either in-process
-(:class:`HFRewardModel`) or behind ``tools/serve_reward_model.py`` and reached with
-:class:`RewardModelClient`. Both implement :class:`RewardScorer`.
+signal r_theta, supplementing the rule-based reward r_rule"), a vision-language model
+that sees the image it judges. A scorer (:class:`~.protocol.RewardScorer`) takes
+:class:`~.protocol.RewardItem` s (prompt, response, images) and returns one float each:
+:class:`RewardModelClient` sends them to ``tools/serve_reward_model.py``, which serves a
+Skywork-VL-Reward checkpoint (``skywork_vl.py``), an R1V checkpoint with a value head
+(``r1v_reward.py``) or a text-only sequence classifier (:class:`HFRewardModel`, which
+also runs in-process and reads ``prompt + "\\n\\n" + response``, never the images).
 
-HTTP protocol (JSON bodies, UTF-8):
+HTTP protocol (JSON bodies, UTF-8; :mod:`.protocol` has the item and image rules):
 
-    GET  /health -> 200 {"status": "ok", "model": str, "num_labels": int, "score_index": int,
-                         "max_texts": int}
-    POST /score  {"texts": [str, ...]} -> 200 {"scores": [float, ...]}   (same length and order)
+    GET  /health -> 200 {"status": "ok", "model": str, "kind": "skywork-vl" | "r1v" | "text",
+                         "images": bool, "num_labels": int, "score_index": int,
+                         "max_texts": int, "max_items": int, "max_images": int}
+    POST /score  {"items": [{"prompt": str, "response": str, "images": [str, ...]}, ...]}
+                 -> 200 {"scores": [float, ...]}   (same length and order)
+    POST /score  {"texts": [str, ...]} -> 200 {"scores": [...]}   (text-only models only)
     errors       -> 4xx / 5xx {"error": "message"}
 
-A 4xx means the request is wrong (malformed JSON, no ``texts``, a non-string item, a
-text that encodes to no tokens, more than ``max_texts`` texts): the client raises at once with the server's message, since
-repeating the request cannot help. Connection errors, timeouts and 5xx are retried.
-The texts are scored as given (the server adds no template); images are not sent, so a
-text-only reward model sees the question with its ``<image>`` placeholders.
+Images travel as absolute paths on a filesystem the server shares
+(``reward.model_image_transport: path``, the default) or as base64 data URLs of the
+files' bytes (``base64``, for a server on another machine). A 4xx means the request is
+wrong (malformed JSON, a missing or non-string field, a missing or undecodable image, too
+many items or images): the client raises at once with the server's message, which names
+the field, since repeating the request cannot help. Connection errors, timeouts and 5xx
+are retried.
 """
 
 from __future__ import annotations
@@ -31,19 +39,18 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 from urllib.parse import urlsplit
+
+from .protocol import IMAGE_TRANSPORTS, ImageTransport, RewardItem, RewardScorer, item_to_json
 
 if TYPE_CHECKING:
     from megatron_r1v.config import RewardConfig
 
+__all__ = ["HFRewardModel", "RewardItem", "RewardModelClient", "RewardScorer", "RewardServerError",
+           "save_random_reward_model"]
+
 _log = logging.getLogger(__name__)
-
-
-class RewardScorer(Protocol):
-    def score(self, texts: Sequence[str]) -> list[float]:
-        """One scalar reward per text, in order."""
-        ...
 
 
 class RewardServerError(RuntimeError):
@@ -77,7 +84,8 @@ def _error_message(body: bytes) -> str:
 
 @dataclass
 class RewardModelClient:
-    """Scores texts on a reward-model server, in batches, retrying within a time budget.
+    """Scores items (or, for a text-only server, texts) on a reward-model server, in
+    batches, retrying within a time budget.
 
     A request that fails with a connection error, a timeout or a 5xx is retried while
     the time spent on it stays within ``retry_s``; before retry k (k = 1, 2, ...) the
@@ -95,8 +103,11 @@ class RewardModelClient:
     """Time budget for retrying one request (0: no retries). See ``RewardConfig.model_retry_s``."""
     backoff_s: float = 1.0
     batch_size: int = 32
-    """Texts per request; longer lists are split, so the server's memory stays bounded."""
+    """Items per request; longer lists are split, so the server's memory stays bounded."""
     max_backoff_s: float = 30.0
+    image_transport: ImageTransport = "path"
+    """How images travel: ``path`` (absolute paths on a shared filesystem) or ``base64``
+    (the files' bytes; the client reads them). See ``RewardConfig.model_image_transport``."""
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     """Injected so tests (and callers with their own clock) need not wait for real; the
     budget counts the seconds asked of it, so a fake sleep still ends the retries."""
@@ -112,22 +123,36 @@ class RewardModelClient:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
                 raise ValueError(f"RewardModelClient.{name} must be a finite number >= {minimum}, got {value!r}")
+        if self.image_transport not in IMAGE_TRANSPORTS:
+            raise ValueError(f"RewardModelClient.image_transport {self.image_transport!r} is not one of "
+                             f"{', '.join(IMAGE_TRANSPORTS)}")
 
     @classmethod
     def from_config(cls, config: "RewardConfig", sleep: Callable[[float], None] = time.sleep) -> "RewardModelClient":
         """The client a run's ``reward.*`` settings describe (``reward_model_url`` must be set)."""
         return cls(config.reward_model_url, timeout_s=config.model_timeout_s, retry_s=config.model_retry_s,
-                   backoff_s=config.model_backoff_s, batch_size=config.model_batch_size, sleep=sleep)
+                   backoff_s=config.model_backoff_s, batch_size=config.model_batch_size,
+                   image_transport=config.model_image_transport, sleep=sleep)
 
-    def score(self, texts: Sequence[str]) -> list[float]:
-        """One score per text; raises RewardServerError when the server cannot answer."""
+    def score(self, items: Sequence[RewardItem]) -> list[float]:
+        """One score per item; raises RewardServerError when the server cannot answer. Every
+        item is encoded before the first request, so a bad one (TypeError, or
+        FileNotFoundError for an unreadable image sent as base64) sends nothing."""
+        payload = [item_to_json(item, i, self.image_transport) for i, item in enumerate(items)]
+        return self._score_in_batches("items", payload)
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """The old text-only form (``{"texts": [...]}``), which only a text-only server takes."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        return self._score_in_batches("texts", list(texts))
+
+    def _score_in_batches(self, form: str, entries: list) -> list[float]:
         scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start:start + self.batch_size])
-            reply = self._request("POST", "/score", {"texts": batch})
+        for start in range(0, len(entries), self.batch_size):
+            batch = entries[start:start + self.batch_size]
+            reply = self._request("POST", "/score", {form: batch})
             scores += self._check_scores(reply, len(batch))
         return scores
 
@@ -203,7 +228,8 @@ class RewardModelClient:
 class HFRewardModel:
     """A Hugging Face ``AutoModelForSequenceClassification`` scoring texts in-process.
 
-    The score of a text is the logit at ``score_index`` (0 for the usual one-label reward
+    A text-only model: an item is read as ``item.text`` (prompt, blank line, response) and
+    its images are never opened. The score of a text is the logit at ``score_index`` (0 for the usual one-label reward
     model). Batches are padded on the right: decoder classifiers (Qwen2...) read the last
     non-pad token, and with right padding every real token keeps the position it has in
     the text alone, also in models with absolute position embeddings, so a text scores
@@ -211,6 +237,9 @@ class HFRewardModel:
     beginning, not their end, because the end holds the answer being judged.
     torch and transformers are imported here, not at module import.
     """
+
+    kind = "text"
+    sees_images = False
 
     def __init__(self, model_dir: Union[str, Path], device: str = "cpu", batch_size: int = 8,
                  score_index: int = 0, max_length: Optional[int] = None, dtype: str = "fp32"):
@@ -244,7 +273,11 @@ class HFRewardModel:
                               self.tokenizer.model_max_length) if isinstance(n, int) and 0 < n < 10**9]
         self.max_length = min(limits) if limits else None
 
-    def score(self, texts: Sequence[str]) -> list[float]:
+    def score(self, items: Sequence[RewardItem]) -> list[float]:
+        """One score per item, from its text alone."""
+        return self.score_texts([item.text for item in items])
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
         torch = self._torch
         scores: list[float] = []
         with torch.inference_mode():

@@ -10,8 +10,14 @@ advantage. This module is the store; :mod:`.policy` decides how many to reintrod
 
 Definitions used here (the report leaves them open):
 
-- A group's priority is the mean over its G responses of |A_i|; only groups with
-  priority > 0 are stored.
+- A group's priority is the mean over its G responses of |A_i|; only effective groups,
+  those with priority > 0 (:func:`group_is_effective`), are stored. The effective-group
+  criterion itself (rewards not all equal, std >= ``ssb.min_reward_std``) is applied
+  once, where the advantages are computed (``losses.grpo.group_advantages``), which
+  zeroes the advantages of every group that fails it; so the insert filter here, the
+  top-up and the ``ssb/effective_ratio_*`` metrics (:mod:`.policy`) all use that one
+  criterion. :meth:`SelectiveSampleBuffer.drop_ineffective` re-applies it to stored
+  groups (a run resumed under a stricter ``ssb.min_reward_std``).
 - A draw of k groups is weighted sampling without replacement (draw one group with
   probability priority / remaining total, remove it, repeat).
 - Groups older than ``max_age`` steps are dropped; past ``capacity`` groups per rank,
@@ -47,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1v.config import SSBConfig
+from megatron_r1v.losses.grpo import effective_groups
 from megatron_r1v.platform import collective_device
 from megatron_r1v.validation import check_ssb_config
 
@@ -59,6 +66,12 @@ def group_priority(advantages: Sequence[float] | np.ndarray) -> float:
     """mean_i |A_i| of one group, in float64 (the SSB's sampling weight)."""
     adv = np.asarray(advantages, dtype=np.float32)
     return float(np.abs(adv.astype(np.float64)).mean()) if adv.size else 0.0
+
+
+def group_is_effective(advantages: Sequence[float] | np.ndarray) -> bool:
+    """Whether a group carries a learning signal: some A_i != 0. Advantages computed with
+    the effective-group criterion are all zero exactly for the groups that fail it."""
+    return group_priority(advantages) > 0.0
 
 
 @dataclass(eq=False)
@@ -205,7 +218,8 @@ def exponential_keys(seed: int, counter: int, uids: np.ndarray, weights: np.ndar
 class InsertStats:
     inserted: int
     zero_advantage: int
-    """Groups not stored because all their advantages are 0."""
+    """Ineffective groups not stored: all their advantages are 0 (flat rewards, or a reward
+    std below ``ssb.min_reward_std``)."""
     duplicates: int
     """Groups not stored because the buffer already holds them (same uid)."""
     evicted: int
@@ -298,10 +312,10 @@ class SelectiveSampleBuffer:
         return float(sum(g.priority for g in self._groups.values()))
 
     def insert(self, groups: Iterable[SSBGroup]) -> InsertStats:
-        """Stores the groups with priority > 0, then evicts down to the capacity."""
+        """Stores the effective groups (priority > 0), then evicts down to the capacity."""
         stats = InsertStats(0, 0, 0, 0)
         for grp in groups:
-            if not grp.priority > 0.0:
+            if not group_is_effective(grp.advantages):
                 stats.zero_advantage += 1
             elif grp.uid in self._groups:
                 stats.duplicates += 1
@@ -325,6 +339,22 @@ class SelectiveSampleBuffer:
     def _remove(self, uid: int) -> None:
         del self._groups[uid]
         del self._times_drawn[uid]
+
+    def drop_ineffective(self, min_reward_std: float) -> int:
+        """Drops stored groups whose total rewards fail the effective-group criterion at
+        ``min_reward_std`` (``losses.grpo.effective_groups``); returns how many.
+
+        Groups were admitted under the criterion in force when they were inserted. After a
+        resume with a larger ``ssb.min_reward_std`` this removes those that no longer pass,
+        which would otherwise be drawn with their std-amplified advantages; under the same
+        criterion it removes nothing. Groups without a ``total`` reward are kept.
+        """
+        stale = [u for u, g in self._groups.items()
+                 if "total" in g.rewards and g.n_samples >= 2
+                 and not bool(effective_groups(torch.from_numpy(g.rewards["total"][None]), min_reward_std)[0])]
+        for uid in stale:
+            self._remove(uid)
+        return len(stale)
 
     def age_out(self, step: int) -> int:
         """Drops groups with ``step - group.step > max_age``; returns how many."""

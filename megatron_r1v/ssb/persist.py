@@ -6,7 +6,8 @@ must draw the same groups as an uninterrupted one, so it is saved with every che
 Layout (zarr format 2 on disk, which zarr 2.x and 3.x both read and write)::
 
     <path>/                .zattrs: format, format_version, dp_size, seed, draw_counter,
-                           step, config (the SSBConfig it was saved with)
+                           step, config (the SSBConfig it was saved with); origin (a
+                           StoreOrigin) in stores written by the offline prompt-pool filter
       rank_00000/          one zarr group per DP rank; .zattrs: complete, n_groups,
                            prompt_ids, image_paths, reward_keys
         uid, step, times_drawn, n_samples   int64 [N]      per group
@@ -30,6 +31,11 @@ Loading checks each group against its stored ``uid`` and ``checksum`` and names 
 group and prompt of the first that does not match (a damaged or missing chunk). Version-1
 stores, written before the checksum existed, load with the uid check only.
 
+An initial store (``ssb.initial_store``, written by ``python -m megatron_r1v.ssb.prompt_pool
+--ssb-store``) is read by :func:`load_initial`: its ``origin`` says what the groups were
+generated with (tokenizer, chat template, group size, temperature, ...), and a run that
+differs is refused, naming the store and the field; its groups must have step 0.
+
 Loading onto a different number of DP ranks re-shards while reading as few shards as
 possible: with fewer ranks, saved shard s goes whole to rank s % dp_size (2 -> 1: rank 0
 takes everything); with more, the ranks r = s (mod saved size) split shard s round-robin
@@ -40,6 +46,8 @@ do not depend on where groups live (see :mod:`.buffer`), so the next draw is unc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -68,6 +76,50 @@ class StoreMetadata:
     draw_counter: int
     step: int
     config: dict[str, Any]
+    format_version: int = FORMAT_VERSION
+    origin: Optional[dict[str, Any]] = None
+    """A :class:`StoreOrigin` as a dict in stores written by the prompt-pool filter, else None."""
+
+
+@dataclass(frozen=True)
+class StoreOrigin:
+    """What an initial store's groups were generated with: a run starting from the store must
+    match every field, or its prompts' tokens, group sizes and old log-probs would not be the
+    ones it would have produced itself (a mismatch would train on wrong tokens or ratios)."""
+
+    tokenizer: str
+    """:func:`tokenizer_fingerprint` of the tokenizer (token ids mean the same tokens)."""
+    vocab_size: int
+    chat_template: str
+    """``ChatFormat.source``: the prompt's and the reply's markers."""
+    tokens_per_tile: int
+    """Image tokens per tile (the model's): part of the prompt tokens."""
+    max_tiles: int
+    """``data.max_tiles``: how many tiles, so image tokens, a prompt's images get."""
+    n_samples: int
+    """Responses per group (``rollout.n_samples``: GRPO's G)."""
+    temperature: float
+    """``rollout.temperature``: the stored old log-probs are log softmax(logits / temperature)."""
+
+    @classmethod
+    def of(cls, template: Any, max_tiles: int, n_samples: int, temperature: float) -> "StoreOrigin":
+        """The origin of groups prompted with ``template`` (a ``data.template.ChatTemplate``)."""
+        tokenizer = template.tokenizer
+        return cls(tokenizer_fingerprint(tokenizer), len(tokenizer), template.format.source,
+                   int(template.config.tokens_per_tile), int(max_tiles), int(n_samples), float(temperature))
+
+
+ORIGIN_KEYS = {"tokenizer": "data.tokenizer", "vocab_size": "data.tokenizer", "chat_template": "data.chat_template",
+               "tokens_per_tile": "the model's tokens per tile", "max_tiles": "data.max_tiles",
+               "n_samples": "rollout.n_samples", "temperature": "rollout.temperature"}
+"""The run setting behind each ``StoreOrigin`` field (named in a mismatch error)."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """blake2b of the tokenizer's token -> id map (added tokens included): equal exactly when
+    every id means the same token, whatever folder the tokenizer was loaded from."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.blake2b(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), digest_size=16).hexdigest()
 
 
 def shard_name(rank: int) -> str:
@@ -96,8 +148,9 @@ def _metadata_file(path: Path) -> Path:
 
 
 def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
-         group: Optional[dist.ProcessGroup] = None) -> None:
-    """Writes every DP rank's buffer to the store ``path`` (collective over ``group``)."""
+         group: Optional[dist.ProcessGroup] = None, origin: Optional[StoreOrigin] = None) -> None:
+    """Writes every DP rank's buffer to the store ``path`` (collective over ``group``);
+    ``origin``: what its groups were generated with (an initial store's, :func:`load_initial`)."""
     path = Path(path)
     rank, world = group_rank_size(group)
     partial = partial_path(path)
@@ -108,6 +161,8 @@ def save(buffer: SelectiveSampleBuffer, path: str | Path, step: int,
             "format": FORMAT, "format_version": FORMAT_VERSION, "dp_size": world, "seed": buffer.seed,
             "draw_counter": buffer.draw_counter, "step": int(step), "config": dataclasses.asdict(buffer.config),
         })
+        if origin is not None:
+            root.attrs["origin"] = dataclasses.asdict(origin)
     _barrier(group)
     failure = None
     try:
@@ -196,7 +251,8 @@ def read_metadata(path: str | Path) -> StoreMetadata:
                          f"this code reads versions {READABLE_VERSIONS}")
     return StoreMetadata(dp_size=int(attrs["dp_size"]), seed=int(attrs["seed"]),
                          draw_counter=int(attrs["draw_counter"]), step=int(attrs["step"]),
-                         config=dict(attrs["config"]))
+                         config=dict(attrs["config"]), format_version=int(attrs["format_version"]),
+                         origin=dict(attrs["origin"]) if attrs.get("origin") is not None else None)
 
 
 def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
@@ -225,6 +281,38 @@ def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
         buffer.restore(groups[part::parts])
     buffer.evict_to(config.capacity)
     return buffer
+
+
+def load_initial(path: str | Path, dp_rank: int, dp_size: int, config: SSBConfig,
+                 expected: StoreOrigin) -> list[SSBGroup]:
+    """This DP rank's groups of the initial store ``path`` (``ssb.initial_store``), split as
+    :func:`load` splits a store over more ranks and capped at ``config.capacity``.
+
+    ValueError naming the store and the field when the store does not fit the run: no
+    ``origin`` (not written by the prompt-pool filter, e.g. a checkpoint's buffer), a
+    format version before per-group checksums, an origin field other than ``expected``'s,
+    a group of another size or not of step 0. Damage is caught by :func:`load`'s checks.
+    """
+    path = Path(path)
+    where = f"ssb.initial_store {path}"
+    meta = read_metadata(path)
+    if meta.format_version < 2:
+        raise ValueError(f"{where}: field format_version is {meta.format_version}, too old for an initial store "
+                         "(needs >= 2, with per-group checksums); write it again with the prompt-pool filter")
+    if meta.origin is None:
+        raise ValueError(f"{where}: field origin is missing: not written by `python -m megatron_r1v.ssb.prompt_pool "
+                         "--ssb-store` (a checkpoint's buffer is training state: resume from its checkpoint)")
+    for name, want in dataclasses.asdict(expected).items():
+        if meta.origin.get(name) != want:
+            raise ValueError(f"{where}: field origin.{name} is {meta.origin.get(name)!r}, this run has {want!r} "
+                             f"({ORIGIN_KEYS[name]})")
+    groups = load(path, dp_rank, dp_size, config).groups
+    for grp in groups:
+        if grp.step != 0 or grp.n_samples != expected.n_samples:
+            field, value = ("step", grp.step) if grp.step != 0 else ("n_samples", grp.n_samples)
+            raise ValueError(f"{where}: group of prompt {grp.prompt_id!r}: field {field} is {value}, an initial "
+                             f"store's groups have step 0 and n_samples {expected.n_samples}")
+    return groups
 
 
 def _read_shard(shard: Path) -> list[tuple[SSBGroup, int]]:

@@ -121,8 +121,10 @@ def build_grpo_trainer(cfg: RunConfig):
                       bucket_bytes=cfg.rollout.weight_bucket_mb << 20)
     engine = build_rollout_engine(cfg, c, ctx) if sync.is_owner else None
     sync.sync(engine, full=True)  # the engine starts from the trainer's weights
-    # The format reward expects the thought opened by the prompt exactly when the template opens it.
-    reward = HybridReward.from_config(cfg.reward, think_opened_by_prompt=c.template.open_think)
+    # The format reward expects the thought opened by the prompt exactly when the template opens it;
+    # the reward model judges a reply without the policy's closing token (it renders its own).
+    reward = HybridReward.from_config(cfg.reward, think_opened_by_prompt=c.template.open_think,
+                                      reply_end=c.template.format.reply_end)
     trainer = GRPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, reward, SelectiveSampleBuffer(cfg.ssb),
                           sync, engine, stop_token_ids=(c.template.stop_token_id,))
     return trainer, ctx

@@ -1,8 +1,9 @@
 """The GRPO stage of R1V2 (report section 3.3): one optimizer step per :meth:`GRPOTrainer.step`.
 
     prompts (data.loader) -> rollout on each replica's engine -> hybrid reward (Eq. 7)
-    -> advantages (Eq. 6) -> SSB top-up -> pack -> old log-probs (+ entropy) and, with
-    kl_beta, reference log-probs -> Eq. 8 forward/backward through Megatron's schedules
+    -> advantages (Eq. 6; zero for groups under ssb.min_reward_std) -> SSB top-up -> pack
+    -> old log-probs (+ entropy) and, with kl_beta, reference log-probs -> Eq. 8
+    forward/backward through Megatron's schedules
     -> optimizer step -> weight sync into the engine -> fresh groups into the SSB
 
 Each data-parallel replica rolls out its own share of the prompts on the engine held by
@@ -41,7 +42,7 @@ from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rewards.hybrid import HybridReward
 from megatron_r1v.rollout.engine import RolloutEngine, RolloutRequest, SamplingParams
 from megatron_r1v.rollout.weight_sync import WeightSync
-from megatron_r1v.ssb import SelectiveSampleBuffer, plan_batch
+from megatron_r1v.ssb import SelectiveSampleBuffer, StoreOrigin, load_initial, plan_batch, resolve_min_reward_std
 from megatron_r1v.ssb import load as load_ssb
 from megatron_r1v.ssb import save as save_ssb
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
@@ -120,10 +121,48 @@ class GRPOTrainer:
         g = self.cfg.grpo
         self.loss_cfg = GRPOLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, kl_beta=g.kl_beta,
                                        temperature=self.cfg.rollout.temperature, normalization=g.normalization)
+        # The effective-group criterion, resolved once (ssb.policy.resolve_min_reward_std): the
+        # threshold every step's Eq. 6 applies, so the SSB and its metrics see one criterion.
+        self.min_reward_std = resolve_min_reward_std(self.cfg.ssb, self.cfg.reward, self.cfg.rollout.n_samples)
+        if self.ctx.rank == 0:
+            print(f"SSB effective groups: reward std >= {self.min_reward_std:.6g} "
+                  f"(ssb.min_reward_std={self.cfg.ssb.min_reward_std})", flush=True)
+        self._load_initial_store()
         if g.kl_beta and not self.initial_trainable:
             # The reference policy: the trainable parameters as they start (module docstring).
             self.initial_trainable = {n: p.detach().clone() for n, p in self.stage.model.named_parameters()
                                       if p.requires_grad}
+
+    def _load_initial_store(self) -> None:
+        """Fills the buffer from ``ssb.initial_store`` (``SSBConfig.initial_store``): this DP rank's
+        share of the store's groups (``ssb.persist.load_initial`` refuses a store that does not
+        fit the run), admitted by the checks every buffered group passes: ``insert`` (effective,
+        no duplicate, capacity), then this run's ``ssb.min_reward_std``. The groups are of step 0,
+        so ``plan_batch``'s age-out treats them as the initial policy's rollouts. A resume
+        replaces the whole buffer with the checkpoint's (:meth:`load_files`)."""
+        path = self.cfg.ssb.initial_store
+        if path is None:
+            return
+        r = self.cfg.rollout
+        origin = StoreOrigin.of(self.loader.template, self.cfg.data.max_tiles, r.n_samples, r.temperature)
+        groups = load_initial(path, self.ctx.dp_rank, self.ctx.dp, self.buffer.config, origin)
+        for grp in groups:  # a drawn group is prepared again from its record (grpo_batch.train_samples)
+            try:
+                self.loader.record(grp.prompt_id)
+            except KeyError as err:
+                raise ValueError(f"ssb.initial_store {path}: field prompt_id: {err.args[0]} "
+                                 "(data.train_path)") from None
+        inserted = self.buffer.insert(groups)
+        below = self.buffer.drop_ineffective(self.min_reward_std)
+        counts = torch.tensor([len(self.buffer), len(groups) - len(self.buffer)], dtype=torch.int64,
+                              device=self.ctx.device)
+        if self.ctx.dp > 1:  # each DP rank holds its own share
+            dist.all_reduce(counts, group=self.ctx.dp_group)
+        if self.ctx.rank == 0:
+            print(f"SSB: loaded {int(counts[0])} groups from ssb.initial_store {path} over {self.ctx.dp} DP rank(s) "
+                  f"({int(counts[1])} not admitted; DP rank 0: {inserted.zero_advantage} ineffective, {below} below "
+                  f"ssb.min_reward_std={self.min_reward_std:.6g}, {inserted.duplicates} duplicates, "
+                  f"{inserted.evicted} over capacity); they count as step 0's", flush=True)
 
     # -- the step --------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -201,7 +240,7 @@ class GRPOTrainer:
     def _assemble(self, items: list[PromptItem], groups: list[ScoredGroup], step: int) -> StepBatch:
         """Advantages (Eq. 6), the SSB plan (collective over DP), the samples and packed rows
         with their Eq. 8 normalization weights (which count the whole step over DP)."""
-        advantages = [group.advantages() for group in groups]
+        advantages = [group.advantages(self.min_reward_std) for group in groups]
         plan = plan_batch(self.buffer, advantages, step, self.ctx.dp_group)
         samples = train_samples(items, groups, advantages, plan, self.loader)
         lengths = [s.target_count() for s in samples]
@@ -321,5 +360,13 @@ class GRPOTrainer:
 
     def load_files(self, directory: Path) -> None:
         self.buffer = load_ssb(directory / "ssb", self.ctx.dp_rank, self.ctx.dp, self.buffer.config)
+        if self.cfg.ssb.initial_store and self.ctx.rank == 0:
+            print("SSB: resumed: the checkpoint's buffer replaces the groups of ssb.initial_store", flush=True)
+        # Stored groups passed the criterion of the run that saved them; a resume under a
+        # larger ssb.min_reward_std drops those that no longer do (none under the same one).
+        dropped = self.buffer.drop_ineffective(self.min_reward_std)
+        if dropped:
+            print(f"SSB: DP rank {self.ctx.dp_rank} dropped {dropped} buffered groups below "
+                  f"ssb.min_reward_std={self.min_reward_std:.6g}", flush=True)
         # The engine restarts from the restored weights: a full sync, not trainable-only.
         self.sync.sync(self.engine, full=True)

@@ -40,9 +40,12 @@ class ScoredGroup:
     rewards: dict[str, np.ndarray]
     """``REWARD_TERMS`` -> [G] float64."""
 
-    def advantages(self) -> np.ndarray:
-        """Eq. 6 over the group's total rewards ([G] float64; zeros for a flat group)."""
-        return group_advantages(torch.tensor(self.rewards["total"][None], dtype=torch.float64))[0].numpy()
+    def advantages(self, min_reward_std: float = 0.0) -> np.ndarray:
+        """Eq. 6 over the group's total rewards ([G] float32): zeros for a group that is flat
+        or whose reward std is below ``min_reward_std`` (the resolved ``ssb.min_reward_std``;
+        0 keeps only the exact-flatness rule)."""
+        totals = torch.tensor(self.rewards["total"][None], dtype=torch.float64)
+        return group_advantages(totals, min_std=min_reward_std)[0].numpy()
 
 
 @dataclass

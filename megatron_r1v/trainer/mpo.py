@@ -2,8 +2,14 @@
 
     preference pairs (data.pairs: ready-made, or built from scored responses by reward
     margin) -> tiles + chat template (data.loader.PairLoader) -> pack whole pairs ->
-    Eq. 2-5 forward/backward through Megatron's schedules (trainer.mpo_step) -> optimizer
-    step -> fold the step's implicit rewards into BCO's running mean (delta)
+    BCO's delta (mpo.bco_delta; trl_running_mean: a forward-only pass for this step's
+    rewards first) -> Eq. 2-5 forward/backward through Megatron's schedules
+    (trainer.mpo_step) -> optimizer step -> fold the step's implicit rewards into the
+    running mean
+
+The running mean holds every implicit reward of the completed steps whatever
+``mpo.bco_delta`` is (the modes differ only in the delta they read from it), so a run
+may resume under another mode.
 
 The reference log-probs come from :mod:`trainer.reference_cache`, computed once with
 the initial policy before the first step. Checkpoints (``trainer/checkpoint.py``) keep
@@ -22,10 +28,10 @@ import torch
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
 from megatron_r1v.data.packing import pack_pairs
-from megatron_r1v.losses.mpo import MPOLossConfig, RewardMean
+from megatron_r1v.losses.mpo import MPOLossConfig, RewardMean, bco_delta
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
-from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward
+from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward, step_reward_sums
 from megatron_r1v.trainer.reference_cache import ReferenceLogprobs
 from megatron_r1v.trainer.schedule import optimizer_step
 from megatron_r1v.trainer.setup import ModelStage
@@ -34,7 +40,7 @@ from megatron_r1v.trainer.setup import ModelStage
 def loss_config(cfg: RunConfig) -> MPOLossConfig:
     m = cfg.mpo
     return MPOLossConfig(beta=m.beta, preference_weight=m.preference_weight, quality_weight=m.quality_weight,
-                         generation_weight=m.generation_weight)
+                         generation_weight=m.generation_weight, nll_normalization=m.nll_normalization)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class MPOTrainer:
     loader: PairLoader
     reference: ReferenceLogprobs
     reward_mean: RewardMean = field(default_factory=RewardMean)
-    """BCO's delta (Eq. 4): the running mean of all earlier steps' implicit rewards."""
+    """The running mean of all completed steps' implicit rewards, BCO's delta's source (Eq. 4)."""
 
     def __post_init__(self):
         self.loss_cfg = loss_config(self.cfg)
@@ -61,6 +67,14 @@ class MPOTrainer:
             out.append(make_mpo_microbatch(mb, [(row[2 * k], row[2 * k + 1]) for k in pairs],
                                            [c for c, _ in refs], [r for _, r in refs]))
         return out
+
+    def _delta(self, microbatches: list[dict]) -> float:
+        """BCO's delta for this step (``losses.mpo.bco_delta``); leaves the running mean as it is."""
+        mode = self.cfg.mpo.bco_delta
+        if mode != "trl_running_mean":
+            return bco_delta(mode, self.reward_mean)
+        total, n = step_reward_sums(self.ddp, microbatches, self.ctx, self.loss_cfg.beta)
+        return bco_delta(mode, self.reward_mean, total, n)
 
     def step(self, step: int) -> dict[str, float]:
         ctx, t_start = self.ctx, time.perf_counter()
@@ -77,8 +91,8 @@ class MPOTrainer:
         agree_on_failure(failure, ctx.device, ctx.rank)
         count = torch.tensor([float(len(items))], dtype=torch.float64, device=ctx.device)
         torch.distributed.all_reduce(count, group=ctx.dp_group)
-        delta = self.reward_mean.mean
         microbatches = self._microbatches(items)
+        delta = self._delta(microbatches)
         try:
             result, grad_norm = optimizer_step(
                 self.ddp, self.optimizer,
@@ -86,6 +100,7 @@ class MPOTrainer:
                 f"step {step}")
         except FloatingPointError as err:  # on every rank; the optimizer skipped the update
             raise StepFailure(describe(err), recoverable=True) from None
+        # After the step in every mode: trl_running_mean's pre-pass saw the same rewards (same weights).
         self.reward_mean.update_sum((result.reward_chosen + result.reward_rejected) * result.pairs, 2 * result.pairs)
         return {
             "mpo/loss": result.loss, "mpo/pref_loss": result.preference, "mpo/quality_loss": result.quality,

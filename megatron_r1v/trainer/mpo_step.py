@@ -12,22 +12,35 @@ Scaling (as in ``grpo_step``): the step's loss is the mean over every pair of ev
 data-parallel rank. Each micro-batch returns its pairs' summed terms divided by the
 global pair count, multiplied by the number of micro-batches and the DP size, which the
 schedule and DDP divide by again.
+
+The two options of ``losses.mpo`` whose "batch" is the whole step need step totals
+before the loss: ``nll_normalization=token`` the step's mean chosen length (its chosen
+tokens summed over micro-batches and DP ranks: one all-reduce of host-side counts), and
+``bco_delta=trl_running_mean`` the step's implicit rewards under the current policy
+(:func:`step_reward_sums`, a forward-only pass over the step's micro-batches).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
-from megatron_r1v.losses.mpo import MPOLossConfig, mpo_pair_losses
+from megatron_r1v.losses.mpo import MPOLossConfig, implicit_rewards, mpo_pair_losses
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.trainer.schedule import label_targets, packed_batch, row_logits, run_schedule, sum_over_step
+from megatron_r1v.trainer.schedule import (
+    compute_logprobs,
+    label_targets,
+    packed_batch,
+    row_logits,
+    run_schedule,
+    sum_over_step,
+)
 
 # Sums reduced over the pipeline and DP groups; their means are the step's metrics.
 _SUMS = ("loss", "preference", "quality", "generation", "reward_chosen", "reward_rejected", "margin", "correct",
@@ -66,13 +79,15 @@ def make_mpo_microbatch(
 
 
 def _mpo_loss_func(cfg: MPOLossConfig, delta: float, pair_weight: float, ctx: ParallelContext, scale: float,
-                   sums: list, batch: dict, logits_BLv: torch.Tensor):
+                   sums: list, batch: dict, logits_BLv: torch.Tensor, *, mean_chosen_length: Optional[float] = None):
+    """The last stage's loss of one micro-batch; ``mean_chosen_length``: the step's, for
+    ``nll_normalization=token`` (:func:`step_mean_chosen_length`)."""
     labels_L, mask_L = label_targets(batch)
     # inplace: backward writes d/dlogits over the logits buffer (nothing reads them later).
     logp_L, _ = vocab_parallel_logprobs(row_logits(logits_BLv), labels_L, tp_group=ctx.tp_group, inplace=True)
     seq_S = sequence_sums(logp_L * mask_L, batch["cu_seqlens"])
     terms = mpo_pair_losses(seq_S[batch["pair_chosen"]], seq_S[batch["pair_rejected"]], batch["ref_chosen"],
-                            batch["ref_rejected"], batch["chosen_lengths"], cfg, delta)
+                            batch["ref_rejected"], batch["chosen_lengths"], cfg, delta, mean_chosen_length)
     margin = terms.reward_chosen - terms.reward_rejected
     sums.append([float(terms.loss.detach().sum()), float(terms.preference.detach().sum()),
                  float(terms.quality.detach().sum()), float(terms.generation.detach().sum()),
@@ -98,13 +113,43 @@ class MPOStepResult:
     pairs: int
 
 
+def step_mean_chosen_length(microbatches: Sequence[dict], ctx: ParallelContext, num_pairs: int) -> float:
+    """The step's chosen tokens over its ``num_pairs`` pairs (all micro-batches, all DP ranks):
+    ``nll_normalization=token``'s divisor. Every rank of a DP replica holds the same
+    micro-batches, so a sum over the DP group counts each pair once."""
+    local = sum(float(mb["chosen_lengths"].sum()) for mb in microbatches)
+    total = torch.tensor([local], dtype=torch.float64, device=ctx.device)
+    torch.distributed.all_reduce(total, group=ctx.dp_group)
+    return float(total.item()) / num_pairs
+
+
+def step_reward_sums(model, microbatches: Sequence[dict], ctx: ParallelContext, beta: float) -> tuple[float, int]:
+    """(Sum, count) of the step's implicit rewards r = beta (log pi - log pi_ref), chosen and
+    rejected, over all micro-batches and DP ranks, under the policy as it is now (a
+    forward-only pass; collective). ``bco_delta=trl_running_mean`` folds them into delta
+    before the step's loss, as TRL <= 0.28 does with its batch."""
+    logprobs = compute_logprobs(model, microbatches, ctx)  # last stage only; [] elsewhere
+    total, count = 0.0, 0
+    if ctx.is_last_stage and ctx.tp_rank == 0:  # TP ranks hold the same values: count one of them
+        for mb, (logp_L, _) in zip(microbatches, logprobs):
+            seq_S = sequence_sums(logp_L.double(), mb["cu_seqlens"])
+            r_c = implicit_rewards(seq_S[mb["pair_chosen"]], mb["ref_chosen"].double(), beta)
+            r_r = implicit_rewards(seq_S[mb["pair_rejected"]], mb["ref_rejected"].double(), beta)
+            total += float(r_c.sum() + r_r.sum())
+            count += 2 * len(r_c)
+    t = sum_over_step([total, float(count)], ctx, over_tp=True)
+    return float(t[0]), int(t[1])
+
+
 def mpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, cfg: MPOLossConfig, delta: float,
                          num_pairs: int) -> MPOStepResult:
     """Forward and backward of every micro-batch (``num_pairs``: pairs of the step over all
     DP ranks); gradients are left in the DDP buffers."""
     sums: list = []
     scale = float(len(microbatches) * ctx.dp)
-    run_schedule(model, microbatches, ctx, partial(_mpo_loss_func, cfg, delta, 1.0 / num_pairs, ctx, scale, sums),
+    mean_length = step_mean_chosen_length(microbatches, ctx, num_pairs) if cfg.nll_normalization == "token" else None
+    run_schedule(model, microbatches, ctx,
+                 partial(_mpo_loss_func, cfg, delta, 1.0 / num_pairs, ctx, scale, sums, mean_chosen_length=mean_length),
                  forward_only=False)
     totals = torch.zeros(len(_SUMS), dtype=torch.float64)
     if ctx.is_last_stage and ctx.tp_rank == 0 and sums:  # TP ranks compute the same sums: count one of them

@@ -1,15 +1,18 @@
 """End to end: 4 GRPO steps of the tiny R1V with TP=2 on CPU write every TensorBoard tag.
 
 A random tiny policy never answers right, so rule and format rewards are all 0 and every
-group would have zero advantage; a tiny random reward model served over HTTP
-(tools/serve_reward_model.py) gives graded scores, so groups carry advantages, the
-Selective Sample Buffer fills and the adapter actually trains.
+group would have zero advantage; a tiny random image-aware reward model in Skywork-VL
+Reward's format (``tools/make_tiny_checkpoint.py --reward-model skywork-vl``: a Qwen2.5-VL
+plus a value head) served over HTTP (tools/serve_reward_model.py, sent each prompt's images)
+gives graded scores, so groups carry advantages, the Selective Sample Buffer fills and the
+adapter actually trains. The SSB's effective-group criterion (``ssb.min_reward_std: auto``,
+0.05 for these sigmoid-calibrated scores) drops the nearly flat groups, so the
+effective-ratio metrics move.
 """
 
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,16 +27,19 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 @contextlib.contextmanager
 def served_reward(tmp_path, reward_tools, num_prompts: int, seed: int):
-    """Synthetic prompts, a 640-token tokenizer and a random reward model served on localhost;
-    yields the --set arguments that point the run at it (sigmoid-calibrated scores)."""
+    """Synthetic prompts, a 640-token tokenizer and a random image-aware reward model
+    (Skywork-VL format, written by the real CLI) served on localhost; yields the --set
+    arguments that point the run at it (sigmoid-calibrated scores)."""
     generate_dataset(tmp_path / "data", num_prompts, seed=seed)
     build_tokenizer([tmp_path / "data" / "prompts.jsonl", tmp_path / "data" / "preferences.jsonl"], 640,
                     tmp_path / "tok")
-    shutil.copytree(tmp_path / "tok", tmp_path / "rm")
-    reward_tools.save_model(tmp_path / "rm", 640)
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_checkpoint.py"), "--reward-model", "skywork-vl",
+                    "--out", str(tmp_path / "rm"), "--seed", str(seed)], check=True, capture_output=True, env=ENV)
     with reward_tools.serve(tmp_path / "rm", tmp_path / "rm.log") as info:
+        assert info.get("kind") == "skywork-vl", info
+        # ssb.min_reward_std: inside the spread of this random model's scores (test_four_grpo_steps...).
         yield ["--set", f"reward.reward_model_url={info['url']}", "--set", "reward.model_weight=1.0",
-               "--set", "reward.model_calibration=sigmoid"]
+               "--set", "reward.model_calibration=sigmoid", "--set", "ssb.min_reward_std=0.01"]
 
 
 def _run(tmp_path, name, steps, *extra):
@@ -100,9 +106,17 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
         # so the importance weights stay at 1 and none is cut.
         assert 0.0 < m["rollout/logprob_abs_diff"] < 1e-4, m["rollout/logprob_abs_diff"]
         assert abs(m["rollout/tis_weight_mean"] - 1.0) < 1e-4 and m["rollout/tis_truncated_fraction"] == 0.0
-    # Graded rewards: every fresh group has non-zero advantage, the loss and KL move, the buffer fills.
-    assert all(m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics)
-    assert all(m["train/grpo_loss"] != 0.0 for m in metrics)
+    ratios = [(m["ssb/effective_ratio_fresh"], m["ssb/effective_ratio_batch"]) for m in metrics]
+    print("effective ratios (fresh, batch):", ratios)  # measured (0, 0), (.5, .5), (.25, .75), (.25, 1)
+    # The tiny random reward model's scores are nearly flat within a group (spreads of ~0.001-0.05
+    # after the sigmoid); ssb.min_reward_std=0.01 sits inside that range, so some groups count
+    # and some do not. Groups below it carry no advantage (a step without an effective group
+    # has exactly zero loss: no std-amplified noise), the SSB tops batches up with buffered
+    # effective groups, and the ratios move.
+    assert "SSB effective groups: reward std >= 0.01" in proc.stdout, proc.stdout[-2000:]
+    assert all((m["train/grpo_loss"] == 0.0) == (m["ssb/effective_ratio_batch"] == 0.0) for m in metrics), ratios
+    assert any(batch > fresh for fresh, batch in ratios), ratios  # the top-up engaged
+    assert len({fresh for fresh, _ in ratios}) > 1 and any(batch > 0 for _, batch in ratios), ratios
     assert metrics[0]["train/kl"] == 0.0 and metrics[-1]["train/kl"] > 0.0  # the adapter left its start
     assert metrics[-1]["ssb/size"] > 0
     # Frozen tensors end as the converted checkpoint had them (the run started from it);
@@ -189,7 +203,10 @@ def test_pipeline_and_data_parallel_layouts_train(tmp_path, reward_tools):
     """PP=2 (stage 0 rolls out, the last stage holds the loss) and DP=2 (one engine per
     replica, every other prompt each): 2 steps each with real advantages and a KL term."""
     with served_reward(tmp_path, reward_tools, 8, seed=1) as reward_args:
-        common = [*reward_args, "--set", "grpo.kl_beta=0.05", "--set", "parallel.tp=1", "--set", "rollout.n_samples=3"]
+        # Every group with any spread counts (the criterion is test_four_grpo_steps...'s): this
+        # test is about the layouts training, each step with real advantages.
+        common = [*reward_args, "--set", "grpo.kl_beta=0.05", "--set", "parallel.tp=1", "--set", "rollout.n_samples=3",
+                  "--set", "ssb.min_reward_std=0"]
         for name, layout in (("pp2", ["--set", "parallel.pp=2"]), ("dp2", [])):
             _run(tmp_path, name, 2, *common, *layout)
             metrics = _metrics(tmp_path, name)

@@ -93,6 +93,16 @@ def test_advantages_and_samples(step):
     assert [s.target_count() for s in samples] == [2, 1, 1, 1]
 
 
+def test_advantages_take_the_effective_group_criterion():
+    """ScoredGroup.advantages(min_reward_std): a nearly-flat group (std 7e-4) gets zeros
+    instead of the +-0.707 Eq. 6 gives any two different rewards; a real spread keeps Eq. 6
+    bit for bit."""
+    near_flat, spread = scored([[1], [2]], [1.0, 1.001]), scored([[1], [2]], [1.0, 0.0])
+    assert np.abs(near_flat.advantages()).min() > 0.7  # the old rule: full-size advantages
+    assert np.array_equal(near_flat.advantages(0.05), [0.0, 0.0])
+    assert np.array_equal(spread.advantages(0.05), spread.advantages()) and spread.advantages(0.05).any()
+
+
 def test_rows_carry_each_response_vector_at_its_label_positions(step):
     _, _, advantages, _, samples = step
     weights = [0.1, 0.2, 0.3, 0.4]

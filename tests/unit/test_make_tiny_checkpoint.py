@@ -1,6 +1,5 @@
 """tools/make_tiny_checkpoint.py and layouts.convert_layout: a tiny R1V2 in the released layout."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
 from megatron_r1v.checkpoint.hf_layouts import convert_layout, detect_layout
@@ -21,16 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 ARCH = get_preset("tiny-r1v-chat")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "tools" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool()
+    return load_tool("make_tiny_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,15 @@
 """The reward-model server (tools/serve_reward_model.py) and its client, over real HTTP on localhost.
 
-A tiny random Qwen2ForSequenceClassification is saved to a temporary folder and served
-by the tool in a subprocess started with --port 0; the test reads the URL from the
-tool's startup line (no sleeps). Retry behavior is tested against a closed port, a
+A tiny random Qwen2ForSequenceClassification (the text kind) is saved to a temporary
+folder and served by the tool in a subprocess started with --port 0; the test reads the
+URL from the tool's startup line (no sleeps). The image-aware kinds are in
+test_vl_reward_model.py. Retry behavior is tested against a closed port, a
 socket that never answers, and small in-thread stub servers; sleeps are recorded by an
 injected ``sleep`` instead of being slept.
 """
 
+import base64
 import json
-import os
-import select
 import socket
 import subprocess
 import sys
@@ -25,7 +25,7 @@ import torch
 
 from megatron_r1v.config import RewardConfig
 from megatron_r1v.data.schema import PromptRecord
-from megatron_r1v.rewards import HybridReward, RewardModelClient, RewardServerError
+from megatron_r1v.rewards import HybridReward, RewardItem, RewardModelClient, RewardServerError
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -53,7 +53,7 @@ def server(tiny_rm, tmp_path_factory, reward_tools):
     log = tmp_path_factory.mktemp("rm_server") / "stderr.txt"
     with reward_tools.serve(tiny_rm, log, "--batch-size", "3", "--max-texts", "8") as info:
         assert info["event"] == "listening" and info["url"].startswith("http://127.0.0.1:")
-        assert (info["num_labels"], info["score_index"]) == (1, 0)
+        assert (info["kind"], info["num_labels"], info["score_index"]) == ("text", 1, 0)
         yield info["url"]
 
 
@@ -80,21 +80,34 @@ def post(url, body: bytes):
 # --- the real server --------------------------------------------------------------------
 
 
+def items(*prompts, response="r", images=()):
+    return [RewardItem(p, response, images) for p in prompts]
+
+
 def test_scores_match_the_model_in_process(server, reference_scores):
     sleeps = []
     # Client batches of 4 (4 + 3 texts); the server runs forward batches of at most 3.
     client = RewardModelClient(server, timeout_s=30, retry_s=0, batch_size=4, sleep=sleeps.append)
-    scores = client.score(TEXTS)
+    scores = client.score_texts(TEXTS)
     # fp32, padded batch vs a text alone: only summation order differs (~1e-7).
     assert max(abs(a - b) for a, b in zip(scores, reference_scores)) < 1e-5
     assert max(reference_scores) - min(reference_scores) > 0.1  # distinct texts, distinct scores
     assert len(scores) == len(TEXTS) and sleeps == []
-    assert client.score([]) == []
+    assert client.score([]) == [] and client.score_texts([]) == []
+
+
+def test_a_text_model_reads_items_as_text_without_opening_images(server, reference_scores):
+    """An item is read as prompt + blank line + response; its images (here missing files) are never opened."""
+    client = RewardModelClient(server, timeout_s=30, retry_s=0)
+    prompt, _, response = TEXTS[0].partition("\n\n")
+    scores = client.score([RewardItem(prompt, response, ("/no/such/image.png",)), RewardItem(prompt, response)])
+    assert scores == pytest.approx([reference_scores[0]] * 2, abs=1e-5)
 
 
 def test_health(server, tiny_rm):
     health = RewardModelClient(server).health()
-    assert health == {"status": "ok", "model": str(tiny_rm), "num_labels": 1, "score_index": 0, "max_texts": 8}
+    assert health == {"status": "ok", "model": str(tiny_rm), "kind": "text", "images": False, "num_labels": 1,
+                      "score_index": 0, "max_texts": 8, "max_items": 8, "max_images": 16}
 
 
 def test_hybrid_reward_through_the_server(server, reference_scores):
@@ -113,8 +126,12 @@ def test_hybrid_reward_through_the_server(server, reference_scores):
     "body,status,message",
     [
         (b"not json", 400, "body is not valid JSON"),
-        (b'{"text": ["a"]}', 400, 'body must be a JSON object {"texts": [str, ...]}'),
-        (b'{"texts": "abc"}', 400, '"texts" must be a list of strings, got str'),
+        (b'{"text": ["a"]}', 400, 'body must be a JSON object {"items": [{"prompt", "response", "images"}, ...]} '
+                                  'or {"texts": [str, ...]}'),
+        (b'{"texts": "abc"}', 400, '"texts" must be a list, got str'),
+        (b'{"items": [{"prompt": "a"}]}', 400, "items[0].response is missing"),
+        (b'{"items": [{"prompt": "a", "response": "b", "images": [1]}]}', 400,
+         "items[0].images[0] must be a string (a path or base64), got int"),
         (b'{"texts": ["a", 3]}', 400, '"texts"[1] must be a string, got int'),
         (b'{"texts": ["a", ""]}', 400, "texts[1] encodes to no tokens"),
         (json.dumps({"texts": ["a"] * 9}).encode(), 400, "9 texts in one request; this server takes at most 8"),
@@ -134,12 +151,12 @@ def test_4xx_is_not_retried(server):
     sleeps = []
     client = RewardModelClient(server, retry_s=60, backoff_s=1.0, batch_size=16, sleep=sleeps.append)
     with pytest.raises(RewardServerError) as info:
-        client.score(["a"] * 10)
+        client.score(items(*["a"] * 10))
     assert sleeps == [] and info.value.attempts == 1 and info.value.status == 400
     assert str(info.value) == (
-        f"reward model server at {server}/score rejected the request (not retried): HTTP 400: 10 texts in one "
+        f"reward model server at {server}/score rejected the request (not retried): HTTP 400: 10 items in one "
         "request; this server takes at most 8 (lower the client's batch size, reward.model_batch_size, or "
-        "restart with --max-texts)")
+        "restart with --max-items)")
 
 
 def test_tool_rejects_a_folder_without_a_model(tmp_path):
@@ -164,7 +181,7 @@ def test_server_down_retries_with_backoff_within_the_budget_then_raises(caplog):
     client = RewardModelClient(f"http://127.0.0.1:{port}", retry_s=3.5, backoff_s=0.5, sleep=sleeps.append)
     with caplog.at_level("WARNING", logger="megatron_r1v.rewards.reward_model"):
         with pytest.raises(RewardServerError) as info:
-            client.score(["a", "b"])
+            client.score(items("a", "b"))
     assert sleeps == [0.5, 1.0, 2.0]  # doubling
     assert info.value.attempts == 4 and info.value.url == f"http://127.0.0.1:{port}/score"
     message = str(info.value)
@@ -215,7 +232,7 @@ def test_silent_server_times_out_and_is_retried():
         client = RewardModelClient(url, timeout_s=0.5, retry_s=0.8, backoff_s=0.01, sleep=sleeps.append)
         start = time.monotonic()
         with pytest.raises(RewardServerError) as info:
-            client.score(["a"])
+            client.score(items("a"))
         assert time.monotonic() - start < 10
     assert sleeps == [0.01] and info.value.attempts == 2
     assert "failed 2 attempt(s) over " in str(info.value) and "last error: timed out after 0.5 s" in str(info.value)
@@ -267,8 +284,9 @@ def test_5xx_is_retried_until_success():
     sleeps = []
     with StubServer(answers) as stub:
         client = RewardModelClient(stub.url, retry_s=60, backoff_s=0.1, sleep=sleeps.append)
-        assert client.score(["a", "b"]) == [0.5, -1.5]
-    assert sleeps == [0.1, 0.2] and stub.requests == [{"texts": ["a", "b"]}] * 3
+        assert client.score(items("a", "b")) == [0.5, -1.5]
+    sent = {"items": [{"prompt": p, "response": "r", "images": []} for p in "ab"]}
+    assert sleeps == [0.1, 0.2] and stub.requests == [sent] * 3
 
 
 def test_5xx_that_persists_names_the_last_error():
@@ -276,7 +294,7 @@ def test_5xx_that_persists_names_the_last_error():
     with StubServer([(503, {"error": "overloaded"})]) as stub:
         client = RewardModelClient(stub.url, retry_s=0.35, backoff_s=0.1, sleep=sleeps.append)  # 0.1 + 0.2 fit
         with pytest.raises(RewardServerError) as info:
-            client.score(["a"])
+            client.score(items("a"))
     assert len(stub.requests) == 3 and sleeps == [0.1, 0.2] and info.value.status == 503
     assert str(info.value) == (f"reward model server at {stub.url}/score failed 3 attempt(s) over 0.3 s (retry "
                                "budget reward.model_retry_s=0.35 s); last error: HTTP 503: overloaded")
@@ -285,14 +303,29 @@ def test_5xx_that_persists_names_the_last_error():
 def test_batches_and_reply_checks():
     with StubServer([(200, {"scores": [1, 2]}), (200, {"scores": [3]})]) as stub:
         client = RewardModelClient(stub.url, batch_size=2)
-        assert client.score(["a", "b", "c"]) == [1.0, 2.0, 3.0]
+        assert client.score(items("a", "b", "c")) == [1.0, 2.0, 3.0]
+    assert [[i["prompt"] for i in r["items"]] for r in stub.requests] == [["a", "b"], ["c"]]
+    with StubServer([(200, {"scores": [1, 2]}), (200, {"scores": [3]})]) as stub:  # the old text-only form
+        assert RewardModelClient(stub.url, batch_size=2).score_texts(["a", "b", "c"]) == [1.0, 2.0, 3.0]
     assert stub.requests == [{"texts": ["a", "b"]}, {"texts": ["c"]}]
     with StubServer([(200, {"scores": [1.0]})]) as stub:
         with pytest.raises(RewardServerError, match=r'answered \{"scores": \[1.0\]\}; expected \{"scores": \[2 finite'):
-            RewardModelClient(stub.url).score(["a", "b"])
+            RewardModelClient(stub.url).score(items("a", "b"))
     with StubServer([(200, {"scores": [float("nan")]})]) as stub:
         with pytest.raises(RewardServerError, match="expected"):
-            RewardModelClient(stub.url).score(["a"])
+            RewardModelClient(stub.url).score(items("a"))
+
+
+def test_images_travel_as_absolute_paths_or_base64(tmp_path, monkeypatch):
+    image = tmp_path / "img.png"
+    image.write_bytes(b"\x89PNG bytes")  # the client sends bytes; only the server decodes them
+    monkeypatch.chdir(tmp_path)
+    with StubServer([(200, {"scores": [0.0]})]) as stub:
+        RewardModelClient(stub.url).score(items("q", images=("img.png",)))  # relative to the client's cwd
+        RewardModelClient(stub.url, image_transport="base64").score(items("q", images=(image,)))
+    assert stub.requests[0]["items"][0]["images"] == [str(image)]
+    assert stub.requests[1]["items"][0]["images"] == [
+        "data:image/png;base64," + base64.b64encode(b"\x89PNG bytes").decode()]
 
 
 def test_client_argument_errors():
@@ -301,7 +334,13 @@ def test_client_argument_errors():
     with pytest.raises(ValueError, match=r"RewardModelClient\.batch_size must be a finite number >= 1, got 0"):
         RewardModelClient("http://127.0.0.1:1", batch_size=0)
     with pytest.raises(TypeError, match=r"texts\[1\] is int, expected str"):
-        RewardModelClient("http://127.0.0.1:1").score(["a", 1])
+        RewardModelClient("http://127.0.0.1:1").score_texts(["a", 1])
+    with pytest.raises(TypeError, match=r"items\[1\] is str, expected RewardItem"):
+        RewardModelClient("http://127.0.0.1:1").score([RewardItem("a", "b"), "c"])
+    with pytest.raises(TypeError, match=r"items\[0\]\.images\[0\] is int; expected a file path or a PIL image"):
+        RewardModelClient("http://127.0.0.1:1").score([RewardItem("a", "b", (3,))])
+    with pytest.raises(ValueError, match=r"image_transport 'ftp' is not one of path, base64"):
+        RewardModelClient("http://127.0.0.1:1", image_transport="ftp")
 
 
 def test_server_back_within_the_budget_is_not_a_failure():
@@ -321,7 +360,7 @@ def test_server_back_within_the_budget_is_not_a_failure():
     thread.start()
     client = RewardModelClient(f"http://127.0.0.1:{port}", retry_s=20, backoff_s=0.2)
     try:
-        assert client.score(["a"]) == [0.25]
+        assert client.score(items("a")) == [0.25]
     finally:
         done.set()
         thread.join(30)

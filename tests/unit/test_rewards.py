@@ -9,6 +9,7 @@ from megatron_r1v.config import RewardConfig
 from megatron_r1v.data.schema import PromptRecord
 from megatron_r1v.rewards import (
     HybridReward,
+    RewardItem,
     RewardModelClient,
     calibrate,
     check_format,
@@ -186,24 +187,25 @@ def test_rule_off_the_main_thread():
 
 
 class FixedScorer:
-    """A reward model that returns given scores and records what it was asked."""
+    """A reward model that returns given scores and records the items it was asked about."""
 
     def __init__(self, scores):
         self.scores = list(scores)
         self.calls = []
 
-    def score(self, texts):
-        self.calls.append(list(texts))
-        return self.scores[: len(texts)]
+    def score(self, items):
+        assert all(isinstance(item, RewardItem) for item in items)
+        self.calls.append(list(items))
+        return self.scores[: len(items)]
 
 
 class FailingScorer:
-    def score(self, texts):
+    def score(self, items):
         raise AssertionError("the reward model must not be called when model_weight is 0")
 
 
-def prompt(answer="7", answer_type="number", choices=None, question="What is 3 + 4?"):
-    return PromptRecord("p0", (), question, answer, answer_type, choices)
+def prompt(answer="7", answer_type="number", choices=None, question="What is 3 + 4?", images=()):
+    return PromptRecord("p0", tuple(images), question, answer, answer_type, choices)
 
 
 def test_calibration_forms():
@@ -227,8 +229,23 @@ def test_eq7_unweighted_sum():
     assert [r.total for r in out] == [1.0 + 0.25 + 1.0, 0.0 - 0.75 + 1.0]
     assert [(r.rule, r.format, r.model, r.model_raw) for r in out] == [(1.0, 1.0, 0.25, 0.25), (0.0, 1.0, -0.75, -0.75)]
     assert [r.parsed_answer for r in out] == ["7", "8"]
-    # One call for the whole batch; the text is the question, a blank line, the completion.
-    assert scorer.calls == [["What is 3 + 4?\n\n" + GOOD, "What is 3 + 4?\n\n" + wrong]]
+    # One call for the whole batch: one item per completion, with the question; a text-only
+    # model reads the question, a blank line, the completion.
+    assert scorer.calls == [[RewardItem("What is 3 + 4?", GOOD), RewardItem("What is 3 + 4?", wrong)]]
+    assert [item.text for item in scorer.calls[0]] == ["What is 3 + 4?\n\n" + GOOD, "What is 3 + 4?\n\n" + wrong]
+
+
+def test_the_reward_model_gets_the_records_images(tmp_path):
+    """r_theta judges the image: each item carries its record's image paths (absolute, as
+    the loader resolves them), and the policy's closing marker is cut off the completion."""
+    images = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    scorer = FixedScorer([0.5, 1.5])
+    reward = HybridReward(model_weight=2.0, scorer=scorer, reply_end="<|im_end|>")
+    records = [prompt(question="<image>\nWhat is 3 + 4?", images=images), prompt(images=images[1:])]
+    out = reward.score_batch(records, [GOOD + "<|im_end|>", GOOD])
+    assert scorer.calls == [[RewardItem("<image>\nWhat is 3 + 4?", GOOD, (str(images[0]), str(images[1]))),
+                             RewardItem("What is 3 + 4?", GOOD, (str(images[1]),))]]
+    assert [r.total for r in out] == [1.0 + 1.0 + 2 * 0.5, 1.0 + 1.0 + 2 * 1.5]
 
 
 def test_weighted_and_calibrated_by_hand():
@@ -274,13 +291,13 @@ def test_from_config():
     reward = HybridReward.from_config(
         RewardConfig(model_weight=0.5, reward_model_url="http://127.0.0.1:9/", model_timeout_s=2.0,
                      model_retry_s=45.0, model_backoff_s=0.25, model_batch_size=7, model_calibration="clip",
-                     model_threshold=3.0),
+                     model_threshold=3.0, model_image_transport="base64"),
         think_opened_by_prompt=False, sleep=sleeps.append,
     )
     client = reward.scorer
     assert isinstance(client, RewardModelClient)
-    assert (client.url, client.timeout_s, client.retry_s, client.backoff_s, client.batch_size) == (
-        "http://127.0.0.1:9", 2.0, 45.0, 0.25, 7)
+    assert (client.url, client.timeout_s, client.retry_s, client.backoff_s, client.batch_size,
+            client.image_transport) == ("http://127.0.0.1:9", 2.0, 45.0, 0.25, 7, "base64")
     assert client.sleep == sleeps.append
     assert (reward.model_weight, reward.model_calibration, reward.model_threshold, reward.think_opened_by_prompt) == (
         0.5, "clip", 3.0, False)
@@ -300,6 +317,7 @@ def test_from_config():
         ({"model_timeout_s": 0.0}, r"reward\.model_timeout_s must be > 0"),
         ({"model_batch_size": 0}, r"reward\.model_batch_size must be >= 1"),
         ({"rule_weight": float("nan")}, r"reward\.rule_weight must be finite"),
+        ({"model_image_transport": "ftp"}, r"reward\.model_image_transport: 'ftp' is not one of path, base64"),
     ],
 )
 def test_config_errors_name_the_key(fields, message):

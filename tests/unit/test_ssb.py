@@ -343,3 +343,6 @@ def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match=r"ssb\.target_effective_ratio must be in \[0, 1\]"):
         SelectiveSampleBuffer(SSBConfig(target_effective_ratio=1.5))
     assert math.isclose(SSBConfig().target_effective_ratio, 1.0)
+    with pytest.raises(ValueError, match=r"ssb\.min_reward_std must be 'auto' or a finite number >= 0"):
+        SelectiveSampleBuffer(SSBConfig(min_reward_std=-1.0))
+    assert SSBConfig().min_reward_std == "auto"  # tests/unit/test_ssb_effective.py covers the criterion

@@ -5,14 +5,11 @@ dp-th sample) into fixed-length rows, runs ``grpo_forward_backward`` under Megat
 and writes the step's loss and the DP-reduced gradients under HF names (rank 0).
 """
 
-import json
 import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
-from megatron_r1v.checkpoint.weights import gather_hf_tensors
 from megatron_r1v.data.packing import pack_samples
 from megatron_r1v.data.template import EncodedSample
 from megatron_r1v.losses.grpo import GRPOLossConfig, token_weights
@@ -20,6 +17,7 @@ from megatron_r1v.platform import destroy_distributed
 from megatron_r1v.trainer.grpo_step import grpo_forward_backward, make_grpo_microbatch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH=1
+from r1v_checks import save_grads_and_result  # noqa: E402
 from tiny_qwen2_ddp import parse_args, tiny_qwen2_ddp  # noqa: E402
 
 BUDGET = 48
@@ -53,11 +51,9 @@ def main() -> None:
         microbatches.append(make_grpo_microbatch(mb, vec["old"], vec["ref"], vec["adv"], vec["w"]))
     ddp.zero_grad_buffer()
     result = grpo_forward_backward(ddp, microbatches, ctx, cfg)
-    grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
-    if ctx.rank == 0:
-        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
-        json.dump({"loss": result.loss, "kl": result.kl, "clip_fraction": result.clip_fraction,
-                   "microbatches": len(microbatches)}, open(os.path.join(args.out, "result.json"), "w"))
+    metrics = {"loss": result.loss, "kl": result.kl, "clip_fraction": result.clip_fraction,
+               "microbatches": len(microbatches)}
+    save_grads_and_result(ctx, stage, ddp, metrics, args.out)
     destroy_distributed(ctx)
 
 

@@ -7,20 +7,17 @@ names (rank 0).
 """
 
 import dataclasses
-import json
 import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
-from megatron_r1v.checkpoint.weights import gather_hf_tensors
 from megatron_r1v.losses.mpo import MPOLossConfig
 from megatron_r1v.platform import destroy_distributed
 from megatron_r1v.trainer.mpo_step import mpo_forward_backward
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH=1
-from r1v_checks import mpo_pair_microbatches  # noqa: E402
+from r1v_checks import mpo_pair_microbatches, save_grads_and_result  # noqa: E402
 from tiny_qwen2_ddp import parse_args, tiny_qwen2_ddp  # noqa: E402
 
 BUDGET = 48
@@ -35,11 +32,7 @@ def main() -> None:
     microbatches = mpo_pair_microbatches(pairs, list(range(ctx.dp_rank, len(pairs), ctx.dp)), BUDGET)
     ddp.zero_grad_buffer()
     result = mpo_forward_backward(ddp, microbatches, ctx, MPOLossConfig(**cases["config"]), cases["delta"], len(pairs))
-    grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
-    if ctx.rank == 0:
-        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(args.out, "grads.safetensors"))
-        json.dump({**dataclasses.asdict(result), "microbatches": len(microbatches)},
-                  open(os.path.join(args.out, "result.json"), "w"))
+    save_grads_and_result(ctx, stage, ddp, {**dataclasses.asdict(result), "microbatches": len(microbatches)}, args.out)
     destroy_distributed(ctx)
 
 

@@ -76,6 +76,12 @@ def save_step_outputs(ctx, stage, ddp, result: dict, out: str) -> None:
     over TP and PP) and ``result.json`` into ``out`` on rank 0 (collective)."""
     maxed, counted = dummy_head_max(unwrap_model(ddp), lambda p: p.main_grad)
     result.update(dummy_grad_max_abs=maxed, dummy_entries=counted)
+    save_grads_and_result(ctx, stage, ddp, result, out)
+
+
+def save_grads_and_result(ctx, stage, ddp, result: dict, out: str) -> None:
+    """Writes ``grads.safetensors`` (the DP-reduced gradients under HF names, gathered over TP
+    and PP) and ``result`` as ``result.json`` into ``out`` on rank 0 (collective)."""
     grads = gather_hf_tensors(ddp, stage.stage_maps, stage.shard_spec, ctx, grads=True)
     if ctx.rank == 0:
         save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(out, "grads.safetensors"))
