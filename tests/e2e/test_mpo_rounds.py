@@ -3,7 +3,9 @@
 One round on 4 synthetic prompts: the random tiny R1V is cold-started by examples/sft_rounds.sh
 (ROUNDS=0) with 80 SFT steps on the 4 synthetic conversations, few enough that the model is right on
 some samples and wrong or unfinished on others, so round 1's 4 samples per prompt, scored with the
-script's default reward (10 x rule + 5 x format), give pairs above the margin 7; the round's MPO
+hybrid reward 10 x rule + 5 x format + a tiny random image-aware reward model (Skywork-VL format,
+``tools/make_tiny_checkpoint.py --reward-model skywork-vl``, served by tools/serve_reward_model.py
+and sent each prompt's image), give pairs above the margin 7; the round's MPO
 steps train on exactly those pairs and export a model that differs from round 0's. A rerun with
 the same environment skips every finished step and leaves the same files. A round without a pair
 above the margin (a random model) stops the loop with status 1 and the script's message.
@@ -15,6 +17,7 @@ step: the same gradient at 4 times the cost), as tests/e2e/test_sft_rounds.py do
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -49,13 +52,28 @@ def _run(**knobs: str) -> subprocess.CompletedProcess:
     return run_script(SCRIPT, KNOBS, **knobs)
 
 
-def test_one_round_trains_on_the_pairs_above_the_margin_and_a_rerun_skips_everything(tmp_path):
+def test_one_round_trains_on_the_pairs_above_the_margin_and_a_rerun_skips_everything(tmp_path, reward_tools):
+    with reward_tools.serve(_reward_model(tmp_path), tmp_path / "rm.log") as server:
+        assert server["kind"] == "skywork-vl", server
+        _one_round_and_a_rerun(tmp_path, server["url"])
+
+
+def _reward_model(tmp_path: Path) -> Path:
+    out = tmp_path / "reward_model"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_checkpoint.py"), "--reward-model", "skywork-vl",
+                    "--out", str(out)], check=True, capture_output=True)
+    return out
+
+
+def _one_round_and_a_rerun(tmp_path: Path, url: str) -> None:
     import torch
 
     work = tmp_path / "work"
+    rewards = f"reward.rule_weight=10 reward.format_weight=5 reward.model_weight=1 reward.model_calibration=sigmoid " \
+              f"reward.reward_model_url={url}"
     knobs = dict(WORK=str(work), SFT_CONFIG=str(_sft_config(tmp_path)), ROUNDS="1", NUM=str(NUM),
                  COLD_STEPS=str(COLD_STEPS), STEPS=str(STEPS), SAMPLES=str(SAMPLES), TP=str(TP),
-                 SEQ_LENGTH=str(SEQ_LENGTH), PAIRS_PER_STEP=str(NUM))
+                 SEQ_LENGTH=str(SEQ_LENGTH), PAIRS_PER_STEP=str(NUM), REWARD_SETS=rewards)
     first = _run(**knobs)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-6000:]
     r0, r1, samples = work / "round_0", work / "round_1", work / "round_1" / "samples"
@@ -71,7 +89,12 @@ def test_one_round_trains_on_the_pairs_above_the_margin_and_a_rerun_skips_everyt
     assert summary["prompts"] == NUM and summary["samples"] == NUM * SAMPLES
     assert 1 <= len(pairs) == summary["pairs"]["kept"] <= NUM  # one pair per prompt at most
     assert all(p["chosen_score"] - p["rejected_score"] > MARGIN for p in pairs)
-    assert summary["terms"]["total"]["max"] == 15.0 and summary["settings"]["reward"]["rule_weight"] == 10.0
+    assert summary["settings"]["reward"]["rule_weight"] == 10.0 and summary["settings"]["reward"]["model_weight"] == 1
+    # The reward model's term is in every total: sigmoid scores in (0, 1), graded (not constant).
+    model = summary["terms"]["model"]
+    assert 0.0 < model["min"] <= model["max"] < 1.0 and model["std"] > 0.0, model
+    assert summary["terms"]["model_raw"]["count"] == NUM * SAMPLES, summary["terms"]["model_raw"]
+    assert 15.0 < summary["terms"]["total"]["max"] < 16.0, summary["terms"]["total"]
     assert (samples / "margins.png").stat().st_size > 0
 
     # Round 1's MPO trained on exactly those pairs, from round 0's model, and its export moved.
