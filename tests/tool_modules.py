@@ -13,3 +13,12 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_sampling_tool(tool: ModuleType, setup: dict, out, *extra: str, prompts=None, progress=None) -> int:
+    """``tool.main`` (tools/rejection_sample.py or tools/generate_preferences.py) on ``setup``'s
+    tiny model and prompts with small, fast sampling settings; ``extra`` flags come last."""
+    argv = ["--model", str(setup["model"]), "--prompts", str(prompts or setup["data"]), "--out", str(out),
+            "--max-new-tokens", "8", "--batch-size", "2", "--max-tiles", "6", "--tiler", "pil", "--tiler-threads", "1",
+            *extra]
+    return tool.main(argv, progress=progress if progress is not None else (lambda line: None))

@@ -11,6 +11,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from reward_stub import StandInRewardServer  # tests/ is on sys.path (pytest.ini: pythonpath)
+from tool_modules import run_sampling_tool
 
 from megatron_r1v.data import validate
 from megatron_r1v.data.schema import load_records
@@ -75,10 +76,7 @@ def fake_generate(records, calls):
 
 
 def run(setup, out, *extra, prompts=None, progress=None):
-    argv = ["--model", str(setup["model"]), "--prompts", str(prompts or setup["data"]), "--out", str(out),
-            "--max-new-tokens", "8", "--batch-size", "2", "--max-tiles", "6", "--tiler", "pil", "--tiler-threads", "1",
-            *extra]
-    return gp.main(argv, progress=progress if progress is not None else (lambda line: None))
+    return run_sampling_tool(gp, setup, out, *extra, prompts=prompts, progress=progress)
 
 
 def outputs(out):

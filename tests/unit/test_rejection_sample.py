@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_modules import run_sampling_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data import validate
 from megatron_r1v.data.schema import load_records
@@ -89,10 +90,7 @@ def fake_generate(records, calls):
 
 
 def run(setup, out, *extra, prompts=None, progress=None):
-    argv = ["--model", str(setup["model"]), "--prompts", str(prompts or setup["data"]), "--out", str(out),
-            "--max-new-tokens", "8", "--batch-size", "2", "--max-tiles", "6", "--tiler", "pil", "--tiler-threads", "1",
-            *extra]
-    return rs.main(argv, progress=progress if progress is not None else (lambda line: None))
+    return run_sampling_tool(rs, setup, out, *extra, prompts=prompts, progress=progress)
 
 
 def outputs(out):
