@@ -214,3 +214,36 @@ def test_pipeline_and_data_parallel_layouts_train(tmp_path, reward_tools):
             assert all(m["train/grpo_loss"] != 0.0 and m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics), name
             assert metrics[0]["train/kl"] == 0.0 and metrics[1]["train/kl"] > 0.0, name
             assert metrics[0]["train/entropy"] > 0.0, name
+
+
+def test_prompt_pool_store_seeds_the_grpo_buffer(tmp_path, reward_tools):
+    """The offline prompt pool, scored with the run's reward (the served image-aware model and
+    the run's ssb.min_reward_std), writes its effective groups into an SSB store; a GRPO run
+    with ssb.initial_store starts with them in its buffer."""
+    from megatron_r1v.models.r1v.presets import get_preset
+    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+
+    with served_reward(tmp_path, reward_tools, 8, seed=2) as reward_args:
+        HFRolloutEngine.from_arch(get_preset("tiny-r1v-chat"), seed=3).model.save_pretrained(str(tmp_path / "hf"))
+        # The run's rollout settings (tiny_grpo_cpu.yaml: 4 samples at temperature 1, 24 new
+        # tokens, 2 tiles), so the store fits it.
+        pool = subprocess.run(
+            [sys.executable, "-m", "megatron_r1v.ssb.prompt_pool", "--prompts", str(tmp_path / "data" / "prompts.jsonl"),
+             "--model", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok"), "--samples", "4",
+             "--max-new-tokens", "24", "--max-tiles", "2", "--temperature", "1.0", "--out", str(tmp_path / "pool"),
+             "--ssb-store", str(tmp_path / "store"), "--tiler", "pil", "--tiler-threads", "1", *reward_args],
+            capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
+        assert pool.returncode == 0, pool.stdout[-2000:] + pool.stderr[-4000:]
+        stats = json.loads(pool.stdout.strip().splitlines()[-1])
+        print("prompt pool:", stats)
+        assert stats["prompts"] == 8 and stats["min_reward_std"] == 0.01 and stats["ssb_groups"] == stats["kept"] >= 1
+        assert stats["kept"] + stats["dropped_all_equal_other"] + stats["dropped_below_min_std"] == 8, stats
+        proc = _run(tmp_path, "seeded", 1, *reward_args, "--set", f"ssb.initial_store={tmp_path / 'store'}")
+    assert f"SSB: loaded {stats['kept']} groups from ssb.initial_store {tmp_path / 'store'}" in proc.stdout, \
+        proc.stdout[-3000:]
+    (metrics,) = _metrics(tmp_path, "seeded")
+    # The stored groups are in the buffer from the start: a batch with ineffective fresh groups
+    # is topped up from them.
+    assert metrics["ssb/size"] >= stats["kept"] or metrics["ssb/effective_ratio_batch"] > \
+        metrics["ssb/effective_ratio_fresh"], metrics
+    assert metrics["ssb/effective_ratio_batch"] == 1.0, metrics
