@@ -228,8 +228,8 @@ def test_prompt_pool_store_seeds_the_grpo_buffer(tmp_path, reward_tools):
         # The run's rollout settings (tiny_grpo_cpu.yaml: 4 samples at temperature 1, 24 new
         # tokens, 2 tiles), so the store fits it.
         pool = subprocess.run(
-            [sys.executable, "-m", "megatron_r1v.ssb.prompt_pool", "--prompts", str(tmp_path / "data" / "prompts.jsonl"),
-             "--model", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok"), "--samples", "4",
+            [sys.executable, "-m", "megatron_r1v.ssb.prompt_pool",
+             "--prompts", str(tmp_path / "data" / "prompts.jsonl"), "--model", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok"), "--samples", "4",
              "--max-new-tokens", "24", "--max-tiles", "2", "--temperature", "1.0", "--out", str(tmp_path / "pool"),
              "--ssb-store", str(tmp_path / "store"), "--tiler", "pil", "--tiler-threads", "1", *reward_args],
             capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
