@@ -198,20 +198,14 @@ def test_chat_format_record_is_frozen():
 def test_generation_tools_follow_the_family(tmp_path, tokenizers):
     """evaluate / rejection_sample on an R1-Distill-family checkpoint: prompts in its markers,
     generation stops at <｜end▁of▁sentence｜>, which the kept reply does not include."""
-    import importlib.util
-    import sys
+    from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
     from megatron_r1v.config import DataConfig
     from megatron_r1v.data.synthetic import generate_dataset
     from megatron_r1v.evaluate import build_requests, prepare_generation
     from megatron_r1v.rollout.engine import RolloutSample
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
-    tools = {}
-    for name in ("make_tiny_checkpoint", "rejection_sample"):
-        spec = importlib.util.spec_from_file_location(name, repo / "tools" / f"{name}.py")
-        tools[name] = sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tools[name])
+    tools = {name: load_tool(name) for name in ("make_tiny_checkpoint", "rejection_sample")}
     tools["make_tiny_checkpoint"].make_tiny_checkpoint(tmp_path / "model",
                                                        tokenizer_dir=tokenizers["r1-distill"].name_or_path)
     generate_dataset(tmp_path / "data", num=2, seed=0)

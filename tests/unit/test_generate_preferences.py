@@ -11,7 +11,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from reward_stub import StandInRewardServer  # tests/ is on sys.path (pytest.ini: pythonpath)
-from tool_modules import run_sampling_tool
+from tool_modules import load_tool, run_sampling_tool
 
 from megatron_r1v.data import validate
 from megatron_r1v.data.schema import load_records
@@ -26,22 +26,14 @@ SCALE = ("--set", "reward.rule_weight=10", "--set", "reward.format_weight=5")
 OUTPUTS = ("scored.jsonl", "preferences.jsonl", "summary.json", "samples.jsonl", "run.json")
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gp = _load_tool("generate_preferences")
+gp = load_tool("generate_preferences")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random checkpoint in the skywork layout and 6 synthetic prompts."""
     root = tmp_path_factory.mktemp("generate_preferences")
-    _load_tool("make_tiny_checkpoint").make_tiny_checkpoint(root / "model", seed=0)
+    load_tool("make_tiny_checkpoint").make_tiny_checkpoint(root / "model", seed=0)
     generate_dataset(root / "data", num=6, seed=0)
     records = load_records(root / "data" / "prompts.jsonl", "prompts").records
     return {"model": root / "model", "data": root / "data" / "prompts.jsonl", "records": records}

@@ -1,14 +1,12 @@
 """tools/rejection_sample.py: selection, SFT output, summary, resume and errors."""
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tool_modules import run_sampling_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
+from tool_modules import load_tool, run_sampling_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data import validate
 from megatron_r1v.data.schema import load_records
@@ -19,15 +17,7 @@ from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-rs = _load_tool("rejection_sample")
+rs = load_tool("rejection_sample")
 Response = rs.Response
 
 
@@ -35,7 +25,7 @@ Response = rs.Response
 def setup(tmp_path_factory):
     """A tiny random checkpoint in the skywork layout and 6 synthetic prompts (2 choice, 4 number)."""
     root = tmp_path_factory.mktemp("rejection_sample")
-    _load_tool("make_tiny_checkpoint").make_tiny_checkpoint(root / "model", seed=0)
+    load_tool("make_tiny_checkpoint").make_tiny_checkpoint(root / "model", seed=0)
     generate_dataset(root / "data", num=6, seed=0)
     records = load_records(root / "data" / "prompts.jsonl", "prompts").records
     return {"model": root / "model", "data": root / "data" / "prompts.jsonl", "records": records}
