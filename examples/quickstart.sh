@@ -1,72 +1,124 @@
 #!/usr/bin/env bash
-# The main job on a CPU machine: the whole R1V2 recipe on a tiny model, start to end.
+# The main job on a CPU machine: the whole R1V recipe, from pretrained parts to a model that reads
+# images, on a tiny model, start to end (the README's "Quickstart" says what each stage does and why).
 #
-#   synthetic visual-reasoning data (train + held-out) -> a tiny random R1V2 checkpoint in
-#   the released (skywork) HF layout -> import to Megatron (TP=2) -> MPO -> GRPO with the
-#   Selective Sample Buffer (both under torchrun, 2 processes) -> export back to HF,
-#   with held-out accuracy measured by the HF engine at the start, after MPO and after GRPO.
+#   synthetic perception data (train: seed 0; held-out: seed HELDOUT_SEED)
+#   -> tiny pretrained parts: an InternViT (standalone release layout) and a Qwen2 LM with its
+#      tokenizer (Qwen2ForCausalLM folder), each warmed up on the training split (tools/make_tiny_parts.py)
+#   -> tools/assemble_checkpoint.py (a fresh MLP adapter) -> import to Megatron (TP=2)
+#   -> cold-start SFT on the training split's reasoning chains (train.stage=sft)
+#   -> MPO pairs from the SFT model (tools/generate_preferences.py: rule + format + a tiny image-aware
+#      reward model served over HTTP) -> MPO (train.stage=mpo)
+#   -> GRPO + Selective Sample Buffer with the hybrid reward (rule + reward model + format)
+#   -> export to HF after every stage, held-out accuracy (HF engine, greedy) at the start and after each.
 #
-# Output under runs/quickstart/: summary.json, curves.png, TensorBoard events in tb/,
-# the HF checkpoints hf_start/, hf_after_mpo/, hf_after_grpo/, and every stage's log.
-# Knobs (environment): OUT, MPO_STEPS, GRPO_STEPS, NUM_TRAIN, NUM_HELDOUT.
+# Output under runs/quickstart/: summary.json, curves.png, TensorBoard events in tb/, the parts in
+# parts/, the HF checkpoints hf_start/, hf_after_sft/, hf_after_mpo/, hf_after_grpo/, the MPO pairs in
+# preferences/, and every stage's log in logs/.
+# Knobs (environment): OUT, NUM_TRAIN (1200), NUM_HELDOUT (240), HELDOUT_SEED (1; the settings were
+# tuned on seed 2), PART_STEPS (300, each part's warm-up), SFT_STEPS (300), PREF_PROMPTS (600 training
+# prompts sampled for MPO pairs), MPO_MARGIN (7, the reward margin a pair must exceed), MPO_STEPS (40),
+# GRPO_STEPS (60), REWARD_MODEL (skywork-vl or r1v).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$(date +%s)
-source tools/ensure_venv.sh
-export OMP_NUM_THREADS=1
 OUT="${OUT:-runs/quickstart}"
-MPO_STEPS="${MPO_STEPS:-300}"
-GRPO_STEPS="${GRPO_STEPS:-60}"
 NUM_TRAIN="${NUM_TRAIN:-1200}"
 NUM_HELDOUT="${NUM_HELDOUT:-240}"
-MAX_TILES=6
+HELDOUT_SEED="${HELDOUT_SEED:-1}"
+PART_STEPS="${PART_STEPS:-300}"
+SFT_STEPS="${SFT_STEPS:-300}"
+PREF_PROMPTS="${PREF_PROMPTS:-600}"
+MPO_MARGIN="${MPO_MARGIN:-7}"
+MPO_STEPS="${MPO_STEPS:-40}"
+GRPO_STEPS="${GRPO_STEPS:-60}"
+REWARD_MODEL="${REWARD_MODEL:-skywork-vl}"
+MAX_TILES=4
+die() { echo "error: $*" >&2; exit 2; }
+for knob in NUM_TRAIN NUM_HELDOUT PART_STEPS SFT_STEPS PREF_PROMPTS MPO_STEPS GRPO_STEPS; do
+    [[ "${!knob}" =~ ^[1-9][0-9]*$ ]] || die "${knob} must be a positive integer (got '${!knob}')"
+done
+[[ "${MPO_MARGIN}" =~ ^[0-9]*\.?[0-9]+$ ]] || die "MPO_MARGIN must be a non-negative number (got '${MPO_MARGIN}')"
+[[ "${HELDOUT_SEED}" =~ ^[0-9]+$ ]] || die "HELDOUT_SEED must be a non-negative integer (got '${HELDOUT_SEED}')"
+[ "${HELDOUT_SEED}" != 0 ] || die "HELDOUT_SEED=0 is the training split's seed"
+case "${REWARD_MODEL}" in skywork-vl|r1v) ;; *) die "REWARD_MODEL must be skywork-vl or r1v (got '${REWARD_MODEL}')" ;; esac
+[ -n "${OUT}" ] && [ "${OUT}" != / ] || die "OUT must name a folder (got '${OUT}')"
+
+source tools/ensure_venv.sh
+export OMP_NUM_THREADS=1
 TORCHRUN=("${PY}" -m torch.distributed.run --standalone --nproc_per_node 2)
 rm -rf "${OUT}" && mkdir -p "${OUT}/logs"
 mark() { date +%s > "${OUT}/logs/$1.t"; }
 step() { echo; echo "[quickstart] $*"; }
 
-step "1/8 synthetic data: ${NUM_TRAIN} training samples (seed 0), ${NUM_HELDOUT} held-out prompts (seed 1)"
-"${PY}" -m megatron_r1v.data.synthetic --out "${OUT}/data/train" --num "${NUM_TRAIN}" --seed 0
-"${PY}" -m megatron_r1v.data.synthetic --out "${OUT}/data/heldout" --num "${NUM_HELDOUT}" --seed 1
-"${PY}" -m megatron_r1v.data.validate "${OUT}/data/train/preferences.jsonl" --kind preferences
-
-step "2/8 a tiny random R1V2 checkpoint in the released HF layout, with its tokenizer"
-"${PY}" tools/make_tiny_checkpoint.py --out "${OUT}/hf_start" --seed 0
-
-step "3/8 import to Megatron, TP=2"
-"${TORCHRUN[@]}" tools/convert_checkpoint.py import --hf-dir "${OUT}/hf_start" --out "${OUT}/mcore_start" \
-    --tp 2 --dtype fp32
-
-evaluate() {  # evaluate NAME HF_DIR
+evaluate() {  # evaluate NAME HF_DIR: held-out accuracy, greedy
     "${PY}" -m megatron_r1v.evaluate --model "$2" --data "${OUT}/data/heldout/prompts.jsonl" \
-        --max-tiles "${MAX_TILES}" --max-new-tokens 160 --out "${OUT}/eval_$1.json" \
+        --max-tiles "${MAX_TILES}" --max-new-tokens 96 --out "${OUT}/eval_$1.json" \
         --samples-out "${OUT}/logs/eval_$1.samples.jsonl" 2> "${OUT}/logs/eval_$1.log" | tail -n 1
 }
-train_stage() {  # train_stage NAME CONFIG STEPS DATA_FILE START_CHECKPOINT: train under torchrun, export to HF
-    mark "$1_start"
-    "${TORCHRUN[@]}" -m megatron_r1v.train --config "$2" \
-        --set "train.steps=$3" --set "data.max_tiles=${MAX_TILES}" \
-        --set "data.train_path=$4" --set "data.tokenizer=${OUT}/hf_start" \
-        --set "model.checkpoint=$5" --set "train.save_dir=${OUT}/$1" \
-        --set "logging.tensorboard_dir=${OUT}/tb/$1" --metrics-jsonl "${OUT}/logs/$1_metrics.jsonl"
-    mark "$1_end"
-    "${PY}" tools/convert_checkpoint.py export --mcore-dir "${OUT}/$1/$(cat "${OUT}/$1/latest")/model" \
-        --out "${OUT}/hf_after_$1" > "${OUT}/logs/export_$1.log" 2>&1
+train_stage() {  # train_stage NAME CONFIG STEPS DATA_FILE START_CHECKPOINT [--set K=V...]: torchrun, then export
+    local name="$1" config="$2" steps="$3" data="$4" start="$5"
+    shift 5
+    mark "${name}_start"
+    "${TORCHRUN[@]}" -m megatron_r1v.train --config "${config}" \
+        --set "train.steps=${steps}" --set "data.max_tiles=${MAX_TILES}" \
+        --set "data.train_path=${data}" --set "data.tokenizer=${OUT}/hf_start" \
+        --set "model.checkpoint=${start}" --set "train.save_dir=${OUT}/${name}" \
+        --set "logging.tensorboard_dir=${OUT}/tb/${name}" --metrics-jsonl "${OUT}/logs/${name}_metrics.jsonl" "$@"
+    mark "${name}_end"
+    "${PY}" tools/convert_checkpoint.py export --mcore-dir "${OUT}/${name}/$(cat "${OUT}/${name}/latest")/model" \
+        --out "${OUT}/hf_after_${name}" > "${OUT}/logs/export_${name}.log" 2>&1
 }
+latest() { echo "${OUT}/$1/$(cat "${OUT}/$1/latest")/model"; }
 
-step "4/8 held-out accuracy at the start (HF engine, greedy)"
+step "1/10 synthetic perception data: ${NUM_TRAIN} training samples (seed 0), ${NUM_HELDOUT} held-out (seed ${HELDOUT_SEED})"
+"${PY}" -m megatron_r1v.data.synthetic --family perception --out "${OUT}/data/train" --num "${NUM_TRAIN}" --seed 0
+"${PY}" -m megatron_r1v.data.synthetic --family perception --out "${OUT}/data/heldout" --num "${NUM_HELDOUT}" \
+    --seed "${HELDOUT_SEED}"
+
+step "2/10 tiny pretrained parts: an InternViT and a Qwen2 LM, each warmed up for ${PART_STEPS} steps"
+mark parts_start
+"${PY}" tools/make_tiny_parts.py --data "${OUT}/data/train" --out "${OUT}/parts" \
+    --vision-steps "${PART_STEPS}" --llm-steps "${PART_STEPS}" | tee "${OUT}/logs/parts.log" | grep --line-buffered -E "warm-up|/${PART_STEPS} "
+mark parts_end
+
+step "3/10 assemble the parts with a fresh adapter, import to Megatron (TP=2)"
+"${PY}" tools/assemble_checkpoint.py --vision "${OUT}/parts/InternViT-tiny" --llm "${OUT}/parts/Qwen2-tiny" \
+    --out "${OUT}/hf_start" 2> "${OUT}/logs/assemble.log" | tee -a "${OUT}/logs/assemble.log" | cut -c1-200
+"${TORCHRUN[@]}" tools/convert_checkpoint.py import --hf-dir "${OUT}/hf_start" --out "${OUT}/mcore_start" \
+    --tp 2 --dtype fp32 > "${OUT}/logs/import.log" 2>&1
+echo "held-out accuracy at the start (HF engine, greedy):"
 evaluate start "${OUT}/hf_start"
 
-step "5/8 MPO, ${MPO_STEPS} steps (reference log-probs cached first)"
-train_stage mpo examples/configs/tiny_mpo_cpu.yaml "${MPO_STEPS}" "${OUT}/data/train/preferences.jsonl" \
-    "${OUT}/mcore_start"
-step "6/8 held-out accuracy after MPO"
+step "4/10 cold-start SFT, ${SFT_STEPS} steps, on the training split's reasoning chains"
+train_stage sft examples/configs/quickstart_sft.yaml "${SFT_STEPS}" "${OUT}/data/train/sft.jsonl" "${OUT}/mcore_start"
+step "5/10 held-out accuracy after SFT"
+evaluate after_sft "${OUT}/hf_after_sft"
+
+step "6/10 a tiny image-aware ${REWARD_MODEL} reward model, served over HTTP"
+source examples/lib/reward_server.sh  # start_reward_server, stop_reward_server (at exit)
+start_reward_server "${REWARD_MODEL}" "${OUT}" "${OUT}/hf_start"
+REWARD=(--set "reward.reward_model_url=${RM_URL}")
+
+step "7/10 MPO pairs: 4 responses to each of ${PREF_PROMPTS} training prompts from the SFT model, scored with the hybrid reward"
+head -n "${PREF_PROMPTS}" "${OUT}/data/train/prompts.jsonl" > "${OUT}/data/train/mpo_prompts.jsonl"
+"${PY}" tools/generate_preferences.py --model "${OUT}/hf_after_sft" --prompts "${OUT}/data/train/mpo_prompts.jsonl" \
+    --out "${OUT}/preferences" --reward-config examples/configs/quickstart_mpo.yaml "${REWARD[@]}" \
+    --samples 4 --temperature 1.0 --max-new-tokens 96 --max-tiles "${MAX_TILES}" --margin-threshold "${MPO_MARGIN}" \
+    --batch-size 32 2> "${OUT}/logs/preferences.log" | cut -c1-300
+[ -s "${OUT}/preferences/preferences.jsonl" ] ||
+    { echo "error: no pair above the margin ${MPO_MARGIN} (${OUT}/preferences/summary.json)" >&2; exit 1; }
+
+step "8/10 MPO, ${MPO_STEPS} steps, on $(wc -l < "${OUT}/preferences/preferences.jsonl") pairs, from the SFT checkpoint"
+train_stage mpo examples/configs/quickstart_mpo.yaml "${MPO_STEPS}" "${OUT}/preferences/preferences.jsonl" \
+    "$(latest sft)" "${REWARD[@]}" --set "mpo.margin_threshold=${MPO_MARGIN}"
 evaluate after_mpo "${OUT}/hf_after_mpo"
 
-step "7/8 GRPO + Selective Sample Buffer, ${GRPO_STEPS} steps, from the MPO checkpoint"
+step "9/10 GRPO + Selective Sample Buffer, ${GRPO_STEPS} steps, hybrid reward, from the MPO checkpoint"
 train_stage grpo examples/configs/quickstart_grpo.yaml "${GRPO_STEPS}" "${OUT}/data/train/prompts.jsonl" \
-    "${OUT}/mpo/$(cat "${OUT}/mpo/latest")/model"
-step "8/8 held-out accuracy after GRPO, summary and curves"
+    "$(latest mpo)" "${REWARD[@]}"
 evaluate after_grpo "${OUT}/hf_after_grpo"
+stop_reward_server
 
+step "10/10 summary and curves"
 "${PY}" tools/run_report.py quickstart --run-dir "${OUT}" --started "${T0}"

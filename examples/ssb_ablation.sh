@@ -13,12 +13,12 @@
 # Knobs (environment):
 #   STEPS          GRPO steps per run (default 40)
 #   OUT            output folder (default runs/ssb_ablation; replaced on every run)
-#   REWARD_MODEL   unset: rule + format rewards only (quickstart_grpo.yaml as it is);
-#                  skywork-vl or r1v: also a tiny random image-aware reward model of that
-#                  kind (tools/make_tiny_checkpoint.py --reward-model, written to
-#                  OUT/reward_model), served by tools/serve_reward_model.py on a free port
-#                  for both runs, in Eq. 7 with reward.model_weight=1.0 and
-#                  reward.model_calibration=sigmoid
+#   REWARD_MODEL   skywork-vl (default) or r1v: the hybrid reward of quickstart_grpo.yaml
+#                  (rule + format 0.25 + reward model 0.1 after a sigmoid) with a tiny random
+#                  image-aware reward model of that kind (tools/make_tiny_checkpoint.py
+#                  --reward-model, written to OUT/reward_model), served by
+#                  tools/serve_reward_model.py on a free port for both runs;
+#                  none: rule + format rewards only (reward.model_weight=0)
 #   SSB_MIN_STD    ssb.min_reward_std for both runs (unset: the config's, auto)
 #   START, DATA, HELDOUT, TOKENIZER  as above
 set -euo pipefail
@@ -30,13 +30,13 @@ STEPS="${STEPS:-40}"
 DATA="${DATA:-${QS}/data/train}"
 HELDOUT="${HELDOUT:-${QS}/data/heldout/prompts.jsonl}"
 TOKENIZER="${TOKENIZER:-${QS}/hf_start}"
-REWARD_MODEL="${REWARD_MODEL:-}"
+REWARD_MODEL="${REWARD_MODEL:-skywork-vl}"
 SSB_MIN_STD="${SSB_MIN_STD:-}"
 die() { echo "error: $*" >&2; exit 2; }
 
 case "${REWARD_MODEL}" in
-    ""|skywork-vl|r1v) ;;
-    *) die "REWARD_MODEL must be unset, skywork-vl or r1v (got '${REWARD_MODEL}')" ;;
+    none|skywork-vl|r1v) ;;
+    *) die "REWARD_MODEL must be skywork-vl, r1v or none (got '${REWARD_MODEL}')" ;;
 esac
 if [ -n "${SSB_MIN_STD}" ] && ! [[ "${SSB_MIN_STD}" =~ ^(auto|[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)$ ]]; then
     die "SSB_MIN_STD must be 'auto' or a non-negative number (got '${SSB_MIN_STD}')"
@@ -62,49 +62,13 @@ COMMON=(--set "train.steps=${STEPS}" --set "data.train_path=${DATA}/prompts.json
         --set "model.checkpoint=${START}")
 [ -n "${SSB_MIN_STD}" ] && COMMON+=(--set "ssb.min_reward_std=${SSB_MIN_STD}")
 
-RM_PID=""
-stop_reward_server() {
-    if [ -n "${RM_PID}" ] && kill -0 "${RM_PID}" 2> /dev/null; then
-        kill -TERM "${RM_PID}" 2> /dev/null || true
-        for _ in $(seq 50); do kill -0 "${RM_PID}" 2> /dev/null || break; sleep 0.2; done
-        kill -KILL "${RM_PID}" 2> /dev/null || true
-        wait "${RM_PID}" 2> /dev/null || true
-    fi
-    RM_PID=""
-}
-trap stop_reward_server EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if [ -n "${REWARD_MODEL}" ]; then
-    RM_DIR="${OUT}/reward_model"
-    rm_args=(--reward-model "${REWARD_MODEL}" --out "${RM_DIR}" --seed 0)
-    # An r1v reward model reads responses with the policy's tokenizer.
-    [ "${REWARD_MODEL}" = r1v ] && rm_args+=(--tokenizer "${TOKENIZER}")
-    echo "[ssb_ablation] a tiny random ${REWARD_MODEL} reward model in ${RM_DIR}"
-    "${PY}" tools/make_tiny_checkpoint.py "${rm_args[@]}" > "${OUT}/reward_model.json"
-    # First stdout line: {"event": "listening", "url": ...}; the rest of its output is stderr.
-    "${PY}" tools/serve_reward_model.py --model "${RM_DIR}" --port 0 \
-        > "${OUT}/reward_server.out" 2> "${OUT}/reward_server.log" &
-    RM_PID=$!
-    RM_URL=""
-    for _ in $(seq 600); do  # up to 120 s
-        if [ -s "${OUT}/reward_server.out" ]; then
-            RM_URL=$("${PY}" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readline())["url"])' \
-                "${OUT}/reward_server.out" 2> /dev/null || true)
-            [ -n "${RM_URL}" ] && break
-        fi
-        kill -0 "${RM_PID}" 2> /dev/null || break
-        sleep 0.2
-    done
-    if [ -z "${RM_URL}" ]; then
-        echo "error: the reward server printed no startup line; its stderr (${OUT}/reward_server.log):" >&2
-        tail -n 30 "${OUT}/reward_server.log" >&2 || true
-        exit 1
-    fi
-    echo "[ssb_ablation] reward server ${RM_URL} (pid ${RM_PID}, log ${OUT}/reward_server.log)"
-    COMMON+=(--set "reward.reward_model_url=${RM_URL}" --set reward.model_weight=1.0
-             --set reward.model_calibration=sigmoid)
+source examples/lib/reward_server.sh  # start_reward_server, stop_reward_server (at exit)
+if [ "${REWARD_MODEL}" = none ]; then
+    COMMON+=(--set reward.model_weight=0)
+else
+    echo "[ssb_ablation] a tiny random ${REWARD_MODEL} reward model in ${OUT}/reward_model"
+    start_reward_server "${REWARD_MODEL}" "${OUT}" "${TOKENIZER}"
+    COMMON+=(--set "reward.reward_model_url=${RM_URL}")
 fi
 echo "[ssb_ablation] shared settings: ${COMMON[*]}"
 
@@ -119,8 +83,8 @@ for run in with_ssb without_ssb; do
         2>&1 | tee "${OUT}/${run}/train.log"
     "${PY}" tools/convert_checkpoint.py export --mcore-dir "${OUT}/${run}/ckpt/$(cat "${OUT}/${run}/ckpt/latest")/model" \
         --out "${OUT}/${run}/hf" > "${OUT}/${run}/export.log" 2>&1
-    "${PY}" -m megatron_r1v.evaluate --model "${OUT}/${run}/hf" --data "${HELDOUT}" --max-tiles 6 \
-        --max-new-tokens 160 --out "${OUT}/${run}/eval.json" 2> "${OUT}/${run}/eval.log" | tail -n 1
+    "${PY}" -m megatron_r1v.evaluate --model "${OUT}/${run}/hf" --data "${HELDOUT}" --max-tiles 4 \
+        --max-new-tokens 96 --out "${OUT}/${run}/eval.json" 2> "${OUT}/${run}/eval.log" | tail -n 1
 done
 stop_reward_server
 

@@ -3,12 +3,14 @@
     python tools/run_report.py quickstart --run-dir runs/quickstart [--started EPOCH_S]
     python tools/run_report.py ablation --run with_ssb=DIR --run without_ssb=DIR --out DIR
 
-``quickstart`` reads what examples/quickstart.sh left in the run folder (eval_*.json from
-``python -m megatron_r1v.evaluate``, TensorBoard events under tb/mpo and tb/grpo, stage
-timestamps under logs/) and writes ``summary.json`` (accuracies as fractions) and
-``curves.png``. ``ablation`` compares GRPO runs (examples/ssb_ablation.sh): the
-effective-sample ratio of the batches and the accuracy per step in one PNG, and each
-run's final numbers in ``ablation.json``. Both print a table.
+``quickstart`` reads what examples/quickstart.sh left in the run folder (eval_*.json and the
+per-prompt samples of ``python -m megatron_r1v.evaluate``, the data splits, TensorBoard events
+under tb/sft, tb/mpo and tb/grpo, stage timestamps under logs/) and writes ``summary.json``
+(accuracies as fractions, overall and per task, after every stage; ``ceiling``: the held-out
+accuracy of answering each task's most common training answer; the goals) and ``curves.png``.
+``ablation`` compares GRPO runs (examples/ssb_ablation.sh): the effective-sample ratio of the
+batches and the accuracy per step in one PNG, and each run's final numbers in
+``ablation.json``. Both print a table.
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
 from megatron_r1v.plotting import load_scalars, plot_runs
 
-STAGES = ("start", "after_mpo", "after_grpo")
-QUICKSTART_TAGS = ("mpo/loss", "mpo/reward_margin", "mpo/accuracy", "train/reward_mean", "train/accuracy",
+STAGES = ("start", "after_sft", "after_mpo", "after_grpo")
+STAGE_LABELS = ("start", "after SFT", "after MPO", "after GRPO")
+TRAINING_STAGES = ("parts", "sft", "mpo", "grpo")
+QUICKSTART_TAGS = ("sft/loss", "mpo/loss", "mpo/reward_margin", "train/reward_mean", "train/accuracy",
                    "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size")
 ABLATION_TAGS = ("ssb/effective_ratio_batch", "ssb/effective_ratio_fresh", "train/accuracy", "train/reward_mean",
                  "train/rm_reward")
 # Second-half means an ablation reports when its runs logged them (train/rm_reward: the calibrated
 # reward-model term of Eq. 7, 0 with the reward model off).
 ABLATION_OPTIONAL = {"train/rm_reward": "rm_reward_second_half", "train/format_reward": "format_reward_second_half"}
+CEILING_MARGIN = 0.25
+"""The quickstart's goal: held-out accuracy after GRPO at least the constant-guess ceiling plus 25 points."""
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -49,6 +56,66 @@ def _stage_seconds(logs: Path, name: str) -> Optional[float]:
     return None
 
 
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not JSON: {err}") from None
+    return rows
+
+
+def prompt_tasks(split: Path) -> dict[str, tuple[str, str]]:
+    """``{prompt id: (task, answer)}`` of a synthetic split: the task from metadata.jsonl (the
+    answer type where a split has none)."""
+    meta = split / "metadata.jsonl"
+    tasks = {row["id"]: row["task"] for row in _jsonl(meta)} if meta.is_file() else {}
+    return {row["id"]: (tasks.get(row["id"], row["answer_type"]), str(row["answer"]))
+            for row in _jsonl(split / "prompts.jsonl")}
+
+
+def constant_guess(train: dict[str, tuple[str, str]], heldout: dict[str, tuple[str, str]]) -> dict:
+    """The best a model that never looks can do: each task's most common training answer
+    (ties: the first seen), scored on the held-out prompts, overall and per task."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for task, answer in train.values():
+        counts[task][answer] += 1
+    guess = {task: counter.most_common(1)[0][0] for task, counter in counts.items()}
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for task, answer in heldout.values():
+        hits[task].append(guess.get(task) == answer)
+    every = [h for group in hits.values() for h in group]
+    return {"accuracy": sum(every) / len(every),
+            "by_task": {t: {"answer": guess.get(t), "accuracy": sum(h) / len(h)} for t, h in sorted(hits.items())}}
+
+
+def accuracy_by_task(samples: Path, heldout: dict[str, tuple[str, str]]) -> dict[str, float]:
+    """Per-task accuracy of an evaluation's ``--samples-out`` file."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row in _jsonl(samples):
+        if row["id"] not in heldout:
+            raise ValueError(f"{samples}: prompt {row['id']!r} is not in the held-out split")
+        hits[heldout[row["id"]][0]].append(bool(row["correct"]))
+    return {task: sum(h) / len(h) for task, h in sorted(hits.items())}
+
+
+def _goals(acc: dict, ceiling: dict, by_task: dict) -> dict:
+    final = by_task["after_grpo"]
+    return {
+        "after_sft_beats_start": acc["after_sft"] > acc["start"],
+        "after_mpo_beats_after_sft": acc["after_mpo"] > acc["after_sft"],
+        "after_grpo_beats_after_mpo": acc["after_grpo"] > acc["after_mpo"],
+        "after_grpo_points_over_ceiling": round(100 * (acc["after_grpo"] - ceiling["accuracy"]), 2),
+        "after_grpo_at_least_ceiling_plus_25_points": acc["after_grpo"] >= ceiling["accuracy"] + CEILING_MARGIN,
+        "after_grpo_beats_constant_guess_on_every_task": all(
+            final.get(task, 0.0) > entry["accuracy"] for task, entry in ceiling["by_task"].items()),
+    }
+
+
 def quickstart(run_dir: Path, started: Optional[float]) -> dict:
     evals = {}
     for stage in STAGES:
@@ -56,38 +123,51 @@ def quickstart(run_dir: Path, started: Optional[float]) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the quickstart's evaluation of '{stage}' did not finish")
         evals[stage] = json.loads(path.read_text())
-    runs = {name: load_scalars(run_dir / "tb" / name) for name in ("mpo", "grpo")}
+    heldout = prompt_tasks(run_dir / "data" / "heldout")
+    ceiling = constant_guess(prompt_tasks(run_dir / "data" / "train"), heldout)
+    by_task = {s: accuracy_by_task(run_dir / "logs" / f"eval_{s}.samples.jsonl", heldout) for s in STAGES}
+    runs = {name: load_scalars(run_dir / "tb" / name) for name in ("sft", "mpo", "grpo")}
     acc = {s: evals[s]["accuracy"] for s in STAGES}
     grpo = runs["grpo"]
     summary = {
         "accuracy": acc,
+        "ceiling": ceiling["accuracy"],
+        "ceiling_by_task": ceiling["by_task"],
+        "accuracy_by_task": by_task,
         "format": {s: evals[s]["format"] for s in STAGES},
         "heldout_prompts": evals["start"]["num_prompts"],
         "seconds": round(time.time() - started, 1) if started else None,
-        "stage_seconds": {name: _stage_seconds(run_dir / "logs", name) for name in ("mpo", "grpo")},
+        "stage_seconds": {name: _stage_seconds(run_dir / "logs", name) for name in TRAINING_STAGES},
         "steps": {name: len(next(iter(scalars.values()))[0]) for name, scalars in runs.items()},
         "grpo_second_half": {tag: _mean(_second_half(grpo[tag])) for tag in
                              ("train/accuracy", "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch")
                              if tag in grpo},
-        "goals": {
-            "after_mpo_beats_start": acc["after_mpo"] > acc["start"],
-            "after_grpo_gain_points": round(100 * (acc["after_grpo"] - acc["start"]), 2),
-            "after_grpo_gain_at_least_15_points": acc["after_grpo"] - acc["start"] >= 0.15,
-        },
+        "goals": _goals(acc, ceiling, by_task),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_runs({"MPO": runs["mpo"], "GRPO + SSB": grpo}, [t for t in QUICKSTART_TAGS if any(t in r for r in
-                                                                                            runs.values())],
-              run_dir / "curves.png", title="quickstart: tiny R1V2, MPO then GRPO + SSB (CPU, TP=2)")
-    print()
-    print(f"{'held-out accuracy':<22}{'start':>10}{'after MPO':>12}{'after GRPO':>12}")
-    print(f"{'  answer correct':<22}" + "".join(f"{100 * acc[s]:>{w}.1f}%" for s, w in zip(STAGES, (9, 11, 11))))
-    print(f"{'  R1 format':<22}" + "".join(f"{100 * summary['format'][s]:>{w}.1f}%"
-                                           for s, w in zip(STAGES, (9, 11, 11))))
-    print(f"({summary['heldout_prompts']} held-out prompts, greedy; total {summary['seconds']} s; "
-          f"MPO {summary['stage_seconds']['mpo']} s, GRPO {summary['stage_seconds']['grpo']} s)")
-    print(f"wrote {run_dir / 'summary.json'}, {run_dir / 'curves.png'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    plot_runs({"SFT": runs["sft"], "MPO": runs["mpo"], "GRPO + SSB": grpo},
+              [t for t in QUICKSTART_TAGS if any(t in r for r in runs.values())], run_dir / "curves.png",
+              title="quickstart: tiny R1V from parts, SFT, MPO, GRPO + SSB (CPU, TP=2)")
+    _print_quickstart(summary, run_dir)
     return summary
+
+
+def _print_quickstart(summary: dict, run_dir: Path) -> None:
+    acc, by_task, ceiling = summary["accuracy"], summary["accuracy_by_task"], summary["ceiling_by_task"]
+    print()
+    print(f"{'held-out accuracy':<24}" + "".join(f"{label:>12}" for label in STAGE_LABELS) + f"{'ceiling':>12}")
+    print(f"{'  answer correct':<24}" + "".join(f"{100 * acc[s]:>11.1f}%" for s in STAGES)
+          + f"{100 * summary['ceiling']:>11.1f}%")
+    for task, entry in ceiling.items():
+        print(f"{'    ' + task:<24}" + "".join(f"{100 * by_task[s].get(task, 0.0):>11.1f}%" for s in STAGES)
+              + f"{100 * entry['accuracy']:>11.1f}%")
+    print(f"{'  R1 format':<24}" + "".join(f"{100 * summary['format'][s]:>11.1f}%" for s in STAGES))
+    seconds = summary["stage_seconds"]
+    print(f"({summary['heldout_prompts']} held-out prompts, greedy; ceiling: each task's most common training "
+          f"answer; total {summary['seconds']} s; parts {seconds['parts']} s, SFT {seconds['sft']} s, "
+          f"MPO {seconds['mpo']} s, GRPO {seconds['grpo']} s)")
+    print(f"wrote {run_dir / 'summary.json'}, {run_dir / 'curves.png'}; "
+          f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
 
 
 def ablation(runs_arg: list[str], out: Path) -> dict:

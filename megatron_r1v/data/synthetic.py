@@ -1,6 +1,6 @@
 """A deterministic synthetic visual-reasoning set with answers that can be checked.
 
-    python -m megatron_r1v.data.synthetic --out DIR --num N --seed S [--force]
+    python -m megatron_r1v.data.synthetic --out DIR --num N --seed S [--family reasoning|perception] [--force]
 
 writes
 
@@ -13,14 +13,16 @@ writes
     DIR/metadata.jsonl      what each image holds (task, size, every object's colour and
                             box), so answers can be re-derived from the pixels
 
-Three tasks, in turn: ``count`` (how many shapes of one colour; answer_type number),
-``digit_sum`` (sum of seven-segment digits; number) and ``majority_color`` (which of
+Two families of tasks. ``perception`` (``data/synthetic_perception.py``: the colour, shape
+or number of big shapes on a grid sized for the tiny model's tiles) is what the quickstart
+trains on. ``reasoning``, the default, has three tasks, in turn: ``count`` (how many shapes
+of one colour; answer_type number), ``digit_sum`` (sum of seven-segment digits; number) and ``majority_color`` (which of
 four colours is on the most shapes; choice, answered with the option's letter). Shapes
 and digits sit in disjoint cells of a grid with a margin, so they never touch, and are
 drawn without anti-aliasing in exact palette colours. Images are 64..900 pixels on each
 side with aspect ratios from 1:3 to 4:1.
 
-Sample ``i`` depends only on ``(seed, i)``: ``--num 10`` gives the first ten samples of
+Sample ``i`` depends only on ``(family, seed, i)``: ``--num 10`` gives the first ten samples of
 ``--num 200``, and the files are byte-identical across runs (no timestamps in the PNGs).
 
 Preferences: ``chosen`` is an R1-style response (``<think>\\n...\\n</think>\\n\\nThe answer
@@ -53,8 +55,10 @@ from PIL import Image, ImageDraw
 from megatron_r1v.atomic_dir import commit_directory
 
 from .schema import CHOICE_LETTERS, IMAGE_PLACEHOLDER
+from .synthetic_perception import PERCEPTION_TASKS, perception_grid, perception_task
 
 TASKS = ("count", "digit_sum", "majority_color")
+FAMILIES: dict[str, tuple[str, ...]] = {"reasoning": TASKS, "perception": PERCEPTION_TASKS}
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
     "yellow": (235, 200, 20), "purple": (140, 60, 190), "orange": (245, 130, 30),
@@ -116,6 +120,7 @@ class Sample:
     choices: Optional[list[str]] = None
     reasoning: str = ""
     wrong_answer: str = ""
+    answer_type: str = "number"
 
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -221,14 +226,27 @@ def _majority_task(s: Sample, rng: np.random.Generator, cells: list, size: int) 
     s.reasoning = (f"Counting the shapes of each option's color: {tally}. {choices[top].capitalize()} has the "
                    f"most, {most}, and {choices[top]} is option {s.answer}.")
     s.wrong_answer = CHOICE_LETTERS[int(rng.choice([i for i in range(4) if i != top]))]
+    s.answer_type = "choice"
 
 
-def make_sample(seed: int, index: int) -> Sample:
-    """Sample ``index`` of the set for ``seed`` (pure: no files)."""
+def make_sample(seed: int, index: int, family: str = "reasoning") -> Sample:
+    """Sample ``index`` of ``family``'s set for ``seed`` (pure: no files)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: {family!r} is not one of {', '.join(FAMILIES)}")
+    tasks = FAMILIES[family]
+    if family == "perception":
+        # Its own stream (a third seed word), so the reasoning family's samples never move.
+        rng = np.random.default_rng([seed, index, 2])
+        width, height, cells = perception_grid(rng)
+        sample = Sample(f"syn-{index:06d}", tasks[index % len(tasks)], width, height,
+                        BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+        perception_task(sample, rng, cells, list(PALETTE), SHAPES)
+        sample.answer_type = "number" if sample.task == "count" else "text"
+        return sample
     rng = np.random.default_rng([seed, index])
     width, height = _image_size(rng)
-    sample = Sample(f"syn-{index:06d}", TASKS[index % len(TASKS)], width, height,
-                     BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+    sample = Sample(f"syn-{index:06d}", tasks[index % len(tasks)], width, height,
+                    BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
     size, cells = _cells(rng, width, height)
     {"count": _count_task, "digit_sum": _digit_task, "majority_color": _majority_task}[sample.task](
         sample, rng, cells, size)
@@ -270,7 +288,7 @@ def _responses(sample: Sample, rng: np.random.Generator) -> tuple[str, str]:
 def _records(sample: Sample, seed: int, index: int) -> tuple[dict, dict, dict, dict]:
     image = f"images/{sample.id}.png"
     prompt = {"id": sample.id, "images": [image], "question": sample.question, "answer": sample.answer,
-              "answer_type": "choice" if sample.choices else "number"}
+              "answer_type": sample.answer_type}
     if sample.choices:
         prompt["choices"] = sample.choices
     # Its own stream, so changing the response wording never moves the images.
@@ -295,9 +313,12 @@ def _write_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")  # PIL adds no time chunk unless asked: deterministic bytes
 
 
-def generate_dataset(out_dir: Union[str, Path], num: int, seed: int, *, force: bool = False) -> dict:
-    """Writes ``num`` samples to ``out_dir`` (module docstring); returns a summary."""
+def generate_dataset(out_dir: Union[str, Path], num: int, seed: int, *, force: bool = False,
+                     family: str = "reasoning") -> dict:
+    """Writes ``num`` samples of ``family`` to ``out_dir`` (module docstring); returns a summary."""
     out = Path(out_dir)
+    if family not in FAMILIES:
+        raise ValueError(f"family: {family!r} is not one of {', '.join(FAMILIES)}")
     if num < 1:
         raise ValueError(f"num: expected at least 1 sample, got {num}")
     if out.exists() and not out.is_dir():
@@ -313,7 +334,7 @@ def generate_dataset(out_dir: Union[str, Path], num: int, seed: int, *, force: b
         lines: dict[str, list[str]] = {"prompts.jsonl": [], "preferences.jsonl": [], "sft.jsonl": [],
                                        "metadata.jsonl": []}
         for index in range(num):
-            sample = make_sample(seed, index)
+            sample = make_sample(seed, index, family)
             _write_png(render(sample), tmp / "images" / f"{sample.id}.png")
             for name, record in zip(lines, _records(sample, seed, index)):
                 lines[name].append(json.dumps(record, ensure_ascii=False))
@@ -327,7 +348,7 @@ def generate_dataset(out_dir: Union[str, Path], num: int, seed: int, *, force: b
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     ratios = [w / h for w, h in zip(widths, heights)]
-    return {"out": str(out), "num": num, "seed": seed, "tasks": dict(sorted(tasks.items())),
+    return {"out": str(out), "num": num, "seed": seed, "family": family, "tasks": dict(sorted(tasks.items())),
             "width": [min(widths), max(widths)], "height": [min(heights), max(heights)],
             "aspect_ratio": [round(min(ratios), 3), round(max(ratios), 3)]}
 
@@ -338,14 +359,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     parser.add_argument("--num", type=int, default=200, help="number of samples (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--family", choices=list(FAMILIES), default="reasoning",
+                        help="task family (module docstring; default reasoning)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
     try:
-        summary = generate_dataset(args.out, args.num, args.seed, force=args.force)
+        summary = generate_dataset(args.out, args.num, args.seed, force=args.force, family=args.family)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
     tasks = ", ".join(f"{n} {t}" for t, n in summary["tasks"].items())
-    print(f"wrote {summary['num']} samples ({tasks}) to {summary['out']}: images/, prompts.jsonl, "
+    print(f"wrote {summary['num']} {args.family} samples ({tasks}) to {summary['out']}: images/, prompts.jsonl, "
           f"preferences.jsonl, sft.jsonl, metadata.jsonl; widths {summary['width'][0]}..{summary['width'][1]}, "
           f"heights {summary['height'][0]}..{summary['height'][1]}")
     return 0

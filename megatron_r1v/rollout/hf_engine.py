@@ -29,6 +29,7 @@ log-probs exactly, and is short.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
@@ -68,6 +69,9 @@ class HFRolloutEngine:
         self.pad_id = 1 if self.image_token_id == 0 else 0
         self._params: dict[str, torch.nn.Parameter] = dict(model.named_parameters())
         self.released = False
+        # transformers renamed the KV-cache argument and output field from past_key_values to
+        # cache (5.x; the old name warns on every call): use what this version's forward takes.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_arch(
@@ -217,7 +221,7 @@ class HFRolloutEngine:
             input_ids=ids_BL, pixel_values=pixel_values, attention_mask=mask_BL,
             position_ids=(mask_BL.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
         )
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_arg)
         cache.batch_repeat_interleave(n)
         return (out.logits[:, -1].repeat_interleave(n, dim=0), cache, mask_BL.repeat_interleave(n, dim=0),
                 torch.tensor(lengths, device=dev).repeat_interleave(n))
@@ -243,9 +247,9 @@ class HFRolloutEngine:
             mask_NL = torch.cat([mask_NL, mask_NL.new_ones((rows, 1))], dim=1)
             out = self.model(
                 input_ids=tok_N[:, None], attention_mask=mask_NL, position_ids=next_pos_N[:, None],
-                past_key_values=cache, use_cache=True,
+                use_cache=True, **{self._cache_arg: cache},
             )
-            cache = out.past_key_values
+            cache = getattr(out, self._cache_arg)
             logits_NV = out.logits[:, -1]
             next_pos_N = next_pos_N + 1
         del cache

@@ -197,9 +197,13 @@ def test_cli(tmp_path):
            "--seed", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"wrote 6 samples (2 count, 2 digit_sum, 2 majority_color) to {tmp_path / 's'}")
+    assert proc.stdout.startswith(f"wrote 6 reasoning samples (2 count, 2 digit_sum, 2 majority_color) to "
+                                  f"{tmp_path / 's'}")
     assert synthetic.main(["--out", str(tmp_path / "t"), "--num", "6", "--seed", "5"]) == 0
     assert tree(tmp_path / "s") == tree(tmp_path / "t")
     with pytest.raises(SystemExit) as info:
         synthetic.main(["--out", str(tmp_path / "s"), "--num", "6"])
     assert info.value.code == 2
+    assert synthetic.main(["--out", str(tmp_path / "p"), "--num", "3", "--family", "perception"]) == 0
+    assert [json.loads(line)["answer_type"] for line in (tmp_path / "p" / "prompts.jsonl").read_text().splitlines()
+            ] == ["text", "text", "number"]

@@ -24,27 +24,63 @@ def _report(*args):
                           text=True, timeout=120)
 
 
+def _split(folder: Path, rows: list[tuple[str, str, str]]) -> None:
+    """A synthetic split: prompts.jsonl and metadata.jsonl of (id, task, answer) rows."""
+    folder.mkdir(parents=True)
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(
+        {"id": i, "images": [], "question": "q", "answer": a, "answer_type": "text"}) + "\n" for i, _, a in rows))
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"id": i, "task": t}) + "\n" for i, t, _ in rows))
+
+
 def test_quickstart_summary(tmp_path):
+    _events(tmp_path / "tb" / "sft", {"sft/loss": [4.0, 2.0]})
     _events(tmp_path / "tb" / "mpo", {"mpo/loss": [3.0, 2.0, 1.0], "mpo/reward_margin": [0.0, 1.0, 2.0]})
     _events(tmp_path / "tb" / "grpo", {"train/accuracy": [0.1, 0.2, 0.3, 0.5],
                                        "ssb/effective_ratio_batch": [1.0, 1.0, 0.5, 1.0],
                                        "ssb/effective_ratio_fresh": [0.5, 0.5, 0.5, 0.25]})
-    for stage, acc in (("start", 0.0), ("after_mpo", 0.125), ("after_grpo", 0.2)):
-        (tmp_path / f"eval_{stage}.json").write_text(json.dumps({"accuracy": acc, "format": acc, "num_prompts": 8}))
+    # Training answers: color mostly "red" (3 of 4), count mostly "2" (2 of 3, "1" seen first once).
+    _split(tmp_path / "data" / "train", [("t0", "color", "red"), ("t1", "color", "blue"), ("t2", "color", "red"),
+                                         ("t3", "color", "red"), ("t4", "count", "1"), ("t5", "count", "2"),
+                                         ("t6", "count", "2")])
+    heldout = [("h0", "color", "red"), ("h1", "color", "blue"), ("h2", "color", "green"), ("h3", "color", "red"),
+               ("h4", "count", "2"), ("h5", "count", "3"), ("h6", "count", "1"), ("h7", "count", "4")]
+    _split(tmp_path / "data" / "heldout", heldout)
     (tmp_path / "logs").mkdir()
-    for name, (a, b) in {"mpo": (100, 160), "grpo": (170, 200)}.items():
+    right = {"start": set(), "after_sft": {"h0", "h4"}, "after_mpo": {"h0", "h1", "h4", "h5"},
+             "after_grpo": {"h0", "h1", "h2", "h4", "h5", "h6", "h7"}}
+    for stage, correct in right.items():
+        acc = len(correct) / 8
+        (tmp_path / f"eval_{stage}.json").write_text(json.dumps({"accuracy": acc, "format": 1.0, "num_prompts": 8}))
+        (tmp_path / "logs" / f"eval_{stage}.samples.jsonl").write_text("".join(
+            json.dumps({"id": i, "correct": i in correct}) + "\n" for i, _, _ in heldout))
+    for name, (a, b) in {"parts": (10, 40), "sft": (50, 90), "mpo": (100, 160), "grpo": (170, 200)}.items():
         (tmp_path / "logs" / f"{name}_start.t").write_text(f"{a}\n")
         (tmp_path / "logs" / f"{name}_end.t").write_text(f"{b}\n")
     proc = _report("quickstart", "--run-dir", str(tmp_path), "--started", "0")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["accuracy"] == {"start": 0.0, "after_mpo": 0.125, "after_grpo": 0.2}
-    assert summary["stage_seconds"] == {"mpo": 60.0, "grpo": 30.0} and summary["steps"] == {"mpo": 3, "grpo": 4}
+    assert summary["accuracy"] == {"start": 0.0, "after_sft": 0.25, "after_mpo": 0.5, "after_grpo": 0.875}
+    # Constant guesses "red" and "2": h0, h3 and h4 of 8.
+    assert summary["ceiling"] == 3 / 8
+    assert summary["ceiling_by_task"] == {"color": {"answer": "red", "accuracy": 0.5},
+                                          "count": {"answer": "2", "accuracy": 0.25}}
+    assert summary["accuracy_by_task"]["after_grpo"] == {"color": 0.75, "count": 1.0}
+    assert summary["accuracy_by_task"]["after_sft"] == {"color": 0.25, "count": 0.25}
+    assert summary["stage_seconds"] == {"parts": 30.0, "sft": 40.0, "mpo": 60.0, "grpo": 30.0}
+    assert summary["steps"] == {"sft": 2, "mpo": 3, "grpo": 4}
     assert summary["grpo_second_half"]["train/accuracy"] == pytest.approx(0.4)  # steps 2 and 3
-    assert summary["goals"] == {"after_mpo_beats_start": True, "after_grpo_gain_points": 20.0,
-                                "after_grpo_gain_at_least_15_points": True}
+    assert summary["goals"] == {"after_sft_beats_start": True, "after_mpo_beats_after_sft": True,
+                                "after_grpo_beats_after_mpo": True, "after_grpo_points_over_ceiling": 50.0,
+                                "after_grpo_at_least_ceiling_plus_25_points": True,
+                                "after_grpo_beats_constant_guess_on_every_task": True}
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    assert "20.0%" in proc.stdout and "12.5%" in proc.stdout
+    assert "87.5%" in proc.stdout and "37.5%" in proc.stdout and "ceiling" in proc.stdout
+    # After SFT, color (25%) is below its constant guess (50%): a run stopped there fails that goal.
+    (tmp_path / "logs" / "eval_after_grpo.samples.jsonl").write_text((tmp_path / "logs" /
+                                                                      "eval_after_sft.samples.jsonl").read_text())
+    proc = _report("quickstart", "--run-dir", str(tmp_path))
+    assert not json.loads((tmp_path / "summary.json").read_text())["goals"][
+        "after_grpo_beats_constant_guess_on_every_task"]
     (tmp_path / "eval_after_grpo.json").unlink()
     missing = _report("quickstart", "--run-dir", str(tmp_path))
     assert missing.returncode == 1 and "eval_after_grpo.json is missing" in missing.stderr
