@@ -79,7 +79,8 @@ step "1/10 synthetic perception data: ${NUM_TRAIN} training samples (seed 0), ${
 step "2/10 tiny pretrained parts: an InternViT and a Qwen2 LM, each warmed up for ${PART_STEPS} steps"
 mark parts_start
 "${PY}" tools/make_tiny_parts.py --data "${OUT}/data/train" --out "${OUT}/parts" \
-    --vision-steps "${PART_STEPS}" --llm-steps "${PART_STEPS}" | tee "${OUT}/logs/parts.log" | grep --line-buffered -E "warm-up|/${PART_STEPS} "
+    --vision-steps "${PART_STEPS}" --llm-steps "${PART_STEPS}" | tee "${OUT}/logs/parts.log" |
+    cut -c1-200
 mark parts_end
 
 step "3/10 assemble the parts with a fresh adapter, import to Megatron (TP=2)"

@@ -12,8 +12,8 @@
 # CONFIG (examples/configs/tiny_sft_cpu.yaml), SEQ_LENGTH (512), MAX_TILES (grid tiles per image in
 # sampling and SFT, 6), WORK (runs/sft_rounds), MODEL (HF checkpoint folder with its tokenizer) and
 # PROMPTS (prompts JSONL); relative paths are taken from the repository root. Without PROMPTS the
-# prompts are synthetic (NUM prompts, 48, written to WORK/data). Without MODEL it builds the tiny CPU
-# setup of the quickstart: those synthetic data, a random tiny R1V in the skywork layout and a
+# prompts are synthetic (NUM prompts, 48, written to WORK/data). Without MODEL it builds a tiny CPU
+# setup: those synthetic data, a random tiny R1V in the skywork layout and a
 # cold-start SFT on the synthetic conversations (COLD_STEPS, 150), whose export is round 0's model
 # (a random model accepts nothing to train on).
 # The shared knobs, the import/train/export step and the round loop are in examples/lib/rounds.sh.

@@ -20,7 +20,8 @@ here, on the training split of a ``perception`` synthetic set (``data.synthetic`
   plain documents: each question (its ``<image>`` marker dropped) followed by its reference
   reply. It learns the words and the answer format, not the chat markers and not the images.
 
-Both are deterministic for a seed. Each folder appears complete or not at all.
+Both are deterministic for a seed. The data is read and checked before any training, and
+each folder appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from megatron_r1v.atomic_dir import atomic_directory
-from megatron_r1v.data.synthetic import PALETTE, SHAPES
+from megatron_r1v.data.synthetic import PALETTE, SHAPES, read_jsonl
 from megatron_r1v.data.synthetic_perception import CELL
 from megatron_r1v.models.r1v.presets import R1VArch, get_preset
 
@@ -77,18 +78,6 @@ class PartsOptions:
                 raise FileExistsError(f"{self.out / name} exists; pass --force to replace it")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not JSON: {err}") from None
-    return rows
-
-
 def cell_class(obj: dict) -> int:
     """The probe's class of a shape: 1 + colour * len(SHAPES) + shape (0 is an empty cell)."""
     return 1 + list(PALETTE).index(obj["color"]) * len(SHAPES) + SHAPES.index(obj["shape"])
@@ -106,7 +95,7 @@ def tile_examples(data: Path, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     per_side = tile // CELL
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     pixels, labels = [], []
-    for line_no, meta in enumerate(_read_jsonl(data / "metadata.jsonl"), 1):
+    for line_no, meta in enumerate(read_jsonl(data / "metadata.jsonl"), 1):
         where = f"{data / 'metadata.jsonl'}:{line_no} ({meta.get('id')})"
         width, height = meta["width"], meta["height"]
         if width % tile or height % tile:
@@ -164,15 +153,17 @@ def _train(params: list, steps: int, lr: float, batch_loss: Callable[[int], tupl
     return history
 
 
-def pretrain_vision(arch: R1VArch, data: Path, opts: PartsOptions, log: Callable[[str], None]):
+def pretrain_vision(arch: R1VArch, tiles: tuple[torch.Tensor, torch.Tensor], opts: PartsOptions,
+                    log: Callable[[str], None]):
     """transformers' InternVL with ``arch``'s widths (random from ``opts.seed``), its vision tower
-    trained on the cell probe (module docstring); returns (the engine, the history)."""
+    trained on the cell probe over ``tiles`` (``tile_examples``; module docstring); returns
+    (the model, the history)."""
     from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
     vision = arch.vision
-    pixels, labels = tile_examples(data, vision.image_size)
+    pixels, labels = tiles
     per_cell = CELL // vision.patch_size
-    log(f"vision warm-up: {len(pixels)} tiles of {vision.image_size} px from {data}, "
+    log(f"vision warm-up: {len(pixels)} tiles of {vision.image_size} px, "
         f"{int((labels > 0).sum())} shapes in {labels.numel()} cells")
     engine = HFRolloutEngine.from_arch(arch, seed=opts.seed, dtype=torch.float32)
     tower = engine.model.model.vision_tower.train()
@@ -204,7 +195,7 @@ def lm_documents(data: Path) -> list[str]:
     from megatron_r1v.data.schema import IMAGE_PLACEHOLDER
 
     docs = []
-    for record in _read_jsonl(data / "sft.jsonl"):
+    for record in read_jsonl(data / "sft.jsonl"):
         turns = record["messages"]
         docs.append("\n".join(turn["content"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
                               for turn in turns))
@@ -274,14 +265,16 @@ def make_tiny_parts(opts: PartsOptions, log: Callable[[str], None] = print) -> d
     if arch.vision is None:
         raise ValueError(f"preset {opts.preset!r} has no vision tower")
     torch.manual_seed(opts.seed)
+    tiles = tile_examples(opts.data, arch.vision.image_size)  # checks the images and metadata before any training
+    docs = lm_documents(opts.data)
     with atomic_directory(opts.out / LLM_DIR) as llm_tmp:
         save_hf_tokenizer(_parts_tokenizer(opts.data, arch.decoder.vocab_size, opts.chat_family), llm_tmp,
                           family=opts.chat_family)
         tokenizer = load_tokenizer(llm_tmp)
-        llm, llm_history = pretrain_language(arch, tokenizer, lm_documents(opts.data), opts, log)
+        llm, llm_history = pretrain_language(arch, tokenizer, docs, opts, log)
         llm.save_pretrained(llm_tmp, safe_serialization=True)
         (llm_tmp / "pretraining.json").write_text(json.dumps({"history": llm_history}, indent=2) + "\n")
-    model, vision_history = pretrain_vision(arch, opts.data, opts, log)
+    model, vision_history = pretrain_vision(arch, tiles, opts, log)
     state = {name: p.detach() for name, p in model.state_dict().items()}
     prefix = SKYWORK_LAYOUT.vision_prefix
     tensors = {name[len(prefix):]: t.contiguous() for name, t in

@@ -28,6 +28,18 @@ def make_random_model(out: Path) -> None:
     assert made.returncode == 0, made.stderr[-3000:]
 
 
+_MADE: dict[str, Path] = {}
+
+
+def random_model(tmp_path_factory) -> Path:
+    """``make_random_model`` once per test session (the scripts only read MODEL): the folder."""
+    if "random" not in _MADE:
+        out = tmp_path_factory.mktemp("random_tiny_r1v") / "random"
+        make_random_model(out)
+        _MADE["random"] = out
+    return _MADE["random"]
+
+
 def files(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under ``root``: relative path -> (sha256, mtime in ns)."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)

@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
+from megatron_r1v.data.synthetic import read_jsonl
 from megatron_r1v.plotting import load_scalars, plot_runs
 
 STAGES = ("start", "after_sft", "after_mpo", "after_grpo")
@@ -56,26 +57,13 @@ def _stage_seconds(logs: Path, name: str) -> Optional[float]:
     return None
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    rows = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not JSON: {err}") from None
-    return rows
-
-
 def prompt_tasks(split: Path) -> dict[str, tuple[str, str]]:
     """``{prompt id: (task, answer)}`` of a synthetic split: the task from metadata.jsonl (the
     answer type where a split has none)."""
     meta = split / "metadata.jsonl"
-    tasks = {row["id"]: row["task"] for row in _jsonl(meta)} if meta.is_file() else {}
+    tasks = {row["id"]: row["task"] for row in read_jsonl(meta)} if meta.is_file() else {}
     return {row["id"]: (tasks.get(row["id"], row["answer_type"]), str(row["answer"]))
-            for row in _jsonl(split / "prompts.jsonl")}
+            for row in read_jsonl(split / "prompts.jsonl")}
 
 
 def constant_guess(train: dict[str, tuple[str, str]], heldout: dict[str, tuple[str, str]]) -> dict:
@@ -96,7 +84,7 @@ def constant_guess(train: dict[str, tuple[str, str]], heldout: dict[str, tuple[s
 def accuracy_by_task(samples: Path, heldout: dict[str, tuple[str, str]]) -> dict[str, float]:
     """Per-task accuracy of an evaluation's ``--samples-out`` file."""
     hits: dict[str, list[bool]] = defaultdict(list)
-    for row in _jsonl(samples):
+    for row in read_jsonl(samples):
         if row["id"] not in heldout:
             raise ValueError(f"{samples}: prompt {row['id']!r} is not in the held-out split")
         hits[heldout[row["id"]][0]].append(bool(row["correct"]))

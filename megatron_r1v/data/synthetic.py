@@ -309,6 +309,22 @@ def _records(sample: Sample, seed: int, index: int) -> tuple[dict, dict, dict, d
     return prompt, preference, sft, meta
 
 
+def read_jsonl(path: Union[str, Path]) -> list[dict]:
+    """One of a set's JSONL files (metadata.jsonl, prompts.jsonl, ...) as dicts; a missing
+    file or a line that is not JSON is an error naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    rows = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not JSON: {err}") from None
+    return rows
+
+
 def _write_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")  # PIL adds no time chunk unless asked: deterministic bytes
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from assemble_parts import CORPUS, write_internvit, write_qwen2  # tests/ is on sys.path
+from tool_modules import run_tool
 
 from megatron_r1v.data.synthetic import generate_dataset
 
@@ -104,9 +105,9 @@ def test_assembled_checkpoint_imports_verifies_trains_sft_and_exports(torchrun, 
     assert json.loads((last / "r1v_checkpoint.json").read_text())["arch"] == meta["arch"]
 
     hf = tmp_path / "hf"
-    export = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint.py"), "export", "--mcore-dir",
-                             str(last), "--out", str(hf)], capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # In this process (tool_modules.run_tool: main's return value is the exit status); the script's
+    # own exit status as a process is tested by test_conversion.py and tests/e2e/test_mpo_train.py.
+    export = run_tool("convert_checkpoint", "export", "--mcore-dir", str(last), "--out", str(hf), cwd=REPO)
     assert export.returncode == 0, export.stderr[-3000:]
     config = json.loads((hf / "config.json").read_text())
     assert config["llm_config"]["vocab_size"] == ROWS  # the released layout, TP padding dropped

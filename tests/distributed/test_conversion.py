@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tool_modules import run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
 
@@ -24,9 +25,14 @@ def import_ckpt(torchrun, hf_dir, out, tp=1, pp=1, *extra, check=True):
                                        "--pp", str(pp), "--dtype", "fp32", *extra], check=check)
 
 
-def export_ckpt(mcore_dir, out, *extra):
-    return subprocess.run([sys.executable, str(REPO / CONVERT), "export", "--mcore-dir", str(mcore_dir),
-                           "--out", str(out), *extra], capture_output=True, text=True, timeout=300, cwd=REPO)
+def export_ckpt(mcore_dir, out, *extra, process=False):
+    """``convert_checkpoint.py export`` (one process): in this process (tool_modules.run_tool; main's
+    return value is the exit status), or with ``process`` as a real ``python tools/convert_checkpoint.py``."""
+    argv = ["export", "--mcore-dir", str(mcore_dir), "--out", str(out), *extra]
+    if not process:
+        return run_tool("convert_checkpoint", *argv, cwd=REPO)
+    return subprocess.run([sys.executable, str(REPO / CONVERT), *argv], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
 
 
 def read_all(directory):
@@ -142,7 +148,7 @@ def test_existing_output_needs_force(saved_at_tp2, internvl, torchrun, tmp_path)
     proc = import_ckpt(torchrun, internvl["hf_dir"], out, check=False)
     assert proc.returncode != 0 and f"output directory {out} exists; pass --force" in proc.stderr
     assert (out / "keep.txt").read_text() == "user data"
-    proc = export_ckpt(saved_at_tp2, out)
+    proc = export_ckpt(saved_at_tp2, out, process=True)  # the script's exit status, as a real process
     assert proc.returncode != 0 and "pass --force" in proc.stderr
     assert export_ckpt(saved_at_tp2, out, "--force").returncode == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
@@ -77,8 +78,7 @@ def test_disk_full_during_a_save_is_named_and_loses_nothing(tmp_path):
     # Nothing half-written, nothing lost: step 1 is complete, verified and named by latest.
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".step", "step"))) == ["step_000001"]
     assert (run / "latest").read_text().strip() == "step_000001"
-    check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity",
-                            str(run / "step_000001")], capture_output=True, text=True, env=ENV, timeout=300)
+    check = run_tool("verify_checkpoint", "--integrity", str(run / "step_000001"))  # in this process
     assert json.loads(check.stdout)["pass"], check.stdout
     status = json.loads((run / "run_status.json").read_text())
     assert status["state"] == "failed" and "no space left" in status["error"]
@@ -167,8 +167,7 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path)
     assert killed.returncode != 0
     assert (run / "latest").read_text().strip() == "step_000001" and not (run / "step_000002").exists()
     assert (run / ".step_000002.partial" / "model").is_dir()  # the half-written one, never named by latest
-    check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity",
-                            str(run / "step_000001")], capture_output=True, text=True, env=ENV, timeout=300)
+    check = run_tool("verify_checkpoint", "--integrity", str(run / "step_000001"))  # in this process
     assert json.loads(check.stdout)["pass"], check.stdout
     # The killed rank 0 held the folder's lock: on this host its dead pid marks it stale.
     resumed = _train(tmp_path, "--resume")

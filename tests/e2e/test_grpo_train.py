@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
 from megatron_r1v.trainer.metrics import stage_tags
@@ -42,19 +44,31 @@ def served_reward(tmp_path, reward_tools, num_prompts: int, seed: int):
                "--set", "reward.model_calibration=sigmoid", "--set", "ssb.min_reward_std=0.01"]
 
 
-def _run(tmp_path, name, steps, *extra):
-    """``steps`` GRPO steps (TP=2 recipe) saving to ``tmp_path/name``, metrics to ``name.jsonl``;
-    later ``--set`` in ``extra`` override the earlier ones."""
-    proc = subprocess.run(_command(tmp_path, name, steps, *extra), capture_output=True, text=True, timeout=900,
-                          env=ENV, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def served_12(tmp_path_factory, reward_tools):
+    """``served_reward`` with 12 prompts (seed 0), built and served once for the two tests that
+    use that setup; yields (the folder holding data/, tok/ and rm/, the --set arguments)."""
+    root = tmp_path_factory.mktemp("served_12")
+    with served_reward(root, reward_tools, 12, seed=0) as reward_args:
+        yield root, reward_args
+
+
+def _run(tmp_path, name, steps, *extra, inputs=None):
+    """``steps`` GRPO steps (TP=2 recipe) saving to ``tmp_path/name``, metrics to ``name.jsonl``, on
+    the prompts and tokenizer in ``inputs`` (default ``tmp_path``); later ``--set`` in ``extra``
+    override the earlier ones."""
+    proc = subprocess.run(_command(tmp_path, name, steps, *extra, inputs=inputs), capture_output=True, text=True,
+                          timeout=900, env=ENV, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
-def _command(tmp_path, name, steps, *extra) -> list[str]:
+def _command(tmp_path, name, steps, *extra, inputs=None) -> list[str]:
+    inputs = inputs or tmp_path
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
             "megatron_r1v.train", "--config", str(REPO / "examples/configs/tiny_grpo_cpu.yaml"),
-            "--set", f"data.train_path={tmp_path / 'data' / 'prompts.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'tok'}",
+            "--set", f"data.train_path={inputs / 'data' / 'prompts.jsonl'}",
+            "--set", f"data.tokenizer={inputs / 'tok'}",
             "--set", "logging.tensorboard_dir=null", "--set", f"train.steps={steps}",
             "--set", f"train.save_dir={tmp_path / name}", "--metrics-jsonl", str(tmp_path / f"{name}.jsonl"), *extra]
 
@@ -63,7 +77,7 @@ def _metrics(tmp_path, name) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
 
 
-def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
+def test_four_grpo_steps_tp2_write_all_tags(tmp_path, served_12):
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -71,18 +85,18 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
     from megatron_r1v.models.r1v.presets import get_preset
     from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
-    with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
-        # Start from converted weights, as users do: transformers layout -> Megatron checkpoint.
-        HFRolloutEngine.from_arch(get_preset("tiny-r1v-chat"), seed=3).model.save_pretrained(str(tmp_path / "hf"))
-        convert = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             str(REPO / "tools/convert_checkpoint.py"), "import", "--hf-dir", str(tmp_path / "hf"), "--out",
-             str(tmp_path / "mcore"), "--tp", "2", "--dtype", "fp32"], capture_output=True, text=True, env=ENV,
-            timeout=600)
-        assert convert.returncode == 0, convert.stderr[-4000:]
-        proc = _run(tmp_path, "ckpt", 4, *reward_args, "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}",
-                    "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", "grpo.ppo_epochs=2",
-                    "--set", "rollout.tis_cap=2.0")
+    inputs, reward_args = served_12
+    # Start from converted weights, as users do: transformers layout -> Megatron checkpoint.
+    HFRolloutEngine.from_arch(get_preset("tiny-r1v-chat"), seed=3).model.save_pretrained(str(tmp_path / "hf"))
+    convert = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "tools/convert_checkpoint.py"), "import", "--hf-dir", str(tmp_path / "hf"), "--out",
+         str(tmp_path / "mcore"), "--tp", "2", "--dtype", "fp32"], capture_output=True, text=True, env=ENV,
+        timeout=600)
+    assert convert.returncode == 0, convert.stderr[-4000:]
+    proc = _run(tmp_path, "ckpt", 4, *reward_args, "--set", f"logging.tensorboard_dir={tmp_path / 'tb'}",
+                "--set", f"model.checkpoint={tmp_path / 'mcore'}", "--set", "grpo.ppo_epochs=2",
+                "--set", "rollout.tis_cap=2.0", inputs=inputs)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == [f"step {i}/4" for i in range(1, 5)]
     assert all("effective ratio" in line and "step time" in line for line in lines)
@@ -128,7 +142,7 @@ def test_four_grpo_steps_tp2_write_all_tags(tmp_path, reward_tools):
 
 
 
-def test_resume_is_bit_identical(tmp_path, reward_tools):
+def test_resume_is_bit_identical(tmp_path, reward_tools, served_12):
     """6 steps in one run == a run whose reward server goes down after its first step and
     comes back within the retry budget (the run goes on), then goes down for good (past
     the budget the run stops with a checkpoint of the last finished step and exit 1),
@@ -149,32 +163,32 @@ def test_resume_is_bit_identical(tmp_path, reward_tools):
     with socket.socket() as sock:  # one port for the server and its restart
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with served_reward(tmp_path, reward_tools, 12, seed=0) as reward_args:
-        every3 = [*reward_args, "--set", "train.save_interval=3"]
-        _run(tmp_path, "full", 6, *every3)
-        with reward_tools.serve(tmp_path / "rm", tmp_path / "rm2.log", "--port", str(port)) as second:
-            split = subprocess.Popen(
-                _command(tmp_path, "split", 6, *every3, "--set", f"reward.reward_model_url={second['url']}",
-                         "--set", "reward.model_retry_s=20", "--set", "reward.model_backoff_s=0.5"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
-            wait_for_steps(1)
-        time.sleep(1.0)  # down, then back on the same port well within the 20 s budget
-        with reward_tools.serve(tmp_path / "rm", tmp_path / "rm3.log", "--port", str(port)):
-            wait_for_steps(3)
-        # The server is gone for good (past the 20 s retry budget): the run stops safely.
-        out, err = split.communicate(timeout=600)
-        status = json.loads((tmp_path / "split" / "run_status.json").read_text())
-        done = status["completed_steps"]
-        assert split.returncode != 0 and status["state"] == "failed" and 3 <= done < 6, out[-2000:] + err[-4000:]
-        assert "RewardServerError: reward model server at" in status["error"] and "retry budget" in status["error"]
-        assert status["checkpoint"] == f"step_{done:06d}"  # a stop checkpoint, not only the every-3 ones
-        assert (tmp_path / "split" / "latest").read_text().strip() == f"step_{done:06d}"
-        assert f"error: step {done + 1}/6 failed: rank 0: RewardServerError" in err
-        assert f"holds the state after step {done}; fix the cause and continue with --resume" in err
-        assert err.count("attempt 1 failed") >= 2  # every retry was logged, in both outages
-        assert [m["step"] for m in _metrics(tmp_path, "split")] == list(range(done))
-        # The server is back (the first one, still up): resume for the remaining steps.
-        proc = _run(tmp_path, "split", 6, *every3, "--resume")
+    inputs, reward_args = served_12  # the served reward model (module fixture) stays up
+    every3 = [*reward_args, "--set", "train.save_interval=3"]
+    _run(tmp_path, "full", 6, *every3, inputs=inputs)
+    with reward_tools.serve(inputs / "rm", tmp_path / "rm2.log", "--port", str(port)) as second:
+        split = subprocess.Popen(
+            _command(tmp_path, "split", 6, *every3, "--set", f"reward.reward_model_url={second['url']}",
+                     "--set", "reward.model_retry_s=20", "--set", "reward.model_backoff_s=0.5", inputs=inputs),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+        wait_for_steps(1)
+    time.sleep(1.0)  # down, then back on the same port well within the 20 s budget
+    with reward_tools.serve(inputs / "rm", tmp_path / "rm3.log", "--port", str(port)):
+        wait_for_steps(3)
+    # The server is gone for good (past the 20 s retry budget): the run stops safely.
+    out, err = split.communicate(timeout=600)
+    status = json.loads((tmp_path / "split" / "run_status.json").read_text())
+    done = status["completed_steps"]
+    assert split.returncode != 0 and status["state"] == "failed" and 3 <= done < 6, out[-2000:] + err[-4000:]
+    assert "RewardServerError: reward model server at" in status["error"] and "retry budget" in status["error"]
+    assert status["checkpoint"] == f"step_{done:06d}"  # a stop checkpoint, not only the every-3 ones
+    assert (tmp_path / "split" / "latest").read_text().strip() == f"step_{done:06d}"
+    assert f"error: step {done + 1}/6 failed: rank 0: RewardServerError" in err
+    assert f"holds the state after step {done}; fix the cause and continue with --resume" in err
+    assert err.count("attempt 1 failed") >= 2  # every retry was logged, in both outages
+    assert [m["step"] for m in _metrics(tmp_path, "split")] == list(range(done))
+    # The server is back (the first one, still up): resume for the remaining steps.
+    proc = _run(tmp_path, "split", 6, *every3, "--resume", inputs=inputs)
     assert "resumed from" in proc.stdout and f"after step {done}" in proc.stdout
     full, split = _metrics(tmp_path, "full"), _metrics(tmp_path, "split")
     assert [m["step"] for m in split] == list(range(6))

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 # tests/ is on sys.path (pytest.ini: pythonpath)
-from rounds_scripts import files, make_random_model, run_script, scalars, weights
+from rounds_scripts import files, random_model, run_script, scalars, weights
 
 from megatron_r1v.data import validate
 
@@ -120,10 +120,9 @@ def _one_round_and_a_rerun(tmp_path: Path, url: str) -> None:
     assert all(k.startswith("round_1/samples/") for k in rewritten), rewritten  # outputs rebuilt, same bytes
 
 
-def test_a_round_without_a_pair_above_the_margin_stops_with_status_1(tmp_path):
+def test_a_round_without_a_pair_above_the_margin_stops_with_status_1(tmp_path, tmp_path_factory):
     # A random model never writes a finished, well-formatted, right answer: every sample scores 0.
-    model = tmp_path / "random"
-    make_random_model(model)
+    model = random_model(tmp_path_factory)  # made once per session (both rounds tests use it)
     work = tmp_path / "work"
     proc = _run(WORK=str(work), MODEL=str(model), NUM="2", ROUNDS="1", SAMPLES="2", MAX_NEW_TOKENS="16")
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-6000:]

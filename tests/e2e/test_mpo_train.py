@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
@@ -107,10 +108,10 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     after = sorted(p.name for p in cache.glob("*.npz"))
     assert len(after) == 1 and after != before
 
-    # A stage checkpoint exports to an HF checkpoint.
-    export = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint.py"), "export", "--mcore-dir",
-                             str(tmp_path / "full" / "step_000006" / "model"), "--out", str(tmp_path / "hf")],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    # A stage checkpoint exports to an HF checkpoint (in this process: tool_modules.run_tool; the
+    # damaged export below runs the script as a real process, its exit status).
+    export = run_tool("convert_checkpoint", "export", "--mcore-dir", str(tmp_path / "full" / "step_000006" / "model"),
+                      "--out", str(tmp_path / "hf"))
     assert export.returncode == 0, export.stderr[-3000:]
     assert (tmp_path / "hf" / "config.json").is_file()
 
@@ -132,9 +133,14 @@ def test_mpo_trains_caches_resumes_and_exports(tmp_path):
     assert export.returncode != 0 and f"{fragment.name}: content differs" in export.stderr, export.stderr[-3000:]
     assert not (tmp_path / "hf_damaged").exists()
     _each_kind_of_damage_is_named(tmp_path / "split" / "step_000006", tmp_path / "copies")
+    # The intact one in this process (tool_modules.run_tool: main's return value is the exit status),
+    # the damaged one as a real process (the script's exit status 1).
     for folder, ok in ((tmp_path / "split" / "step_000006", True), (tmp_path / "damaged" / "step_000006", False)):
-        check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity", str(folder)],
-                               capture_output=True, text=True, env=ENV, timeout=300)
+        if ok:
+            check = run_tool("verify_checkpoint", "--integrity", str(folder))
+        else:
+            check = subprocess.run([sys.executable, str(REPO / "tools/verify_checkpoint.py"), "--integrity",
+                                    str(folder)], capture_output=True, text=True, env=ENV, timeout=300)
         report = json.loads(check.stdout)
         assert report["pass"] is ok and check.returncode == (0 if ok else 1), check.stdout + check.stderr[-2000:]
         assert ok or fragment.name in report["error"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 # tests/ is on sys.path (pytest.ini: pythonpath)
-from rounds_scripts import files, make_random_model, run_script, scalars, weights
+from rounds_scripts import files, random_model, run_script, scalars, weights
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "sft_rounds.sh"
@@ -167,10 +167,9 @@ def test_two_rounds_train_on_the_accepted_responses_and_a_rerun_skips_everything
     assert all(Path(k).parts[1:2] == ("samples",) for k in rewritten), rewritten
 
 
-def test_a_round_with_no_accepted_response_stops_with_status_1(tmp_path):
+def test_a_round_with_no_accepted_response_stops_with_status_1(tmp_path, tmp_path_factory):
     # A random model never writes a finished, well-formatted, right answer (here in 16 tokens).
-    model = tmp_path / "random"
-    make_random_model(model)
+    model = random_model(tmp_path_factory)  # made once per session (both rounds tests use it)
     knobs = dict(ROUNDS="1", SAMPLES="2", MAX_NEW_TOKENS="16", MODEL=str(model))
 
     # MODEL without PROMPTS: synthetic prompts, and no cold start (the model is given).

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tool_modules import run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
+
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
 from megatron_r1v.trainer.metrics import stage_tags
@@ -105,9 +107,10 @@ def test_sft_trains_resumes_bit_identically_and_exports(tmp_path):
         assert torch.equal(a.read(key), b.read(key)), key
 
     # The checkpoint exports to HF, as after MPO.
-    export = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint.py"), "export", "--mcore-dir",
-                             str(tmp_path / "full" / "step_000005" / "model"), "--out", str(tmp_path / "hf")],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    # In this process (tool_modules.run_tool: main's return value is the exit status); the script's
+    # own exit status as a process is tested by test_mpo_train.py and tests/distributed/test_conversion.py.
+    export = run_tool("convert_checkpoint", "export", "--mcore-dir", str(tmp_path / "full" / "step_000005" / "model"),
+                      "--out", str(tmp_path / "hf"))
     assert export.returncode == 0, export.stderr[-3000:]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["llm_config"]["vocab_size"] == 640  # the released (skywork) layout, padding dropped

@@ -1,14 +1,12 @@
 """tools/make_tiny_checkpoint.py and layouts.convert_layout: a tiny R1V2 in the released layout."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
+from tool_modules import load_tool, run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.checkpoint.hf_io import HFCheckpointReader
 from megatron_r1v.checkpoint.hf_layouts import convert_layout, detect_layout
@@ -126,9 +124,10 @@ def test_converter_imports_it_at_tp2_and_exports_transformers_files(tiny, torchr
     export to the transformers layout, and the files equal transformers' own save_pretrained."""
     torchrun("tools/convert_checkpoint.py", 2, ["import", "--hf-dir", str(tiny[0]), "--out", str(tmp_path / "mcore"),
                                                "--tp", "2", "--dtype", "fp32"], timeout=300)
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "export", "--mcore-dir",
-                           str(tmp_path / "mcore"), "--out", str(tmp_path / "tr"), "--layout", "transformers"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    # In this process (tool_modules.run_tool: main's return value is the exit status); the script's
+    # own exit status as a process is tested by tests/distributed/test_conversion.py.
+    proc = run_tool("convert_checkpoint", "export", "--mcore-dir", str(tmp_path / "mcore"), "--out",
+                    str(tmp_path / "tr"), "--layout", "transformers", cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     HFRolloutEngine.from_arch(ARCH, seed=0).model.save_pretrained(tmp_path / "reference")
     reference = load_file(str(tmp_path / "reference" / "model.safetensors"))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.config import FP8Config, load_config
 from megatron_r1v.memory_plan import (
@@ -263,7 +264,11 @@ def test_tiny_cpu_config_fits():
         REPO / "examples/configs/tiny_grpo_cpu.yaml"), 0).weights
 
 
-def _cli(*args):
+def _cli(*args, process=False):
+    """tools/plan_memory.py ARGS: in this process (tool_modules.run_tool: main's return value is the
+    exit status), or with ``process`` as a real ``python tools/plan_memory.py`` (its exit status)."""
+    if not process:
+        return run_tool("plan_memory", *args, cwd=REPO)
     return subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), *args], capture_output=True,
                           text=True, cwd=REPO, timeout=60)
 
@@ -277,8 +282,9 @@ def test_cli_exit_codes_table_and_json():
     assert js.returncode == 0 and plan["fits"] is True and plan["rollout"]["concurrency"] > 0
     assert plan["peak_gb"] == max(plan["training_phase_gb"], plan["rollout_phase_gb"])
     assert {"weights_gb", "grads_gb", "optimizer_gb", "activations_gb", "advice", "stages"} <= set(plan)
+    # One real process: the script's exit status is main's (1: does not fit).
     bad = _cli("--config", MPO, "--gpus", "8", "--set", "parallel.tp=1", "--set", "parallel.pp=1",
-               "--set", "parallel.sequence_parallel=false", "--json")
+               "--set", "parallel.sequence_parallel=false", "--json", process=True)
     assert bad.returncode == 1 and json.loads(bad.stdout)["fits"] is False
     assert json.loads(bad.stdout)["advice"]
     table = _cli("--config", MPO, "--gpus", "64", *(a for kv in PINNED_MPO for a in ("--set", kv)))

@@ -46,16 +46,15 @@ def test_evaluate_checks_out_before_any_work(tmp_path, capsys):
 
 
 def test_export_onto_an_unwritable_place_is_one_error_line(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+    # In this process (tool_modules.run_tool: main's return value is the exit status, its stderr
+    # captured; an exception escaping main fails the test); the script's own exit status as a
+    # process is tested by tests/distributed/test_conversion.py and tests/e2e/test_mpo_train.py.
+    from tool_modules import run_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
-    repo = Path(__file__).resolve().parents[2]
     (tmp_path / "file").write_text("")
     (tmp_path / "model").mkdir()
-    proc = subprocess.run([sys.executable, str(repo / "tools/convert_checkpoint.py"), "export", "--mcore-dir",
-                           str(tmp_path / "model"), "--out", str(tmp_path / "file" / "hf")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_tool("convert_checkpoint", "export", "--mcore-dir", str(tmp_path / "model"), "--out",
+                    str(tmp_path / "file" / "hf"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"error: --out {tmp_path / 'file' / 'hf'}: cannot write there" in proc.stderr
 

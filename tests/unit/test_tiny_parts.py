@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tool_modules import run_tool  # tests/ is on sys.path
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.tiny_parts import (
@@ -70,9 +71,8 @@ def test_parts_learn_and_assemble(parts, tmp_path):
     tensors = load_file(str(root / "parts" / VISION_DIR / "model.safetensors"))
     assert "embeddings.patch_embedding.weight" in tensors and "encoder.layers.1.mlp.fc2.weight" in tensors
     assert summary["tokenizer_tokens"] == 637  # the 640-token BPE without <img>, </img>, <IMG_CONTEXT>
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "assemble_checkpoint.py"), "--vision",
-                           str(root / "parts" / VISION_DIR), "--llm", str(root / "parts" / LLM_DIR), "--out",
-                           str(tmp_path / "r1v")], capture_output=True, text=True, timeout=300)
+    proc = run_tool("assemble_checkpoint", "--vision", str(root / "parts" / VISION_DIR), "--llm",
+                    str(root / "parts" / LLM_DIR), "--out", str(tmp_path / "r1v"))
     assert proc.returncode == 0, proc.stderr
     from megatron_r1v.rollout.hf_engine import load_hf_engine
 
@@ -101,10 +101,6 @@ def test_bad_input_is_refused_before_any_work(parts, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "metadata.jsonl:1 (syn-000000)" in proc.stderr
     assert "needs the perception family" in proc.stderr
-    # The language part had been written when the vision data failed: nothing half-written
-    # remains (no partial folders), and the finished part is whole.
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
-    missing = subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_parts.py"), "--data",
-                              str(tmp_path / "none"), "--out", str(tmp_path / "o2")],
-                             capture_output=True, text=True, timeout=300)
+    assert not (tmp_path / "out").exists()  # the data is checked before anything is trained or written
+    missing = run_tool("make_tiny_parts", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o2"))
     assert missing.returncode == 1 and "prompts.jsonl is missing" in missing.stderr
