@@ -84,37 +84,34 @@ def cell_class(obj: dict) -> int:
 
 
 def tile_examples(data: Path, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ``tile``-px tile of every image of ``data`` (ImageNet-normalised, [N, 3, tile, tile])
-    and the class of each of its 28-px cells ([N, tile/28, tile/28]), from metadata.jsonl."""
-    from PIL import Image
-
-    from megatron_r1v.data.tiling import IMAGENET_MEAN, IMAGENET_STD
+    """Every ``tile``-px grid tile of every image of ``data``, as the training loaders tile it
+    (``data.tiling.tile_file``: InternVL's tiling and normalisation, no thumbnail; [N, 3, tile,
+    tile]), and the class of each of its 28-px cells ([N, tile/28, tile/28]), from metadata.jsonl."""
+    from megatron_r1v.data.tiling import TilingConfig, tile_file
 
     if tile % CELL:
         raise ValueError(f"the vision tower's tiles ({tile} px) are not whole 28-px cells")
     per_side = tile // CELL
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     pixels, labels = [], []
     for line_no, meta in enumerate(read_jsonl(data / "metadata.jsonl"), 1):
         where = f"{data / 'metadata.jsonl'}:{line_no} ({meta.get('id')})"
-        width, height = meta["width"], meta["height"]
-        if width % tile or height % tile:
-            raise ValueError(f"{where}: a {width}x{height} image is not whole {tile}-px tiles; the vision warm-up "
-                             "needs the perception family (--family perception)")
-        grid = np.zeros((height // CELL, width // CELL), dtype=np.int64)
+        cols, rows = meta["width"] // tile, meta["height"] // tile
+        if (cols * tile, rows * tile) != (meta["width"], meta["height"]):
+            raise ValueError(f"{where}: a {meta['width']}x{meta['height']} image is not whole {tile}-px tiles; "
+                             "the vision warm-up needs the perception family (--family perception)")
+        grid = np.zeros((rows * per_side, cols * per_side), dtype=np.int64)
         for obj in meta["objects"]:
             if "shape" not in obj:
                 raise ValueError(f"{where}: an object without a shape; the vision warm-up needs the perception family")
             grid[obj["box"][1] // CELL, obj["box"][0] // CELL] = cell_class(obj)
-        with Image.open(data / "images" / f"{meta['id']}.png") as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        image_CHW = (torch.from_numpy(array).permute(2, 0, 1) - mean) / std
-        for ty in range(height // tile):
-            for tx in range(width // tile):
-                pixels.append(image_CHW[:, ty * tile:(ty + 1) * tile, tx * tile:(tx + 1) * tile])
-                labels.append(torch.from_numpy(grid[ty * per_side:(ty + 1) * per_side,
-                                                    tx * per_side:(tx + 1) * per_side]))
-    return torch.stack(pixels), torch.stack(labels)
+        tiled = tile_file(data / "images" / f"{meta['id']}.png",
+                          TilingConfig(image_size=tile, max_tiles=cols * rows, use_thumbnail=False))
+        if tiled.grid != (cols, rows):  # the tiler would resize this image: its cells would not be tokens
+            raise ValueError(f"{where}: the tiler cuts a {cols}x{rows}-tile image into {tiled.grid}")
+        pixels.append(tiled.pixel_values)
+        labels += [torch.from_numpy(grid[ty * per_side:(ty + 1) * per_side, tx * per_side:(tx + 1) * per_side])
+                   for ty in range(rows) for tx in range(cols)]
+    return torch.cat(pixels), torch.stack(labels)
 
 
 def cell_features(hidden_BPD: torch.Tensor, patches_per_side: int, per_cell: int) -> torch.Tensor:
@@ -237,26 +234,19 @@ def pretrain_language(arch: R1VArch, tokenizer, docs: list[str], opts: PartsOpti
     return model.eval(), history
 
 
-def _parts_tokenizer(data: Path, vocab_size: int, family: str):
-    """The chat family's byte-level BPE trained on the set (``data.tokenizer``) without
-    InternVL's three image tokens (its last ids), as a Qwen2 tokenizer has none."""
-    from tokenizers import Tokenizer
-
-    from megatron_r1v.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, corpus_texts, train_tokenizer
-
-    trained = train_tokenizer(corpus_texts([data / "prompts.jsonl", data / "preferences.jsonl"]), vocab_size, family)
-    spec = json.loads(trained.to_str())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in (IMG_START, IMG_END, IMG_CONTEXT)]
-    return Tokenizer.from_str(json.dumps(spec))
-
-
 def make_tiny_parts(opts: PartsOptions, log: Callable[[str], None] = print) -> dict:
     """Writes ``opts.out/InternViT-tiny`` and ``opts.out/Qwen2-tiny`` (module docstring);
     returns a summary with each warm-up's loss history."""
     from safetensors.torch import save_file
 
     from megatron_r1v.checkpoint.hf_layouts import convert_layout
-    from megatron_r1v.data.tokenizer import load_tokenizer, save_hf_tokenizer
+    from megatron_r1v.data.tokenizer import (
+        corpus_texts,
+        load_tokenizer,
+        save_hf_tokenizer,
+        train_tokenizer,
+        without_image_tokens,
+    )
     from megatron_r1v.models.r1v.hf_config import skywork_config
     from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT, TRANSFORMERS_LAYOUT
 
@@ -268,8 +258,9 @@ def make_tiny_parts(opts: PartsOptions, log: Callable[[str], None] = print) -> d
     tiles = tile_examples(opts.data, arch.vision.image_size)  # checks the images and metadata before any training
     docs = lm_documents(opts.data)
     with atomic_directory(opts.out / LLM_DIR) as llm_tmp:
-        save_hf_tokenizer(_parts_tokenizer(opts.data, arch.decoder.vocab_size, opts.chat_family), llm_tmp,
-                          family=opts.chat_family)
+        texts = corpus_texts([opts.data / "prompts.jsonl", opts.data / "preferences.jsonl"])
+        bpe = without_image_tokens(train_tokenizer(texts, arch.decoder.vocab_size, opts.chat_family))
+        save_hf_tokenizer(bpe, llm_tmp, family=opts.chat_family)
         tokenizer = load_tokenizer(llm_tmp)
         llm, llm_history = pretrain_language(arch, tokenizer, docs, opts, log)
         llm.save_pretrained(llm_tmp, safe_serialization=True)

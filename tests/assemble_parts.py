@@ -94,16 +94,12 @@ def write_internvit(directory: Path, vision: VisionArch = VISION, seed: int = 1)
 def qwen_like_tokenizer(with_image_tokens: bool = False, family: str = "qwq"):
     """data/tokenizer.py's BPE (the family's chat and think tokens at the top ids); by default
     without InternVL's three image tokens (the last three ids), leaving 637 contiguous ids."""
-    from tokenizers import Tokenizer
-
-    from megatron_r1v.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, train_tokenizer
+    from megatron_r1v.data.tokenizer import train_tokenizer, without_image_tokens
 
     tokenizer = train_tokenizer(CORPUS, TRAINED_VOCAB, family)
     if with_image_tokens:
         return tokenizer
-    data = json.loads(tokenizer.to_str())
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in (IMG_START, IMG_END, IMG_CONTEXT)]
-    stripped = Tokenizer.from_str(json.dumps(data))
+    stripped = without_image_tokens(tokenizer)
     assert stripped.get_vocab_size() == QWEN_TOKENS
     return stripped
 

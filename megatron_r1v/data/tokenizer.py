@@ -111,6 +111,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, family: str = "qwq") 
     return tokenizer
 
 
+def without_image_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` without InternVL's <img>, </img> and <IMG_CONTEXT> (the last ids of
+    ``train_tokenizer``'s vocabulary), as a Qwen2 LLM's own tokenizer has none: what
+    ``tools/assemble_checkpoint.py`` extends."""
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in (IMG_START, IMG_END, IMG_CONTEXT)]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int = 32768,
                       family: str = "qwq") -> None:
     """Writes tokenizer.json + tokenizer_config.json (with the family's ``chat_template``) +
