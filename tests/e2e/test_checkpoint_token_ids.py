@@ -6,12 +6,13 @@ was checked against the preset's id); now the trainer, its rollout engine and th
 checkpoint it writes all use the tokenizer's and the checkpoint's 599 (trainer/arch.py).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.data.tokenizer import build_tokenizer
@@ -21,10 +22,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _make_tiny_checkpoint(out: Path, tokenizer: Path) -> dict:
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "tools" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_checkpoint(out, "tiny-r1v-chat", seed=0, tokenizer_dir=tokenizer)
+    return load_tool("make_tiny_checkpoint").make_tiny_checkpoint(out, "tiny-r1v-chat", seed=0,
+                                                                   tokenizer_dir=tokenizer)
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:

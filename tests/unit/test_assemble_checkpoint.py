@@ -1,7 +1,6 @@
 """tools/assemble_checkpoint.py / checkpoint/assemble.py: an R1V checkpoint from a standalone
 InternViT, a Qwen2 LLM and a fresh or copied adapter (parts built by tests/assemble_parts.py)."""
 
-import importlib.util
 import json
 import math
 import shutil
@@ -11,6 +10,7 @@ import pytest
 import torch
 from assemble_parts import DECODER, QWEN_TOKENS, VISION, write_internvit, write_qwen2  # tests/ is on sys.path
 from safetensors.torch import load_file, save_file
+from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.checkpoint.assemble import AssemblyOptions, assemble_checkpoint
 from megatron_r1v.checkpoint.hf_io import HFCheckpointReader, ShardedSafetensorsWriter
@@ -18,7 +18,6 @@ from megatron_r1v.checkpoint.hf_layouts import detect_layout
 from megatron_r1v.data.tokenizer import load_tokenizer
 from megatron_r1v.models.r1v.hf_config import arch_from_skywork_config
 
-REPO = Path(__file__).resolve().parents[2]
 NEW_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 PADDED_ROWS = 656  # past the 637 + 9 tokens, as Qwen2's 152064 rows are past its ~151.7k tokens
 ADAPTER = ["mlp1.0.weight", "mlp1.0.bias", "mlp1.1.weight", "mlp1.1.bias", "mlp1.3.weight", "mlp1.3.bias"]
@@ -195,13 +194,6 @@ def test_parts_of_an_internvl_chat_checkpoint_reassemble_to_it(assembled, tmp_pa
 
 # --- bad input: exit 1 naming the problem, nothing written ------------------------------
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("assemble_checkpoint", REPO / "tools" / "assemble_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_nothing_written(out: Path):
     assert not out.exists(), f"{out} was written despite the failure"
     assert not list(out.parent.glob(f".{out.name}.*")), "a temporary folder was left behind"
@@ -281,7 +273,7 @@ def test_bad_input_exits_1_naming_it_and_writes_nothing(case, parts, tmp_path, c
     out = tmp_path / "out"
     fmt = {"v": vision, "l": llm, "t": tmp_path}
     argv = ["--vision", str(vision), "--llm", str(llm), "--out", str(out), *[a.format(**fmt) for a in extra]]
-    assert load_tool().main(argv) == 1
+    assert load_tool("assemble_checkpoint").main(argv) == 1
     err = capsys.readouterr().err
     assert message.format(**fmt) in err, err
     assert_nothing_written(out)
@@ -290,7 +282,7 @@ def test_bad_input_exits_1_naming_it_and_writes_nothing(case, parts, tmp_path, c
 def test_pixel_shuffle_flags_must_match_the_adapter_source(parts, assembled, tmp_path, capsys):
     argv = ["--vision", str(parts["vision"]), "--llm", str(parts["llm"]), "--out", str(tmp_path / "out"),
             "--adapter-from", str(assembled[0]), "--ps-version", "v1"]
-    assert load_tool().main(argv) == 1
+    assert load_tool("assemble_checkpoint").main(argv) == 1
     assert "--ps-version v1 differs from ps_version='v2'" in capsys.readouterr().err
     assert_nothing_written(tmp_path / "out")
 
@@ -300,9 +292,10 @@ def test_existing_output_needs_force_and_survives_a_failed_write(parts, tmp_path
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     argv = ["--vision", str(parts["vision"]), "--llm", str(parts["llm"]), "--out", str(out)]
-    assert load_tool().main(argv) == 1
+    assert load_tool("assemble_checkpoint").main(argv) == 1
     assert f"output directory {out} exists; pass --force" in capsys.readouterr().err
-    assert load_tool().main([*argv, "--out", str(parts["llm"]), "--force"]) == 1  # never over an input
+    # never over an input
+    assert load_tool("assemble_checkpoint").main([*argv, "--out", str(parts["llm"]), "--force"]) == 1
     assert "would replace --llm" in capsys.readouterr().err
 
     written = []
@@ -313,9 +306,9 @@ def test_existing_output_needs_force_and_survives_a_failed_write(parts, tmp_path
         written.append(name)
 
     monkeypatch.setattr(ShardedSafetensorsWriter, "add", disk_full_after_ten)
-    assert load_tool().main([*argv, "--force"]) == 1
+    assert load_tool("assemble_checkpoint").main([*argv, "--force"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data" and not list(tmp_path.glob(".out.*"))
     monkeypatch.undo()
-    assert load_tool().main([*argv, "--force"]) == 0
+    assert load_tool("assemble_checkpoint").main([*argv, "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data import dali_tiling
 from megatron_r1v.data.images import ImageError
@@ -402,9 +402,7 @@ def test_dali_is_imported_lazily():
 
 
 def test_bench_data_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_data", REPO / "tools" / "bench_data.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_data")
     report = bench.main(["--num", "6", "--repeats", "1", "--warmup", "2", "--source", "drawn",
                          "--work-dir", str(tmp_path), "--e2e-pairs-per-step", "3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]

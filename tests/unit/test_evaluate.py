@@ -1,6 +1,5 @@
 """python -m megatron_r1v.evaluate: held-out accuracy of a tiny random checkpoint."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data.schema import load_records
 from megatron_r1v.data.synthetic import generate_dataset
@@ -23,9 +23,7 @@ MAX_NEW = 12
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny-r1v-chat checkpoint in the skywork layout and 6 synthetic prompts."""
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "tools" / "make_tiny_checkpoint.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_tiny_checkpoint")
     root = tmp_path_factory.mktemp("evaluate")
     tool.make_tiny_checkpoint(root / "model", seed=0)
     generate_dataset(root / "data", num=6, seed=0)

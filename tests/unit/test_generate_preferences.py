@@ -1,11 +1,9 @@
 """tools/generate_preferences.py: scoring, pairs, outputs, resume, reward server and argument errors."""
 
 import importlib.machinery
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -19,7 +17,6 @@ from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.rollout.engine import RolloutSample
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
-REPO = Path(__file__).resolve().parents[2]
 # The synthetic preference scale (10 x correct + 5 x well formatted), on which margin 7 separates
 # a right, well-formatted answer (15) from a wrong one (5) or a broken one (0).
 SCALE = ("--set", "reward.rule_weight=10", "--set", "reward.format_weight=5")

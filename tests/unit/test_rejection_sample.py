@@ -2,7 +2,6 @@
 
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +12,6 @@ from megatron_r1v.data.schema import load_records
 from megatron_r1v.data.synthetic import generate_dataset
 from megatron_r1v.rollout.engine import RolloutSample
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 rs = load_tool("rejection_sample")
 Response = rs.Response

@@ -1,17 +1,16 @@
 """SGLangRolloutEngine driven through a fake of the ``sglang.Engine`` API (no sglang here)."""
 
-import importlib.util
 import json
 import os
 import pickle
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes
 from megatron_r1v.config import RolloutConfig
@@ -286,10 +285,7 @@ def fake_sglang(monkeypatch):
 
 
 def test_from_config_reads_the_skywork_checkpoint_and_builds_a_colocated_engine(monkeypatch, tmp_path):
-    tool_path = Path(__file__).resolve().parents[2] / "tools" / "make_tiny_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", tool_path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_tiny_checkpoint")
     ckpt = tmp_path / "ckpt"
     tool.make_tiny_checkpoint(ckpt)
     built = fake_sglang(monkeypatch)
