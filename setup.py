@@ -14,7 +14,8 @@ setup(
     # top-level `kernels` would shadow Hugging Face's `kernels` package.
     packages=find_packages(include=["megatron_r1v", "megatron_r1v.*"]) + ["megatron_r1v.kernels"],
     package_dir={"megatron_r1v.kernels": "kernels"},
-    package_data={"megatron_r1v.data": ["csrc/*.cc"]},  # compiled on first use (data/dali_plugin.py)
+    # csrc: compiled on first use (data/dali_plugin.py); the LLM judge's prompt (evaluate/judge.py).
+    package_data={"megatron_r1v.data": ["csrc/*.cc"], "megatron_r1v.evaluate": ["judge_prompt.md"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1",
@@ -30,6 +31,9 @@ setup(
         # r_rule of the GRPO reward (rewards/rule.py): LaTeX/expression equivalence.
         # 0.9 is the tested version (parse's parsing_timeout, verify's timeout_seconds).
         "math-verify>=0.9",
+        # python -m megatron_r1v.evaluate: MMMU, MathVista, MathVerse, OlympiadBench and POPE
+        # are published as parquet files with the images embedded.
+        "pyarrow>=14",
     ],
     extras_require={
         # triton: the kernels run in its interpreter on CPU and compile for sm_90 in tests.

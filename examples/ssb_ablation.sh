@@ -6,7 +6,7 @@
 # `bash examples/quickstart.sh` first, or set START=<model checkpoint dir> and DATA=<dir
 # with prompts.jsonl> and TOKENIZER=<dir>. Output under OUT (runs/ssb_ablation/): one folder
 # per run (TensorBoard events, metrics, the trainer's output in train.log, held-out
-# accuracy in eval.json), ablation.png (ssb/effective_ratio_batch, accuracy, reward and
+# accuracy in eval/result.json), ablation.png (ssb/effective_ratio_batch, accuracy, reward and
 # reward-model term per step, both runs) and ablation.json (each run's final numbers and
 # second-half means).
 #
@@ -83,8 +83,9 @@ for run in with_ssb without_ssb; do
         2>&1 | tee "${OUT}/${run}/train.log"
     "${PY}" tools/convert_checkpoint.py export --mcore-dir "${OUT}/${run}/ckpt/$(cat "${OUT}/${run}/ckpt/latest")/model" \
         --out "${OUT}/${run}/hf" > "${OUT}/${run}/export.log" 2>&1
-    "${PY}" -m megatron_r1v.evaluate --model "${OUT}/${run}/hf" --data "${HELDOUT}" --max-tiles 4 \
-        --max-new-tokens 96 --out "${OUT}/${run}/eval.json" 2> "${OUT}/${run}/eval.log" | tail -n 1
+    "${PY}" -m megatron_r1v.evaluate --benchmark project --data "${HELDOUT}" --model "${OUT}/${run}/hf" \
+        --samples 1 --temperature 0 --repetition-penalty 1 --max-new-tokens 96 --batch-size 64 --max-tiles 4 \
+        --out "${OUT}/${run}/eval" 2> "${OUT}/${run}/eval.log" | tail -n 1 | cut -c1-300
 done
 stop_reward_server
 

@@ -28,7 +28,7 @@ from megatron_r1v.plotting import load_scalars, plot_runs
 
 STAGES = ("start", "after_sft", "after_mpo", "after_grpo")
 STAGE_LABELS = ("start", "after SFT", "after MPO", "after GRPO")
-TRAINING_STAGES = ("parts", "sft", "mpo", "grpo")
+TRAINING_STAGES = ("parts", "sft", "mpo", "grpo", "bench")
 QUICKSTART_TAGS = ("sft/loss", "mpo/loss", "mpo/reward_margin", "train/reward_mean", "train/accuracy",
                    "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size")
 ABLATION_TAGS = ("ssb/effective_ratio_batch", "ssb/effective_ratio_fresh", "train/accuracy", "train/reward_mean",
@@ -82,12 +82,13 @@ def constant_guess(train: dict[str, tuple[str, str]], heldout: dict[str, tuple[s
 
 
 def accuracy_by_task(samples: Path, heldout: dict[str, tuple[str, str]]) -> dict[str, float]:
-    """Per-task accuracy of an evaluation's ``--samples-out`` file."""
-    hits: dict[str, list[bool]] = defaultdict(list)
+    """Per-task accuracy (pass@1) of an evaluation's ``samples.jsonl`` (``evaluate.runner``)."""
+    hits: dict[str, list[float]] = defaultdict(list)
     for row in read_jsonl(samples):
         if row["id"] not in heldout:
             raise ValueError(f"{samples}: prompt {row['id']!r} is not in the held-out split")
-        hits[heldout[row["id"]][0]].append(bool(row["correct"]))
+        responses = row["responses"]
+        hits[heldout[row["id"]][0]].append(sum(bool(r["correct"]) for r in responses) / len(responses))
     return {task: sum(h) / len(h) for task, h in sorted(hits.items())}
 
 
@@ -107,15 +108,15 @@ def _goals(acc: dict, ceiling: dict, by_task: dict) -> dict:
 def quickstart(run_dir: Path, started: Optional[float]) -> dict:
     evals = {}
     for stage in STAGES:
-        path = run_dir / f"eval_{stage}.json"
+        path = run_dir / f"eval_{stage}" / "result.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the quickstart's evaluation of '{stage}' did not finish")
         evals[stage] = json.loads(path.read_text())
     heldout = prompt_tasks(run_dir / "data" / "heldout")
     ceiling = constant_guess(prompt_tasks(run_dir / "data" / "train"), heldout)
-    by_task = {s: accuracy_by_task(run_dir / "logs" / f"eval_{s}.samples.jsonl", heldout) for s in STAGES}
+    by_task = {s: accuracy_by_task(run_dir / f"eval_{s}" / "samples.jsonl", heldout) for s in STAGES}
     runs = {name: load_scalars(run_dir / "tb" / name) for name in ("sft", "mpo", "grpo")}
-    acc = {s: evals[s]["accuracy"] for s in STAGES}
+    acc = {s: evals[s]["pass@1"] for s in STAGES}
     grpo = runs["grpo"]
     summary = {
         "accuracy": acc,
@@ -123,7 +124,7 @@ def quickstart(run_dir: Path, started: Optional[float]) -> dict:
         "ceiling_by_task": ceiling["by_task"],
         "accuracy_by_task": by_task,
         "format": {s: evals[s]["format"] for s in STAGES},
-        "heldout_prompts": evals["start"]["num_prompts"],
+        "heldout_prompts": evals["start"]["num_items"],
         "seconds": round(time.time() - started, 1) if started else None,
         "stage_seconds": {name: _stage_seconds(run_dir / "logs", name) for name in TRAINING_STAGES},
         "steps": {name: len(next(iter(scalars.values()))[0]) for name, scalars in runs.items()},
@@ -132,6 +133,9 @@ def quickstart(run_dir: Path, started: Optional[float]) -> dict:
                              if tag in grpo},
         "goals": _goals(acc, ceiling, by_task),
     }
+    suite = run_dir / "benchmarks" / "suite.json"
+    if suite.is_file():  # the public-format evaluation of the GRPO model (step 10)
+        summary["benchmarks"] = json.loads(suite.read_text())["benchmarks"]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_runs({"SFT": runs["sft"], "MPO": runs["mpo"], "GRPO + SSB": grpo},
               [t for t in QUICKSTART_TAGS if any(t in r for r in runs.values())], run_dir / "curves.png",
@@ -153,7 +157,11 @@ def _print_quickstart(summary: dict, run_dir: Path) -> None:
     seconds = summary["stage_seconds"]
     print(f"({summary['heldout_prompts']} held-out prompts, greedy; ceiling: each task's most common training "
           f"answer; total {summary['seconds']} s; parts {seconds['parts']} s, SFT {seconds['sft']} s, "
-          f"MPO {seconds['mpo']} s, GRPO {seconds['grpo']} s)")
+          f"MPO {seconds['mpo']} s, GRPO {seconds['grpo']} s, benchmarks {seconds['bench']} s)")
+    for row in summary.get("benchmarks", []):
+        print(f"{row['name']:<24} pass@1 {100 * row['pass@1']:5.1f}%  pass@{row['k']} {100 * row['pass@k']:5.1f}%  "
+              f"({row['num_items']} items, mean {row['mean_tokens']} tokens, truncated "
+              f"{100 * row['truncation_rate']:.1f}%)")
     print(f"wrote {run_dir / 'summary.json'}, {run_dir / 'curves.png'}; "
           f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
 
@@ -179,9 +187,9 @@ def ablation(runs_arg: list[str], out: Path) -> dict:
             **{key: _mean(_second_half(scalars[tag])) for tag, key in ABLATION_OPTIONAL.items() if tag in scalars},
             "final": {tag: scalars[tag][1][-1] for tag in ABLATION_TAGS if tag in scalars},
         }
-        eval_file = path / "eval.json"
+        eval_file = path / "eval" / "result.json"
         if eval_file.is_file():
-            entry["heldout_accuracy"] = json.loads(eval_file.read_text())["accuracy"]
+            entry["heldout_accuracy"] = json.loads(eval_file.read_text())["pass@1"]
         result[label] = entry
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")

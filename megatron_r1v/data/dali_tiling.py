@@ -43,7 +43,6 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
@@ -51,9 +50,9 @@ import torch
 from PIL import Image
 
 from . import dali_plugin
-from .images import ImageError, load_rgb
+from .images import ImageError, ImageSource, load_rgb, read_image_bytes
 from .tiling import (
-    Grid, PathLike, TiledImage, TilingConfig, TilingResult, choose_grid, log_skip_summary, num_tiles_for,
+    Grid, TiledImage, TilingConfig, TilingResult, choose_grid, log_skip_summary, num_tiles_for,
     record_bad_sample,
 )
 
@@ -125,9 +124,12 @@ def _dali_error_summary(err: Exception) -> str:
 class _Item:
     index: int
     path: str
+    """The file, or the embedded image's name (for messages)."""
     grid: Grid
     data: np.ndarray
     """Encoded file bytes (DALI decodes) or the decoded [H, W, 3] uint8 image (load_rgb did)."""
+    source: ImageSource
+    """What was read: a path or the EmbeddedImage (a DALI failure decodes it again with load_rgb)."""
 
 
 def _orientation(image: Image.Image) -> int:
@@ -249,27 +251,28 @@ class DALITiler:
             output_layout="FCHW", dtype=types.FLOAT)  # [N(+1), 3, S, S]
 
     # -- per-file preparation --------------------------------------------------------
-    def _prepare(self, index: int, path: PathLike) -> _Item:
-        """Reads the file and picks its grid; decodes with load_rgb when DALI must not (raises ImageError)."""
+    def _prepare(self, index: int, source: ImageSource) -> _Item:
+        """Reads the file (or takes the embedded bytes) and picks its grid; decodes with load_rgb
+        when DALI must not (raises ImageError)."""
         cfg, reason = self.config, "unreadable"
         try:
-            data = Path(path).read_bytes()
+            data = read_image_bytes(source)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as image:
                     reason = pil_only_reason(image, data, cfg.max_pixels)
                     if reason is None:
                         grid = choose_grid(*_oriented_size(image), cfg)
-                        return _Item(index, str(path), grid, np.frombuffer(data, dtype=np.uint8))
+                        return _Item(index, str(source), grid, np.frombuffer(data, dtype=np.uint8), source)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError):
             pass  # load_rgb below raises the canonical ImageError (or decodes what the probe could not)
-        logger.debug("%s: decoded by PIL before DALI (%s)", path, reason)
-        return self._decode_with_pil(index, str(path))
+        logger.debug("%s: decoded by PIL before DALI (%s)", source, reason)
+        return self._decode_with_pil(index, source)
 
-    def _decode_with_pil(self, index: int, path: str) -> _Item:
+    def _decode_with_pil(self, index: int, source: ImageSource) -> _Item:
         """load_rgb (raises ImageError); the grid comes from the decoded, oriented image."""
-        rgb = load_rgb(path, self.config.max_pixels)
-        return _Item(index, path, choose_grid(rgb.width, rgb.height, self.config), np.asarray(rgb))
+        rgb = load_rgb(source, self.config.max_pixels)
+        return _Item(index, str(source), choose_grid(rgb.width, rgb.height, self.config), np.asarray(rgb), source)
 
     # -- running ---------------------------------------------------------------------
     def _run(self, items: list[_Item], encoded: bool) -> list[TiledImage]:
@@ -311,11 +314,11 @@ class DALITiler:
             self._pipes.pop(True, None)  # DALI marks a pipeline invalid after an operator error
         for item in items:
             try:
-                pending.append(self._decode_with_pil(item.index, item.path))
+                pending.append(self._decode_with_pil(item.index, item.source))
             except ImageError as bad:
                 record_bad_sample(bad, item.index, self.config, result.skipped)
 
-    def tile_files(self, paths: Sequence[PathLike]) -> TilingResult:
+    def tile_files(self, paths: Sequence[ImageSource]) -> TilingResult:
         result = TilingResult(images=[None] * len(paths))
         decoded: list[_Item] = []  # decoded by load_rgb, waiting for a full batch
         bs = self.batch_size

@@ -8,10 +8,17 @@ conversion, 16-bit and 32-bit integer images are scaled (not clipped) to 8 bits,
 EXIF orientation is applied.
 Truncated or corrupt files, files that are not images, and images beyond
 ``max_pixels`` raise :class:`ImageError`.
+
+An image is a file path or an :class:`EmbeddedImage`: encoded bytes held in memory (a
+benchmark's parquet cell), named for messages (``FILE:row N:COLUMN``). Both are decoded by
+the same code, so embedded images need no temporary files.
 """
 
 from __future__ import annotations
 
+import io
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,10 +30,39 @@ DEFAULT_MAX_PIXELS = 100_000_000
 _WIDE_INTEGER_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": None}
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file and the reason."""
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An encoded image (PNG, JPEG, ...) held in memory instead of a file."""
 
-    def __init__(self, path: Union[str, Path], reason: str):
+    name: str
+    """Where it came from, for messages: ``FILE:row N:COLUMN``."""
+    data: bytes = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ImageSource = Union[str, "os.PathLike[str]", EmbeddedImage]
+"""What the tilers and :func:`load_rgb` take: a file path or an :class:`EmbeddedImage`."""
+
+
+def read_image_bytes(source: ImageSource) -> bytes:
+    """The encoded bytes of a file or an embedded image; ImageError when a file cannot be read."""
+    if isinstance(source, EmbeddedImage):
+        return source.data
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageError(path, f"cannot read: {err.strerror or err}") from None
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file (or the embedded image) and the reason."""
+
+    def __init__(self, path: Union[str, Path, EmbeddedImage], reason: str):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
@@ -57,16 +93,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decodes ``path`` fully (so truncation is caught here, not in a worker) to RGB."""
-    path = Path(path)
-    if not path.is_file():
+def load_rgb(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decodes a file or an embedded image fully (so truncation is caught here, not in a
+    worker) to RGB."""
+    path: Union[Path, EmbeddedImage] = source if isinstance(source, EmbeddedImage) else Path(source)
+    if isinstance(path, Path) and not path.is_file():
         raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+    opened = io.BytesIO(path.data) if isinstance(path, EmbeddedImage) else path
     try:
         # max_pixels is our limit, checked before decoding. PIL's own bomb check only
         # warns below 2 x Image.MAX_IMAGE_PIXELS; that warning is left alone (turning it
         # into an error needs warnings.catch_warnings, which is not thread-safe).
-        with Image.open(path) as image:
+        with Image.open(opened) as image:
             if image.width * image.height > max_pixels:
                 raise ImageError(path, f"{image.width}x{image.height} pixels exceed the limit of {max_pixels}")
             if image.width < 1 or image.height < 1:
@@ -85,7 +123,7 @@ def load_rgb(path: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
         raise ImageError(path, f"cannot decode image: {err}") from None
 
 
-def check_image(path: Union[str, Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
+def check_image(path: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
     """None when ``path`` decodes to a usable image, else the reason (for validators)."""
     try:
         load_rgb(path, max_pixels)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from .images import DEFAULT_MAX_PIXELS, ImageError, ImageSource, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class Tiler(Protocol):
 
     config: TilingConfig
 
-    def tile_files(self, paths: Sequence[PathLike]) -> TilingResult:
-        """Tiles every file; bad files follow ``config.on_bad_sample``."""
+    def tile_files(self, paths: Sequence[ImageSource]) -> TilingResult:
+        """Tiles every file (or embedded image); bad files follow ``config.on_bad_sample``."""
         ...
 
 
@@ -230,8 +230,8 @@ def tile_image(image: Image.Image, cfg: TilingConfig, source: Optional[str] = No
     return TiledImage(pixel_values=normalize_into(out, cfg), grid=(cols, rows), source=source)
 
 
-def tile_file(path: PathLike, cfg: TilingConfig) -> TiledImage:
-    """Loads ``path`` with :func:`.images.load_rgb` (raises ImageError) and tiles it."""
+def tile_file(path: ImageSource, cfg: TilingConfig) -> TiledImage:
+    """Loads ``path`` (a file or an ``EmbeddedImage``) with :func:`.images.load_rgb` (raises ImageError) and tiles it."""
     return tile_image(load_rgb(path, cfg.max_pixels), cfg, source=str(path))
 
 
@@ -248,13 +248,13 @@ class PILTiler:
         self.config = config
         self.num_threads = num_threads
 
-    def _tile_one(self, path: PathLike) -> Union[TiledImage, ImageError]:
+    def _tile_one(self, path: ImageSource) -> Union[TiledImage, ImageError]:
         try:
             return tile_file(path, self.config)
         except ImageError as err:
             return err  # the policy is applied in input order by the caller
 
-    def tile_files(self, paths: Sequence[PathLike]) -> TilingResult:
+    def tile_files(self, paths: Sequence[ImageSource]) -> TilingResult:
         if self.num_threads == 1:
             outcomes = [self._tile_one(p) for p in paths]
         else:

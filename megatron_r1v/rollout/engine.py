@@ -9,6 +9,7 @@ the generated ids and their log-probs under the sampling distribution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol, Sequence
 
@@ -28,6 +29,12 @@ class SamplingParams:
     """Sampling is reproducible for a given seed, request order and weights."""
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sample ends after any of these (e.g. ``<|im_end|>``)."""
+    repetition_penalty: float = 1.0
+    """transformers' / vLLM's rule, applied to the raw logits before temperature, top-p and
+    greedy argmax: every token id that occurs in the request's prompt or in its response so
+    far has a positive logit divided by this, a negative one multiplied. 1.0 (GRPO
+    training) changes nothing; evaluation as Skywork R1V's released inference uses 1.05.
+    Log-probs are then those of the penalized distribution."""
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -36,6 +43,9 @@ class SamplingParams:
         if not (self.temperature >= 0 and 0 < self.top_p <= 1):
             raise ValueError(f"need temperature >= 0 (0: greedy) and 0 < top_p <= 1, got temperature="
                              f"{self.temperature}, top_p={self.top_p}")
+        # Finite: inf would zero every seen positive logit, NaN poison them; > 0: the rule divides by it.
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be finite and > 0 (1.0: off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:

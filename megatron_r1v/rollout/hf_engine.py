@@ -11,18 +11,25 @@ log-probs exactly, and is short.
 * Randomness: one ``torch.Generator`` seeded with ``params.seed`` per call; the global
   RNG is never touched. Samples are reproducible for a seed, request order and weights
   (sample k of a request may change when other requests join the call).
-* Log-probs: ``logprobs[t] = log_softmax(logits_t / temperature)[token_t]`` over the
-  whole vocabulary, i.e. the temperature-scaled policy the GRPO loss evaluates
-  (``losses.grpo``, ``temperature``), NOT renormalized over the top-p nucleus. The
-  sampler draws from that distribution truncated to the nucleus and with the image
-  token banned; a sampled token's nucleus log-prob is its policy log-prob minus the
-  log of the nucleus mass. With ``top_p=1`` the two coincide up to the banned image
-  token, whose mass is negligible for a trained model (and whose appearance in a
+* Repetition penalty (``params.repetition_penalty``, transformers' and vLLM's rule): a
+  per-row bool mask [rows, V] of the ids seen so far, the row's prompt (not its left
+  padding) then its response, updated each step; a seen id's positive logit is divided by
+  the penalty, a negative one multiplied, before temperature, top-p and greedy argmax. At
+  1.0 the mask is never built and no number changes.
+* Log-probs: ``logprobs[t] = log_softmax(penalized(logits_t) / temperature)[token_t]``
+  over the whole vocabulary. With penalty 1.0, which GRPO training keeps, that is the
+  temperature-scaled policy the GRPO loss evaluates (``losses.grpo``, ``temperature``);
+  with another penalty (evaluation) it is the penalized, tempered distribution the
+  sampler draws from, which the loss does not know. Either way NOT renormalized over the
+  top-p nucleus. The sampler draws from that distribution truncated to the nucleus and
+  with the image token banned; a sampled token's nucleus log-prob is its policy log-prob
+  minus the log of the nucleus mass. With ``top_p=1`` the two coincide up to the banned
+  image token, whose mass is negligible for a trained model (and whose appearance in a
   response would break the trainer's image-token count, hence the ban).
 * Greedy (``temperature == 0``): each step takes the most likely token that is not the
   image token, ``top_p`` and the seed play no part, and log-probs are those of the
-  untempered distribution (``log_softmax(logits)``). The ``n`` samples of a request are
-  then identical.
+  untempered (but penalized) distribution (``log_softmax(penalized(logits))``). The ``n``
+  samples of a request are then identical.
 * Samples that end keep decoding in the batch (their tokens are dropped) until every
   sample has ended or ``max_new_tokens`` is reached: rows of a batch never interact.
 """
@@ -41,6 +48,25 @@ if TYPE_CHECKING:
     from transformers import InternVLForConditionalGeneration
 
     from megatron_r1v.models.r1v.presets import R1VArch
+
+
+def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' ``RepetitionPenaltyLogitsProcessor`` on a mask: where ``seen_BV``, a
+    negative logit times ``penalty``, another one divided by it (the same ``where`` as
+    transformers, so the same floats); elsewhere the logit unchanged."""
+    penalized_BV = torch.where(logits_BV < 0, logits_BV * penalty, logits_BV / penalty)
+    return torch.where(seen_BV, penalized_BV, logits_BV)
+
+
+def prompt_seen_mask(requests: Sequence[RolloutRequest], n: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(requests) * n, vocab] bool: row r marks the ids of request r // n's prompt (no padding
+    is involved: each row is filled from its own prompt). Ids >= vocab (an embedding larger than
+    the head) can never be generated, so they have no logit to penalize and are left out."""
+    seen_NV = torch.zeros((len(requests) * n, vocab), dtype=torch.bool, device=device)
+    for i, req in enumerate(requests):
+        ids = req.prompt_ids.to(device, torch.long)
+        seen_NV[i * n:(i + 1) * n, ids[ids < vocab]] = True
+    return seen_NV
 
 
 class HFRolloutEngine:
@@ -190,7 +216,11 @@ class HFRolloutEngine:
         for req in requests:
             validate_request(req, self.image_token_id, self.tokens_per_tile)
         logits_NV, cache, mask_NL, next_pos_N = self._prefill(requests, params.n)
-        tokens_NR, logprobs_NR, length_N, done_N = self._decode(logits_NV, cache, mask_NL, next_pos_N, params)
+        # Penalty 1.0 (training): no mask, not a single extra operation per step.
+        seen_NV = (None if params.repetition_penalty == 1.0
+                   else prompt_seen_mask(requests, params.n, logits_NV.shape[-1], self.device))
+        tokens_NR, logprobs_NR, length_N, done_N = self._decode(logits_NV, cache, mask_NL, next_pos_N, params,
+                                                                seen_NV)
         results: list[list[RolloutSample]] = []
         for i, req in enumerate(requests):
             group = []
@@ -226,17 +256,26 @@ class HFRolloutEngine:
         return (out.logits[:, -1].repeat_interleave(n, dim=0), cache, mask_BL.repeat_interleave(n, dim=0),
                 torch.tensor(lengths, device=dev).repeat_interleave(n))
 
-    def _decode(self, logits_NV, cache, mask_NL, next_pos_N, params: SamplingParams):
-        """Samples up to ``max_new_tokens`` tokens per row; a row ends after a stop token. Returns
-        (tokens [N, R], their log-probs [N, R], each row's length [N], whether it stopped [N]), on the CPU."""
+    def _decode(self, logits_NV, cache, mask_NL, next_pos_N, params: SamplingParams,
+                seen_NV: Optional[torch.Tensor] = None):
+        """Samples up to ``max_new_tokens`` tokens per row; a row ends after a stop token. ``seen_NV``:
+        the ids each row has seen so far, for the repetition penalty (None: no penalty); updated in
+        place with every sampled token. Returns (tokens [N, R], their log-probs [N, R], each row's
+        length [N], whether it stopped [N]), on the CPU."""
         dev, rows = self.device, logits_NV.shape[0]
         gen = torch.Generator(device=dev).manual_seed(params.seed)
         stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         tokens, logprobs = [], []
         length_N = torch.full((rows,), params.max_new_tokens, dtype=torch.long, device=dev)
         done_N = torch.zeros(rows, dtype=torch.bool, device=dev)
+        row_N = None if seen_NV is None else torch.arange(rows, device=dev)
         for step in range(params.max_new_tokens):
+            if seen_NV is not None:
+                # fp32 first, as _sample and transformers' generate do, so the penalized floats match theirs.
+                logits_NV = apply_repetition_penalty(logits_NV.float(), seen_NV, params.repetition_penalty)
             tok_N, lp_N = self._sample(logits_NV, params, gen)
+            if seen_NV is not None:
+                seen_NV[row_N, tok_N] = True  # rows that ended too: their tokens are dropped anyway
             tokens.append(tok_N)
             logprobs.append(lp_N)
             ends_N = torch.isin(tok_N, stops) & ~done_N

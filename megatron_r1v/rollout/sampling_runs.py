@@ -267,10 +267,14 @@ def start_run(args: argparse.Namespace, settings: dict, line_type: type[Line],
 
 
 def sample_batches(run: Any, args: argparse.Namespace, out: Path, results: dict[str, Line], score: ScoreBatch,
-                   describe: Callable[[list[Line]], str], progress: Callable[[str], None]) -> None:
+                   describe: Callable[[list[Line]], str], progress: Callable[[str], None],
+                   shutdown: bool = True) -> None:
     """Samples every prompt of ``run.records`` missing from ``results`` (module docstring),
     adding its line to ``results`` and ``out/samples.jsonl``; ``describe`` sums up the
-    lines so far for the progress line of each batch."""
+    lines so far for the progress line of each batch. ``args.repetition_penalty`` (1.0 when
+    absent) goes to the engine. A batch's responses get ``--max-new-tokens`` or what the
+    model's positions leave after its longest prompt, whichever is less (said once).
+    ``shutdown``: stop an SGLang engine at the end (not when a suite reuses it)."""
     from megatron_r1v.evaluate import build_requests
     from megatron_r1v.rollout.engine import SamplingParams
 
@@ -279,17 +283,24 @@ def sample_batches(run: Any, args: argparse.Namespace, out: Path, results: dict[
     bs = args.batch_size
     num_batches = -(-len(ids) // bs)
     params = dict(n=args.samples, temperature=args.temperature, top_p=args.top_p,
-                  max_new_tokens=args.max_new_tokens, stop_token_ids=run.stop_ids)
+                  repetition_penalty=getattr(args, "repetition_penalty", 1.0), stop_token_ids=run.stop_ids)
+    limited = False
     # SGLang's scheduler processes outlive its Python objects: stop them, also after a failure.
     with contextlib.ExitStack() as stack, open(out / PROGRESS, "a", encoding="utf-8") as progress_file:
-        if hasattr(run.engine, "shutdown"):
+        if shutdown and hasattr(run.engine, "shutdown"):
             stack.callback(run.engine.shutdown)
         for b in range(num_batches):
             batch = run.records[b * bs:(b + 1) * bs]
             if all(r.id in results for r in batch):
                 continue
+            requests = build_requests(run, batch)
+            budget = min(args.max_new_tokens, run.max_positions - max(len(r.prompt_ids) for r in requests))
+            if budget < args.max_new_tokens and not limited:
+                limited = True
+                progress(f"note: --max-new-tokens {args.max_new_tokens} does not fit the model's {run.max_positions} "
+                         f"positions; responses get what a batch's longest prompt leaves ({budget} tokens here)")
             # The whole batch, so each sample is the one an uninterrupted run draws.
-            groups = run.engine.generate(build_requests(run, batch), SamplingParams(seed=args.seed + b, **params))
+            groups = run.engine.generate(requests, SamplingParams(seed=args.seed + b, max_new_tokens=budget, **params))
             new = [(record, group) for record, group in zip(batch, groups, strict=True) if record.id not in results]
             lines = score([record for record, _ in new], [group for _, group in new])
             for line in lines:

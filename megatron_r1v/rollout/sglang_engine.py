@@ -34,6 +34,11 @@ Written against sglang 0.5.23 (the PyPI wheel; paths under ``sglang/srt/``, 0.5.
   (``sampling/sampling_params.py``), reported as ``log_softmax(logits)``: the trainer's
   convention. ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (0.5.2: ``RETURN_ORIGINAL_LOGPROB``) makes
   them untempered and is refused. ``logit_bias`` (the image-token ban) applies before both.
+* ``sampling/penaltylib/repetition_penalty.py``: ``repetition_penalty`` divides a positive
+  logit by it and multiplies a negative one before temperature, like transformers and
+  vLLM, but marks only the ids generated so far (``_cumulate_output_tokens``; there is no
+  prompt pass), where transformers, vLLM and the HF engine also mark the prompt's: with a
+  penalty other than 1.0 SGLang samples another distribution (a warning says so once).
 * ``managers/schedule_batch.py``: samples end at ``stop_token_ids`` and at the model's EOS
   ids (``ignore_eos`` turns both off); ``output_ids`` keep the stop token.
 * ``multimodal/processors/internvl.py``, ``base_processor.py``, ``managers/mm_utils.py``:
@@ -201,6 +206,7 @@ class SGLangRolloutEngine:
         self._released: set[str] = set()
         self._flush_pending = False
         self._expected: Optional[dict[str, tuple[int, ...]]] = None
+        self._warned_penalty = False
 
     @classmethod
     def from_config(cls, rollout_cfg: "RolloutConfig", model_dir: str, tp_size: int, base_gpu_id: int, seed: int,
@@ -314,6 +320,8 @@ class SGLangRolloutEngine:
             sp["ignore_eos"] = True  # the protocol stops only at stop_token_ids
         if self.ban_image_token and self.image_token_id is not None:
             sp["logit_bias"] = {str(self.image_token_id): _IMAGE_TOKEN_BIAS}
+        # Always sent (1.0 is SGLang's default and its "off"), so the request states what was asked.
+        sp["repetition_penalty"] = params.repetition_penalty
         return sp
 
     def generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> list[list[RolloutSample]]:
@@ -326,6 +334,11 @@ class SGLangRolloutEngine:
         for req in requests:
             self._check_request(req)
         self.finish_weight_update()
+        if params.repetition_penalty != 1.0 and not self._warned_penalty:
+            self._warned_penalty = True
+            logger.warning("repetition_penalty=%s: SGLang penalizes the ids of the response only, not the prompt's "
+                           "as transformers, vLLM and the HF engine do (see the sglang_engine module docstring)",
+                           params.repetition_penalty)
         n = params.n
         input_ids, image_data, sampling = [], [], []
         for i, req in enumerate(requests):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_r1v.data.images import ImageError, check_image, load_rgb, to_rgb
+from megatron_r1v.data.images import EmbeddedImage, ImageError, check_image, load_rgb, read_image_bytes, to_rgb
 
 WHITE = (255, 255, 255)
 
@@ -186,3 +186,37 @@ def test_exif_orientation_applied(tmp_path, orientation, top_left, bottom_right,
     # Block centres, away from the chroma-subsampled boundary: within JPEG's error of the colour.
     assert np.abs(out[h // 4, w // 4] - colors[top_left]).max() <= 6
     assert np.abs(out[3 * h // 4, 3 * w // 4] - colors[bottom_right]).max() <= 6
+
+
+# --- embedded images: the same decoding from bytes in memory -------------------------------
+@pytest.mark.parametrize("name, orientation", [("noise.png", 1), ("photo.jpg", 1), ("rgba.png", 1), ("exif6.jpg", 6)])
+def test_embedded_bytes_decode_like_their_file(tmp_path, name, orientation):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (30, 50, 4 if name.startswith("rgba") else 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / name, exif=exif)
+    blob = EmbeddedImage(f"bench.parquet:row 3:{name}", (tmp_path / name).read_bytes())
+    assert read_image_bytes(blob) is blob.data and read_image_bytes(tmp_path / name) == blob.data
+    from_bytes = np.asarray(load_rgb(blob))
+    assert np.array_equal(from_bytes, rgb_of(tmp_path / name)) and check_image(blob) is None
+    assert from_bytes.shape == ((50, 30, 3) if orientation == 6 else (30, 50, 3))
+    assert str(blob) == blob.name and "data" not in repr(blob)  # messages and logs never print the bytes
+
+
+def test_embedded_bad_bytes_are_named_by_the_image_name(tmp_path):
+    data = noise_png(tmp_path / "ok.png")
+    cases = [(data[: len(data) // 2], "cannot decode image: image file is truncated"),
+             (b"a caption, not an image\n", "not an image PIL can identify (corrupt or unsupported format)"),
+             (b"", "not an image PIL can identify (corrupt or unsupported format)")]
+    for row, (blob_data, reason) in enumerate(cases):
+        blob = EmbeddedImage(f"bench.parquet:row {row}:image", blob_data)
+        with pytest.raises(ImageError) as info:
+            load_rgb(blob)
+        assert (info.value.path, info.value.reason, str(info.value)) == (blob.name, reason, f"{blob.name}: {reason}")
+        assert check_image(blob) == reason
+    big = EmbeddedImage("bench.parquet:row 9:image", data)  # 64x64
+    with pytest.raises(ImageError, match=r"^bench\.parquet:row 9:image: 64x64 pixels exceed the limit of 100$"):
+        load_rgb(big, max_pixels=100)
+    with pytest.raises(ImageError, match="missing.png: no such file"):
+        read_image_bytes(tmp_path / "missing.png")

@@ -8,6 +8,7 @@ import logging
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 from tool_modules import load_tool  # tests/ is on sys.path (pytest.ini: pythonpath)
 
 from megatron_r1v.data import dali_tiling
-from megatron_r1v.data.images import ImageError
+from megatron_r1v.data.images import EmbeddedImage, ImageError
 from megatron_r1v.data.tiling import (
     PILTiler, TilingConfig, candidate_grids, choose_grid, tile_file, tile_image,
 )
@@ -418,3 +419,147 @@ def test_bench_data_smoke(tmp_path, capsys):
     # The r1v operator reproduces the reference exactly; DALI's own operators are timed beside it.
     assert report["dali_cpu_kernel"] == "r1v" and report["max_abs_diff"] == 0.0
     assert report["dali_ops_images_per_s"] > 0 and report["num_tiles"] > 6
+
+
+# --- embedded images (encoded bytes in memory, e.g. a benchmark's parquet cell) ---------------
+def encode(image: Image.Image, name: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG" if name.endswith(".jpg") else "PNG", **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> dict[str, tuple[Path, EmbeddedImage]]:
+    """Each image as a file and as an EmbeddedImage of the same bytes: ones DALI decodes and
+    ones it leaves to load_rgb (alpha, palette transparency)."""
+    d = tmp_path_factory.mktemp("embedded")
+    rng = np.random.default_rng(3)
+    base = smooth(rng, 240, 320)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    palette = Image.fromarray(base).convert("P")
+    alpha = np.where(np.arange(320) < 100, 0, 255).astype(np.uint8)[None, :].repeat(240, 0)
+    images = {
+        "rgb.png": (Image.fromarray(smooth(rng, 400, 600)), {}),
+        "rgb.jpg": (Image.fromarray(smooth(rng, 380, 500)), {"quality": 90}),
+        "gray.jpg": (Image.fromarray(base).convert("L"), {"quality": 90}),
+        "exif6.jpg": (Image.fromarray(smooth(rng, 200, 400)), {"quality": 90, "exif": exif}),
+        "palette.png": (palette, {}),
+        "palette_trns.png": (palette, {"transparency": int(np.asarray(palette)[0, 0])}),
+        "rgba.png": (Image.fromarray(np.dstack([base, alpha])), {}),
+    }
+    out = {}
+    for row, (name, (image, kwargs)) in enumerate(images.items()):
+        data = encode(image, name, **kwargs)
+        (d / name).write_bytes(data)
+        out[name] = (d / name, EmbeddedImage(f"bench.parquet:row {row}:{name}", data))
+    return out
+
+
+def make_tiler(kind: str, on_bad_sample: str = "skip"):
+    """The PIL reference, DALI with the r1v operator (bit-exact with PIL) or with DALI's own
+    operators; a batch of 3 so that a call spans several batches, mixing DALI-decoded images
+    with load_rgb-decoded ones that wait for a full batch."""
+    cfg = TilingConfig(on_bad_sample=on_bad_sample)
+    if kind == "pil":
+        return PILTiler(cfg, num_threads=2)
+    return dali_tiling.DALITiler(cfg, num_threads=2, batch_size=3, cpu_kernel="r1v" if kind == "r1v" else "dali")
+
+
+TILER_KINDS = ["pil", "r1v", "dali"]
+
+
+@pytest.mark.parametrize("kind", TILER_KINDS)
+def test_embedded_images_tile_bit_identically_to_their_files(embedded, kind):
+    tiler = make_tiler(kind)
+    files, blobs = [f for f, _ in embedded.values()], [e for _, e in embedded.values()]
+    from_files, from_bytes = tiler.tile_files(files), tiler.tile_files(blobs)
+    assert from_files.num_skipped == from_bytes.num_skipped == 0
+    for name, a, b, blob in zip(embedded, from_files.images, from_bytes.images, blobs):
+        # The same bytes through the same decoder and graph: equal bits, not merely close.
+        assert a.grid == b.grid and torch.equal(a.pixel_values, b.pixel_values), name
+        assert (a.source, b.source) == (str(embedded[name][0]), blob.name)
+    assert from_bytes.images[list(embedded).index("exif6.jpg")].grid == (1, 2)  # rotated from the bytes' EXIF
+    if kind == "r1v":  # and equal to the PIL reference, as for files
+        ref = PILTiler(TilingConfig()).tile_files(blobs)
+        assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(ref.images, from_bytes.images))
+
+
+def test_embedded_alpha_and_palette_transparency_go_the_load_rgb_way_in_dali(embedded):
+    tiler = make_tiler("r1v")
+    for name, route in [("rgba.png", "format/mode ('PNG', 'RGBA', 'RGBA')"), ("palette_trns.png", "transparency"),
+                        ("palette.png", None), ("rgb.png", None)]:
+        blob = embedded[name][1]
+        with Image.open(io.BytesIO(blob.data)) as image:
+            assert dali_tiling.pil_only_reason(image, blob.data, 10**8) == route, name
+        item = tiler._prepare(0, blob)
+        # load_rgb's decoded [H, W, 3] pixels (composited over white), or the bytes for DALI's decoder.
+        assert item.data.ndim == (1 if route is None else 3) and item.path == blob.name and item.source is blob
+        (got,) = tiler.tile_files([blob]).images
+        (want,) = PILTiler(TilingConfig()).tile_files([blob]).images
+        assert torch.equal(got.pixel_values, want.pixel_values), name
+
+
+@pytest.mark.parametrize("kind", TILER_KINDS)
+def test_mixed_paths_and_embedded_images_keep_input_order(embedded, kind):
+    tiler = make_tiler(kind)
+    # Alternating kinds; rgba and palette_trns wait in the load_rgb queue while later DALI
+    # batches run, so only the input index can put them back in place.
+    sources = [file if i % 2 else blob for i, (file, blob) in enumerate(embedded.values())]
+    sources += [embedded["rgba.png"][0], embedded["rgb.png"][1]]
+    result = tiler.tile_files(sources)
+    assert [i.source for i in result.images] == [str(s) for s in sources]
+    for source, got in zip(sources, result.images):
+        (alone,) = tiler.tile_files([source]).images  # each image on its own: no order to get wrong
+        assert torch.equal(got.pixel_values, alone.pixel_values), str(source)
+
+
+def bad_blobs(embedded) -> tuple[list[EmbeddedImage], dict[int, str]]:
+    """A good embedded image among bad ones; {index: reason} of the bad ones."""
+    png = embedded["rgb.png"][1].data
+    blobs = [embedded["rgb.jpg"][1], EmbeddedImage("bench.parquet:row 7:image", b"not an image\n"),
+             EmbeddedImage("bench.parquet:row 8:image", png[: len(png) // 2]),
+             EmbeddedImage("bench.parquet:row 9:image", corrupt_idat(png)),  # DALI's decoder fails its batch
+             EmbeddedImage("bench.parquet:row 10:image", b"")]
+    return blobs, {1: EXPECTED_REASONS["text"], 2: EXPECTED_REASONS["truncated"], 3: EXPECTED_REASONS["corrupt_idat"],
+                   4: EXPECTED_REASONS["text"]}
+
+
+@pytest.mark.parametrize("kind", TILER_KINDS)
+def test_bad_embedded_bytes_are_named_by_the_image_name(embedded, kind, caplog):
+    blobs, reasons = bad_blobs(embedded)
+    with caplog.at_level(logging.WARNING, logger="megatron_r1v.data"):
+        result = make_tiler(kind).tile_files(blobs)
+    assert [(s.index, s.path, s.reason) for s in result.skipped] == [(i, blobs[i].name, r) for i, r in reasons.items()]
+    assert [image is None for image in result.images] == [i in reasons for i in range(len(blobs))]
+    assert all(f"{blobs[i].name}: {r}" in caplog.text for i, r in reasons.items()), caplog.text
+    for index, reason in reasons.items():
+        with pytest.raises(ImageError) as info:
+            make_tiler(kind, on_bad_sample="error").tile_files([blobs[0], blobs[index]])
+        assert (info.value.path, info.value.reason, str(info.value)) == (blobs[index].name, reason,
+                                                                          f"{blobs[index].name}: {reason}")
+
+
+def test_tiling_embedded_images_creates_no_temporary_file(embedded, tmp_path, monkeypatch):
+    blobs = [blob for _, blob in embedded.values()] + bad_blobs(embedded)[0]
+    tilers = [make_tiler(kind) for kind in TILER_KINDS]
+    for tiler in tilers:
+        tiler.tile_files(blobs[:1])  # builds the pipelines (and the r1v operator) before the watch starts
+    # An empty temporary directory for this test (a shared /tmp changes under other processes),
+    # and the tempfile functions made to fail: an unnamed O_TMPFILE would not show in a listing.
+    fresh = tmp_path / "tmp"
+    fresh.mkdir()
+    monkeypatch.setenv("TMPDIR", str(fresh))
+    monkeypatch.setattr(tempfile, "tempdir", str(fresh))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a temporary file was created while tiling embedded images")
+
+    for fn in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryFile", "SpooledTemporaryFile",
+               "TemporaryDirectory"):
+        monkeypatch.setattr(tempfile, fn, refuse)
+    assert tempfile.gettempdir() == str(fresh)
+    for tiler in tilers:
+        result = tiler.tile_files(blobs)
+        assert result.num_skipped == 4 and len(result.kept()) == len(embedded) + 1
+    assert list(fresh.iterdir()) == []

@@ -1,12 +1,15 @@
 """HFRolloutEngine on a tiny random transformers InternVL (tiny-r1v, CPU, fp32)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import megatron_r1v.rollout.hf_engine as hf_engine
 from megatron_r1v.models.r1v.presets import get_preset
 from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
-from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+from megatron_r1v.rollout.hf_engine import HFRolloutEngine, apply_repetition_penalty
 
 ARCH = get_preset("tiny-r1v")
 IMG, PER_TILE, SIDE = ARCH.image_token_id, ARCH.tokens_per_tile, ARCH.vision.image_size
@@ -247,6 +250,111 @@ def test_greedy_never_picks_the_image_token(engine):
     expected_B = torch.cat([logits_BV[:, :IMG], logits_BV[:, IMG + 1:]], dim=1).argmax(-1)  # IMG is the last id
     assert torch.equal(tokens_B, expected_B)
     assert torch.equal(logprobs_B, F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None]).squeeze(-1))
+
+
+# --- repetition penalty ------------------------------------------------------------------
+
+
+def transformers_generate(model, prompt, params, pixel_values=None):
+    """transformers' own ``generate`` on one unpadded request: no stop token (as the engine
+    without stop_token_ids), the engine's image-token ban (``bad_words_ids``), a sampled run
+    drawing from the global RNG seeded with ``params.seed``; returns (tokens, log_softmax(penalized logits / T) of them), the penalty
+    applied by transformers' own ``RepetitionPenaltyLogitsProcessor``."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    kwargs = dict(do_sample=False) if params.greedy else dict(do_sample=True, temperature=params.temperature,
+                                                              top_p=params.top_p, top_k=None)
+    if pixel_values is not None:  # InternVL's generate encodes pixel_values=None as an image
+        kwargs["pixel_values"] = pixel_values
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
+                             max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+                             bad_words_ids=[[IMG]], eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                             output_logits=True, **kwargs)
+    tokens, P = out.sequences[0, prompt.numel():], prompt.numel()
+    penalty = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+    logprobs = [F.log_softmax(penalty(out.sequences[:, :P + t], raw.clone()) / (params.temperature or 1.0), -1)[0, tok]
+                for t, (raw, tok) in enumerate(zip(out.logits, tokens))]
+    return tokens, torch.stack(logprobs)
+
+
+def penalty_requests() -> list[RolloutRequest]:
+    ids_a, pix_a = image_prompt(2, 90)  # no id 0 (the engine's pad id) in it, 0 in its continuation
+    return [RolloutRequest("img", ids_a, pix_a), RolloutRequest("long", text_prompt(20, 94)),
+            RolloutRequest("short", text_prompt(4, 95))]
+
+
+@pytest.mark.parametrize("temperature,top_p,penalty,seed", [(0.0, 1.0, 1.3, 0), (0.6, 0.95, 1.05, 11),
+                                                            (1.0, 1.0, 1.3, 5)])
+def test_repetition_penalty_matches_transformers_generate(engine, temperature, top_p, penalty, seed):
+    """Greedy, Skywork R1V's released setting and a plain sampled one give the ids of
+    transformers' ``model.generate`` on the same model, image included.
+
+    Greedy: the requests share one left-padded batch (pad id 0, which the image request's
+    continuation picks, so a penalized padding would change it; rows with n=2 must not
+    interact) and each is compared with its own unpadded generate call. Sampled: one request
+    per call with n=1, so that the engine's generator and generate's global one (the same
+    CPU stream, seeded alike) make one draw per step from the same floats; the two top-p
+    rules (drop a token once the mass ranked before it reaches top_p; transformers' ascending
+    form of it) keep the same nucleus up to rounding and tie order at its boundary, which
+    these fixed draws do not meet."""
+    requests = penalty_requests()
+    params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_new_tokens=16, seed=seed,
+                            repetition_penalty=penalty)
+    if params.greedy:
+        groups = engine.generate(requests, replace(params, n=2))
+        assert 0 in groups[0][0].response_ids.tolist()  # the padding id is a choice the penalty must not touch
+    else:
+        groups = [engine.generate([req], params)[0] for req in requests]
+    for req, group in zip(requests, groups):
+        want_ids, want_lp = transformers_generate(engine.model, req.prompt_ids, params, req.pixel_values)
+        for s in group:
+            assert s.response_ids.tolist() == want_ids.tolist(), req.prompt_id
+            # Measured bit-equal; kept at LOGPROB_TOL because the cached, padded batch may differ by
+            # summation order from generate's (see LOGPROB_TOL).
+            torch.testing.assert_close(s.logprobs, want_lp, atol=LOGPROB_TOL, rtol=0)
+
+
+def test_repetition_penalty_one_is_skipped_and_above_one_breaks_a_repetition(engine, monkeypatch):
+    requests = penalty_requests()
+    sampled = SamplingParams(n=3, temperature=0.6, top_p=0.95, max_new_tokens=10, seed=2)
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=10)
+    before = [engine.generate(requests, p) for p in (sampled, greedy)]
+    # Penalty 1.0 never reaches the penalty code (which would cost a [rows, V] mask per call and
+    # two where's per step): with it made to fail, explicit 1.0 still gives the default's bits.
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("penalty code ran with repetition_penalty=1.0")
+
+    monkeypatch.setattr(hf_engine, "prompt_seen_mask", unreachable)
+    monkeypatch.setattr(hf_engine, "apply_repetition_penalty", unreachable)
+    for params, want in zip((sampled, greedy), before):
+        got = engine.generate(requests, replace(params, repetition_penalty=1.0))
+        for a, b in zip((s for g in want for s in g), (s for g in got for s in g)):
+            assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    monkeypatch.undo()
+    # The image request's greedy continuation repeats token 0 (a no-op penalty would keep it);
+    # 1.3 keeps its first two tokens (neither was seen before) and then breaks the run.
+    plain = before[1][0][0].response_ids.tolist()
+    assert plain[1:] == [0] * 9, plain
+    (penalized,), _, _ = engine.generate(requests, replace(greedy, repetition_penalty=1.3))
+    ids = penalized.response_ids.tolist()
+    assert ids[:2] == plain[:2] and ids.count(0) == 1, ids
+
+
+def test_apply_repetition_penalty_is_transformers_rule():
+    logits_BV = torch.tensor([[2.0, -2.0, 0.0, 3.0], [2.0, -2.0, 0.0, 3.0]])
+    seen_BV = torch.tensor([[True, True, True, False], [False, False, False, False]])
+    got = apply_repetition_penalty(logits_BV, seen_BV, 2.0)
+    assert torch.equal(got, torch.tensor([[1.0, -4.0, 0.0, 3.0], [2.0, -2.0, 0.0, 3.0]]))  # rows independent
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.05, float("nan"), float("inf")])
+def test_repetition_penalty_must_be_finite_and_positive(bad):
+    with pytest.raises(ValueError, match="repetition_penalty must be finite and > 0"):
+        SamplingParams(repetition_penalty=bad)
+    assert SamplingParams(repetition_penalty=0.9).repetition_penalty == 0.9  # < 1 (encouraging repeats) is legal
 
 
 # --- loading checkpoints -----------------------------------------------------------------

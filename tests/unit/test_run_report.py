@@ -50,10 +50,18 @@ def test_quickstart_summary(tmp_path):
              "after_grpo": {"h0", "h1", "h2", "h4", "h5", "h6", "h7"}}
     for stage, correct in right.items():
         acc = len(correct) / 8
-        (tmp_path / f"eval_{stage}.json").write_text(json.dumps({"accuracy": acc, "format": 1.0, "num_prompts": 8}))
-        (tmp_path / "logs" / f"eval_{stage}.samples.jsonl").write_text("".join(
-            json.dumps({"id": i, "correct": i in correct}) + "\n" for i, _, _ in heldout))
-    for name, (a, b) in {"parts": (10, 40), "sft": (50, 90), "mpo": (100, 160), "grpo": (170, 200)}.items():
+        (tmp_path / f"eval_{stage}").mkdir()
+        (tmp_path / f"eval_{stage}" / "result.json").write_text(json.dumps({"pass@1": acc, "format": 1.0,
+                                                                            "num_items": 8}))
+        # evaluate.runner's lines: one response per item (greedy).
+        (tmp_path / f"eval_{stage}" / "samples.jsonl").write_text("".join(
+            json.dumps({"id": i, "responses": [{"correct": i in correct}]}) + "\n" for i, _, _ in heldout))
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "suite.json").write_text(json.dumps({"benchmarks": [
+        {"name": "MMMU-format", "k": 2, "pass@1": 0.75, "pass@k": 0.875, "num_items": 8, "mean_tokens": 40.5,
+         "truncation_rate": 0.0}]}))
+    for name, (a, b) in {"parts": (10, 40), "sft": (50, 90), "mpo": (100, 160), "grpo": (170, 200),
+                         "bench": (200, 215)}.items():
         (tmp_path / "logs" / f"{name}_start.t").write_text(f"{a}\n")
         (tmp_path / "logs" / f"{name}_end.t").write_text(f"{b}\n")
     proc = _report("quickstart", "--run-dir", str(tmp_path), "--started", "0")
@@ -66,7 +74,8 @@ def test_quickstart_summary(tmp_path):
                                           "count": {"answer": "2", "accuracy": 0.25}}
     assert summary["accuracy_by_task"]["after_grpo"] == {"color": 0.75, "count": 1.0}
     assert summary["accuracy_by_task"]["after_sft"] == {"color": 0.25, "count": 0.25}
-    assert summary["stage_seconds"] == {"parts": 30.0, "sft": 40.0, "mpo": 60.0, "grpo": 30.0}
+    assert summary["stage_seconds"] == {"parts": 30.0, "sft": 40.0, "mpo": 60.0, "grpo": 30.0, "bench": 15.0}
+    assert summary["benchmarks"][0]["pass@k"] == 0.875
     assert summary["steps"] == {"sft": 2, "mpo": 3, "grpo": 4}
     assert summary["grpo_second_half"]["train/accuracy"] == pytest.approx(0.4)  # steps 2 and 3
     assert summary["goals"] == {"after_sft_beats_start": True, "after_mpo_beats_after_sft": True,
@@ -75,15 +84,16 @@ def test_quickstart_summary(tmp_path):
                                 "after_grpo_beats_constant_guess_on_every_task": True}
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "87.5%" in proc.stdout and "37.5%" in proc.stdout and "ceiling" in proc.stdout
+    assert "MMMU-format" in proc.stdout and "pass@2  87.5%" in proc.stdout
     # After SFT, color (25%) is below its constant guess (50%): a run stopped there fails that goal.
-    (tmp_path / "logs" / "eval_after_grpo.samples.jsonl").write_text((tmp_path / "logs" /
-                                                                      "eval_after_sft.samples.jsonl").read_text())
+    (tmp_path / "eval_after_grpo" / "samples.jsonl").write_text(
+        (tmp_path / "eval_after_sft" / "samples.jsonl").read_text())
     proc = _report("quickstart", "--run-dir", str(tmp_path))
     assert not json.loads((tmp_path / "summary.json").read_text())["goals"][
         "after_grpo_beats_constant_guess_on_every_task"]
-    (tmp_path / "eval_after_grpo.json").unlink()
+    (tmp_path / "eval_after_grpo" / "result.json").unlink()
     missing = _report("quickstart", "--run-dir", str(tmp_path))
-    assert missing.returncode == 1 and "eval_after_grpo.json is missing" in missing.stderr
+    assert missing.returncode == 1 and "eval_after_grpo/result.json is missing" in missing.stderr
 
 
 def test_ablation_compares_second_halves(tmp_path):
@@ -92,7 +102,8 @@ def test_ablation_compares_second_halves(tmp_path):
                                 "ssb/effective_ratio_fresh": [0.5, 0.5, 0.75, 0.25]})
     _events(tmp_path / "without", {**common, "ssb/effective_ratio_batch": [0.5, 0.5, 0.75, 0.25],
                                    "ssb/effective_ratio_fresh": [0.5, 0.5, 0.75, 0.25]})
-    (tmp_path / "with" / "eval.json").write_text(json.dumps({"accuracy": 0.3}))
+    (tmp_path / "with" / "eval").mkdir()
+    (tmp_path / "with" / "eval" / "result.json").write_text(json.dumps({"pass@1": 0.3}))
     proc = _report("ablation", "--run", f"with={tmp_path / 'with'}", "--run", f"without={tmp_path / 'without'}",
                    "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr

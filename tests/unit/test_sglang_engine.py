@@ -217,6 +217,22 @@ def test_greedy_and_no_stop_ids_map_to_temperature_zero_and_ignore_eos():
     assert group[0].finished is False and group[0].text == "sglang text"
 
 
+def test_repetition_penalty_reaches_every_sglang_request(caplog):
+    eng, fake = make([out([4], [-0.5], "length")])
+    reqs = [RolloutRequest("a", torch.tensor([1, 2])), RolloutRequest("b", torch.tensor([3]))]
+    eng.generate(reqs[:1], SamplingParams(n=1, max_new_tokens=1))
+    assert fake.generated["sampling_params"][0]["repetition_penalty"] == 1.0  # the default, stated explicitly
+    assert "repetition_penalty" not in caplog.text
+    # Skywork R1V's evaluation setting (sampled, two requests of two samples), then greedy.
+    for temperature, n in ((0.6, 2), (0.0, 1)):
+        fake.outputs = [out([4], [-0.5], "length")] * (2 * n)
+        eng.generate(reqs, SamplingParams(n=n, temperature=temperature, top_p=0.95, max_new_tokens=1,
+                                          repetition_penalty=1.05))
+        assert [sp["repetition_penalty"] for sp in fake.generated["sampling_params"]] == [1.05] * (2 * n)
+    # SGLang penalizes response ids only (not the prompt's): said once per engine, not per call.
+    assert caplog.text.count("SGLang penalizes the ids of the response only") == 1
+
+
 def test_request_validation_errors():
     eng, fake = make()
     params = SamplingParams(n=1)

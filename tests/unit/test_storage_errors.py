@@ -36,12 +36,17 @@ def test_unwritable_output_is_named(tmp_path, monkeypatch):
 
 
 def test_evaluate_checks_out_before_any_work(tmp_path, capsys):
-    from megatron_r1v.evaluate import main
+    import json
+
+    from megatron_r1v.evaluate.cli import main
 
     (tmp_path / "file").write_text("")
-    # The model folder does not even exist: --out is checked first, before anything is read.
-    code = main(["--model", str(tmp_path / "nope"), "--data", str(tmp_path / "d.jsonl"),
-                 "--out", str(tmp_path / "file" / "r.json")])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": 1, "images": [], "question": "1+1?", "answer": "2",
+                                                  "answer_type": "number"}) + "\n")
+    # The model folder holds no checkpoint: --out is checked before the model is read.
+    code = main(["--benchmark", "project", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "file" / "run")])
     assert code == 2 and "error: --out" in capsys.readouterr().err
 
 
