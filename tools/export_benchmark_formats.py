@@ -32,14 +32,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 MAX_MMMU_IMAGES = 7
-_MATHVISTA_HINTS = {
-    "multi_choice": "Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.",
-    "integer": "Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, "
-               "at the end.",
-    "float": "Please answer the question requiring a floating-point number with {places} and provide the final "
-             "value, e.g., {example}, at the end.",
-    "text": "Please answer the question and provide the final answer at the end.",
-}
 
 
 def _bare_question(question: str) -> str:
@@ -57,32 +49,17 @@ def _tasks(prompts: Path) -> dict[str, str]:
     return {str(row["id"]): str(row["task"]) for row in rows if "id" in row and "task" in row}
 
 
-def _number_type(answer: str) -> tuple[str, Optional[float]]:
+def _number_type(answer: str) -> tuple[str, Optional[int]]:
     """MathVista's (answer_type, precision) of a number answer."""
     if "." not in answer:
         return "integer", None
-    return "float", float(len(answer.split(".", 1)[1]))
-
-
-def _mathvista_query(question: str, question_type: str, answer_type: str, precision: Optional[float],
-                     choices: Optional[Sequence[str]]) -> str:
-    if question_type == "multi_choice":
-        hint = _MATHVISTA_HINTS["multi_choice"]
-    elif answer_type == "float":
-        places = int(precision or 1)
-        hint = _MATHVISTA_HINTS["float"].format(
-            places="one decimal place" if places == 1 else f"{places} decimal places",
-            example=", ".join(f"{v:.{places}f}" for v in (1.2, 1.3, 1.4)))
-    else:
-        hint = _MATHVISTA_HINTS.get(answer_type, _MATHVISTA_HINTS["text"])
-    query = f"Hint: {hint}\nQuestion: {question}"
-    if choices:
-        query += "\nChoices:\n" + "\n".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
-    return query
+    return "float", len(answer.split(".", 1)[1])
 
 
 def mathvista_record(record: Any, image_name: str, task: str) -> dict:
     """MathVista testmini's fields for one project record (one image)."""
+    from megatron_r1v.evaluate.formats.mathvista import build_query
+
     question = _bare_question(record.question)
     precision = None
     if record.answer_type == "choice":
@@ -95,9 +72,10 @@ def mathvista_record(record: Any, image_name: str, task: str) -> dict:
         question_type, answer_type, answer = "free_form", "text", record.answer
     choices = list(record.choices) if record.choices else None
     return {"pid": record.id, "question": question, "image": f"images/{image_name}", "choices": choices,
-            "unit": None, "precision": precision, "answer": answer, "question_type": question_type,
-            "answer_type": answer_type, "metadata": {"split": "testmini", "source": "megatron-r1v", "task": task},
-            "query": _mathvista_query(question, question_type, answer_type, precision, choices)}
+            "unit": None, "precision": None if precision is None else float(precision), "answer": answer,
+            "question_type": question_type, "answer_type": answer_type,
+            "metadata": {"split": "testmini", "source": "megatron-r1v", "task": task},
+            "query": build_query(question, question_type, answer_type, precision, None, choices)}
 
 
 def mmmu_row(record: Any, index: int, task: str) -> dict:

@@ -19,11 +19,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LOCK=constraints-cpu-py311.txt
 # One or two fast test files per dependency: megatron-core (decoder parity at TP=2),
-# transformers (InternVL / Qwen2 parity, generation), triton (kernels in the interpreter),
+# transformers (InternVL / Qwen2 parity, generation), triton (kernels in the interpreter), pyarrow
+# (benchmark parquet files),
 # DALI + Pillow (tiling, the DALI operator build), zarr (SSB store), math-verify (rule reward), matplotlib and
 # tensorboard (plots), the import-name contracts (test_package: HF `kernels` vs ours).
 SMOKE_TESTS=(
   tests/unit/test_package.py tests/unit/test_config.py tests/unit/test_kernels.py tests/unit/test_rewards.py
+  tests/unit/test_eval_formats.py tests/unit/test_eval_scoring.py
   tests/unit/test_ssb.py tests/unit/test_data_tiling.py tests/unit/test_dali_plugin.py tests/unit/test_hf_engine.py
   tests/unit/test_r1v_model.py tests/unit/test_plotting.py
   tests/distributed/test_decoder_parity.py

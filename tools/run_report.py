@@ -3,11 +3,12 @@
     python tools/run_report.py quickstart --run-dir runs/quickstart [--started EPOCH_S]
     python tools/run_report.py ablation --run with_ssb=DIR --run without_ssb=DIR --out DIR
 
-``quickstart`` reads what examples/quickstart.sh left in the run folder (eval_*.json and the
-per-prompt samples of ``python -m megatron_r1v.evaluate``, the data splits, TensorBoard events
-under tb/sft, tb/mpo and tb/grpo, stage timestamps under logs/) and writes ``summary.json``
-(accuracies as fractions, overall and per task, after every stage; ``ceiling``: the held-out
-accuracy of answering each task's most common training answer; the goals) and ``curves.png``.
+``quickstart`` reads what examples/quickstart.sh left in the run folder (the evaluation folders
+eval_<stage>/ of ``python -m megatron_r1v.evaluate``: result.json and the per-item samples.jsonl;
+benchmarks/suite.json, the data splits, TensorBoard events under tb/sft, tb/mpo and tb/grpo,
+stage timestamps under logs/) and writes ``summary.json`` (accuracies as fractions, overall and
+per task, after every stage; ``ceiling``: the held-out accuracy of answering each task's most
+common training answer; the goals; ``benchmarks``: the suite table's rows) and ``curves.png``.
 ``ablation`` compares GRPO runs (examples/ssb_ablation.sh): the effective-sample ratio of the
 batches and the accuracy per step in one PNG, and each run's final numbers in
 ``ablation.json``. Both print a table.

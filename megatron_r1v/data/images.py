@@ -46,13 +46,18 @@ ImageSource = Union[str, "os.PathLike[str]", EmbeddedImage]
 """What the tilers and :func:`load_rgb` take: a file path or an :class:`EmbeddedImage`."""
 
 
+def _existing_file(source: Union[str, "os.PathLike[str]"]) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+    return path
+
+
 def read_image_bytes(source: ImageSource) -> bytes:
     """The encoded bytes of a file or an embedded image; ImageError when a file cannot be read."""
     if isinstance(source, EmbeddedImage):
         return source.data
-    path = Path(source)
-    if not path.is_file():
-        raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+    path = _existing_file(source)
     try:
         return path.read_bytes()
     except OSError as err:
@@ -96,9 +101,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decodes a file or an embedded image fully (so truncation is caught here, not in a
     worker) to RGB."""
-    path: Union[Path, EmbeddedImage] = source if isinstance(source, EmbeddedImage) else Path(source)
-    if isinstance(path, Path) and not path.is_file():
-        raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+    path: Union[Path, EmbeddedImage] = source if isinstance(source, EmbeddedImage) else _existing_file(source)
     opened = io.BytesIO(path.data) if isinstance(path, EmbeddedImage) else path
     try:
         # max_pixels is our limit, checked before decoding. PIL's own bomb check only

@@ -67,7 +67,7 @@ def _sampling_overrides(args: argparse.Namespace) -> dict:
 def _check_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the flag, before anything is read or loaded."""
     from megatron_r1v.evaluate import check_generation_arguments
-    from megatron_r1v.rollout.sampling_runs import _check_sglang
+    from megatron_r1v.rollout.sampling_runs import check_engine_arguments
 
     if (args.suite is None) == (args.benchmark is None):
         raise ValueError("give --benchmark NAME with --data PATH, or --suite FILE")
@@ -75,15 +75,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--benchmark needs --data (the benchmark's file)")
     if args.suite is not None and args.data is not None:
         raise ValueError("--data is for --benchmark; a suite file names each benchmark's data")
-    if args.engine not in ENGINES:
-        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
-    if args.tp != 1 and (args.engine != "sglang" or args.tp < 1):
-        raise ValueError(f"--tp must be >= 1 and is for --engine sglang only, got {args.tp}")
     if args.judge_url is None and args.judge_model:
         raise ValueError("--judge-model needs --judge-url")
+    check_engine_arguments(args.engine, args.tp, args.device)
     check_generation_arguments(args.model, 1, args.limit, 0.0, 1, args.tiler, args.tiler_threads)
-    if args.engine == "sglang":
-        _check_sglang(args.device)
 
 
 def _model_settings(args: argparse.Namespace) -> dict:
@@ -158,9 +153,8 @@ def _write_suite(out: Path, suite: Path, model: str, results: Sequence[dict]) ->
 def evaluate_command(args: argparse.Namespace, progress: Callable[[str], None] = stderr) -> list[dict]:
     """Runs what ``args`` ask for, printing each benchmark's result as a JSON line (a suite's
     table last); returns the results."""
-    from megatron_r1v.evaluate.runner import run_benchmark
-
     from megatron_r1v.atomic_dir import check_writable
+    from megatron_r1v.evaluate.runner import run_benchmark
     from megatron_r1v.rollout.sampling_runs import PROGRESS
 
     _check_arguments(args)
@@ -170,13 +164,16 @@ def evaluate_command(args: argparse.Namespace, progress: Callable[[str], None] =
         check_writable(plan.out / PROGRESS, "--out")
     progress(f"output: {out}")
     generator = _load(args)
-    progress(f"tiler: {generator.tiler_description}")
     results = []
     extra = {"model": str(args.model), "engine": args.engine}
     # An SGLang engine's processes outlive its Python object: stop them, also after a failure.
     with contextlib.ExitStack() as stack:
         if hasattr(generator.engine, "shutdown"):
             stack.callback(generator.engine.shutdown)
+        progress(f"tiler: {generator.tiler_description}")
+        for plan in plans:
+            generator.check_items(plan.items)
+        progress(f"checked {sum(len(p.items) for p in plans)} items: images decode, prompts fit the model")
         for plan in plans:
             results.append(run_benchmark(plan, generator, judge, progress, extra))
             print(json.dumps(results[-1]), flush=True)

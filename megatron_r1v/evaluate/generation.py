@@ -63,6 +63,26 @@ class Generator:
     def max_positions(self) -> int:
         return int(self.arch.decoder.max_position_embeddings)
 
+    def check_items(self, records: Sequence[Any], max_problems: int = 20) -> None:
+        """Every record's images decode and its prompt fits the positions with room for a
+        response: ValueError listing the first ``max_problems`` problems (``FILE:LINE: item
+        ID: why``), so a bad item stops the run before generation, not hours into it."""
+        from megatron_r1v.data.images import ImageError, load_rgb
+        from megatron_r1v.data.template import OverlengthError
+        from megatron_r1v.data.tiling import choose_grid, num_tiles_for
+
+        cfg, problems = self.tiler.config, []
+        for record in records:
+            try:
+                sizes = [load_rgb(source, cfg.max_pixels).size for source in record.images]
+                tiles = [num_tiles_for(choose_grid(width, height, cfg), cfg) for width, height in sizes]
+                self.template.prompt_ids(record.id, record.question, tiles)
+            except (ImageError, OverlengthError) as err:
+                problems.append(f"{getattr(record, 'source', record.id)}: item {record.id}: {err}")
+        if problems:
+            more = f"\n... and {len(problems) - max_problems} more" if len(problems) > max_problems else ""
+            raise ValueError(f"{len(problems)} item(s) cannot be run:\n" + "\n".join(problems[:max_problems]) + more)
+
     def setup(self, records: Sequence[Any], seed: int) -> "GenerationSetup":
         """The records (prompt records or ``evaluate.items.EvalItem``: anything with ``id``,
         ``images`` and ``question``) ready to generate for, in file order."""

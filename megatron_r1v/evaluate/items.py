@@ -28,8 +28,9 @@ ANSWER_KINDS: tuple[str, ...] = ("choice", "number", "expression", "text", "list
 - ``expression``: math-verify equivalence (LaTeX or plain), MMMU's and OlympiadBench's
   open answers;
 - ``text``: normalized exact match;
-- ``list``: an ordered list of values (MathVista ``list``, OlympiadBench
-  ``is_multiple_answer``), each element compared as a number / expression;
+- ``list``: several values (MathVista ``list``, OlympiadBench ``is_multiple_answer``),
+  compared as multisets: the same number of elements, in any order, each matched once
+  as a number / expression;
 - ``yes_no``: "yes" or "no" (hallucination benchmarks in POPE's format).
 """
 

@@ -12,30 +12,32 @@ The prompt (``judge_prompt.md`` beside this module, or the caller's template) sh
 question, the lettered options of a choice item, the gold answer(s) with unit and
 precision or tolerance, and the response's final part; the judge ends its reply with
 ``[[CORRECT]]`` or ``[[INCORRECT]]``. The last of those outside any ``<think>`` block is
-the verdict (a reasoning judge may weigh both in its thought); a reply without one is
-``correct=None`` with an error starting "no verdict".
+the verdict (a reasoning judge may weigh both in its thought), read in any case and with
+spaces inside the brackets ("[[ correct ]]"); a reply without one is ``correct=None`` with
+an error starting "no verdict".
 
 :meth:`JudgeClient.check_reachable` asks for the served models first, so a wrong URL or
 model name fails before the evaluated model generates anything. Connection errors,
 timeouts and 5xx are retried with exponential backoff up to ``max_retries`` times; a 4xx
 is not (the request itself is wrong). A request that still fails raises
 :class:`JudgeError` naming the URL: a missing verdict must never be recorded as "wrong".
-The HTTP exchange reuses the reward-model client's failure type and error-body reading
-(``rewards.reward_model``); its retry loop is budgeted in seconds and names ``reward.*``
-settings, so the judge counts attempts in a loop of its own.
+A timeout's message, raised or logged before a retry, names ``--judge-timeout``. One
+attempt is ``rewards.http_json.exchange`` (JSON body and headers, failures classed as
+retryable or not), shared with the reward-model client; the retry loop is the judge's own,
+counting attempts (``--judge-retries``) where the reward model budgets seconds.
+
+The judge reads a response whose thought never closed too (its last characters); a caller
+that wants to skip those asks ``evaluate.scoring.has_final_answer`` first.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,7 @@ from megatron_r1v.data.schema import CHOICE_LETTERS
 from megatron_r1v.data.tokenizer import IM_START, R1_BOS, THINK_END
 from megatron_r1v.evaluate.items import EvalItem
 from megatron_r1v.evaluate.scoring import strip_reply_end
-from megatron_r1v.rewards.reward_model import _error_message, _HTTPFailure
+from megatron_r1v.rewards.http_json import HTTPFailure, exchange
 
 _log = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ MAX_REGION_CHARS = 8000
 """The most of an answer region (after ``</think>``) the judge sees: its end, where the answer is."""
 BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 
-_VERDICT_RE = re.compile(r"\[\[(CORRECT|INCORRECT)\]\]")
+# Judges vary the token's case and spacing ("[[ Correct ]]"); the word, not the form, is the verdict.
+_VERDICT_RE = re.compile(r"\[\[\s*(CORRECT|INCORRECT)\s*\]\]", re.IGNORECASE)
 _THINK_BLOCK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 _PLACEHOLDER_RE = re.compile(r"\{\{(\w+)\}\}")
 _LEADING_COMMENT_RE = re.compile(r"\A\s*<!--.*?-->\s*", re.DOTALL)
@@ -211,32 +214,17 @@ def parse_verdict(reply: str, finish_reason: Optional[str] = None) -> JudgeVerdi
     if not tokens:
         cut = " (the reply was cut at --judge-max-tokens)" if finish_reason == "length" else ""
         return JudgeVerdict(None, reply, f"no verdict: neither [[CORRECT]] nor [[INCORRECT]] in the reply{cut}")
-    return JudgeVerdict(tokens[-1] == "CORRECT", reply, None)
+    return JudgeVerdict(tokens[-1].upper() == "CORRECT", reply, None)
 
 
 # --- the client ----------------------------------------------------------------------------
 
 
-def _exchange(method: str, url: str, payload: Optional[dict], headers: dict, timeout_s: float) -> Any:
-    """One HTTP exchange: the decoded JSON answer, or _HTTPFailure (retry: 5xx and connection trouble)."""
-    data = None if payload is None else json.dumps(payload).encode("utf-8")
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = response.read()
-    except urllib.error.HTTPError as err:  # the server is up and said why
-        raise _HTTPFailure(f"HTTP {err.code}: {_error_message(err.read())}", retry=err.code >= 500,
-                           status=err.code) from None
-    except urllib.error.URLError as err:  # refused, unknown host, connect timeout
-        raise _HTTPFailure(f"cannot connect: {err.reason}", retry=True) from None
-    except TimeoutError:
-        raise _HTTPFailure(f"no answer within {timeout_s:g} s ({JUDGE_FLAGS['timeout_s']})", retry=True) from None
-    except (OSError, http.client.HTTPException) as err:  # cut mid-answer (a restarting server)
-        raise _HTTPFailure(f"connection broke: {err!r}", retry=True) from None
-    try:
-        return json.loads(body)
-    except ValueError:  # a 200 that is not JSON is not an OpenAI-compatible server
-        raise _HTTPFailure(f"answered non-JSON: {body[:200]!r}", retry=False, status=200) from None
+def _failure_text(failure: HTTPFailure) -> str:
+    """The failure's message; a timeout's names the flag that sets it (a slow reasoning judge)."""
+    message = str(failure)
+    # exchange() words every timeout "timed out after ..." and has no timeout flag of its own.
+    return f"{message} ({JUDGE_FLAGS['timeout_s']})" if message.startswith("timed out") else message
 
 
 class JudgeClient:
@@ -251,7 +239,7 @@ class JudgeClient:
         self.model: Optional[str] = None
         """The model asked; set by :meth:`check_reachable` (discovered when ``config.model`` is "")."""
         self._sleep = sleep  # injected so tests need not wait out the backoff
-        self._headers = {"Content-Type": "application/json"}
+        self._headers: dict[str, str] = {}  # exchange() sets Content-Type
         api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -313,17 +301,18 @@ class JudgeClient:
         attempts = self.config.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                return _exchange(method, url, payload, self._headers, self.config.timeout_s)
-            except _HTTPFailure as failure:
+                return exchange(method, url, payload, self.config.timeout_s, self._headers)
+            except HTTPFailure as failure:
                 if not failure.retry:
                     raise JudgeError(f"judge at {url} refused the request (not retried): {failure}", url,
                                      failure.status) from None
+                reason = _failure_text(failure)
                 if attempt == attempts:
                     raise JudgeError(f"judge at {url} failed {attempts} attempt(s) ({JUDGE_FLAGS['max_retries']}="
-                                     f"{self.config.max_retries}); last error: {failure}", url,
+                                     f"{self.config.max_retries}); last error: {reason}", url,
                                      failure.status) from None
                 delay = min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S)
                 _log.warning("judge at %s: attempt %d of %d failed (%s); retrying in %.0f s", url, attempt,
-                             attempts, failure, delay)
+                             attempts, reason, delay)
                 self._sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises

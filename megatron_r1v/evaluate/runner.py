@@ -30,6 +30,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 from megatron_r1v.rollout.sampling_runs import PromptSamples
 
 RESULT = "result.json"
+JUDGE_REPLY_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,10 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         from megatron_r1v.rollout.engine import SamplingParams
 
-        for flag, value in (("--samples", self.samples), ("--batch-size", self.batch_size),
-                            ("--max-new-tokens", self.max_new_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        for flag, value, least in (("--samples", self.samples, 1), ("--batch-size", self.batch_size, 1),
+                                   ("--max-new-tokens", self.max_new_tokens, 1), ("--seed", self.seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
         try:  # the engines' own checks, worded with the flag names
             SamplingParams(n=self.samples, temperature=self.temperature, top_p=self.top_p,
                            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens)
@@ -78,8 +79,12 @@ class ScoredSample:
     """How the answer was found (``evaluate.scoring``: boxed, answer-phrase, ...)."""
     rule: bool
     judge: Optional[bool]
-    """The judge's verdict; None without a judge or when its reply had none."""
+    """The judge's verdict; None without a judge, for a response with no final answer (its
+    thought never closed: nothing to judge, as for the rule), or when the reply had none."""
     judge_error: Optional[str]
+    """Why a judged response has no verdict (e.g. "no verdict" in the reply)."""
+    judge_reply: Optional[str]
+    """The judge's reply (its first JUDGE_REPLY_CHARS characters), for audits."""
     correct: bool
     """rule or judge."""
     format: bool
@@ -109,26 +114,38 @@ class ItemSamples(PromptSamples):
 def score_batch(items: Sequence[Any], groups: Sequence[Sequence[Any]], think_opened: bool,
                 judge: Any = None) -> list[ItemSamples]:
     """The lines of a batch's new items: every response scored by the rule, and by ``judge``
-    (a ``JudgeClient``) when there is one, all of the batch's responses in one judge call."""
+    (a ``JudgeClient``) when there is one: the batch's responses that reached a final answer
+    (closed their thought), in one judge call."""
+    from megatron_r1v.evaluate.scoring import has_final_answer
+
+    pairs = [(item, sample.text) for item, group in zip(items, groups, strict=True) for sample in group]
+    asked = [i for i, (_, text) in enumerate(pairs) if judge is not None and has_final_answer(text)]
+    verdicts: list = [None] * len(pairs)
+    for i, verdict in zip(asked, judge.judge_many([pairs[i] for i in asked]) if asked else []):
+        verdicts[i] = verdict
+    samples = [sample for group in groups for sample in group]
+    scored = [_scored(item, sample, verdict, think_opened)
+              for (item, _), sample, verdict in zip(pairs, samples, verdicts, strict=True)]
+    lines, start = [], 0
+    for item, group in zip(items, groups):
+        lines.append(ItemSamples(item.id, item.answer_kind, tuple(scored[start:start + len(group)]), item.category,
+                                 item.answers))
+        start += len(group)
+    return lines
+
+
+def _scored(item: Any, sample: Any, verdict: Any, think_opened: bool) -> ScoredSample:
     from megatron_r1v.evaluate.scoring import score_response
     from megatron_r1v.rewards.format import check_format
 
-    pairs = [(item, sample.text) for item, group in zip(items, groups, strict=True) for sample in group]
-    verdicts = judge.judge_many(pairs) if judge is not None and pairs else [None] * len(pairs)
-    lines, position = [], 0
-    for item, group in zip(items, groups):
-        responses = []
-        for sample in group:
-            rule, judged = score_response(item, sample.text), verdicts[position]
-            position += 1
-            judge_correct = None if judged is None else judged.correct
-            responses.append(ScoredSample(
-                text=sample.text, tokens=len(sample.response_ids), finished=bool(sample.finished),
-                extracted=rule.extracted, method=rule.method, rule=rule.correct, judge=judge_correct,
-                judge_error=None if judged is None else judged.error, correct=rule.correct or bool(judge_correct),
-                format=check_format(sample.text, think_opened).score == 1.0))
-        lines.append(ItemSamples(item.id, item.answer_kind, tuple(responses), item.category, item.answers))
-    return lines
+    rule = score_response(item, sample.text)
+    judge_correct = None if verdict is None else verdict.correct
+    return ScoredSample(
+        text=sample.text, tokens=len(sample.response_ids), finished=bool(sample.finished), extracted=rule.extracted,
+        method=rule.method, rule=rule.correct, judge=judge_correct,
+        judge_error=None if verdict is None else verdict.error,
+        judge_reply=None if verdict is None else verdict.reply[:JUDGE_REPLY_CHARS],
+        correct=rule.correct or bool(judge_correct), format=check_format(sample.text, think_opened).score == 1.0)
 
 
 def describe(lines: Sequence[ItemSamples]) -> str:
@@ -171,11 +188,37 @@ def plan_run(name: str, benchmark: str, data: Path, limit: Optional[int], settin
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} exists and is not a folder")
     check_settings(out, run_settings)
+    _check_resumable(out, items)
     return BenchmarkRun(name, benchmark, data, items, settings, out, run_settings)
 
 
+def _check_resumable(out: Path, items: Sequence[Any]) -> None:
+    """A rerun resumes only lines of these very items: the same gold answers and kind (a data
+    file edited since would otherwise mix old and new scoring)."""
+    from megatron_r1v.rollout.sampling_runs import PROGRESS
+
+    path = out / PROGRESS
+    if not path.is_file():
+        return
+    whole = path.read_bytes()
+    lines: dict[str, dict] = {}
+    for raw in whole[:whole.rfind(b"\n") + 1].splitlines():  # a cut last line is the resume's to drop
+        try:
+            row = json.loads(raw)
+            lines[row["id"]] = row
+        except (ValueError, KeyError, TypeError):
+            continue  # the resume names a bad line with its number
+    for item in items:
+        row = lines.get(item.id)
+        if row is not None and (tuple(row.get("answers", ())) != item.answers
+                                or row.get("answer_type") != item.answer_kind):
+            raise ValueError(f"{path} holds item {item.id!r} with gold {row.get('answers')} "
+                             f"({row.get('answer_type')}), but {item.source} now has {list(item.answers)} "
+                             f"({item.answer_kind}): the data changed; use another --out")
+
+
 def run_benchmark(plan: BenchmarkRun, generator: Any, judge: Any, progress: Callable[[str], None],
-                  extra: Optional[dict] = None, shutdown: bool = False) -> dict:
+                  extra: Optional[dict] = None) -> dict:
     """Samples what ``plan.out`` lacks, scores, writes ``result.json`` and returns the result
     (``extra`` is merged into it: the model, engine, ...)."""
     from megatron_r1v.atomic_dir import write_text_atomic
@@ -193,7 +236,7 @@ def run_benchmark(plan: BenchmarkRun, generator: Any, judge: Any, progress: Call
         return score_batch(items, groups, run.think_opened, judge)
 
     sample_batches(run, argparse.Namespace(**asdict(plan.settings)), plan.out, results, score, describe, progress,
-                   shutdown=shutdown)
+                   shutdown=False)  # the caller stops the engine after the last benchmark
     lines = [results[item.id] for item in plan.items]
     result = {"benchmark": plan.benchmark, "name": plan.name,
               **summarize(plan.items, lines, plan.settings.samples),

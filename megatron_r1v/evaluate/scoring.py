@@ -3,14 +3,17 @@
 The final answer (:func:`extract_final_answer`) is the last balanced ``\\boxed{}`` after the
 last ``</think>`` (``rewards.format``), else the last "answer is X" / "Answer: X" /
 "final answer: X" phrase there. A response whose thought is never closed (cut in its
-reasoning) has no answer. Each ``EvalItem.answer_kind`` (``evaluate.items.ANSWER_KINDS``)
-then has its rule (:func:`score_response`); the policies a benchmark could read two ways:
+reasoning) has no answer, and :func:`has_final_answer` tells a judge's caller so. Each
+``EvalItem.answer_kind`` (``evaluate.items.ANSWER_KINDS``) then has its rule
+(:func:`score_response`); the policies a benchmark could read two ways:
 
 - ``choice``: the letter or the option's text (``rewards.rule.choice_letter``); an answer
   math-equivalent to exactly one option's text names it too. With nothing extracted, the
   answer region's last line may name the letter alone ("(B)", "B.") or end in "(B)"
   (method "option-letter"); an answer phrase may say "option (B)". A letter past the
-  options, or a letter with another option's text, is wrong.
+  options, or a letter with another option's text, is wrong. When every option's text is its
+  own letter (MathVerse's vision-only items: the options are in the image), a leading
+  option letter counts whatever follows it ("C. 12", "(C) 12", "C: 12").
 - ``number``: a trailing unit is dropped (the item's, in plain or ``\\text{}`` form, or a
   unit-like tail such as ``cm^2``, ``km/h``; math-verify drops known words and ``^\\circ``).
   A percent sign gives two readings, the number itself and a hundredth of it: MathVista
@@ -18,12 +21,21 @@ then has its rule (:func:`score_response`); the policies a benchmark could read 
   "50\\%" matches gold "50" and gold "0.5" (but "0.5\\%" also matches gold "0.5", an
   accepted blind spot). Thousands separators ("1,000", "1{,}000", "1\\,000") are removed.
   ``precision`` compares both values rounded to that many decimals (MathVista rounds the
-  prediction the same way); ``tolerance`` accepts an absolute error up to it; otherwise a
-  relative difference up to 1e-6. A response that is no single number falls back to
+  prediction the same way); ``tolerance`` accepts an absolute error up to it; otherwise an
+  integer gold asks for the same value (AIME: 998.9999 is not 999; "033" and "999.0" are,
+  and a few ulps absorb SymPy's float evaluation) and any other gold a relative difference
+  up to 1e-6. A response that is no single number falls back to
   math-verify equivalence (``x = 3`` for 3). An answer with a range or alternative word
   ("or", "and", "to", "less", "more", "least", "most", "than", "between") is wrong, since
   math-verify would read "5 or less" as 5. Units are dropped, not checked or converted:
-  "500 mm" is not 50 cm, and "5 cm" matches gold 5 with unit m.
+  "500 mm" is not 50 cm, and "5 cm" matches gold 5 with unit m. The reading and the
+  comparison of numbers live in ``evaluate.numbers``.
+- ``expression``: a gold that is a plain number ("3.429" of MMMU's "['24/7', '3.429']")
+  takes the ``number`` rule (precision, tolerance, unit), which falls back to math-verify
+  itself. Other golds: math-verify equivalence, and normalized text equality only for a
+  word-like gold (:func:`is_word_like`: "Oxygen", not "x^2-1"), since the text form drops
+  the signs, operators and brackets that tell "-\\frac{1}{2}" from "\\frac{1}{2}" or "(1,2)"
+  from "[1, 2)". A gold math-verify cannot parse is compared as text (``rewards.rule.math_match``).
 - ``text``: normalized exact match (``rewards.rule.text_match``), plus MMMU's open-answer
   leniency: a gold of at most 4 normalized words counts when it occurs as a whole-word
   phrase in an answer of at most 12 normalized words holding none of "not", "no", "never",
@@ -43,7 +55,6 @@ length cap bounds the work elsewhere (``rewards.rule``); nothing here starts thr
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -51,9 +62,10 @@ from typing import Callable, Optional, Sequence
 from megatron_r1v.data.schema import CHOICE_LETTERS
 from megatron_r1v.data.tokenizer import ENDOFTEXT, IM_END, R1_EOS
 from megatron_r1v.evaluate.items import EvalItem
+from megatron_r1v.evaluate.numbers import is_plain_number, number_readings, numbers_equal, strip_unit
 from megatron_r1v.rewards.format import answer_region, scan_boxed
-from megatron_r1v.rewards.rule import (DEFAULT_MAX_ANSWER_CHARS, DEFAULT_TIMEOUT_S, _parse_math, _signal_timeout,
-                                       choice_letter, math_match, normalize_text, text_match, unwrap_text_macros)
+from megatron_r1v.rewards.rule import (DEFAULT_TIMEOUT_S, choice_letter, math_match, normalize_text, signal_timeout,
+                                       text_match, unwrap_text_macros)
 
 METHODS: tuple[str, ...] = ("boxed", "answer-phrase", "option-letter", "yes-no", "none")
 REPLY_END_TOKENS: tuple[str, ...] = (IM_END, R1_EOS, ENDOFTEXT)
@@ -64,21 +76,16 @@ _LONE_LETTER_RE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.):]?)$")
 _FINAL_PAREN_LETTER_RE = re.compile(r"\(([A-Z])\)\.?$")
 _OPTION_WORD_RE = re.compile(r"^(?:the\s+)?(?:option|choice)\s+", re.IGNORECASE)
 _LEADING_LETTER_RE = re.compile(r"^\(?[A-Z]\)?(?:[.:)\s]|$)")
-_PLAIN_NUMBER_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
-_THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:(?:,|\{,\}| )\d{3})+(?:\.\d+)?$")  # LaTeX's "\," is a space by then
-_PERCENT_RE = re.compile(r"\s*\\?%$")
-_LATEX_SPACE_RE = re.compile(r"\\[,;:! ]|~")
-_UNIT_WORD = r"[A-Za-zµμΩ°]+(?:\^\{?-?\d\}?|[²³])?"
-_UNIT_TAIL_RE = re.compile(rf"^(?P<head>.*?[\d}}.)])\s*(?P<tail>{_UNIT_WORD}(?:\s*[/·*]?\s*{_UNIT_WORD}){{0,2}})$")
-# Words that make "3 and a half" or "3 million" more than a number with a unit.
-_NOT_UNIT_WORDS = frozenset("and or to plus minus times over half third quarter hundred thousand million billion "
-                            "dozen e i pi".split())
 # "5 or less", "3 to 4": math-verify reads the first number; a single-number answer has no such word.
 _RANGE_WORD_RE = re.compile(r"(?<![\\A-Za-z])(?:or|and|to|less|more|least|most|than|between)(?![A-Za-z])",
                             re.IGNORECASE)
 _HEDGE_WORDS = frozenset("not no never neither nor or except".split())
+# A word: 3+ letters not part of a LaTeX command ("\\frac") or a longer run; math function
+# names written without a backslash are not words.
+_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+_MATH_WORDS = frozenset("sin cos tan cot sec csc log exp sqrt frac arcsin arccos arctan sinh cosh tanh".split())
+_LEADING_LETTER_TEXT_RE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.:)])")
 _MAX_GOLD_WORDS, _MAX_LENIENT_ANSWER_WORDS = 4, 12
-_REL_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,21 @@ def extract_final_answer(text: str) -> tuple[Optional[str], str]:
     return (values[-1], "answer-phrase") if values else (None, "none")
 
 
+def has_final_answer(text: str) -> bool:
+    """Whether a response closed its thought and wrote something after it (reply-end tokens aside).
+
+    A response cut in its reasoning has no final answer for the rule or a judge to read.
+    """
+    region = answer_region(strip_reply_end(text))
+    return region is not None and bool(region.strip())
+
+
+def is_word_like(text: str) -> bool:
+    """Whether ``text`` holds a word: a run of 3+ letters that is not a LaTeX command or a math
+    function name ("Impressionism", "the mitochondria"; not "x^2+1", "\\sin x", "5\\text{cm}")."""
+    return bool({word.lower() for word in _WORD_RE.findall(text)} - _MATH_WORDS)
+
+
 def read_yes_no(text: str) -> Optional[str]:
     """"yes" or "no" when the first word of ``text`` is one ("Yes, there is a dog." -> "yes"), else None.
 
@@ -136,76 +158,7 @@ def read_yes_no(text: str) -> Optional[str]:
     return words[0] if words and words[0] in ("yes", "no") else None
 
 
-# --- numbers -------------------------------------------------------------------------------
-
-
-def _strip_unit(text: str, unit: Optional[str]) -> str:
-    """``text`` without the item's unit at its end and LaTeX spacing: "5\\,\\text{cm}" -> "5"."""
-    text = " ".join(_LATEX_SPACE_RE.sub(" ", unwrap_text_macros(text)).split())
-    plain_unit = " ".join(_LATEX_SPACE_RE.sub(" ", unwrap_text_macros((unit or "").strip("$"))).split())
-    if plain_unit and text.endswith(plain_unit):
-        head = text[:-len(plain_unit)]
-        # A whole unit only: gold unit "m" must not cut "5 cm" to "5 c".
-        if head.strip() and not (head[-1].isalpha() and plain_unit[0].isalpha()):
-            text = head.strip()
-    return text
-
-
-def _sympy_number(text: str, timeout_s: Optional[int]) -> Optional[float]:
-    """The value of ``text`` when math-verify reads one finite number (``x = 3`` reads 3)."""
-    try:
-        parsed = _parse_math(text, timeout_s)
-    except Exception:  # math-verify's parser or its timeout: not a number we can read
-        return None
-    if not parsed:
-        return None
-    expr = parsed[0]
-    if getattr(expr, "is_Equality", False) and getattr(expr.lhs, "is_Symbol", False):
-        expr = expr.rhs
-    if not getattr(expr, "is_number", False):
-        return None
-    try:
-        value = complex(expr.evalf())
-    except (TypeError, ValueError):
-        return None
-    return value.real if value.imag == 0 and math.isfinite(value.real) else None
-
-
-def _plain_or_sympy(text: str, timeout_s: Optional[int]) -> Optional[float]:
-    text = text.strip().strip("$").strip()
-    if _THOUSANDS_RE.match(text):
-        text = re.sub(r"\{,\}|[, ]", "", text)
-    if _PLAIN_NUMBER_RE.match(text):
-        return float(text)
-    return _sympy_number(text, timeout_s) if text else None
-
-
-def number_readings(text: str, unit: Optional[str] = None,
-                    timeout_s: Optional[int] = DEFAULT_TIMEOUT_S) -> list[float]:
-    """The values ``text`` may mean: [] (no single number), [v], or [v, v/100] with a percent sign."""
-    if len(text) > DEFAULT_MAX_ANSWER_CHARS:
-        return []
-    text = _strip_unit(text.strip().strip("$").strip(), unit)
-    percent = _PERCENT_RE.search(text)
-    if percent:
-        text = text[:percent.start()]
-    value = _plain_or_sympy(text, timeout_s)
-    if value is None and (tail := _UNIT_TAIL_RE.match(text)) is not None:
-        words = re.findall(r"[A-Za-z]+", tail.group("tail").lower())
-        if not _NOT_UNIT_WORDS.intersection(words):
-            value = _plain_or_sympy(tail.group("head"), timeout_s)
-    if value is None:
-        return []
-    return [value, value / 100] if percent else [value]
-
-
-def _numbers_equal(answer: float, gold: float, item: EvalItem) -> bool:
-    if item.precision is not None:
-        return round(answer, item.precision) == round(gold, item.precision)
-    if item.tolerance is not None:
-        # The slack absorbs binary rounding (1.1 - 1.0 > 0.1).
-        return abs(answer - gold) <= item.tolerance * (1 + 1e-9) + 1e-12
-    return math.isclose(answer, gold, rel_tol=_REL_TOL, abs_tol=1e-12)
+# --- numbers and expressions ---------------------------------------------------------------
 
 
 def _number_match(answer: str, gold: str, item: EvalItem, timeout_s: Optional[int]) -> bool:
@@ -214,13 +167,19 @@ def _number_match(answer: str, gold: str, item: EvalItem, timeout_s: Optional[in
     answer_values = number_readings(answer, item.unit, timeout_s)
     gold_values = number_readings(gold, item.unit, timeout_s)
     if answer_values and gold_values:
-        return any(_numbers_equal(a, g, item) for a in answer_values for g in gold_values)
+        return any(numbers_equal(a, g, item.precision, item.tolerance) for a in answer_values for g in gold_values)
     # No single number on one side ("x = 3" parses, "3 or 4" does not): math-verify decides.
-    return math_match(_strip_unit(answer, item.unit), gold, timeout_s)
+    return math_match(strip_unit(answer, item.unit), gold, timeout_s)
 
 
 def _expression_match(answer: str, gold: str, item: EvalItem, timeout_s: Optional[int]) -> bool:
-    return math_match(_strip_unit(answer, item.unit), gold, timeout_s) or text_match(answer, gold)
+    if is_plain_number(strip_unit(gold, item.unit)):
+        # MMMU's "3.429" beside "24/7": the benchmark compares such golds as numbers (2 decimals).
+        return _number_match(answer, gold, item, timeout_s)
+    if math_match(strip_unit(answer, item.unit), gold, timeout_s):
+        return True
+    # Normalized text drops "-", "+", "^" and brackets: only a word gold may be read as text.
+    return is_word_like(gold) and text_match(answer, gold)
 
 
 # --- text and lists ------------------------------------------------------------------------
@@ -315,6 +274,16 @@ def _choice_by_math(answer: str, choices: Sequence[str], timeout_s: Optional[int
     return hits[0] if len(hits) == 1 else None
 
 
+def _letters_only_choice(answer: str, choices: Sequence[str]) -> Optional[str]:
+    """The leading option letter of "C. 12" / "(C) 12" when every option's text is its own letter."""
+    if not choices or any(option.strip() != CHOICE_LETTERS[i] for i, option in enumerate(choices)):
+        return None
+    match = _LEADING_LETTER_TEXT_RE.match(unwrap_text_macros(answer).strip())
+    letter = (match.group(1) or match.group(2)) if match else None
+    # The text after it cannot be checked (the options are in the image), so it is not.
+    return letter if letter is not None and letter in CHOICE_LETTERS[:len(choices)] else None
+
+
 def _score_choice(item: EvalItem, text: str, answer: Optional[str], method: str,
                   timeout_s: Optional[int]) -> RuleVerdict:
     choices = item.choices or ()
@@ -324,7 +293,8 @@ def _score_choice(item: EvalItem, text: str, answer: Optional[str], method: str,
         if letter is None:
             return RuleVerdict(None, "none", False)
         return RuleVerdict(letter, "option-letter", choice_letter(letter, choices) == gold)
-    letter = choice_letter(answer, choices) or _choice_by_math(answer, choices, timeout_s)
+    letter = (choice_letter(answer, choices) or _letters_only_choice(answer, choices)
+              or _choice_by_math(answer, choices, timeout_s))
     if letter is None and method == "answer-phrase":
         # "The answer is option (B)." / "Answer: choice B": a phrase carries such wording.
         lone = _lone_option_letter(_OPTION_WORD_RE.sub("", answer))
@@ -354,7 +324,7 @@ def score_response(item: EvalItem, text: str, timeout_s: Optional[int] = DEFAULT
 
     ``timeout_s``: math-verify's per-operation timeout (main thread only, ``rewards.rule``).
     """
-    timeout_s = _signal_timeout(timeout_s)
+    timeout_s = signal_timeout(timeout_s)
     answer, method = extract_final_answer(text)
     if item.answer_kind == "choice":
         return _score_choice(item, text, answer, method, timeout_s)

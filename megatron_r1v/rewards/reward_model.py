@@ -30,18 +30,16 @@ are retried.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
+from .http_json import HTTPFailure, exchange
 from .protocol import IMAGE_TRANSPORTS, ImageTransport, RewardItem, RewardScorer, item_to_json
 
 if TYPE_CHECKING:
@@ -61,25 +59,6 @@ class RewardServerError(RuntimeError):
         self.url = url
         self.attempts = attempts
         self.status = status
-
-
-class _HTTPFailure(Exception):
-    """One failed attempt; ``retry`` says whether another attempt may succeed."""
-
-    def __init__(self, message: str, retry: bool, status: Optional[int] = None):
-        super().__init__(message)
-        self.retry = retry
-        self.status = status
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        payload = json.loads(body)
-        if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-            return payload["error"]
-    except ValueError:
-        pass
-    return body.decode("utf-8", "replace").strip()[:500] or "(empty body)"
 
 
 @dataclass
@@ -182,7 +161,7 @@ class RewardModelClient:
             attempt += 1
             try:
                 return self._once(method, url, payload)
-            except _HTTPFailure as failure:
+            except HTTPFailure as failure:
                 if not failure.retry:
                     raise RewardServerError(f"reward model server at {url} rejected the request (not retried): "
                                             f"{failure}", url, attempt, failure.status) from None
@@ -199,30 +178,8 @@ class RewardModelClient:
                 slept += delay
 
     def _once(self, method: str, url: str, payload: Optional[dict]) -> Any:
-        """One HTTP exchange: the decoded JSON answer, or _HTTPFailure."""
-        data = None if payload is None else json.dumps(payload).encode("utf-8")
-        request = urllib.request.Request(url, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                body = response.read()
-        except urllib.error.HTTPError as err:  # a status >= 400: the server is up and said why
-            status = err.code
-            raise _HTTPFailure(f"HTTP {status}: {_error_message(err.read())}", retry=status >= 500,
-                               status=status) from None
-        except urllib.error.URLError as err:  # refused, unreachable, unknown host, connect timeout
-            if isinstance(err.reason, TimeoutError):
-                raise _HTTPFailure(f"timed out after {self.timeout_s:g} s connecting", retry=True) from None
-            raise _HTTPFailure(f"cannot connect: {err.reason}", retry=True) from None
-        except TimeoutError:  # connected, but the answer did not come in time
-            raise _HTTPFailure(f"timed out after {self.timeout_s:g} s waiting for the answer", retry=True) from None
-        except (OSError, http.client.HTTPException) as err:  # reset or cut mid-answer (a restarting server)
-            raise _HTTPFailure(f"connection broke: {err!r}", retry=True) from None
-        try:
-            return json.loads(body)
-        except ValueError:
-            # A 200 that is not JSON is not our server (wrong port?): retrying cannot help.
-            raise _HTTPFailure(f"answered non-JSON: {body[:200]!r}", retry=False, status=200) from None
+        """One HTTP exchange: the decoded JSON answer, or HTTPFailure."""
+        return exchange(method, url, payload, self.timeout_s)
 
 
 class HFRewardModel:

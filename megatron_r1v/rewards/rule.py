@@ -52,12 +52,12 @@ _LETTER_TEXT_RE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.:)])\s*(.+)$", re.DOTALL
 _ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
 
 
-def _signal_timeout(timeout_s: Optional[int]) -> Optional[int]:
+def signal_timeout(timeout_s: Optional[int]) -> Optional[int]:
     """``timeout_s`` in the main thread; None elsewhere, where math-verify's signal.alarm would raise."""
     return timeout_s if threading.current_thread() is threading.main_thread() else None
 
 
-def _parse_math(text: str, timeout_s: Optional[int]) -> list:
+def parse_math(text: str, timeout_s: Optional[int]) -> list:
     # $...$ makes math-verify read the whole string as one LaTeX expression instead of
     # searching it for an "answer is" anchor; "no_fallback" turns unparseable text into [].
     return parse(
@@ -96,11 +96,11 @@ def math_match(
     """math-verify equivalence of ``answer`` to ``gold`` (see the module docstring)."""
     if not answer.strip() or len(answer) > max_answer_chars:
         return False
-    timeout_s = _signal_timeout(timeout_s)
-    gold_parsed = _parse_math(gold, timeout_s)
+    timeout_s = signal_timeout(timeout_s)
+    gold_parsed = parse_math(gold, timeout_s)
     if not gold_parsed:
         return text_match(answer, gold)
-    answer_parsed = _parse_math(answer, timeout_s)
+    answer_parsed = parse_math(answer, timeout_s)
     if not answer_parsed:
         return False
     # verify() is not symmetric: the gold goes first (assignments like x=3 are read as 3).

@@ -10,6 +10,7 @@ the generated ids and their log-probs under the sampling distribution.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol, Sequence
 
@@ -31,10 +32,12 @@ class SamplingParams:
     """Generation of a sample ends after any of these (e.g. ``<|im_end|>``)."""
     repetition_penalty: float = 1.0
     """transformers' / vLLM's rule, applied to the raw logits before temperature, top-p and
-    greedy argmax: every token id that occurs in the request's prompt or in its response so
-    far has a positive logit divided by this, a negative one multiplied. 1.0 (GRPO
-    training) changes nothing; evaluation as Skywork R1V's released inference uses 1.05.
-    Log-probs are then those of the penalized distribution."""
+    greedy argmax: every token id the sample has generated so far has a positive logit
+    divided by this, a negative one multiplied. The prompt's ids are not penalized, as
+    Skywork R1V's released inference (transformers' generate from inputs_embeds, whose
+    penalty sees no prompt ids) and SGLang do. 1.0 (GRPO training) changes nothing;
+    evaluation as Skywork R1V's released inference uses 1.05. Log-probs are then those of
+    the penalized distribution."""
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -60,6 +63,11 @@ class RolloutRequest:
     """[P] int64, ending with the assistant turn's opening (``<think>\\n``)."""
     pixel_values: Optional[torch.Tensor] = None
     """[tiles, 3, S, S] float32 in the order of the prompt's image tokens, or None."""
+    max_new_tokens: Optional[int] = None
+    """At most this many new tokens for this request (None: ``params.max_new_tokens``); the
+    smaller of the two applies. Evaluators set it so that one long prompt does not shorten
+    the other requests of a batch: each gets what the model's positions leave after its own
+    prompt."""
 
 
 @dataclass
@@ -71,14 +79,26 @@ class RolloutSample:
     """[R] fp32 log-probs of the generated ids under the sampling distribution (greedy:
     under the untempered one, temperature 1)."""
     finished: bool
-    """A stop token ended the sample (False: cut at max_new_tokens)."""
+    """A stop token ended the sample (False: cut at its token budget, :func:`token_budget`)."""
     text: str
     """The decoded response (special tokens kept: the format reward reads the tags)."""
 
 
+def token_budget(req: RolloutRequest, params: SamplingParams) -> int:
+    """The most new tokens a sample of ``req`` may have: the smaller of the call's and the request's limits."""
+    if req.max_new_tokens is None:
+        return params.max_new_tokens
+    return min(params.max_new_tokens, int(req.max_new_tokens))
+
+
 def validate_request(req: RolloutRequest, image_token_id: int, tokens_per_tile: int) -> None:
     """Raises ValueError naming the request when its ids are not a non-empty 1-D integer
-    tensor, its pixels not ``[tiles, 3, S, S]``, or its image tokens not ``tiles x tokens_per_tile``."""
+    tensor, its pixels not ``[tiles, 3, S, S]``, its image tokens not ``tiles x tokens_per_tile``,
+    or its ``max_new_tokens`` neither None nor an integer >= 1."""
+    budget = req.max_new_tokens
+    # bool is an Integral but True would silently mean a budget of 1.
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1):
+        raise ValueError(f"request {req.prompt_id}: max_new_tokens must be None or an integer >= 1, got {budget!r}")
     ids = req.prompt_ids
     if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"request {req.prompt_id}: prompt_ids must be a non-empty 1-D integer tensor, "

@@ -12,10 +12,12 @@ log-probs exactly, and is short.
   RNG is never touched. Samples are reproducible for a seed, request order and weights
   (sample k of a request may change when other requests join the call).
 * Repetition penalty (``params.repetition_penalty``, transformers' and vLLM's rule): a
-  per-row bool mask [rows, V] of the ids seen so far, the row's prompt (not its left
-  padding) then its response, updated each step; a seen id's positive logit is divided by
-  the penalty, a negative one multiplied, before temperature, top-p and greedy argmax. At
-  1.0 the mask is never built and no number changes.
+  per-row bool mask [rows, V] of the ids the row has generated so far, empty at the first
+  step and updated each step; a seen id's positive logit is divided by the penalty, a
+  negative one multiplied, before temperature, top-p and greedy argmax. The prompt is not
+  marked, as in Skywork R1V's released inference (``model.chat`` calls transformers'
+  ``generate`` with ``inputs_embeds`` and no ``input_ids``, so its penalty sees only the
+  generated ids) and in SGLang. At 1.0 the mask is never built and no number changes.
 * Log-probs: ``logprobs[t] = log_softmax(penalized(logits_t) / temperature)[token_t]``
   over the whole vocabulary. With penalty 1.0, which GRPO training keeps, that is the
   temperature-scaled policy the GRPO loss evaluates (``losses.grpo``, ``temperature``);
@@ -30,8 +32,12 @@ log-probs exactly, and is short.
   image token, ``top_p`` and the seed play no part, and log-probs are those of the
   untempered (but penalized) distribution (``log_softmax(penalized(logits))``). The ``n``
   samples of a request are then identical.
-* Samples that end keep decoding in the batch (their tokens are dropped) until every
-  sample has ended or ``max_new_tokens`` is reached: rows of a batch never interact.
+* Token budgets: each row may generate ``engine.token_budget`` tokens (the smaller of
+  ``params.max_new_tokens`` and its request's ``max_new_tokens``) and is cut there
+  (``finished=False``). Rows that have ended, by a stop token or their budget, keep
+  decoding in the batch (their tokens are dropped) until every row has ended or the
+  largest budget is reached: rows of a batch never interact, so a request's samples do not
+  depend on the budgets of the others.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, validate_request
+from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, token_budget, validate_request
 
 if TYPE_CHECKING:
     from transformers import InternVLForConditionalGeneration
@@ -56,17 +62,6 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, pen
     transformers, so the same floats); elsewhere the logit unchanged."""
     penalized_BV = torch.where(logits_BV < 0, logits_BV * penalty, logits_BV / penalty)
     return torch.where(seen_BV, penalized_BV, logits_BV)
-
-
-def prompt_seen_mask(requests: Sequence[RolloutRequest], n: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(requests) * n, vocab] bool: row r marks the ids of request r // n's prompt (no padding
-    is involved: each row is filled from its own prompt). Ids >= vocab (an embedding larger than
-    the head) can never be generated, so they have no logit to penalize and are left out."""
-    seen_NV = torch.zeros((len(requests) * n, vocab), dtype=torch.bool, device=device)
-    for i, req in enumerate(requests):
-        ids = req.prompt_ids.to(device, torch.long)
-        seen_NV[i * n:(i + 1) * n, ids[ids < vocab]] = True
-    return seen_NV
 
 
 class HFRolloutEngine:
@@ -216,11 +211,9 @@ class HFRolloutEngine:
         for req in requests:
             validate_request(req, self.image_token_id, self.tokens_per_tile)
         logits_NV, cache, mask_NL, next_pos_N = self._prefill(requests, params.n)
-        # Penalty 1.0 (training): no mask, not a single extra operation per step.
-        seen_NV = (None if params.repetition_penalty == 1.0
-                   else prompt_seen_mask(requests, params.n, logits_NV.shape[-1], self.device))
+        budget_N = torch.tensor([token_budget(r, params) for r in requests], device=self.device)
         tokens_NR, logprobs_NR, length_N, done_N = self._decode(logits_NV, cache, mask_NL, next_pos_N, params,
-                                                                seen_NV)
+                                                                budget_N.repeat_interleave(params.n))
         results: list[list[RolloutSample]] = []
         for i, req in enumerate(requests):
             group = []
@@ -256,20 +249,21 @@ class HFRolloutEngine:
         return (out.logits[:, -1].repeat_interleave(n, dim=0), cache, mask_BL.repeat_interleave(n, dim=0),
                 torch.tensor(lengths, device=dev).repeat_interleave(n))
 
-    def _decode(self, logits_NV, cache, mask_NL, next_pos_N, params: SamplingParams,
-                seen_NV: Optional[torch.Tensor] = None):
-        """Samples up to ``max_new_tokens`` tokens per row; a row ends after a stop token. ``seen_NV``:
-        the ids each row has seen so far, for the repetition penalty (None: no penalty); updated in
-        place with every sampled token. Returns (tokens [N, R], their log-probs [N, R], each row's
-        length [N], whether it stopped [N]), on the CPU."""
+    def _decode(self, logits_NV, cache, mask_NL, next_pos_N, params: SamplingParams, budget_N: torch.Tensor):
+        """Samples up to ``budget_N[r]`` tokens for row r; a row ends after a stop token or at its
+        budget. Returns (tokens [N, R], their log-probs [N, R], each row's length [N], whether a
+        stop token ended it [N]), on the CPU, R being the largest budget or less."""
         dev, rows = self.device, logits_NV.shape[0]
         gen = torch.Generator(device=dev).manual_seed(params.seed)
         stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         tokens, logprobs = [], []
-        length_N = torch.full((rows,), params.max_new_tokens, dtype=torch.long, device=dev)
+        length_N = budget_N.clone()  # rows that never stop are cut at their budget
         done_N = torch.zeros(rows, dtype=torch.bool, device=dev)
-        row_N = None if seen_NV is None else torch.arange(rows, device=dev)
-        for step in range(params.max_new_tokens):
+        # Penalty 1.0 (training): no mask, not a single extra operation per step. Otherwise the
+        # mask starts empty: only generated ids are penalized, never the prompt's.
+        seen_NV = None if params.repetition_penalty == 1.0 else torch.zeros_like(logits_NV, dtype=torch.bool)
+        row_N = torch.arange(rows, device=dev)
+        for step in range(int(budget_N.max())):
             if seen_NV is not None:
                 # fp32 first, as _sample and transformers' generate do, so the penalized floats match theirs.
                 logits_NV = apply_repetition_penalty(logits_NV.float(), seen_NV, params.repetition_penalty)
@@ -278,10 +272,11 @@ class HFRolloutEngine:
                 seen_NV[row_N, tok_N] = True  # rows that ended too: their tokens are dropped anyway
             tokens.append(tok_N)
             logprobs.append(lp_N)
-            ends_N = torch.isin(tok_N, stops) & ~done_N
+            # A stop token counts only within the row's budget (past it the row was cut).
+            ends_N = torch.isin(tok_N, stops) & ~done_N & (step < budget_N)
             length_N[ends_N] = step + 1
             done_N |= ends_N
-            if bool(done_N.all()) or step + 1 == params.max_new_tokens:
+            if not bool((~done_N & (step + 1 < budget_N)).any()):
                 break
             mask_NL = torch.cat([mask_NL, mask_NL.new_ones((rows, 1))], dim=1)
             out = self.model(

@@ -120,17 +120,22 @@ def check_sampling_arguments(args: argparse.Namespace, engines: Sequence[str], f
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if args.engine not in engines:
-        raise ValueError(f"--engine must be one of {', '.join(engines)}, got {args.engine!r}")
     check_generation_arguments(args.model, args.batch_size, None, args.temperature, args.max_new_tokens,
                                args.tiler, args.tiler_threads, top_p=args.top_p)
-    if args.engine == "sglang":
-        _check_sglang(args.device)
-    if getattr(args, "tp", 1) != 1 and (args.engine != "sglang" or args.tp < 1):
-        raise ValueError(f"--tp must be >= 1 and is for --engine sglang only, got {args.tp}")
+    check_engine_arguments(args.engine, getattr(args, "tp", 1), args.device, engines)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
     check_writable(Path(args.out) / first_output, "--out")
+
+
+def check_engine_arguments(engine: str, tp: int, device: Optional[str], engines: Sequence[str] = ENGINES) -> None:
+    """``--engine`` / ``--tp`` / ``--device``: ValueError naming the flag (SGLang: a GPU and the package)."""
+    if engine not in engines:
+        raise ValueError(f"--engine must be one of {', '.join(engines)}, got {engine!r}")
+    if tp != 1 and (engine != "sglang" or tp < 1):
+        raise ValueError(f"--tp must be >= 1 and is for --engine sglang only, got {tp}")
+    if engine == "sglang":
+        _check_sglang(device)
 
 
 def _check_sglang(device: Optional[str]) -> None:
@@ -272,8 +277,8 @@ def sample_batches(run: Any, args: argparse.Namespace, out: Path, results: dict[
     """Samples every prompt of ``run.records`` missing from ``results`` (module docstring),
     adding its line to ``results`` and ``out/samples.jsonl``; ``describe`` sums up the
     lines so far for the progress line of each batch. ``args.repetition_penalty`` (1.0 when
-    absent) goes to the engine. A batch's responses get ``--max-new-tokens`` or what the
-    model's positions leave after its longest prompt, whichever is less (said once).
+    absent) goes to the engine. A response gets ``--max-new-tokens`` or what the model's
+    positions leave after its own prompt, whichever is less (said once).
     ``shutdown``: stop an SGLang engine at the end (not when a suite reuses it)."""
     from megatron_r1v.evaluate import build_requests
     from megatron_r1v.rollout.engine import SamplingParams
@@ -294,13 +299,16 @@ def sample_batches(run: Any, args: argparse.Namespace, out: Path, results: dict[
             if all(r.id in results for r in batch):
                 continue
             requests = build_requests(run, batch)
-            budget = min(args.max_new_tokens, run.max_positions - max(len(r.prompt_ids) for r in requests))
-            if budget < args.max_new_tokens and not limited:
+            for request in requests:  # each its own budget: one long prompt does not cut the others
+                request.max_new_tokens = run.max_positions - len(request.prompt_ids)
+            budgets = [min(r.max_new_tokens, args.max_new_tokens) for r in requests]
+            if min(budgets) < args.max_new_tokens and not limited:
                 limited = True
                 progress(f"note: --max-new-tokens {args.max_new_tokens} does not fit the model's {run.max_positions} "
-                         f"positions; responses get what a batch's longest prompt leaves ({budget} tokens here)")
+                         f"positions; a response gets what its prompt leaves ({min(budgets)} tokens here)")
             # The whole batch, so each sample is the one an uninterrupted run draws.
-            groups = run.engine.generate(requests, SamplingParams(seed=args.seed + b, max_new_tokens=budget, **params))
+            groups = run.engine.generate(requests, SamplingParams(seed=args.seed + b, max_new_tokens=args.max_new_tokens,
+                                                                  **params))
             new = [(record, group) for record, group in zip(batch, groups, strict=True) if record.id not in results]
             lines = score([record for record, _ in new], [group for _, group in new])
             for line in lines:

@@ -36,9 +36,11 @@ Written against sglang 0.5.23 (the PyPI wheel; paths under ``sglang/srt/``, 0.5.
   them untempered and is refused. ``logit_bias`` (the image-token ban) applies before both.
 * ``sampling/penaltylib/repetition_penalty.py``: ``repetition_penalty`` divides a positive
   logit by it and multiplies a negative one before temperature, like transformers and
-  vLLM, but marks only the ids generated so far (``_cumulate_output_tokens``; there is no
-  prompt pass), where transformers, vLLM and the HF engine also mark the prompt's: with a
-  penalty other than 1.0 SGLang samples another distribution (a warning says so once).
+  vLLM, and marks only the ids generated so far (``_cumulate_output_tokens``; there is no
+  prompt pass), as the HF engine and Skywork R1V's released inference (transformers'
+  ``generate`` from ``inputs_embeds``) do.
+* ``max_new_tokens`` is per request: each gets ``engine.token_budget`` (the smaller of the
+  call's and the request's limits).
 * ``managers/schedule_batch.py``: samples end at ``stop_token_ids`` and at the model's EOS
   ids (``ignore_eos`` turns both off); ``output_ids`` keep the stop token.
 * ``multimodal/processors/internvl.py``, ``base_processor.py``, ``managers/mm_utils.py``:
@@ -67,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT
-from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, validate_request
+from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, token_budget, validate_request
 
 if TYPE_CHECKING:
     from megatron_r1v.config import RolloutConfig
@@ -206,7 +208,6 @@ class SGLangRolloutEngine:
         self._released: set[str] = set()
         self._flush_pending = False
         self._expected: Optional[dict[str, tuple[int, ...]]] = None
-        self._warned_penalty = False
 
     @classmethod
     def from_config(cls, rollout_cfg: "RolloutConfig", model_dir: str, tp_size: int, base_gpu_id: int, seed: int,
@@ -307,8 +308,10 @@ class SGLangRolloutEngine:
             raise ValueError(f"request {req.prompt_id}: {runs} images of one tile each; SGLang's InternVL splits "
                              "such a bundle per image and then misplaces the embeddings (see the module docstring)")
 
-    def _sampling_params(self, params: SamplingParams, request: int, sample: int) -> dict:
-        sp: dict[str, Any] = {"n": 1, "max_new_tokens": params.max_new_tokens, "no_stop_trim": True,
+    def _sampling_params(self, params: SamplingParams, request: int, sample: int, max_new_tokens: int) -> dict:
+        """SGLang's sampling dict for sample ``sample`` of request number ``request``, which may
+        generate ``max_new_tokens`` tokens (its :func:`token_budget`)."""
+        sp: dict[str, Any] = {"n": 1, "max_new_tokens": max_new_tokens, "no_stop_trim": True,
                               "skip_special_tokens": False, "sampling_seed": _sample_seed(params.seed, request, sample)}
         if params.greedy:
             sp["temperature"] = 0.0
@@ -334,20 +337,16 @@ class SGLangRolloutEngine:
         for req in requests:
             self._check_request(req)
         self.finish_weight_update()
-        if params.repetition_penalty != 1.0 and not self._warned_penalty:
-            self._warned_penalty = True
-            logger.warning("repetition_penalty=%s: SGLang penalizes the ids of the response only, not the prompt's "
-                           "as transformers, vLLM and the HF engine do (see the sglang_engine module docstring)",
-                           params.repetition_penalty)
         n = params.n
         input_ids, image_data, sampling = [], [], []
         for i, req in enumerate(requests):
             ids = req.prompt_ids.tolist()
             pv = req.pixel_values if req.pixel_values is not None and req.pixel_values.shape[0] else None
+            budget = token_budget(req, params)
             for k in range(n):  # a dict per sample: sglang builds its items from it
                 input_ids.append(ids)
                 image_data.append([] if pv is None else [{"format": "processor_output", "pixel_values": pv}])
-                sampling.append(self._sampling_params(params, i, k))
+                sampling.append(self._sampling_params(params, i, k, budget))
         kwargs: dict[str, Any] = {"input_ids": input_ids, "sampling_params": sampling, "return_logprob": True}
         if any(image_data):
             kwargs["image_data"] = image_data

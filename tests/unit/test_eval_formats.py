@@ -21,6 +21,7 @@ from megatron_r1v.data.tiling import PILTiler, TilingConfig
 from megatron_r1v.evaluate.formats import BENCHMARKS, BenchmarkDataError, read_benchmark
 from megatron_r1v.evaluate.formats.mathverse import parse_options
 from megatron_r1v.evaluate.items import EvalItem
+from megatron_r1v.evaluate.scoring import score_response
 
 TILER = PILTiler(TilingConfig(image_size=56, max_tiles=4))
 
@@ -161,6 +162,12 @@ def test_mmmu_parquet(tmp_path, no_temp_files):
     assert number.question.endswith("Question: What is shown in <image 1>?\n"
                                     "Answer the question using a single word, phrase or number.")
     assert (number.answer_kind, several.answers, word.answer_kind) == ("number", ("24/7", "3.429"), "text")
+    # MMMU's own eval rounds numbers to 2 decimals; a word gold has no numbers to round.
+    assert (number.precision, several.precision, word.precision, first.precision) == (2, 2, None, None)
+    assert several.answer_kind == "expression"
+    assert score_response(several, "r</think>\n\\boxed{3.43}").correct
+    assert score_response(several, "r</think>\n\\boxed{24/7}").correct
+    assert not score_response(several, "r</think>\n\\boxed{3.44}").correct
     assert first.raw_question == "What is shown in <image 1> and <image 2>?"
 
 

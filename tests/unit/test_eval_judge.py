@@ -91,6 +91,7 @@ def test_bad_template(template):
     ("Fine.\n[[CORRECT]]", True), ("[[CORRECT]] at first, but no.\n[[INCORRECT]]", False),
     ("<think>[[INCORRECT]]</think>[[CORRECT]]", True), ("[[INCORRECT]]?\n</think>\n[[CORRECT]]", True),
     ("<think>[[CORRECT]] maybe", None), ("<think>x</think> no token", None), ("", None),
+    ("Matches.\n[[ correct ]]", True), ("Differs.\n[[Incorrect]]", False), ("[[correct]] then [[ INCORRECT ]]", False),
 ])
 def test_parse_verdict(reply, correct):
     verdict = parse_verdict(reply)
@@ -166,6 +167,17 @@ def test_no_retry_on_4xx(server):
         client(server, sleeps, concurrency=1).judge_many([(item(), response("42"))])
     assert err.value.status == 400 and err.value.url.startswith(server.url)
     assert len(server.chat_bodies) == 1 and sleeps == []
+
+
+def test_timeout_names_the_flag(server, caplog):
+    server.delay_s = 0.5
+    sleeps = []
+    judge = client(server, sleeps, model="judge-7b", timeout_s=0.05, max_retries=1, concurrency=1)
+    with pytest.raises(JudgeError, match=r"failed 2 attempt.*timed out.*\(--judge-timeout\)"):
+        judge.judge_many([(item(), response("42"))])
+    assert sleeps == [1.0]
+    [warning] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert "timed out" in warning and "--judge-timeout" in warning
 
 
 def test_unparseable_reply_is_no_verdict(server):

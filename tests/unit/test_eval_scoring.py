@@ -6,8 +6,9 @@ import threading
 import pytest
 
 from megatron_r1v.evaluate.items import EvalItem
-from megatron_r1v.evaluate.scoring import (RuleVerdict, extract_final_answer, lenient_text_match, number_readings,
-                                           read_yes_no, score_response, split_list)
+from megatron_r1v.evaluate.scoring import (RuleVerdict, extract_final_answer, has_final_answer, is_word_like,
+                                           lenient_text_match, number_readings, read_yes_no, score_response,
+                                           split_list)
 
 
 def item(kind: str, *answers: str, **fields) -> EvalItem:
@@ -43,6 +44,15 @@ def correct(it: EvalItem, answer: str) -> bool:
 ])
 def test_extract_final_answer(text, expected):
     assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    (boxed("7"), True), ("r</think>\nIt is seven.", True),   # a closed thought with prose: the judge reads it
+    ("still thinking, the answer is 5", False),             # cut in its reasoning
+    ("r</think>\n  <|im_end|>", False),                     # nothing after the thought
+])
+def test_has_final_answer(text, expected):
+    assert has_final_answer(text) is expected
 
 
 # --- number --------------------------------------------------------------------------------
@@ -105,6 +115,15 @@ def test_number_tolerance(answer, expected):
     assert correct(item("number", "1.5", tolerance=0.1), answer) is expected
 
 
+@pytest.mark.parametrize("gold,answer,expected", [
+    ("999", "998.9999", False), ("999", "999.0001", False),  # an integer gold is exact (AIME)
+    ("999", "999.0", True), ("999.0", "999", True), ("33", "033", True), ("999", "3 \\cdot 333", True),
+    ("1000000", "1000001", False), ("0.3", "0.1*3", True),   # a fractional gold keeps the relative slack
+])
+def test_number_integer_gold_is_exact(gold, answer, expected):
+    assert correct(item("number", gold), answer) is expected
+
+
 def test_number_any_gold():
     it = item("number", "2", "-2")
     assert correct(it, "-2") and correct(it, "2") and not correct(it, "4")
@@ -133,6 +152,15 @@ CHOICES = ("12", "15", "the same length", "None of these")
 ])
 def test_choice(answer, expected):
     assert correct(item("choice", "C", choices=CHOICES), answer) is expected
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("C", True), ("C. 12", True), ("(C) 12", True), ("C: 12", True), ("C) the third", True),
+    ("B. 12", False), ("F. 12", False), ("12", False), ("c. 12", False),
+])
+def test_choice_letters_only_options_take_any_text_after_the_letter(answer, expected):
+    """MathVerse's vision-only items: the options are in the image, the texts are the letters."""
+    assert correct(item("choice", "C", choices=("A", "B", "C", "D", "E")), answer) is expected
 
 
 def test_choice_number_equivalent_to_one_option():
@@ -168,6 +196,33 @@ def test_expression(answer, expected):
 
 def test_expression_falls_back_to_text():
     assert correct(item("expression", "Oxygen"), "oxygen.") and not correct(item("expression", "Oxygen"), "nitrogen")
+    assert correct(item("expression", "Impressionism"), "impressionism")
+
+
+@pytest.mark.parametrize("gold,answer", [
+    ("\\frac{1}{2}", "-\\frac{1}{2}"), ("x^2-1", "x^2+1"), ("2^{-3}", "2^3"), ("[1, 2)", "(1,2)"),
+    ("(-\\infty, 3]", "(-\\infty, 3)"), ("y=2x+1", "y=2x-1"), ("\\sqrt{2}/2", "\\sqrt{2}*2"),
+])
+def test_expression_no_text_fallback_for_math_golds(gold, answer):
+    """Normalized text drops signs, brackets and operators: it must not overrule math-verify."""
+    assert not correct(item("expression", gold), answer)
+    assert correct(item("expression", gold), gold)
+
+
+@pytest.mark.parametrize("answer,expected", [("3.43", True), ("3.429", True), ("24/7", True),
+                                             ("\\frac{24}{7}", True), ("3.44", False), ("3.4", False)])
+def test_expression_plain_number_gold_uses_the_number_rule(answer, expected):
+    """MMMU's mixed golds ("['24/7', '3.429']") compared at MMMU's 2 decimals."""
+    assert correct(item("expression", "24/7", "3.429", precision=2), answer) is expected
+    assert not correct(item("expression", "999"), "998.9999")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Impressionism", True), ("the mitochondria", True), ("5 cm", False), ("x^2+1", False),
+    ("\\frac{1}{2}", False), ("\\sin x + \\log 2", False), ("\\text{cm}", False), ("sqrt(2)", False),
+])
+def test_is_word_like(text, expected):
+    assert is_word_like(text) is expected
 
 
 # --- text ----------------------------------------------------------------------------------

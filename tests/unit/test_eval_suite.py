@@ -18,6 +18,7 @@ from judge_server import FakeJudge, serve_fake_judge  # tests/ is on sys.path (p
 from tool_modules import load_tool
 
 from megatron_r1v.evaluate.cli import main
+from megatron_r1v.evaluate.scoring import has_final_answer
 from megatron_r1v.rollout.engine import RolloutSample
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
@@ -60,6 +61,7 @@ def test_suite_runs_every_format_with_a_judge(files, tmp_path, capsys):
         asked = len(judge.chat_bodies)
     printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     table = json.loads((out / "suite.json").read_text())
+    judged = 0
     assert printed[-1] == table and [r["name"] for r in table["benchmarks"]] == list(WRITERS)
     for row, result in zip(table["benchmarks"], printed[:-1]):
         written = files["written"][row["name"]]
@@ -69,12 +71,18 @@ def test_suite_runs_every_format_with_a_judge(files, tmp_path, capsys):
         lines = _lines(out / row["name"])
         assert [line["id"] for line in lines] == list(written.answers)
         assert [tuple(line["answers"]) for line in lines] == list(written.answers.values())
-        # Every response went to the judge and came back with a verdict; correct = rule or judge.
-        for response in (r for line in lines for r in line["responses"]):
-            assert response["judge"] in (True, False) and response["judge_error"] is None
-            assert response["correct"] == (response["rule"] or response["judge"])
-        assert result["judge"]["num_judged"] == row["num_items"] * row["k"]
-    assert asked == sum(r["num_items"] * r["k"] for r in table["benchmarks"])
+        # Every response with a final answer (a closed thought) went to the judge and came back with
+        # a verdict; the others have none, as they have no rule answer. correct = rule or judge.
+        responses = [r for line in lines for r in line["responses"]]
+        for response in responses:
+            closed = has_final_answer(response["text"])
+            assert (response["judge"] in (True, False)) == closed and response["judge_error"] is None
+            assert (response["judge_reply"] is not None) == closed
+            assert response["correct"] == (response["rule"] or bool(response["judge"]))
+        judged += sum(has_final_answer(r["text"]) for r in responses)
+        if "judge" in result:
+            assert result["judge"]["num_judged"] == sum(has_final_answer(r["text"]) for r in responses)
+    assert asked == judged
     assert "hallucination_rate" in table["benchmarks"][list(WRITERS).index("POPE")]
     markdown = (out / "suite.md").read_text()
     assert "| Benchmark | Items | k | pass@1 (%)" in markdown and markdown.count("\n| ") == 1 + len(WRITERS)
@@ -106,6 +114,33 @@ def test_gold_answers_of_every_format_score_right(files, tmp_path, monkeypatch, 
                      "--samples", "2", "--out", str(tmp_path / name)]) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert (result["pass@1"], result["pass@k"], result["pass@1_by_run"]) == (0.5, 1.0, [1.0, 0.0]), name
+
+
+def test_the_judge_grades_what_the_rule_cannot_read(files, tmp_path, monkeypatch, capsys):
+    """Sample 0 states the gold without a box or an answer phrase (the rule finds no answer, the
+    judge reads it as right); sample 1 never closes its thought (nobody grades it)."""
+    written = files["written"]["AIME"]
+
+    def generate(self, requests, params):
+        return [[RolloutSample(r.prompt_id, torch.ones(3, dtype=torch.long), torch.zeros(3), True, text)
+                 for text in (f"Work.\n</think>\n\nI am sure it is {written.answers[r.prompt_id][0]}.<|im_end|>",
+                              f"still thinking about {written.answers[r.prompt_id][0]}")]
+                for r in requests]
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", generate)
+    with serve_fake_judge(FakeJudge()) as judge:
+        assert main(["--benchmark", "aime", "--data", str(written.path), "--model", str(files["model"]),
+                     "--samples", "2", "--out", str(tmp_path / "run"), "--judge-url", judge.url]) == 0
+        assert len(judge.chat_bodies) == len(written.answers)  # the unclosed samples were not sent
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["pass@1"], result["pass@k"]) == (0.5, 1.0)
+    assert result["judge"] == {"num_judged": 3, "no_verdict": 0, "rule_correct": 0.0, "judge_correct": 1.0,
+                               "agreement_with_rule": 0.0}
+    for line in _lines(tmp_path / "run"):
+        first, second = line["responses"]
+        assert (first["rule"], first["judge"], first["correct"], first["method"]) == (False, True, True, "none")
+        assert "[[CORRECT]]" in first["judge_reply"]
+        assert (second["judge"], second["judge_reply"], second["correct"]) == (None, None, False)
 
 
 def test_mathvista_command_prints_the_result_line(files, tmp_path):

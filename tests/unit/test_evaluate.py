@@ -200,12 +200,63 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(setup, tmp_path, monke
 
 
 def test_the_default_budget_is_cut_to_the_model_positions(setup, tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(HFRolloutEngine, "generate", forced_generate(lambda i, j: "x", calls))
-    assert main(_args(setup, tmp_path / "run", "--limit", "2")) == 0
-    # 64000 by default; tiny-r1v-chat has 2048 positions, the prompt takes the rest.
-    assert 1500 < calls[0].max_new_tokens < 2048
+    """64000 new tokens by default; tiny-r1v-chat has 2048 positions: each request gets what its
+    own prompt leaves (so a long prompt does not shorten the others)."""
+    budgets = []
+
+    def generate(self, requests, params):
+        budgets.append([(params.max_new_tokens, r.max_new_tokens, len(r.prompt_ids)) for r in requests])
+        return [[RolloutSample(r.prompt_id, torch.ones(1, dtype=torch.long), torch.zeros(1), True, "x")]
+                for r in requests]
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", generate)
+    assert main(_args(setup, tmp_path / "run", "--limit", "3", "--batch-size", "3")) == 0
+    assert [call for call, cap, prompt in budgets[0]] == [64000] * 3
+    assert [cap for call, cap, prompt in budgets[0]] == [2048 - prompt for call, cap, prompt in budgets[0]]
+    assert len({prompt for call, cap, prompt in budgets[0]}) > 1  # prompts of different lengths, own budgets
     assert "--max-new-tokens 64000 does not fit the model's 2048 positions" in capsys.readouterr().err
+
+
+def test_items_that_cannot_run_stop_the_run_before_generation(setup, tmp_path, monkeypatch, capsys):
+    """A prompt longer than the model's positions and an image that does not decode are found
+    after the model loads and before anything is generated, every one of them listed."""
+    import shutil
+
+    def never(self, requests, params):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", never)
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"].parent, data)
+    rows = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
+    rows[1]["question"] = "count the shapes " * 900  # ~2700 tokens: over tiny-r1v-chat's 2048 positions
+    (data / rows[4]["images"][0]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (data / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--benchmark", "project", "--data", str(data / "prompts.jsonl"), "--model", str(setup["model"]),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "2 item(s) cannot be run" in err
+    assert f"item {rows[1]['id']}: sample {rows[1]['id']}: prompt has" in err and "cannot decode image" in err
+    assert not (tmp_path / "run" / "samples.jsonl").exists() or not (tmp_path / "run" / "samples.jsonl").read_text()
+
+
+def test_a_rerun_over_changed_golds_is_refused(setup, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", forced_generate(lambda i, j: well_formed("1"), []))
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"].parent, data)
+    args = ["--benchmark", "project", "--data", str(data / "prompts.jsonl"), "--model", str(setup["model"]),
+            "--out", str(tmp_path / "run"), "--max-new-tokens", "8"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (data / "prompts.jsonl").read_text().splitlines()]
+    rows[2].pop("choices", None)
+    rows[2].update(answer="12345", answer_type="number")
+    (data / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"holds item {rows[2]['id']!r} with gold" in err and "the data changed; use another --out" in err
 
 
 def test_score_text_reads_the_last_box_after_the_thought(setup):
@@ -234,6 +285,7 @@ def test_user_errors_exit_2_before_the_model_loads(setup, tmp_path, monkeypatch,
         (["--model", model, "--benchmark", "project", "--data", data, "--temperature", "-1"], "temperature"),
         (["--model", model, "--benchmark", "project", "--data", data, "--repetition-penalty", "0"], "repetition"),
         (["--model", model, "--benchmark", "project", "--data", data, "--tp", "2"], "--tp"),
+        (["--model", model, "--benchmark", "project", "--data", data, "--seed", "-1"], "--seed must be"),
         (["--model", model, "--benchmark", "project", "--data", data, "--judge-model", "m"], "--judge-url"),
     ]
     for argv, message in cases:

@@ -255,64 +255,88 @@ def test_greedy_never_picks_the_image_token(engine):
 # --- repetition penalty ------------------------------------------------------------------
 
 
+def prompt_embeds(model, prompt, pixel_values=None) -> torch.Tensor:
+    """[1, P, H] input embeddings of one prompt, built as ``InternVLModel.forward`` builds them:
+    the token embeddings, with the image features (``get_image_features``: vision tower, pixel
+    shuffle, projector) scattered in order into the image-token positions."""
+    embeds = model.get_input_embeddings()(prompt[None])
+    if pixel_values is not None:
+        features = model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        embeds = embeds.masked_scatter((prompt == IMG)[None, :, None].expand_as(embeds), features.to(embeds.dtype))
+    return embeds
+
+
 def transformers_generate(model, prompt, params, pixel_values=None):
-    """transformers' own ``generate`` on one unpadded request: no stop token (as the engine
-    without stop_token_ids), the engine's image-token ban (``bad_words_ids``), a sampled run
-    drawing from the global RNG seeded with ``params.seed``; returns (tokens, log_softmax(penalized logits / T) of them), the penalty
-    applied by transformers' own ``RepetitionPenaltyLogitsProcessor``."""
+    """Skywork R1V's released inference on one unpadded request: transformers' ``generate`` from
+    the prompt's ``inputs_embeds`` without ``input_ids`` (as ``model.chat`` calls its language
+    model), so that its ``RepetitionPenaltyLogitsProcessor`` sees the generated ids only. No stop
+    token (as the engine without stop_token_ids), the engine's image-token ban
+    (``bad_words_ids``), a sampled run drawing from the global RNG seeded with ``params.seed``.
+    Returns (tokens, log_softmax(penalized logits / T) of them)."""
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
     kwargs = dict(do_sample=False) if params.greedy else dict(do_sample=True, temperature=params.temperature,
                                                               top_p=params.top_p, top_k=None)
-    if pixel_values is not None:  # InternVL's generate encodes pixel_values=None as an image
-        kwargs["pixel_values"] = pixel_values
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        embeds = prompt_embeds(model, prompt, pixel_values)
         torch.manual_seed(params.seed)
-        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
-                             max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
-                             bad_words_ids=[[IMG]], eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
-                             output_logits=True, **kwargs)
-    tokens, P = out.sequences[0, prompt.numel():], prompt.numel()
+        # transformers states the rule this test relies on (5.x).
+        with pytest.warns(UserWarning, match="penalty only to newly generated tokens, not to the prompt"):
+            out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+                                 bad_words_ids=[[IMG]], eos_token_id=None, pad_token_id=0,
+                                 return_dict_in_generate=True, output_logits=True, **kwargs)
+    tokens = out.sequences[0]  # generated ids only: the prompt was never ids
+    assert tokens.numel() == params.max_new_tokens
     penalty = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
-    logprobs = [F.log_softmax(penalty(out.sequences[:, :P + t], raw.clone()) / (params.temperature or 1.0), -1)[0, tok]
+    logprobs = [F.log_softmax(penalty(out.sequences[:, :t], raw.clone()) / (params.temperature or 1.0), -1)[0, tok]
                 for t, (raw, tok) in enumerate(zip(out.logits, tokens))]
     return tokens, torch.stack(logprobs)
 
 
 def penalty_requests() -> list[RolloutRequest]:
-    ids_a, pix_a = image_prompt(2, 90)  # no id 0 (the engine's pad id) in it, 0 in its continuation
+    ids_a, pix_a = image_prompt(2, 90)
     return [RolloutRequest("img", ids_a, pix_a), RolloutRequest("long", text_prompt(20, 94)),
             RolloutRequest("short", text_prompt(4, 95))]
 
 
+def test_prompt_embeds_are_the_models_own(engine):
+    """The reference's inputs_embeds give the logits of the model's own forward from ids and pixels, bit for bit."""
+    (req, *_) = penalty_requests()
+    with torch.no_grad():
+        from_ids = engine.model(input_ids=req.prompt_ids[None], pixel_values=req.pixel_values).logits
+        from_embeds = engine.model(inputs_embeds=prompt_embeds(engine.model, req.prompt_ids, req.pixel_values)).logits
+        text_only = engine.model(inputs_embeds=prompt_embeds(engine.model, req.prompt_ids)).logits
+    assert torch.equal(from_ids, from_embeds)
+    assert (text_only - from_ids).abs().max() > 1e-2  # the image features did reach the embeddings
+
+
 @pytest.mark.parametrize("temperature,top_p,penalty,seed", [(0.0, 1.0, 1.3, 0), (0.6, 0.95, 1.05, 11),
                                                             (1.0, 1.0, 1.3, 5)])
-def test_repetition_penalty_matches_transformers_generate(engine, temperature, top_p, penalty, seed):
-    """Greedy, Skywork R1V's released setting and a plain sampled one give the ids of
-    transformers' ``model.generate`` on the same model, image included.
+def test_repetition_penalty_matches_transformers_generate_from_inputs_embeds(engine, temperature, top_p, penalty,
+                                                                             seed):
+    """Greedy, Skywork R1V's released setting and a plain sampled one give the ids of Skywork
+    R1V's released inference (transformers' ``generate`` from ``inputs_embeds``, image included).
 
-    Greedy: the requests share one left-padded batch (pad id 0, which the image request's
-    continuation picks, so a penalized padding would change it; rows with n=2 must not
-    interact) and each is compared with its own unpadded generate call. Sampled: one request
-    per call with n=1, so that the engine's generator and generate's global one (the same
-    CPU stream, seeded alike) make one draw per step from the same floats; the two top-p
-    rules (drop a token once the mass ranked before it reaches top_p; transformers' ascending
-    form of it) keep the same nucleus up to rounding and tie order at its boundary, which
-    these fixed draws do not meet."""
+    Greedy: the requests share one left-padded batch with n=2 (rows must not interact) and each
+    is compared with its own unpadded generate call. Sampled: one request per call with n=1, so
+    that the engine's generator and generate's global one (the same CPU stream, seeded alike)
+    make one draw per step from the same floats; the two top-p rules (drop a token once the mass
+    ranked before it reaches top_p; transformers' ascending form of it) keep the same nucleus up
+    to rounding and tie order at its boundary, which these fixed draws do not meet."""
     requests = penalty_requests()
     params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_new_tokens=16, seed=seed,
                             repetition_penalty=penalty)
     if params.greedy:
         groups = engine.generate(requests, replace(params, n=2))
-        assert 0 in groups[0][0].response_ids.tolist()  # the padding id is a choice the penalty must not touch
     else:
         groups = [engine.generate([req], params)[0] for req in requests]
     for req, group in zip(requests, groups):
         want_ids, want_lp = transformers_generate(engine.model, req.prompt_ids, params, req.pixel_values)
         for s in group:
             assert s.response_ids.tolist() == want_ids.tolist(), req.prompt_id
-            # Measured bit-equal; kept at LOGPROB_TOL because the cached, padded batch may differ by
-            # summation order from generate's (see LOGPROB_TOL).
+            # Measured bit-equal for the one-request (sampled) calls; the padded greedy batch differs
+            # from generate's unpadded run by summation order (measured 1.9e-6, see LOGPROB_TOL).
             torch.testing.assert_close(s.logprobs, want_lp, atol=LOGPROB_TOL, rtol=0)
 
 
@@ -327,7 +351,6 @@ def test_repetition_penalty_one_is_skipped_and_above_one_breaks_a_repetition(eng
     def unreachable(*args, **kwargs):
         raise AssertionError("penalty code ran with repetition_penalty=1.0")
 
-    monkeypatch.setattr(hf_engine, "prompt_seen_mask", unreachable)
     monkeypatch.setattr(hf_engine, "apply_repetition_penalty", unreachable)
     for params, want in zip((sampled, greedy), before):
         got = engine.generate(requests, replace(params, repetition_penalty=1.0))
@@ -335,12 +358,38 @@ def test_repetition_penalty_one_is_skipped_and_above_one_breaks_a_repetition(eng
             assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
     monkeypatch.undo()
     # The image request's greedy continuation repeats token 0 (a no-op penalty would keep it);
-    # 1.3 keeps its first two tokens (neither was seen before) and then breaks the run.
+    # 1.3 keeps its first two tokens (neither was generated before) and then breaks the run.
     plain = before[1][0][0].response_ids.tolist()
     assert plain[1:] == [0] * 9, plain
     (penalized,), _, _ = engine.generate(requests, replace(greedy, repetition_penalty=1.3))
     ids = penalized.response_ids.tolist()
     assert ids[:2] == plain[:2] and ids.count(0) == 1, ids
+
+
+def test_repetition_penalty_ignores_the_prompt(engine):
+    """A token that occurs only in the prompt is not penalized (the old prompt-marking rule, that
+    of ``generate(input_ids=...)``, fails both checks below)."""
+    # Nothing has been generated at the first step, so it is the unpenalized one, bit for bit, for
+    # every sample (the prompts' ids are all over these distributions).
+    requests = penalty_requests()
+    sampled = SamplingParams(n=3, temperature=0.6, top_p=0.95, max_new_tokens=4, seed=2)
+    plain, penalized = (engine.generate(requests, replace(sampled, repetition_penalty=p)) for p in (1.0, 1.3))
+    for a, b in zip((s for g in plain for s in g), (s for g in penalized for s in g)):
+        assert a.response_ids[0] == b.response_ids[0] and torch.equal(a.logprobs[:1], b.logprobs[:1])
+    # The image prompt extended by its greedy continuation's first two tokens (x, 0) ends in the
+    # repeated 0, which the model then keeps choosing. With the penalty, 0 is still the first
+    # choice (it occurs only in the prompt) and is then dropped (it was generated).
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=4)
+    (img, *_) = requests
+    repeated = RolloutRequest("rep", torch.cat([img.prompt_ids, plain_greedy(engine.model, img.prompt_ids, 2,
+                                                                            pixel_values=img.pixel_values)[0]]),
+                              img.pixel_values)
+    assert repeated.prompt_ids[-1] == 0
+    (want,), = engine.generate([repeated], greedy)
+    (got,), = engine.generate([repeated], replace(greedy, repetition_penalty=1.3))
+    assert want.response_ids.tolist() == [0] * 4
+    assert got.response_ids[0] == 0 and torch.equal(got.logprobs[:1], want.logprobs[:1])
+    assert 0 not in got.response_ids[1:].tolist(), got.response_ids
 
 
 def test_apply_repetition_penalty_is_transformers_rule():
@@ -355,6 +404,74 @@ def test_repetition_penalty_must_be_finite_and_positive(bad):
     with pytest.raises(ValueError, match="repetition_penalty must be finite and > 0"):
         SamplingParams(repetition_penalty=bad)
     assert SamplingParams(repetition_penalty=0.9).repetition_penalty == 0.9  # < 1 (encouraging repeats) is legal
+
+
+# --- per-request token budgets ----------------------------------------------------------
+
+
+def budget_requests() -> list[RolloutRequest]:
+    ids_a, pix_a = image_prompt(1, 100)
+    return [RolloutRequest("img", ids_a, pix_a), RolloutRequest("long", text_prompt(30, 101)),
+            RolloutRequest("short", text_prompt(3, 102))]
+
+
+def test_a_request_budget_cuts_its_own_rows_only(engine):
+    """Budgets None (the call's 8), 2 and 20 (more than the call's: 8 applies) against the same
+    batch without budgets: the unbudgeted request's samples are bit-identical and the others are
+    their prefixes, bit for bit. A stop within the budget still finishes a sample; one beyond it
+    does not (the sample was cut)."""
+    params = SamplingParams(n=3, temperature=1.5, max_new_tokens=8, seed=6, stop_token_ids=tuple(range(1, IMG, 5)))
+    requests = budget_requests()
+    full = engine.generate(requests, params)
+    budgets = {"img": None, "long": 2, "short": 20}
+    cut = engine.generate([replace(r, max_new_tokens=budgets[r.prompt_id]) for r in requests], params)
+    long_full = [(len(s.response_ids), s.finished) for s in full[1]]
+    assert long_full == [(8, False), (2, True), (4, True)]  # cut, a stop at the budget, a stop past it
+    for req, want_group, got_group in zip(requests, full, cut):
+        budget = min(8, budgets[req.prompt_id] or 8)
+        for want, got in zip(want_group, got_group):
+            keep = min(len(want.response_ids), budget)
+            assert torch.equal(got.response_ids, want.response_ids[:keep]), req.prompt_id
+            assert torch.equal(got.logprobs, want.logprobs[:keep]), req.prompt_id
+            assert got.finished == (want.finished and len(want.response_ids) <= budget), req.prompt_id
+    assert [(len(s.response_ids), s.finished) for s in cut[1]] == [(2, False), (2, True), (2, False)]
+
+
+def test_a_request_alone_or_beside_a_smaller_budget(engine):
+    """The image request alone with budget 6 and batched after a request of budget 2 (a longer,
+    padded prompt): greedy, the same tokens, and log-probs equal to LOGPROB_TOL. Not bit for bit:
+    the batch's shape changes the summation order, and a sampled run would also draw its random
+    numbers in another order (the module docstring: sample k may change when requests join)."""
+    img, long, _ = budget_requests()
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=16)
+    (alone,) = engine.generate([replace(img, max_new_tokens=6)], params)
+    short, batched = engine.generate([replace(long, max_new_tokens=2), replace(img, max_new_tokens=6)], params)
+    assert [len(s.response_ids) for s in short] == [2, 2]
+    for a, b in zip(alone, batched):
+        assert len(a.response_ids) == 6 and torch.equal(a.response_ids, b.response_ids)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=LOGPROB_TOL, rtol=0)
+
+
+def test_decoding_stops_at_the_largest_budget(engine):
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        groups = engine.generate([RolloutRequest("a", text_prompt(5, 103), max_new_tokens=3),
+                                  RolloutRequest("b", text_prompt(9, 104), max_new_tokens=2)],
+                                 SamplingParams(n=2, max_new_tokens=50, seed=1))
+    finally:
+        hook.remove()
+    assert [[len(s.response_ids) for s in g] for g in groups] == [[3, 3], [2, 2]]
+    assert not any(s.finished for g in groups for s in g)
+    assert len(forwards) == 3  # the prefill and two decode steps, not 49
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_a_request_budget_must_be_a_positive_integer(engine, bad):
+    with pytest.raises(ValueError, match=r"request b: max_new_tokens must be None or an integer >= 1"):
+        engine.generate([RolloutRequest("a", text_prompt(3, 105)), RolloutRequest("b", text_prompt(3, 106),
+                                                                                 max_new_tokens=bad)],
+                        SamplingParams(n=1, max_new_tokens=1))
 
 
 # --- loading checkpoints -----------------------------------------------------------------

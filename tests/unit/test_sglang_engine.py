@@ -217,20 +217,25 @@ def test_greedy_and_no_stop_ids_map_to_temperature_zero_and_ignore_eos():
     assert group[0].finished is False and group[0].text == "sglang text"
 
 
-def test_repetition_penalty_reaches_every_sglang_request(caplog):
+def test_repetition_penalty_reaches_every_sglang_request():
     eng, fake = make([out([4], [-0.5], "length")])
     reqs = [RolloutRequest("a", torch.tensor([1, 2])), RolloutRequest("b", torch.tensor([3]))]
     eng.generate(reqs[:1], SamplingParams(n=1, max_new_tokens=1))
     assert fake.generated["sampling_params"][0]["repetition_penalty"] == 1.0  # the default, stated explicitly
-    assert "repetition_penalty" not in caplog.text
     # Skywork R1V's evaluation setting (sampled, two requests of two samples), then greedy.
     for temperature, n in ((0.6, 2), (0.0, 1)):
         fake.outputs = [out([4], [-0.5], "length")] * (2 * n)
         eng.generate(reqs, SamplingParams(n=n, temperature=temperature, top_p=0.95, max_new_tokens=1,
                                           repetition_penalty=1.05))
         assert [sp["repetition_penalty"] for sp in fake.generated["sampling_params"]] == [1.05] * (2 * n)
-    # SGLang penalizes response ids only (not the prompt's): said once per engine, not per call.
-    assert caplog.text.count("SGLang penalizes the ids of the response only") == 1
+
+
+def test_each_request_gets_the_smaller_of_its_and_the_calls_token_budget():
+    eng, fake = make([out([4], [-0.5], "length")] * 6)
+    reqs = [RolloutRequest("none", torch.tensor([1, 2])), RolloutRequest("small", torch.tensor([3]), max_new_tokens=2),
+            RolloutRequest("large", torch.tensor([5]), max_new_tokens=100)]
+    eng.generate(reqs, SamplingParams(n=2, max_new_tokens=5))
+    assert [sp["max_new_tokens"] for sp in fake.generated["sampling_params"]] == [5, 5, 2, 2, 5, 5]
 
 
 def test_request_validation_errors():
@@ -242,6 +247,8 @@ def test_request_validation_errors():
         (RolloutRequest("r2", torch.tensor([IMG] * PER_TILE), torch.zeros(3, 56, 56)), r"\[tiles, 3, S, S\]"),
         (RolloutRequest("r3", torch.tensor([*[IMG] * PER_TILE, 9, *[IMG] * PER_TILE]), torch.zeros(2, 3, 56, 56)),
          "2 images of one tile each"),
+        (RolloutRequest("r4", torch.tensor([1]), max_new_tokens=0),
+         "request r4: max_new_tokens must be None or an integer"),
     ]
     for req, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -58,7 +58,7 @@ def _item(fields: Fields) -> Optional[EvalItem]:
     letter = _choice_letter(fields, answer, choices) if question_type == "multi_choice" else None
     if not fields.ok or None in (pid, question, question_type, answer_type, answer, image):
         return None
-    prompt = query if query and query.strip() else _query(question, question_type, answer_type, precision,
+    prompt = query if query and query.strip() else build_query(question, question_type, answer_type, precision,
                                                             unit, choices)
     check_placeholders(fields, prompt, (image,))
     if not fields.ok:
@@ -103,7 +103,7 @@ def _choice_letter(fields: Fields, answer: Optional[str], choices: Optional[list
     return CHOICE_LETTERS[choices.index(answer)]
 
 
-def _query(question: str, question_type: Optional[str], answer_type: Optional[str], precision: Optional[int],
+def build_query(question: str, question_type: Optional[str], answer_type: Optional[str], precision: Optional[int],
            unit: Optional[str], choices: Optional[list[str]]) -> str:
     """MathVista's prompt for a record without ``query``: hint, question (unit), choices."""
     lines = [f"Hint: {_hint(question_type, answer_type, precision)}",

@@ -20,10 +20,14 @@ using a single word, phrase or number.". ``<image k>`` mentions stay as text; on
 an image column that is null is a problem.
 
 Answers: multiple choice -> ``choice``. Open: ``number`` when every gold is a plain
-number; ``text`` (MMMU's lenient phrase match) when a gold holds a word, i.e. a run of
-three or more letters that is not a LaTeX command or a function name (sin, log, sqrt...);
-``expression`` (math-verify) otherwise ("24/7", "x^2+1"). ``category`` is the subject
-taken from the id ("Art_Theory").
+number; ``text`` (MMMU's lenient phrase match) when a gold holds a word
+(``evaluate.scoring.is_word_like``: a run of three or more letters that is not a LaTeX
+command or a function name such as sin, log, sqrt); ``expression`` (math-verify)
+otherwise ("24/7", "x^2+1", or both numbers and expressions: "['24/7', '3.429']", whose
+plain number the scorer compares as a number). An open item with a plain-number gold has
+``precision`` 2: MMMU's own evaluation rounds numbers to 2 decimals, so "3.43" is gold
+"3.429"; a word gold has none (the judge would be told of a rounding that cannot apply).
+``category`` is the subject taken from the id ("Art_Theory").
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from megatron_r1v.data.schema import CHOICE_LETTERS, IMAGE_PLACEHOLDER
 from megatron_r1v.evaluate.formats.tables import (Fields, Reading, check_placeholders, collect, is_number,
                                                   read_rows, type_name)
 from megatron_r1v.evaluate.items import EvalItem
+from megatron_r1v.evaluate.scoring import is_word_like
 
 REQUIRED = ("id", "question", "options", "answer", "question_type")
 QUESTION_TYPES = ("multiple-choice", "open")
@@ -46,8 +51,8 @@ CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices."
 OPEN_INSTRUCTION = "Answer the question using a single word, phrase or number."
 _ID_RE = re.compile(r"^[A-Za-z]+_(?P<subject>.+)_\d+$")
 _MENTION_RE = re.compile(r"<image (\d+)>")
-_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
-_MATH_WORDS = frozenset("sin cos tan cot sec csc log exp sqrt frac arcsin arccos arctan sinh cosh tanh".split())
+OPEN_PRECISION = 2
+"""Decimals MMMU's evaluation rounds an open numeric answer to (``eval_utils.normalize_str``)."""
 
 
 def read_mmmu(path: Path, reading: Reading) -> list[EvalItem]:
@@ -76,8 +81,9 @@ def _item(fields: Fields) -> Optional[EvalItem]:
     check_placeholders(fields, prompt, ordered)
     if not fields.ok:
         return None
+    precision = OPEN_PRECISION if kind != "choice" and any(is_number(gold) for gold in answers) else None
     return EvalItem(id=item_id, question=prompt, images=ordered, answers=answers, answer_kind=kind,
-                    category=subject, source=fields.row.location,
+                    category=subject, source=fields.row.location, precision=precision,
                     choices=tuple(options) if kind == "choice" else None, raw_question=question)
 
 
@@ -169,8 +175,7 @@ def _open_kind(golds: tuple[str, ...]) -> str:
     """``number``, ``text`` or ``expression`` (module docstring)."""
     if all(is_number(gold) for gold in golds):
         return "number"
-    words = {word.lower() for gold in golds for word in _WORD_RE.findall(gold)}
-    return "text" if words - _MATH_WORDS else "expression"
+    return "text" if any(is_word_like(gold) for gold in golds) else "expression"
 
 
 def _prompt(question: str, options: list[str], image_numbers: list[int]) -> str:
