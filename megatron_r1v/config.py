@@ -270,9 +270,27 @@ class GRPOConfig:
     clip_high: float = 0.2
     """Ratio clipped above at 1 + clip_high."""
     kl_beta: float = 0.0
-    """Weight of the k3 KL penalty to the initial policy (0: no reference pass)."""
-    normalization: Literal["sequence", "token"] = "sequence"
-    """Per-response then per-group mean (Eq. 8), or a mean over all response tokens."""
+    """Weight of the KL penalty (estimator: kl_estimator) to the initial policy (0: no reference pass)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL(pi || pi_ref) estimator per token, x = log(pi_ref / pi) (Schulman 2020): k1 = -x, k2 = x^2 / 2,
+    k3 = exp(x) - x - 1 (the report's; the fused kernel's). x is clamped to +-20 before each (as the kernel
+    clamps its log-ratios: fp32 exp overflows at 88.7; outside the clamp a token's KL has no gradient).
+    k1 and k2 run the loss in torch on the kernel's log-probs (losses/grpo_variants.py)."""
+    clip_ratio_c: Optional[float] = None
+    """Dual clip (Ye et al. 2020; verl's clip_ratio_c, typically 3): the loss of a token with a negative
+    advantage is capped at -A clip_ratio_c, bounding what a stale SSB group's large ratio can do; > 1;
+    null: off (the fused kernel)."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Importance ratio of Eq. 8: token (per-token pi / pi_old) or sequence (GSPO, Zheng et al. 2025:
+    exp(mean over the response of log pi / pi_old), clipped once per response; GSPO uses clip ranges
+    near 3e-4 / 4e-4, not 0.2)."""
+    advantage_std_normalize: bool = True
+    """Eq. 6 divides by the group's reward std; false: Dr. GRPO's A = r - mean(r) (Liu et al. 2025)."""
+    normalization: Literal["sequence", "token", "constant"] = "sequence"
+    """Per-response then per-group mean (Eq. 8), a mean over all response tokens, or constant: Dr. GRPO's
+    1 / normalization_constant in place of 1 / |o_i| (then the mean over responses)."""
+    normalization_constant: Optional[int] = None
+    """The length normalizer of normalization constant (>= 1); null: rollout.max_new_tokens."""
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch (first-fit decreasing); >= train.seq_length."""
     ppo_epochs: int = 1

@@ -228,6 +228,10 @@ def _check_grpo(g: "GRPOConfig", seq_length: Optional[int]) -> None:
     _within("grpo.clip_low", g.clip_low, 0.0, 1.0, open_high=True)
     _at_least("grpo.clip_high", g.clip_high, 0.0)
     _at_least("grpo.kl_beta", g.kl_beta, 0.0)
+    if g.clip_ratio_c is not None:
+        _above("grpo.clip_ratio_c", g.clip_ratio_c, 1.0)
+    if g.normalization_constant is not None:
+        _at_least("grpo.normalization_constant", g.normalization_constant, 1)
     _at_least("grpo.micro_batch_tokens", g.micro_batch_tokens, 1)
     _at_least("grpo.ppo_epochs", g.ppo_epochs, 1)
     if seq_length is not None and g.micro_batch_tokens < seq_length:

@@ -25,7 +25,7 @@ LOCK=constraints-cpu-py311.txt
 # tensorboard (plots), the import-name contracts (test_package: HF `kernels` vs ours).
 SMOKE_TESTS=(
   tests/unit/test_package.py tests/unit/test_config.py tests/unit/test_kernels.py tests/unit/test_rewards.py
-  tests/unit/test_eval_formats.py tests/unit/test_eval_scoring.py
+  tests/unit/test_eval_formats.py tests/unit/test_eval_scoring.py tests/unit/test_sglang_source.py
   tests/unit/test_ssb.py tests/unit/test_data_tiling.py tests/unit/test_dali_plugin.py tests/unit/test_hf_engine.py
   tests/unit/test_r1v_model.py tests/unit/test_plotting.py
   tests/distributed/test_decoder_parity.py
@@ -53,6 +53,9 @@ pip_install() { "${PY}" -m pip install -q --disable-pip-version-check -c "${work
 pip_install --upgrade setuptools
 pip_install --no-build-isolation -e ".[test,data]"
 "${PY}" -m pip check --disable-pip-version-check
+# sglang as tools/ensure_venv.sh installs it: the newest release, --no-deps (its source only, for
+# tests/unit/test_sglang_source.py), after pip check, which would list its absent GPU stack.
+pip_install --no-deps sglang
 "${PY}" -m pip freeze --all --exclude-editable --disable-pip-version-check | grep -v -E '^pip==' | sort -f \
   > "${work}/resolved.txt"
 
@@ -84,7 +87,8 @@ if [ "${mode}" = update ]; then
     echo "# the development machines carry on disk). tools/ensure_venv.sh installs with these as pip"
     echo "# constraints. Regenerate: bash tools/lock_deps.sh update (it writes the lock only after its"
     echo "# smoke subset passed; commit it only after the whole suite passed with it)."
-    echo "# Resolved $(date -u +%Y-%m-%d) by tools/lock_deps.sh update."
+    echo "# Resolved $(date -u +%Y-%m-%d) by tools/lock_deps.sh update. sglang is installed with --no-deps"
+    echo "# (its source only, read by tests/unit/test_sglang_source.py)."
     cat "${work}/resolved.txt"
   } > "${LOCK}.tmp"
   mv "${LOCK}.tmp" "${LOCK}"

@@ -28,6 +28,12 @@ as a per-token weight: 1 / (|o_i| N) for the per-sequence mean over N sequences 
 whole step (``normalization="sequence"``, Eq. 8), or 1 / (total response tokens) for a
 token-level mean (``"token"``, as in DAPO). Summing ``weight * loss`` over every
 micro-batch of a step then gives exactly -J.
+
+Variants, each a ``grpo.*`` switch whose default is the objective above: the KL estimator
+(k1 / k2 / k3), verl's dual clip for negative advantages, GSPO's sequence-level ratio
+(``losses.grpo_variants``, computed in torch from the kernel's differentiable log-probs;
+the fused kernel runs the default only), and Dr. GRPO's advantage without the std
+division (:func:`group_advantages`) and constant length normalizer (:func:`token_weights`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_r1v.kernels import grpo_loss
+from megatron_r1v.kernels import grpo_loss, vocab_parallel_logprobs
+from megatron_r1v.losses.grpo_variants import IMPORTANCE_LEVELS, KL_ESTIMATORS, variant_token_terms
 
 
 @dataclass(frozen=True)
@@ -49,15 +56,33 @@ class GRPOLossConfig:
     clip_high: float = 0.2
     """The ratio is clipped above at 1 + clip_high (a larger value is DAPO's clip-higher)."""
     kl_beta: float = 0.0
-    """Weight of the k3 KL penalty to the reference policy (0: no reference pass)."""
+    """Weight of the KL penalty to the reference policy (0: no reference pass)."""
     temperature: float = 1.0
     """The sampling temperature: log-probs are those of softmax(logits / temperature)."""
-    normalization: Literal["sequence", "token"] = "sequence"
-    """``sequence``: mean over each response, then over responses (Eq. 8); ``token``: mean over all tokens."""
+    normalization: Literal["sequence", "token", "constant"] = "sequence"
+    """``sequence``: mean over each response, then over responses (Eq. 8); ``token``: mean over all
+    tokens; ``constant``: Dr. GRPO's fixed length normalizer (:func:`token_weights`)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (``losses.grpo_variants.kl_estimate``); k3 is the report's and the fused kernel's."""
+    clip_ratio_c: Optional[float] = None
+    """Dual clip: the loss of a token with A < 0 is capped at -A clip_ratio_c (> 1); None: off."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """``token``: per-token ratios (Eq. 8); ``sequence``: GSPO's length-normalized sequence ratio."""
 
     def __post_init__(self):
-        if self.normalization not in ("sequence", "token"):
-            raise ValueError(f"normalization must be 'sequence' or 'token', got {self.normalization!r}")
+        if self.normalization not in ("sequence", "token", "constant"):
+            raise ValueError(f"normalization must be 'sequence', 'token' or 'constant', got {self.normalization!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.importance_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_level!r}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (or None), got {self.clip_ratio_c}")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused kernel computes the loss (the default objective; module docstring)."""
+        return self.kl_estimator == "k3" and self.clip_ratio_c is None and self.importance_level == "token"
 
 
 def _check_rewards(rewards_NG: torch.Tensor, min_std: float) -> torch.Tensor:
@@ -83,25 +108,34 @@ def effective_groups(rewards_NG: torch.Tensor, min_std: float = 0.0) -> torch.Te
     return _effective_N1(rewards, rewards.std(dim=1, keepdim=True), min_std)[:, 0]
 
 
-def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-6, min_std: float = 0.0) -> torch.Tensor:
+def group_advantages(rewards_NG: torch.Tensor, eps: float = 1e-6, min_std: float = 0.0,
+                     std_normalize: bool = True) -> torch.Tensor:
     """Eq. 6 for ``[n_prompts, G]`` rewards; fp32, zero for the groups :func:`effective_groups`
     rejects (equal rewards, or a std below ``min_std``), so nearly-flat groups put no
-    std-amplified noise into Eq. 8."""
+    std-amplified noise into Eq. 8.
+
+    ``std_normalize=False`` is Dr. GRPO's advantage (Liu et al. 2025, "Understanding R1-Zero-Like
+    Training: A Critical Perspective", Sec. 3.2): A_i = r_i - mean_j r_j, no division by the std
+    (which up-weights nearly-flat groups); the effective-group criterion still applies."""
     rewards = _check_rewards(rewards_NG, min_std)
     mean_N1 = rewards.mean(dim=1, keepdim=True)
     std_N1 = rewards.std(dim=1, keepdim=True)
     centered = rewards - mean_N1
     keep_N1 = _effective_N1(rewards, std_N1, min_std)
-    return torch.where(keep_N1, centered / (std_N1 + eps), torch.zeros_like(centered))
+    return torch.where(keep_N1, centered / (std_N1 + eps) if std_normalize else centered, torch.zeros_like(centered))
 
 
 def token_weights(
-    response_lengths: torch.Tensor, normalization: str, total_sequences: int, total_tokens: int
+    response_lengths: torch.Tensor, normalization: str, total_sequences: int, total_tokens: int,
+    length_constant: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-sequence weight of each of its tokens so that sum(weight * loss) over a step is the mean.
 
     ``response_lengths`` [n] are this micro-batch's |o_i|; ``total_sequences`` and
     ``total_tokens`` count the whole step (all micro-batches, all data-parallel ranks).
+    ``constant`` is Dr. GRPO's normalizer (Liu et al. 2025, Sec. 3.2): 1/|o_i| becomes
+    1 / ``length_constant`` (a fixed budget such as the generation limit), so a long response
+    is not down-weighted per token: weight 1 / (length_constant N).
     """
     if (response_lengths < 1).any():
         raise ValueError(f"every response needs >= 1 token, got lengths {response_lengths.tolist()}")
@@ -110,7 +144,11 @@ def token_weights(
         return 1.0 / (lengths * total_sequences)
     if normalization == "token":
         return torch.full_like(lengths, 1.0 / total_tokens)
-    raise ValueError(f"normalization must be 'sequence' or 'token', got {normalization!r}")
+    if normalization == "constant":
+        if length_constant is None or length_constant < 1:
+            raise ValueError(f"normalization 'constant' needs a length_constant >= 1, got {length_constant}")
+        return torch.full_like(lengths, 1.0 / (float(length_constant) * total_sequences))
+    raise ValueError(f"normalization must be 'sequence', 'token' or 'constant', got {normalization!r}")
 
 
 @dataclass
@@ -136,23 +174,39 @@ def grpo_policy_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     backend: str = "auto",
     inplace: bool = False,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> GRPOLossOutput:
     """The weighted Eq. 8 loss of one micro-batch, all per-token inputs ``[T]``.
 
     ``weights`` are per token (see :func:`token_weights`, broadcast over each response);
-    ``advantages`` likewise carry each response's A_i on its tokens.
+    ``advantages`` likewise carry each response's A_i on its tokens. The default objective
+    runs in the fused kernel; a variant (``config.fused`` false) in torch on the kernel's
+    differentiable log-probs (``losses.grpo_variants``). ``segment_ids`` [T] number the
+    packed sequences (``grpo_variants.segment_ids``), needed by ``importance_level='sequence'``.
     """
-    loss_T, stats = grpo_loss(
-        logits, labels, old_logprobs, ref_logprobs if config.kl_beta else None, advantages, loss_mask,
-        clip_low=config.clip_low, clip_high=config.clip_high, kl_beta=config.kl_beta,
-        temperature=config.temperature, tp_group=tp_group, backend=backend, inplace=inplace,
-    )
+    ref = ref_logprobs if config.kl_beta else None
+    if config.fused:
+        loss_T, stats = grpo_loss(
+            logits, labels, old_logprobs, ref, advantages, loss_mask,
+            clip_low=config.clip_low, clip_high=config.clip_high, kl_beta=config.kl_beta,
+            temperature=config.temperature, tp_group=tp_group, backend=backend, inplace=inplace,
+        )
+        logp_T, clipped_T, kl_T = stats.logprobs, stats.clipped, stats.kl
+    else:
+        if ref is None and config.kl_beta != 0.0:
+            raise ValueError(f"kl_beta = {config.kl_beta} needs ref_logprobs")
+        logp_T, _ = vocab_parallel_logprobs(logits, labels, tp_group=tp_group, temperature=config.temperature,
+                                            backend=backend, inplace=inplace)
+        consts = [None if v is None else v.detach().to(logp_T.device, torch.float32)
+                  for v in (old_logprobs, ref, advantages, loss_mask)]
+        loss_T, _, clipped_T, kl_T = variant_token_terms(logp_T, *consts, config, segment_ids)
+        logp_T, kl_T = logp_T.detach(), None if kl_T is None else kl_T.detach()
     mask_T = loss_mask.to(torch.float32)
     n_tokens = float(mask_T.sum())
     loss = (loss_T * weights.to(loss_T.dtype)).sum()
-    kl_mean = float((stats.kl * mask_T).sum()) / n_tokens if stats.kl is not None and n_tokens else None
-    clip_fraction = float(stats.clipped.float().sum()) / n_tokens if n_tokens else 0.0
-    return GRPOLossOutput(loss, kl_mean, clip_fraction, stats.logprobs)
+    kl_mean = float((kl_T * mask_T).sum()) / n_tokens if kl_T is not None and n_tokens else None
+    clip_fraction = float(clipped_T.float().sum()) / n_tokens if n_tokens else 0.0
+    return GRPOLossOutput(loss, kl_mean, clip_fraction, logp_T)
 
 
 def truncated_is_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float) -> torch.Tensor:

@@ -54,7 +54,8 @@ Written against sglang 0.5.23 (the PyPI wheel; paths under ``sglang/srt/``, 0.5.
 * ``get_weights_by_name`` returns a truncated view of the fused, TP-sharded parameters.
 * Per-request ``sampling_seed`` is honoured only with ``enable_deterministic_inference``.
 
-Verified only against a fake engine in unit tests; not run on GPU.
+Not run on GPU: unit tests drive it through a fake engine, and tests/unit/test_sglang_source.py
+checks every name it uses, and what the fake does, against the 0.5.23 wheel's source.
 """
 
 from __future__ import annotations
@@ -81,7 +82,12 @@ ROLLOUT_EXTRA = "pip install 'megatron-r1v[rollout]'"
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
 _RESUME_ORDER = (WEIGHTS, CUDA_GRAPH, KV_CACHE)
 _IMAGE_TOKEN_BIAS = -1e4  # added to the logits: exp(-1e4 / T) is 0 in fp32 for any T below ~100
-_ORIGINAL_LOGPROB_VARS = ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")
+# Every spelling sglang reads (srt/environ.py): importing sglang copies SGL_X to SGLANG_X (before
+# the engine's processes start, which inherit it); RETURN_ORIGINAL_LOGPROB is 0.5.2's name. An
+# EnvBool is true for these values, an EnvInt is int(value).
+_ORIGINAL_LOGPROB_VARS = ("SGLANG_RETURN_ORIGINAL_LOGPROB", "SGL_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")
+_VLM_CACHE_VARS = ("SGLANG_VLM_CACHE_SIZE_MB", "SGL_VLM_CACHE_SIZE_MB")
+_ENV_TRUE = ("true", "1", "yes", "y")
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ def _import_sglang() -> Any:
     try:
         import sglang
     except ImportError as err:
-        raise ImportError(f"rollout.engine 'sglang' needs SGLang, which is not installed: {ROLLOUT_EXTRA}") from err
+        raise ImportError(f"rollout.engine 'sglang' needs SGLang, which is not installed or cannot be imported "
+                          f"({err}): {ROLLOUT_EXTRA}") from err
     return sglang
 
 
@@ -160,7 +167,7 @@ class SGLangRolloutEngine:
                  codec: Optional[WeightCodec] = None, memory_tags: Optional[Sequence[str]] = None,
                  ban_image_token: bool = True, **engine_kwargs: Any) -> None:
         for var in _ORIGINAL_LOGPROB_VARS:
-            if os.environ.get(var, "").strip().lower() in ("1", "true"):
+            if os.environ.get(var, "").strip().lower() in _ENV_TRUE:
                 raise ValueError(f"{var} is set: SGLang would report untempered log-probs, but the trainer needs "
                                  "those of the temperature-scaled policy; unset it")
         if tp_size < 1:
@@ -389,12 +396,19 @@ def _sglang_memory_tags() -> tuple[str, ...]:
 
 def _disable_vlm_embedding_cache() -> None:
     """SGLang's scheduler processes inherit the environment at spawn."""
-    value = os.environ.get("SGLANG_VLM_CACHE_SIZE_MB")
-    if value is None:
-        os.environ["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
-    elif value.strip() != "0":
-        raise ValueError(f"SGLANG_VLM_CACHE_SIZE_MB={value}: SGLang's image-embedding cache survives weight updates "
-                         "and would serve embeddings of the previous adapter; unset it or set it to 0")
+    for var in _VLM_CACHE_VARS:
+        value = os.environ.get(var)
+        if value is not None and not _is_zero(value):
+            raise ValueError(f"{var}={value}: SGLang's image-embedding cache survives weight updates and would "
+                             "serve embeddings of the previous adapter; unset it or set it to 0")
+    os.environ.setdefault("SGLANG_VLM_CACHE_SIZE_MB", "0")
+
+
+def _is_zero(value: str) -> bool:
+    try:
+        return int(value) == 0
+    except ValueError:
+        return False
 
 
 def _read_skywork_model(model_dir: str, tokenizer: Any) -> tuple["R1VArch", Any]:

@@ -79,6 +79,15 @@ def sum_over_world(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def loss_config(cfg: RunConfig) -> GRPOLossConfig:
+    """The Eq. 8 loss settings of a run (``grpo.*`` and the rollout temperature)."""
+    g = cfg.grpo
+    return GRPOLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, kl_beta=g.kl_beta,
+                          temperature=cfg.rollout.temperature, normalization=g.normalization,
+                          kl_estimator=g.kl_estimator, clip_ratio_c=g.clip_ratio_c,
+                          importance_level=g.importance_level)
+
+
 @dataclass(frozen=True)
 class RolloutFailed:
     """What the engine owner broadcasts instead of groups when its rollout phase failed."""
@@ -119,8 +128,9 @@ class GRPOTrainer:
 
     def __post_init__(self):
         g = self.cfg.grpo
-        self.loss_cfg = GRPOLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, kl_beta=g.kl_beta,
-                                       temperature=self.cfg.rollout.temperature, normalization=g.normalization)
+        self.loss_cfg = loss_config(self.cfg)
+        # Dr. GRPO's constant length normalizer (grpo.normalization constant): default the generation limit.
+        self.length_constant = g.normalization_constant or self.cfg.rollout.max_new_tokens
         # The effective-group criterion, resolved once (ssb.policy.resolve_min_reward_std): the
         # threshold every step's Eq. 6 applies, so the SSB and its metrics see one criterion.
         self.min_reward_std = resolve_min_reward_std(self.cfg.ssb, self.cfg.reward, self.cfg.rollout.n_samples)
@@ -240,14 +250,15 @@ class GRPOTrainer:
     def _assemble(self, items: list[PromptItem], groups: list[ScoredGroup], step: int) -> StepBatch:
         """Advantages (Eq. 6), the SSB plan (collective over DP), the samples and packed rows
         with their Eq. 8 normalization weights (which count the whole step over DP)."""
-        advantages = [group.advantages(self.min_reward_std) for group in groups]
+        std_normalize = self.cfg.grpo.advantage_std_normalize  # false: Dr. GRPO's r - mean(r)
+        advantages = [group.advantages(self.min_reward_std, std_normalize) for group in groups]
         plan = plan_batch(self.buffer, advantages, step, self.ctx.dp_group)
         samples = train_samples(items, groups, advantages, plan, self.loader)
         lengths = [s.target_count() for s in samples]
         counts = torch.tensor([len(samples), sum(lengths)], dtype=torch.float64)
         dist.all_reduce(counts, group=self.ctx.dp_group)
         weights = token_weights(torch.tensor(lengths), self.loss_cfg.normalization, int(counts[0]),
-                                int(counts[1])).tolist()
+                                int(counts[1]), self.length_constant).tolist()
         rows = pack_rows(samples, weights, self.cfg.grpo.micro_batch_tokens, pipeline=self.ctx.pp > 1)
         return StepBatch(items, groups, advantages, plan, samples, rows)
 

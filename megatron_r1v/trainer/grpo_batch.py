@@ -40,12 +40,13 @@ class ScoredGroup:
     rewards: dict[str, np.ndarray]
     """``REWARD_TERMS`` -> [G] float64."""
 
-    def advantages(self, min_reward_std: float = 0.0) -> np.ndarray:
+    def advantages(self, min_reward_std: float = 0.0, std_normalize: bool = True) -> np.ndarray:
         """Eq. 6 over the group's total rewards ([G] float32): zeros for a group that is flat
         or whose reward std is below ``min_reward_std`` (the resolved ``ssb.min_reward_std``;
-        0 keeps only the exact-flatness rule)."""
+        0 keeps only the exact-flatness rule); ``std_normalize=False``: Dr. GRPO's r - mean
+        (``grpo.advantage_std_normalize``)."""
         totals = torch.tensor(self.rewards["total"][None], dtype=torch.float64)
-        return group_advantages(totals, min_std=min_reward_std)[0].numpy()
+        return group_advantages(totals, min_std=min_reward_std, std_normalize=std_normalize)[0].numpy()
 
 
 @dataclass
@@ -213,7 +214,8 @@ def fresh_ssb_groups(items: Sequence[PromptItem], groups: Sequence[ScoredGroup],
         for j, response in enumerate(group.response_ids):
             tokens.append(np.concatenate([item.prompt_ids.numpy(), response.astype(np.int64)]))
             k = by_source.get((i, j))
-            full = sample_logprobs[k] if k is not None and sample_logprobs[k] is not None else np.zeros(p + len(response))
+            have = k is not None and sample_logprobs[k] is not None
+            full = sample_logprobs[k] if have else np.zeros(p + len(response))
             old.append(full[p - 1: p + len(response) - 1].astype(np.float32))
         out.append(SSBGroup(
             prompt_id=item.record.id, step=step, token_ids=tokens, old_logprobs=old,

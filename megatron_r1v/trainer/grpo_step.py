@@ -23,6 +23,7 @@ import torch
 
 from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.losses.grpo import GRPOLossConfig, grpo_policy_loss
+from megatron_r1v.losses.grpo_variants import segment_ids
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.schedule import label_targets, packed_batch, row_logits, run_schedule, sum_over_step
 
@@ -53,11 +54,13 @@ def make_grpo_microbatch(
 def _grpo_loss_func(cfg: GRPOLossConfig, ctx: ParallelContext, scale: float, metrics: list, batch: dict,
                     logits_BLv: torch.Tensor):
     labels_L, mask_L = label_targets(batch)
+    # GSPO's sequence ratio averages over each packed response (grpo.importance_level sequence).
+    segments_L = segment_ids(batch["cu_seqlens"], labels_L.shape[0]) if cfg.importance_level == "sequence" else None
     # inplace: backward writes d/dlogits over the logits buffer (nothing reads the logits
     # after the loss), so no second [L, V/tp] tensor is allocated (kernels/vocab_parallel.py).
     out = grpo_policy_loss(
         row_logits(logits_BLv), labels_L, batch["old_logprobs"][0], batch["ref_logprobs"][0], batch["advantages"][0],
-        mask_L, batch["weights"][0], cfg, tp_group=ctx.tp_group, inplace=True,
+        mask_L, batch["weights"][0], cfg, tp_group=ctx.tp_group, inplace=True, segment_ids=segments_L,
     )
     metrics.append({"loss": float(out.loss.detach()), "kl": out.kl_mean, "clip_fraction": out.clip_fraction,
                     "tokens": float(mask_L.sum())})

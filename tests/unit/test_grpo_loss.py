@@ -34,7 +34,7 @@ def test_token_weights():
     torch.testing.assert_close(token_weights(torch.tensor([2, 4]), "token", 4, 10), torch.tensor([0.1, 0.1]))
     with pytest.raises(ValueError, match="every response needs >= 1 token"):
         token_weights(torch.tensor([0, 3]), "sequence", 2, 3)
-    with pytest.raises(ValueError, match="normalization must be 'sequence' or 'token'"):
+    with pytest.raises(ValueError, match="normalization must be 'sequence', 'token' or 'constant'"):
         GRPOLossConfig(normalization="group")
 
 

@@ -1,4 +1,7 @@
-"""SGLangRolloutEngine driven through a fake of the ``sglang.Engine`` API (no sglang here)."""
+"""SGLangRolloutEngine driven through a fake of the ``sglang.Engine`` API (sglang needs a GPU).
+
+The fake does what sglang 0.5.23's source does with the calls the adapter makes; that every
+name it accepts exists there, with these defaults, is tests/unit/test_sglang_source.py's check."""
 
 import json
 import os
@@ -56,20 +59,51 @@ class ByteBucket:
 CODEC = WeightCodec(ByteBucket, pickle.dumps)
 
 
+# sglang/srt/constants.py: GPU_MEMORY_ALL_TYPES, what a call without tags releases or resumes.
+MEMORY_TYPES = ("kv_cache", "weights", "cuda_graph")
+# Engine.generate's parameters the adapter may pass, and the SamplingParams fields it may set (a
+# dict with another key fails in sglang: SamplingParams(**sampling_params) is a kw_only struct).
+GENERATE_ARGS = ("prompt", "sampling_params", "input_ids", "image_data", "return_logprob")
+SAMPLING_FIELDS = ("max_new_tokens", "stop_token_ids", "temperature", "top_p", "repetition_penalty", "n",
+                   "ignore_eos", "skip_special_tokens", "no_stop_trim", "logit_bias", "sampling_seed")
+
+
+def check_sampling_params(sp):
+    """sglang's SamplingParams(**sp) then .verify(): unknown keys and the ranges the adapter could break."""
+    unknown = sorted(set(sp) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"Unexpected keyword arguments {unknown}")
+    if not 0.0 < sp.get("top_p", 1.0) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {sp['top_p']}.")
+    if not 0.0 < sp.get("repetition_penalty", 1.0) <= 2.0:
+        raise ValueError(f"repetition_penalty must be in (0, 2], got {sp['repetition_penalty']}.")
+    seed = sp.get("sampling_seed")
+    if seed is not None and not (isinstance(seed, int) and -(2**63) <= seed <= 2**63 - 1):
+        raise ValueError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {seed}.")
+    if not all(isinstance(k, str) and int(k) >= 0 for k in sp.get("logit_bias") or {}):  # Dict[str, float]
+        raise ValueError(f"logit_bias keys must be token ids as strings, got {sp['logit_bias']}")
+
+
 class FakeEngine:
     """Records calls; loads weight payloads the way sglang's scheduler does (rank r takes entry r)."""
 
     def __init__(self, outputs=None):
         self.calls, self.loaded, self.outputs, self.generated = [], [], outputs, None
+        self.offload_tags = set()
 
     def release_memory_occupation(self, tags=None):
         self.calls.append(("release", tuple(tags)))
+        self.offload_tags.update(tags or MEMORY_TYPES)
 
     def resume_memory_occupation(self, tags=None):
         self.calls.append(("resume", tuple(tags)))
+        for tag in tags or MEMORY_TYPES:
+            self.offload_tags.remove(tag)  # as sglang's scheduler: resuming a tag not released fails
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
         self.calls.append(("update", load_format, flush_cache, len(named_tensors)))
+        if load_format != "flattened_bucket":
+            raise NotImplementedError(f"the fake loads flattened buckets only, got load_format={load_format!r}")
         per_rank = []
         for payload in named_tensors:
             data = pickle.loads(payload)
@@ -81,12 +115,20 @@ class FakeEngine:
 
     def flush_cache(self):
         self.calls.append(("flush",))
-        return SimpleNamespace(success=True)
+        return SimpleNamespace(success=True, message="")  # sglang's FlushCacheReqOutput
 
     def generate(self, **kwargs):
+        unknown = sorted(set(kwargs) - set(GENERATE_ARGS))
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
+        for sp in kwargs.get("sampling_params") or []:
+            check_sampling_params(sp)
         self.calls.append(("generate",))
         self.generated = kwargs
         return self.outputs
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
 
 
 def make(outputs=None, tp_size=1, **kwargs):
@@ -281,6 +323,10 @@ def test_untempered_logprob_switch_refused_and_no_named_weights(monkeypatch):
     with pytest.raises(ValueError, match="SGLANG_RETURN_ORIGINAL_LOGPROB"):
         make()
     monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB")
+    monkeypatch.setenv("SGL_RETURN_ORIGINAL_LOGPROB", "yes")  # sglang's legacy prefix and EnvBool's "yes"
+    with pytest.raises(ValueError, match="SGL_RETURN_ORIGINAL_LOGPROB"):
+        make()
+    monkeypatch.delenv("SGL_RETURN_ORIGINAL_LOGPROB")
     with pytest.raises(NotImplementedError, match="rollout/logprob_abs_diff"):
         make()[0].named_weights()
 
@@ -326,6 +372,12 @@ def test_from_config_reads_the_skywork_checkpoint_and_builds_a_colocated_engine(
     monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "100")
     with pytest.raises(ValueError, match="SGLANG_VLM_CACHE_SIZE_MB=100"):
         SGLangRolloutEngine.from_config(cfg, str(ckpt), 1, 0, 0)
+    # Importing sglang copies SGL_VLM_CACHE_SIZE_MB over SGLANG_VLM_CACHE_SIZE_MB.
+    monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "0")
+    monkeypatch.setenv("SGL_VLM_CACHE_SIZE_MB", "100")
+    with pytest.raises(ValueError, match="SGL_VLM_CACHE_SIZE_MB=100"):
+        SGLangRolloutEngine.from_config(cfg, str(ckpt), 1, 0, 0)
+    monkeypatch.delenv("SGL_VLM_CACHE_SIZE_MB")
     # A training checkpoint's hf_extra/ (config and tokenizer, no weights): SGLang starts from
     # dummy weights, which the trainer's first full sync replaces.
     extra = tmp_path / "hf_extra"
