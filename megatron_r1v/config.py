@@ -215,6 +215,14 @@ class RewardConfig:
     """How the prompts' images reach the reward-model server: path: their absolute paths (the
     server reads them from a filesystem it shares with the trainer); base64: the files' bytes
     in the request (a server on another machine)."""
+    overlong_buffer_tokens: int = 0
+    """DAPO's soft overlong punishment (Eq. 13; rewards/overlong.py): the buffer L_cache, in
+    tokens, below the response budget L_max = rollout.max_new_tokens. A response of |y|
+    generated tokens (stop token included) gets 0 up to L_max - L_cache, then a linear
+    (L_max - L_cache - |y|) / L_cache down to -1 at L_max, -1 beyond, times
+    overlong_penalty_weight, added to the reward of Eq. 7. 0 turns it off; must be < rollout.max_new_tokens."""
+    overlong_penalty_weight: float = 1.0
+    """Weight of the overlong punishment in the total reward (unused when overlong_buffer_tokens is 0)."""
 
 
 @dataclass

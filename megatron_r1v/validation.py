@@ -75,7 +75,8 @@ def validate_config(cfg: "RunConfig") -> "RunConfig":
     _at_least("train.keep_last", cfg.train.keep_last, 0)
     check_data_config(cfg.data)
     _check_rollout(cfg.rollout, greedy_ok=cfg.train.stage != "grpo")
-    check_reward_config(cfg.reward, has_scorer=True)  # the server URL is a preflight matter
+    # the server URL is a preflight matter
+    check_reward_config(cfg.reward, has_scorer=True, max_new_tokens=cfg.rollout.max_new_tokens)
     check_ssb_config(cfg.ssb)
     _check_grpo(cfg.grpo, cfg.train.seq_length if cfg.train.stage == "grpo" else None)
     _check_mpo(cfg.mpo, cfg.train.seq_length if cfg.train.stage == "mpo" else None)
@@ -177,8 +178,11 @@ def _check_rollout(r: "RolloutConfig", greedy_ok: bool) -> None:
         _at_least("rollout.max_running_requests", r.max_running_requests, 1)
 
 
-def check_reward_config(config: "RewardConfig", has_scorer: bool = False) -> None:
-    """The ``reward.*`` values; without a scorer, a reward-model weight needs the server's URL."""
+def check_reward_config(config: "RewardConfig", has_scorer: bool = False,
+                        max_new_tokens: Optional[int] = None) -> None:
+    """The ``reward.*`` values; without a scorer, a reward-model weight needs the server's URL.
+    ``max_new_tokens`` (``rollout.max_new_tokens``, the overlong punishment's L_max) bounds
+    ``reward.overlong_buffer_tokens`` when given."""
     from megatron_r1v.rewards.hybrid import CALIBRATIONS
 
     for name in ("rule_weight", "format_weight", "model_weight", "model_threshold"):
@@ -197,6 +201,21 @@ def check_reward_config(config: "RewardConfig", has_scorer: bool = False) -> Non
     _at_least("reward.model_batch_size", config.model_batch_size, 1)
     if config.model_image_transport not in ("path", "base64"):
         raise ValueError(f"reward.model_image_transport: {config.model_image_transport!r} is not one of path, base64")
+    _check_overlong(config, max_new_tokens)
+
+
+def _check_overlong(config: "RewardConfig", max_new_tokens: Optional[int]) -> None:
+    """DAPO's overlong punishment: 0 <= reward.overlong_buffer_tokens < rollout.max_new_tokens, a finite weight >= 0."""
+    buffer = config.overlong_buffer_tokens
+    if isinstance(buffer, bool) or not isinstance(buffer, int):
+        raise ValueError(f"reward.overlong_buffer_tokens must be an integer number of tokens, got {buffer!r}")
+    _at_least("reward.overlong_buffer_tokens", buffer, 0)
+    if max_new_tokens is not None and buffer >= max_new_tokens:
+        raise ValueError(f"reward.overlong_buffer_tokens must be < rollout.max_new_tokens={max_new_tokens} "
+                         f"(the punishment starts at max_new_tokens - buffer), got {buffer}")
+    weight = config.overlong_penalty_weight
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"reward.overlong_penalty_weight must be finite and >= 0, got {weight}")
 
 
 def check_ssb_config(config: "SSBConfig") -> None:
@@ -284,7 +303,7 @@ def preflight(cfg: "RunConfig") -> None:
     _check_tiler_installed(cfg.data)
     check_model_on_machine(cfg.model, cfg.parallel, device_type=_device_type())
     if cfg.train.stage == "grpo":
-        check_reward_config(cfg.reward)
+        check_reward_config(cfg.reward, max_new_tokens=cfg.rollout.max_new_tokens)
         if cfg.rollout.engine == "sglang":
             _check_sglang(cfg)
         _check_reward_server(cfg.reward)

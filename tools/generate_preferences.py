@@ -135,13 +135,16 @@ class PromptScores(PromptSamples):
 
 
 def score_groups(reward: Any, template: Any, records: Sequence[Any],
-                 groups: Sequence[Sequence[Any]]) -> list[PromptScores]:
+                 groups: Sequence[Sequence[Any]], max_tokens: Optional[int] = None) -> list[PromptScores]:
     """Scores every ``RolloutSample`` of ``groups`` (``groups[i]`` answers ``records[i]``) in one
     ``score_batch`` call, so the reward model gets the batch's items together. The reward gets
     the decoded text as sampled, closing token included, as in GRPO (``HybridReward.reply_end``
-    keeps that token from the reward model)."""
+    keeps that token from the reward model). ``max_tokens``: the response budget, for DAPO's
+    overlong term (``reward.overlong_buffer_tokens``), as GRPO scores it."""
     flat_records = [record for record, group in zip(records, groups, strict=True) for _ in group]
-    terms = reward.score_batch(flat_records, [s.text for group in groups for s in group])
+    samples = [s for group in groups for s in group]
+    terms = reward.score_batch(flat_records, [s.text for s in samples],
+                               lengths=[len(s.response_ids) for s in samples], max_tokens=max_tokens)
     lines, at = [], 0
     for record, group in zip(records, groups):
         samples = []
@@ -296,7 +299,7 @@ def generate_preferences(args: argparse.Namespace, progress: Callable[[str], Non
     reward = HybridReward.from_config(config, think_opened_by_prompt=run.think_opened, scorer=scorer,
                                       reply_end=template.format.reply_end)
     sample_batches(run, args, Path(args.out), results,
-                   lambda records, groups: score_groups(reward, template, records, groups),
+                   lambda records, groups: score_groups(reward, template, records, groups, args.max_new_tokens),
                    _reward_so_far(args.margin_threshold), progress)
     summary_settings = {**settings, "reward_model_url": config.reward_model_url if config.model_weight else None}
     return write_outputs(run.records, results, args, summary_settings, run.think_opened, progress)

@@ -34,6 +34,11 @@ The reward model judges a :class:`RewardItem` per completion: the record's quest
 paths, ``PromptRecord.images``), so an image-aware model sees the image it judges. The
 policy's reply-closing marker at the end of a completion (``<|im_end|>`` when sampling
 stopped on it; ``reply_end``) is cut off first: the reward model renders its own turn end.
+
+With ``reward.overlong_buffer_tokens`` L_cache > 0, DAPO's soft overlong punishment (Eq. 13,
+:mod:`.overlong`) is added to the total: r(x, y_i) + w_overlong * R_length(y_i), with L_max
+the token budget the responses were sampled with and |y_i| their generated token counts
+(both passed to :meth:`HybridReward.score_batch`). Off (the default), totals are exactly Eq. 7's.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from megatron_r1v.data.schema import PromptRecord
 from megatron_r1v.validation import check_reward_config
 
 from .format import check_format, extract_answer
+from .overlong import overlong_penalty
 from .protocol import RewardItem, RewardScorer
 from .reward_model import RewardModelClient
 from .rule import DEFAULT_TIMEOUT_S, rule_reward
@@ -75,6 +81,8 @@ class RewardBreakdown:
     """The final \\boxed{} content the rule judged; None when none was found."""
     format_reason: str
     """"ok", or why r_format is 0."""
+    overlong: float = 0.0
+    """DAPO's R_length (Eq. 13, unweighted, in [-1, 0]); 0.0 when the punishment is off."""
 
 
 def calibrate(score: float, mode: str, threshold: float) -> float:
@@ -122,9 +130,15 @@ class HybridReward:
     one trailing occurrence is removed from what the reward model judges. None: nothing."""
     rule_timeout_s: Optional[int] = DEFAULT_TIMEOUT_S
     """math-verify's timeout (main thread only; see rule.py)."""
+    overlong_buffer_tokens: int = 0
+    """L_cache of DAPO's overlong punishment (``reward.overlong_buffer_tokens``); 0: off."""
+    overlong_penalty_weight: float = 1.0
+    """Its weight in the total (``reward.overlong_penalty_weight``)."""
 
     def __post_init__(self) -> None:
         calibrate(0.0, self.model_calibration, self.model_threshold)  # rejects an unknown mode now
+        if self.overlong_buffer_tokens < 0:
+            raise ValueError(f"overlong_buffer_tokens must be >= 0, got {self.overlong_buffer_tokens}")
         if self.model_weight != 0 and self.scorer is None:
             raise ValueError(f"model_weight={self.model_weight:g} needs a reward-model scorer")
 
@@ -142,6 +156,8 @@ class HybridReward:
             rule_weight=config.rule_weight, format_weight=config.format_weight, model_weight=config.model_weight,
             model_calibration=config.model_calibration, model_threshold=config.model_threshold, scorer=scorer,
             think_opened_by_prompt=think_opened_by_prompt, reward_item=reward_item, reply_end=reply_end,
+            overlong_buffer_tokens=config.overlong_buffer_tokens,
+            overlong_penalty_weight=config.overlong_penalty_weight,
         )
 
     def combine(self, rule: float, fmt: float, model: float) -> float:
@@ -154,13 +170,31 @@ class HybridReward:
             return completion[:-len(self.reply_end)]
         return completion
 
-    def score_batch(self, prompts: Sequence[PromptRecord], completions: Sequence[str]) -> list[RewardBreakdown]:
+    def overlong_terms(self, count: int, lengths: Optional[Sequence[int]],
+                       max_tokens: Optional[int]) -> Optional[list[float]]:
+        """R_length (DAPO Eq. 13) of each response; None when the punishment is off."""
+        if self.overlong_buffer_tokens == 0:
+            return None
+        if lengths is None or max_tokens is None:
+            raise ValueError(f"overlong_buffer_tokens={self.overlong_buffer_tokens} needs the responses' "
+                             "token counts (lengths) and the token budget (max_tokens) in score_batch")
+        if len(lengths) != count:
+            raise ValueError(f"score_batch: {len(lengths)} lengths for {count} completions")
+        return [overlong_penalty(n, max_tokens, self.overlong_buffer_tokens) for n in lengths]
+
+    def score_batch(self, prompts: Sequence[PromptRecord], completions: Sequence[str],
+                    lengths: Optional[Sequence[int]] = None,
+                    max_tokens: Optional[int] = None) -> list[RewardBreakdown]:
         """One :class:`RewardBreakdown` per completion; ``prompts[i]`` is the prompt of ``completions[i]``.
 
+        ``lengths[i]``: the generated token count of ``completions[i]`` (the rollout sample's
+        ``response_ids``, stop token included); ``max_tokens``: the budget it was sampled with
+        (``rollout.max_new_tokens``). Both are needed only with the overlong punishment on.
         Raises RewardServerError when the reward model is on and its server stays down.
         """
         if len(prompts) != len(completions):
             raise ValueError(f"score_batch: {len(prompts)} prompts but {len(completions)} completions")
+        overlong = self.overlong_terms(len(completions), lengths, max_tokens)
         model_raw: list[Optional[float]] = [None] * len(completions)
         if self.model_weight != 0 and completions:
             assert self.scorer is not None
@@ -170,14 +204,18 @@ class HybridReward:
                 raise RuntimeError(f"reward model returned {len(scores)} scores for {len(items)} items")
             model_raw = list(scores)
         results = []
-        for prompt, completion, raw in zip(prompts, completions, model_raw):
+        for i, (prompt, completion, raw) in enumerate(zip(prompts, completions, model_raw)):
             fmt = check_format(completion, self.think_opened_by_prompt)
             answer = extract_answer(completion)
             rule = rule_reward(answer, prompt.answer, prompt.answer_type, prompt.choices,
                                timeout_s=self.rule_timeout_s)
             model = 0.0 if raw is None else calibrate(raw, self.model_calibration, self.model_threshold)
+            total, length_term = self.combine(rule, fmt.score, model), 0.0
+            if overlong is not None:  # off: the total stays exactly Eq. 7's
+                length_term = overlong[i]
+                total += self.overlong_penalty_weight * length_term
             results.append(RewardBreakdown(
-                total=self.combine(rule, fmt.score, model), rule=rule, format=fmt.score, model=model,
-                model_raw=raw, parsed_answer=answer, format_reason=fmt.reason,
+                total=total, rule=rule, format=fmt.score, model=model, model_raw=raw, parsed_answer=answer,
+                format_reason=fmt.reason, overlong=length_term,
             ))
         return results

@@ -128,7 +128,8 @@ def filter_prompts(
         requests = [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in chunk]
         groups = engine.generate(requests, params)
         for item, group in zip(chunk, groups):
-            scores = reward.score_batch([item.record] * len(group), [s.text for s in group])
+            scores = reward.score_batch([item.record] * len(group), [s.text for s in group],
+                                        lengths=[len(s.response_ids) for s in group], max_tokens=params.max_new_tokens)
             rewards_sum += sum(s.total for s in scores)
             accuracy_sum += sum(s.rule for s in scores)
             verdict = classify_group(scores, min_reward_std)

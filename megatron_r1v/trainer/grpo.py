@@ -52,6 +52,7 @@ from megatron_r1v.trainer.grpo_batch import (
     StepSums,
     engine_correction,
     fresh_ssb_groups,
+    overlong_sum,
     pack_rows,
     per_sample,
     train_samples,
@@ -238,14 +239,19 @@ class GRPOTrainer:
         return [self._score(item, responses) for item, responses in zip(items, rollouts, strict=True)]
 
     def _score(self, item: PromptItem, responses: list) -> ScoredGroup:
-        terms = self.reward.score_batch([item.record] * len(responses), [s.text for s in responses])
+        # |y| of DAPO's overlong punishment: the generated token ids, stop token included.
+        response_ids = [np.asarray(s.response_ids.tolist(), dtype=np.int64) for s in responses]
+        terms = self.reward.score_batch([item.record] * len(responses), [s.text for s in responses],
+                                        lengths=[len(r) for r in response_ids],
+                                        max_tokens=self.cfg.rollout.max_new_tokens)
         return ScoredGroup(
-            response_ids=[np.asarray(s.response_ids.tolist(), dtype=np.int64) for s in responses],
+            response_ids=response_ids,
             engine_logprobs=[np.asarray(s.logprobs.float().tolist(), dtype=np.float32) for s in responses],
             rewards={"total": np.array([t.total for t in terms], dtype=np.float64),
                      "rule": np.array([t.rule for t in terms], dtype=np.float64),
                      "format": np.array([t.format for t in terms], dtype=np.float64),
-                     "model": np.array([t.model for t in terms], dtype=np.float64)})
+                     "model": np.array([t.model for t in terms], dtype=np.float64),
+                     "overlong": np.array([t.overlong for t in terms], dtype=np.float64)})
 
     def _assemble(self, items: list[PromptItem], groups: list[ScoredGroup], step: int) -> StepBatch:
         """Advantages (Eq. 6), the SSB plan (collective over DP), the samples and packed rows
@@ -332,16 +338,20 @@ class GRPOTrainer:
         ctx = self.ctx
         # Rewards are the same on every rank of a replica and the entropy on every TP rank
         # of the last stage: one rank of each contributes, then one sum over the world.
+        overlong = 0.0
         if ctx.tp_rank == 0 and ctx.is_first_stage:
             sums.add_rewards(groups)
+            overlong = overlong_sum(groups)
         if not (ctx.tp_rank == 0 and ctx.is_last_stage):
             sums.entropy_sum = sums.entropy_tokens = sums.gap_sum = sums.gap_tokens = 0.0
             sums.tis_sum = sums.tis_truncated = 0.0
-        t = StepSums.from_list(sum_over_world(sums.as_list()))
+        *values, overlong = sum_over_world(sums.as_list() + [overlong])
+        t = StepSums.from_list(values)
         count, fresh_tokens = max(t.responses, 1.0), max(t.gap_tokens, 1.0)
         metrics = {
             "train/reward_mean": t.reward_total / count, "train/accuracy": t.reward_rule / count,
             "train/format_reward": t.reward_format / count, "train/rm_reward": t.reward_model / count,
+            "reward/overlong_penalty": overlong / count,
             "train/grpo_loss": result.loss, "train/kl": result.kl or 0.0, "train/clip_fraction": result.clip_fraction,
             "train/entropy": t.entropy_sum / max(t.entropy_tokens, 1.0), "train/response_length":
                 t.response_tokens / count, "train/grad_norm": float(grad_norm or 0.0),

@@ -38,7 +38,7 @@ class ScoredGroup:
     engine_logprobs: list[np.ndarray]
     """G arrays [R_i] float32: the rollout engine's log-probs of those tokens."""
     rewards: dict[str, np.ndarray]
-    """``REWARD_TERMS`` -> [G] float64."""
+    """``REWARD_TERMS`` -> [G] float64; GRPO's fresh groups add "overlong" (DAPO's R_length, unweighted)."""
 
     def advantages(self, min_reward_std: float = 0.0, std_normalize: bool = True) -> np.ndarray:
         """Eq. 6 over the group's total rewards ([G] float32): zeros for a group that is flat
@@ -117,6 +117,12 @@ class StepSums:
             setattr(self, f"reward_{term}", getattr(self, f"reward_{term}") + total)
         self.responses += sum(len(group.response_ids) for group in groups)
         self.response_tokens += sum(len(r) for group in groups for r in group.response_ids)
+
+
+def overlong_sum(groups: Sequence[ScoredGroup]) -> float:
+    """Sum of DAPO's R_length (unweighted) over the groups' responses. Not a REWARD_TERMS entry
+    (SSB stores keep their keys): a group scored without it (the SSB pool's) adds 0."""
+    return sum(sum(g.rewards["overlong"].tolist()) for g in groups if "overlong" in g.rewards)
 
 
 def encode_response(sample_id: str, token_ids: torch.Tensor, prompt_len: int, loss_mask: Optional[np.ndarray],

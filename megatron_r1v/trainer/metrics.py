@@ -27,7 +27,7 @@ MPO_TAGS = (
 )
 GRPO_TAGS = (
     "train/reward_mean", "train/accuracy", "train/format_reward", "train/rm_reward", "train/grpo_loss", "train/kl",
-    "train/clip_fraction", "train/entropy", "train/response_length", "train/grad_norm",
+    "train/clip_fraction", "train/entropy", "train/response_length", "train/grad_norm", "reward/overlong_penalty",
     "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size", "ssb/reused_groups",
     "ssb/reused_samples", "ssb/aged_out", "rollout/logprob_abs_diff",
     "perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/weight_sync_time_s", "perf/data_time_s",

@@ -308,6 +308,40 @@ def test_from_config():
     assert reward.score_batch([prompt()], [GOOD])[0].total == 1.0 + 3.0 + 1.0
 
 
+def test_overlong_penalty_is_added_with_its_weight():
+    # DAPO Eq. 13 with L_max = 100, L_cache = 20, weight 0.5, on a right, well-formed answer
+    # (rule 1 + format 1 = 2): |y| = 80 -> 0, 90 -> -0.5, 100 -> -1, 120 (over) -> -1.
+    reward = HybridReward.from_config(RewardConfig(overlong_buffer_tokens=20, overlong_penalty_weight=0.5))
+    out = reward.score_batch([prompt()] * 4, [GOOD] * 4, lengths=[80, 90, 100, 120], max_tokens=100)
+    assert [r.overlong for r in out] == [0.0, -0.5, -1.0, -1.0]
+    assert [r.total for r in out] == [2.0, 2.0 - 0.25, 2.0 - 0.5, 2.0 - 0.5]
+    assert [(r.rule, r.format, r.model) for r in out] == [(1.0, 1.0, 0.0)] * 4
+    # With the reward model and the other weights: added after Eq. 7.
+    reward = HybridReward(format_weight=0.5, model_weight=2.0, scorer=FixedScorer([0.25]), overlong_buffer_tokens=4)
+    (r,) = reward.score_batch([prompt()], [GOOD], lengths=[7], max_tokens=8)
+    assert (r.overlong, r.total) == (-0.75, 1.0 + 0.5 + 2 * 0.25 - 0.75)
+    # On, it needs the lengths and the budget, one length per completion.
+    with pytest.raises(ValueError, match="overlong_buffer_tokens=4 needs the responses' token counts"):
+        reward.score_batch([prompt()], [GOOD])
+    with pytest.raises(ValueError, match="2 lengths for 1 completions"):
+        reward.score_batch([prompt()], [GOOD], lengths=[1, 2], max_tokens=8)
+    with pytest.raises(ValueError, match=r"buffer must be in \[0, max_tokens=4\)"):
+        reward.score_batch([prompt()], [GOOD], lengths=[1], max_tokens=4)
+
+
+def test_overlong_off_is_bit_identical():
+    # Default off: the totals are Eq. 7's, bit for bit, whatever the lengths (even past L_max).
+    completions = [GOOD, GOOD.replace("\\boxed{7}", "\\boxed{6}"), "<think>" + GOOD]
+    kwargs = dict(rule_weight=1.0, format_weight=0.3, model_weight=-0.7, model_calibration="sigmoid",
+                  model_threshold=0.1)
+    before = HybridReward(scorer=FixedScorer([0.3, -1.1, 2.7]), **kwargs).score_batch([prompt()] * 3, completions)
+    off = HybridReward(scorer=FixedScorer([0.3, -1.1, 2.7]), overlong_penalty_weight=3.0, **kwargs)
+    after = off.score_batch([prompt()] * 3, completions, lengths=[10, 5000, 10**6], max_tokens=100)
+    assert [r.total.hex() for r in after] == [r.total.hex() for r in before]
+    assert after == before and all(r.overlong == 0.0 for r in after)
+    assert HybridReward.from_config(RewardConfig()).overlong_buffer_tokens == 0
+
+
 @pytest.mark.parametrize(
     "fields,message",
     [
@@ -318,6 +352,8 @@ def test_from_config():
         ({"model_batch_size": 0}, r"reward\.model_batch_size must be >= 1"),
         ({"rule_weight": float("nan")}, r"reward\.rule_weight must be finite"),
         ({"model_image_transport": "ftp"}, r"reward\.model_image_transport: 'ftp' is not one of path, base64"),
+        ({"overlong_buffer_tokens": -2}, r"reward\.overlong_buffer_tokens must be >= 0, got -2"),
+        ({"overlong_penalty_weight": -1.0}, r"reward\.overlong_penalty_weight must be finite and >= 0"),
     ],
 )
 def test_config_errors_name_the_key(fields, message):
