@@ -79,7 +79,15 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size."""
     cp: int = 1
-    """Context-parallel size (must be 1 on CPU)."""
+    """Context-parallel size: each packed row is split over cp ranks for long responses
+    (models/r1v/context_parallel.py). cp > 1 needs CUDA and Transformer Engine's attention
+    (model.backend te or auto on a GPU with TE); every sample is padded to a multiple of 2*cp
+    (2*cp*tp with sequence_parallel), and with pp > 1 the stage's micro_batch_tokens must be a
+    multiple of that. Must be 1 on CPU."""
+    cp_comm_type: Literal["p2p", "all_gather", "a2a"] = "p2p"
+    """How TE's attention exchanges keys and values between CP ranks: p2p (ring, overlapped with
+    compute), all_gather, or a2a (Ulysses-style; needs the attention heads and query groups per TP
+    rank divisible by cp)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1)."""
     timeout_minutes: int = 30
@@ -303,6 +311,29 @@ class GRPOConfig:
     """Token budget of one packed micro-batch (first-fit decreasing); >= train.seq_length."""
     ppo_epochs: int = 1
     """Optimizer steps per rollout batch, each over all its micro-batches (old log-probs stay fixed)."""
+    kl_placement: Literal["loss", "reward"] = "loss"
+    """Where kl_beta's KL to the initial policy enters: loss, Eq. 8's per-token beta KL term (the report's);
+    reward, verl's use_kl_in_reward (InstructGPT's KL-shaped reward): each fresh response's reward becomes
+    r - kl_beta sum_t KL_t (policy before the update vs reference, estimator kl_estimator, log-ratio clamped
+    to +-20 as in the loss), Eq. 6's advantages and the effective-group criterion use the shaped rewards,
+    and the loss has no KL term. Costs a forward pass of the policy and one of the reference over the
+    fresh responses before the advantages. Reused SSB groups keep their stored advantages. Needs
+    kl_beta > 0; logs train/kl_penalty (mean beta sum_t KL_t per response; train/kl is then the fresh
+    tokens' mean KL). losses/kl_reward.py."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476, Sec. 3.2), an alternative to the SSB
+    top-up for its ablation: groups that fail the effective-group criterion (ssb.min_reward_std, on the
+    task rewards: kl_placement reward shapes them after the rounds) are dropped after each rollout round
+    and another prompts_per_step prompts are drawn and rolled out until prompts_per_step effective groups
+    are collected over all data-parallel ranks, or dynamic_sampling_max_rounds rounds were run (then the
+    step trains on what it has and says so). A
+    surplus of the last round is cut evenly over the DP ranks (trainer/grpo_batch.dynamic_sampling_quota);
+    a rank left with no group keeps its first one (zero advantages) so that it can run the schedule. The
+    data cursor advances by every prompt drawn. Excludes the SSB top-up: needs ssb.enabled false or
+    ssb.target_effective_ratio 0. Logs dynamic_sampling/rounds and dynamic_sampling/kept_fraction
+    (kept / drawn groups)."""
+    dynamic_sampling_max_rounds: int = 3
+    """Rollout rounds per step at most with dynamic_sampling (>= 1), each of prompts_per_step prompts."""
 
 
 @dataclass

@@ -58,6 +58,12 @@ reports the worst one) it adds:
     ``disable_parameter_transpose_cache``, so the cache lives as long as the modules,
     through the rollout too. A one-layer transient (the gradients of the layer in
     backward) is added on top. Per-token scalars (rstd, logsumexp) are neglected.
+    Context parallelism (``parallel.cp``): the decoder and the loss see ``micro_batch_tokens /
+    cp`` tokens per rank (the load-balanced split of ``models.r1v.context_parallel``; its
+    per-sample padding to 2*cp is counted in the budget by the packer), while InternViT and
+    the adapter encode every tile on every CP rank (the split follows the image scatter).
+    TE's attention adds, for one layer at a time, the key/value exchange buffers of
+    :func:`cp_exchange_bytes`.
 (e) GRPO with colocated SGLang (``rollout.engine=sglang``): an engine per DP replica on
     the GPUs of its first stage's TP group, tp = ``parallel.tp``, holding the whole model
     in bf16 / tp; its static pool = engine weights + KV cache of
@@ -245,6 +251,26 @@ def vision_layer_bytes(arch: R1VArch, a: _Act, tokens: int, trainable: bool) -> 
     return per_token * tokens
 
 
+def cp_exchange_bytes(arch: R1VArch, a: _Act, local_tokens: int, cp: int, comm_type: str) -> float:
+    """Transient bytes of one layer's context-parallel attention on one rank (``local_tokens``
+    = the rank's share of the row). K and V of a token take ``2 * e * kv_width / t`` bytes.
+    ``p2p`` (TE's ring): backward holds two K/V blocks in flight (double buffering) and two
+    dK/dV blocks, of ``local_tokens`` each (the forward's two K/V blocks are fewer).
+    ``all_gather``: the whole row's K and V and their gradients (``cp * local_tokens``).
+    ``a2a``: Q, K, V and the output re-laid across ranks, sent and received copies."""
+    if cp == 1:
+        return 0.0
+    d = arch.decoder
+    kv = 2 * a.e * d.num_query_groups * d.head_dim / a.tp
+    if comm_type == "p2p":
+        return 4 * kv * local_tokens
+    if comm_type == "all_gather":
+        return 2 * kv * cp * local_tokens
+    if comm_type == "a2a":
+        return 2 * (kv + 2 * a.e * d.num_attention_heads * d.head_dim / a.tp) * local_tokens
+    raise ValueError(f"parallel.cp_comm_type must be p2p, all_gather or a2a, got {comm_type!r}")
+
+
 def _block(cfg: RunConfig, layers: int, full: float, ckpt: float) -> tuple[float, float]:
     """(saved bytes per micro-batch, recompute working set) of ``layers`` layers of ``full`` bytes."""
     m = cfg.model
@@ -285,6 +311,8 @@ def stage_activations(cfg: RunConfig, pp_rank: int, tiles: int) -> tuple[dict[st
     ckpt = a.e * tokens * h / r
     saved, working = _block(cfg, arch.decoder.num_layers // p.pp, layer, ckpt)
     out = {"decoder": in_flight * saved, "working": working + layer}
+    if p.cp > 1:
+        out["cp_exchange"] = cp_exchange_bytes(arch, a, tokens, p.cp, p.cp_comm_type)
     out["pipeline"] = in_flight * a.e * tokens * h / r if p.pp > 1 and pp_rank < p.pp - 1 else 0.0
     if pp_rank == 0 and arch.vision is not None:
         v_tokens = tiles * arch.vision.num_positions

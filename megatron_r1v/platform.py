@@ -126,11 +126,22 @@ class ParallelContext:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
-    """Data-parallel group (with CP folded in, as Megatron's grad reduction uses)."""
+    """Data-parallel group: ranks that see different data (CP peers, which hold the same
+    micro-batches, are not in it; Megatron's DDP reduces gradients over DP x CP itself)."""
     device: torch.device
     backend: str
     env: LaunchEnv
     cpu_mode: Optional[CpuMode] = None
+    cp_group: Optional[dist.ProcessGroup] = None
+    """Context-parallel group: the ranks that split each packed row (``models.r1v.context_parallel``)."""
+    dp_cp_group: Optional[dist.ProcessGroup] = None
+    """Data-parallel group with CP folded in (what Megatron's gradient reduction uses)."""
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's index among the ranks holding the same model shard (DP x CP); 0 is
+        the main replica, the one that writes replicated checkpoint tensors."""
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -165,11 +176,13 @@ def context_from_parallel_state(parallel: ParallelConfig, env: LaunchEnv, device
         dp_rank=parallel_state.get_data_parallel_rank(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
-        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        dp_group=parallel_state.get_data_parallel_group(),
         device=device,
         backend=backend,
         env=env,
         cpu_mode=cpu_mode,
+        cp_group=parallel_state.get_context_parallel_group(),
+        dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
 
 

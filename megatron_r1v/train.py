@@ -129,7 +129,7 @@ def _train(cfg: RunConfig, args: argparse.Namespace, stopper) -> int:
 
     progress, ctx = _Progress(cfg), None
     try:
-        trainer, ctx = build_trainer(cfg)
+        trainer, ctx = build_trainer(cfg, _init_layout(cfg) if args.resume else None)
         stopper.rank = ctx.rank
         scheduler = _resume(cfg, args, trainer, ctx, progress)
         _loop(cfg, args, trainer, ctx, stopper, scheduler, progress)
@@ -144,6 +144,14 @@ def _train(cfg: RunConfig, args: argparse.Namespace, stopper) -> int:
         if ctx is not None:
             destroy_distributed(ctx)
     return 0
+
+
+def _init_layout(cfg: RunConfig) -> Optional[dict]:
+    """The TP/PP at which the newest checkpoint's run drew its random initial weights."""
+    from megatron_r1v.trainer.checkpoint import init_layout, latest_checkpoint
+
+    latest = latest_checkpoint(cfg.train.save_dir)
+    return init_layout(latest) if latest is not None else None
 
 
 def _resume(cfg: RunConfig, args: argparse.Namespace, trainer, ctx, progress: "_Progress"):

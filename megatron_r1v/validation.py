@@ -67,6 +67,7 @@ def _within(key: str, value: float, low: float, high: float, *, open_low: bool =
 def validate_config(cfg: "RunConfig") -> "RunConfig":
     """Checks every value of ``cfg`` and how they fit together; returns it (module docstring)."""
     _check_parallel(cfg.parallel)
+    _check_context_parallel(cfg)
     _check_model(cfg.model, cfg.parallel)
     _check_optimizer(cfg.optimizer, cfg.train.steps)
     _at_least("train.steps", cfg.train.steps, 1)
@@ -78,7 +79,7 @@ def validate_config(cfg: "RunConfig") -> "RunConfig":
     # the server URL is a preflight matter
     check_reward_config(cfg.reward, has_scorer=True, max_new_tokens=cfg.rollout.max_new_tokens)
     check_ssb_config(cfg.ssb)
-    _check_grpo(cfg.grpo, cfg.train.seq_length if cfg.train.stage == "grpo" else None)
+    _check_grpo(cfg.grpo, cfg.train.seq_length if cfg.train.stage == "grpo" else None, cfg.ssb)
     _check_mpo(cfg.mpo, cfg.train.seq_length if cfg.train.stage == "mpo" else None)
     _check_sft(cfg.sft, cfg.train.seq_length if cfg.train.stage == "sft" else None)
     _check_logging(cfg.logging)
@@ -91,6 +92,53 @@ def _check_parallel(p: "ParallelConfig") -> None:
     if p.sequence_parallel and p.tp == 1:
         raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
     _at_least("parallel.timeout_minutes", p.timeout_minutes, 1)
+    if p.cp_comm_type not in CP_COMM_TYPES:
+        raise ValueError(f"parallel.cp_comm_type must be one of {CP_COMM_TYPES}, got {p.cp_comm_type!r}")
+
+
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
+
+
+def _check_context_parallel(cfg: "RunConfig") -> None:
+    """``parallel.cp`` > 1: Transformer Engine's attention, and token budgets that hold the
+    2*cp padding of every sample (``models.r1v.context_parallel``)."""
+    from megatron_r1v.models.r1v.context_parallel import cp_token_multiple, padded_length
+
+    p = cfg.parallel
+    if p.cp == 1:
+        return
+    if cfg.model.backend == "local":
+        raise ValueError(f"parallel.cp={p.cp} needs Transformer Engine's attention: set model.backend=te (or auto "
+                         "on a GPU with Transformer Engine); the local backend has no context parallelism")
+    multiple = cp_token_multiple(p.cp, p.tp, p.sequence_parallel)
+    stage = cfg.train.stage
+    if stage == "grpo" and cfg.grpo.importance_level == "sequence":
+        # GSPO's ratio averages over whole responses, which CP ranks hold in parts (trainer/grpo_step.py
+        # would need those per-response sums over the CP group): refused rather than silently per-part.
+        raise ValueError(f"grpo.importance_level=sequence is not supported with parallel.cp={p.cp} yet; "
+                         "use grpo.importance_level=token or parallel.cp=1")
+    budget = {"grpo": cfg.grpo, "mpo": cfg.mpo, "sft": cfg.sft}[stage].micro_batch_tokens
+    what = f"parallel.cp={p.cp} pads every sample to a multiple of {multiple} (2*cp" + (
+        "*tp with parallel.sequence_parallel)" if p.sequence_parallel else ")")
+    if p.pp > 1 and budget % multiple:
+        raise ValueError(f"{stage}.micro_batch_tokens ({budget}) must be a multiple of {multiple} with "
+                         f"parallel.pp > 1: {what} and pipeline stages exchange rows of one length")
+    per_row = 2 if stage == "mpo" else 1  # an MPO row holds a pair
+    need = per_row * padded_length(cfg.train.seq_length, multiple)
+    if budget < need:
+        raise ValueError(f"{stage}.micro_batch_tokens ({budget}) must be >= {need}: {what}, and a row must hold "
+                         f"{'a pair of' if per_row == 2 else 'one'} train.seq_length={cfg.train.seq_length} sample(s)")
+
+
+def check_context_parallel_arch(arch, p: "ParallelConfig") -> None:
+    """``parallel.cp_comm_type=a2a`` scatters attention heads over the CP ranks: the heads and
+    query groups of one TP rank must divide by ``parallel.cp``."""
+    if p.cp == 1 or p.cp_comm_type != "a2a":
+        return
+    heads, groups = arch.decoder.num_attention_heads // p.tp, arch.decoder.num_query_groups // p.tp
+    if heads % p.cp or groups % p.cp:
+        raise ValueError(f"parallel.cp_comm_type=a2a: the {heads} attention heads and {groups} query groups per TP "
+                         f"rank must divide by parallel.cp={p.cp} (use cp_comm_type p2p)")
 
 
 def _check_model(m: "ModelConfig", p: "ParallelConfig") -> None:
@@ -99,7 +147,9 @@ def _check_model(m: "ModelConfig", p: "ParallelConfig") -> None:
     # The architecture as far as the config tells here (the checkpoint's record when it is on
     # this machine, else the preset); the preflight requires one (trainer/arch.py).
     if m.preset is not None or has_checkpoint_record(m):
-        resolve_arch(m, missing_checkpoint_ok=True).check_parallel(p.tp, p.pp, where=describe(m))
+        arch = resolve_arch(m, missing_checkpoint_ok=True)
+        arch.check_parallel(p.tp, p.pp, where=describe(m))
+        check_context_parallel_arch(arch, p)
     _at_least("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, 1)
     _at_least("model.vocab_pad_tp", m.vocab_pad_tp, 1)
     _at_least("model.recompute_num_layers", m.recompute_num_layers, 1)
@@ -242,7 +292,8 @@ def _check_min_reward_std(value: object) -> None:
                          f"are ineffective), got {value!r}")
 
 
-def _check_grpo(g: "GRPOConfig", seq_length: Optional[int]) -> None:
+def _check_grpo(g: "GRPOConfig", seq_length: Optional[int], ssb: Optional["SSBConfig"] = None) -> None:
+    _check_grpo_switches(g, ssb)
     _at_least("grpo.prompts_per_step", g.prompts_per_step, 1)
     _within("grpo.clip_low", g.clip_low, 0.0, 1.0, open_high=True)
     _at_least("grpo.clip_high", g.clip_high, 0.0)
@@ -256,6 +307,21 @@ def _check_grpo(g: "GRPOConfig", seq_length: Optional[int]) -> None:
     if seq_length is not None and g.micro_batch_tokens < seq_length:
         raise ValueError(f"grpo.micro_batch_tokens ({g.micro_batch_tokens}) must be >= train.seq_length "
                          f"({seq_length}): a sample must fit one micro-batch")
+
+
+def _check_grpo_switches(g: "GRPOConfig", ssb: Optional["SSBConfig"]) -> None:
+    """``grpo.kl_placement`` and ``grpo.dynamic_sampling`` with the keys they depend on."""
+    if g.kl_placement not in ("loss", "reward"):  # a config built in code skips the loader's Literal check
+        raise ValueError(f"grpo.kl_placement must be 'loss' or 'reward', got {g.kl_placement!r}")
+    if g.kl_placement == "reward" and not g.kl_beta > 0:
+        raise ValueError(f"grpo.kl_placement=reward needs grpo.kl_beta > 0 (the KL penalty's weight in the "
+                         f"reward), got grpo.kl_beta={g.kl_beta}")
+    _at_least("grpo.dynamic_sampling_max_rounds", g.dynamic_sampling_max_rounds, 1)
+    if g.dynamic_sampling and ssb is not None and ssb.enabled and ssb.target_effective_ratio > 0:
+        raise ValueError("grpo.dynamic_sampling=true and the SSB top-up (ssb.enabled=true with "
+                         f"ssb.target_effective_ratio={ssb.target_effective_ratio:g}) are alternatives for the same "
+                         "ablation: set ssb.enabled=false (or ssb.target_effective_ratio=0), or grpo.dynamic_sampling"
+                         "=false")
 
 
 def _check_mpo(m: "MPOConfig", seq_length: Optional[int]) -> None:
@@ -379,6 +445,9 @@ def check_model_on_machine(model: "ModelConfig", parallel: "ParallelConfig", dev
         raise ValueError("parallel.sequence_parallel needs Transformer Engine layers (model.backend=te)")
     if device_type == "cpu" and parallel.cp != 1:
         raise ValueError(f"parallel.cp={parallel.cp}: context parallelism needs CUDA; use cp=1 on CPU")
+    if device_type == "cuda" and parallel.cp != 1 and backend != "te":
+        raise ValueError(f"parallel.cp={parallel.cp} needs Transformer Engine's attention, but model.backend="
+                         f"{model.backend} resolved to {backend!r} (set model.backend=te with the [gpu] extra)")
     check_fp8(model.fp8, backend)
     return backend
 

@@ -107,8 +107,9 @@ def save_fragments_streaming(
     dist_checkpointing.save(state, directory, sharded_strategy=StreamingSaveStrategy(produce))
 
 
-def load_into(state: dict[str, ShardedTensor], views: dict[str, torch.Tensor], directory: str) -> None:
-    """Loads the fragments of ``state`` from ``directory`` and copies them into ``views``.
+def load_into(state: dict[str, ShardedTensor], views: dict[str, torch.Tensor], directory: str) -> dict:
+    """Loads the fragments of ``state`` from ``directory`` and copies them into ``views``;
+    returns what Megatron's loader returned (with the checkpoint's common, non-tensor part).
 
     Loading goes through fresh contiguous buffers in the checkpoint's dtype, so parameter
     views that are not contiguous (per-head columns) receive exactly what was saved, and a
@@ -126,6 +127,7 @@ def load_into(state: dict[str, ShardedTensor], views: dict[str, torch.Tensor], d
     with torch.no_grad():
         for dict_key, view in views.items():
             view.copy_(loaded[dict_key])
+    return loaded
 
 
 def model_fragments(
@@ -150,11 +152,12 @@ def load_model_checkpoint(model, stage_maps, spec, ctx, directory: str, *, verif
         from megatron_r1v.checkpoint.manifest import verify as verify_manifest
 
         verify_manifest(directory)
-    state, views = model_fragments(model, stage_maps, spec, tp=ctx.tp, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank)
+    state, views = model_fragments(model, stage_maps, spec, tp=ctx.tp, tp_rank=ctx.tp_rank,
+                                   dp_rank=ctx.replica_rank)
     load_into(state, views, directory)
 
 
 def save_model_checkpoint(model, stage_maps, spec, ctx, directory: str) -> None:
     """Writes this rank's parameters (collective over all ranks)."""
-    state, _ = model_fragments(model, stage_maps, spec, tp=ctx.tp, tp_rank=ctx.tp_rank, dp_rank=ctx.dp_rank)
+    state, _ = model_fragments(model, stage_maps, spec, tp=ctx.tp, tp_rank=ctx.tp_rank, dp_rank=ctx.replica_rank)
     save_fragments(state, directory)

@@ -10,6 +10,10 @@ that attention stays within each sample (Transformer Engine's varlen kernel, or
 a row is padded to a fixed length, is a segment of its own. The images are concatenated in
 the order their ``<IMG_CONTEXT>`` tokens appear, which is the order ``R1VModel``
 scatters image features in.
+
+Context parallelism (``parallel.cp``) pads every sample of a row to a multiple of ``2 * cp``
+when it splits the row (``models.r1v.context_parallel``); ``seq_multiple`` makes the packer
+count those padded lengths against the budget, so the padded row still fits it.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def pack_samples(
     pad_id: int,
     pad_to_multiple: int = 1,
     groups: Optional[Sequence[Sequence[int]]] = None,
+    seq_multiple: int = 1,
 ) -> list[PackedMicroBatch]:
     """Packs ``samples`` (with each one's tiles ``[n_tiles, 3, S, S]`` or None) by FFD.
 
@@ -74,8 +79,13 @@ def pack_samples(
     parallelism); padding is a separate segment with no targets. ``groups`` (sample
     indices, each sample in exactly one group) keeps a group in one micro-batch, in its
     order: a loss over a group (MPO's chosen and rejected of a pair) then needs nothing
-    from other micro-batches.
+    from other micro-batches. ``seq_multiple`` (context parallelism: ``2 * cp``, see the module
+    docstring): samples count as their length rounded up to it, and ``pad_to_multiple``
+    applies to the rounded row (it must then be 1 or a multiple of ``seq_multiple``).
     """
+    if seq_multiple < 1 or (pad_to_multiple > 1 and pad_to_multiple % seq_multiple):
+        raise ValueError(f"pad_to_multiple ({pad_to_multiple}) must be 1 or a multiple of seq_multiple "
+                         f"({seq_multiple}, the context-parallel padding of every sample)")
     if len(pixel_values) != len(samples):
         raise ValueError(f"{len(samples)} samples but {len(pixel_values)} pixel_values entries")
     for sample, pixels in zip(samples, pixel_values):
@@ -87,19 +97,27 @@ def pack_samples(
         groups = [[i] for i in range(len(samples))]
     if sorted(i for g in groups for i in g) != list(range(len(samples))):
         raise ValueError(f"groups must hold each of the {len(samples)} sample indices exactly once")
-    bins = first_fit_decreasing([sum(len(samples[i]) for i in g) for g in groups], token_budget,
+    bins = first_fit_decreasing([sum(_rounded(len(samples[i]), seq_multiple) for i in g) for g in groups],
+                                token_budget,
                                 ["+".join(samples[i].sample_id for i in g) for g in groups])
     plan = [[i for g in members for i in groups[g]] for members in bins]
     return [_pack_bin([samples[i] for i in members], [pixel_values[i] for i in members], members, pad_id,
-                      pad_to_multiple) for members in plan]
+                      pad_to_multiple, seq_multiple) for members in plan]
 
 
-def _pack_bin(samples, pixel_values, indices, pad_id: int, pad_to_multiple: int) -> PackedMicroBatch:
+def _rounded(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def _pack_bin(samples, pixel_values, indices, pad_id: int, pad_to_multiple: int,
+              seq_multiple: int = 1) -> PackedMicroBatch:
     ids = [s.input_ids for s in samples]
     labels = [s.labels for s in samples]
     positions = [torch.arange(len(s)) for s in samples]
     lengths = [len(s) for s in samples]
-    pad = -sum(lengths) % pad_to_multiple
+    # With seq_multiple the CP split adds each sample's rounding; the padding segment tops
+    # the rounded row up (it is a multiple of seq_multiple itself, so the split adds nothing to it).
+    pad = -sum(_rounded(n, seq_multiple) for n in lengths) % pad_to_multiple
     if pad:
         ids.append(torch.full((pad,), pad_id, dtype=torch.long))
         labels.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
@@ -119,17 +137,20 @@ def _pack_bin(samples, pixel_values, indices, pad_id: int, pad_to_multiple: int)
     )
 
 
-def pack_pairs(items: Sequence, token_budget: int, pipeline: bool) -> list[PackedMicroBatch]:
+def pack_pairs(items: Sequence, token_budget: int, pipeline: bool, seq_multiple: int = 1) -> list[PackedMicroBatch]:
     """Packs ``data.loader.PairItem`` s, each pair's chosen (sample 2k) and rejected (2k+1)
-    in one row; ``pipeline``: pad every row to the budget (PP needs one shape)."""
+    in one row; ``pipeline``: pad every row to the budget (PP needs one shape);
+    ``seq_multiple``: context parallelism's per-sample padding (:func:`pack_samples`)."""
     samples = [s for it in items for s in (it.chosen, it.rejected)]
     pixels = [it.pixel_values for it in items for _ in range(2)]
     return pack_samples(samples, pixels, token_budget, pad_id=0, pad_to_multiple=token_budget if pipeline else 1,
-                        groups=[[2 * k, 2 * k + 1] for k in range(len(items))])
+                        groups=[[2 * k, 2 * k + 1] for k in range(len(items))], seq_multiple=seq_multiple)
 
 
-def pack_conversations(items: Sequence, token_budget: int, pipeline: bool) -> list[PackedMicroBatch]:
+def pack_conversations(items: Sequence, token_budget: int, pipeline: bool,
+                       seq_multiple: int = 1) -> list[PackedMicroBatch]:
     """Packs ``data.loader.SFTItem`` s (whole conversations, each with its images) by FFD;
-    ``pipeline``: pad every row to the budget (PP needs one shape)."""
+    ``pipeline``: pad every row to the budget (PP needs one shape); ``seq_multiple``:
+    context parallelism's per-sample padding (:func:`pack_samples`)."""
     return pack_samples([it.sample for it in items], [it.pixel_values for it in items], token_budget, pad_id=0,
-                        pad_to_multiple=token_budget if pipeline else 1)
+                        pad_to_multiple=token_budget if pipeline else 1, seq_multiple=seq_multiple)

@@ -11,7 +11,7 @@ and shared with the rest of it by ``data.replica_tiling``; rank 0 prints a ``til
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from megatron_r1v.config import RunConfig
 
@@ -48,7 +48,8 @@ def _build_common(cfg: RunConfig) -> _Common:
     if arch.vision is None:
         raise ValueError(f"{describe(cfg.model)} has no vision tower; the R1V stages need an R1V architecture")
     stage = build_model_stage(arch, ctx, cfg.model, layout=TRANSFORMERS_LAYOUT,
-                              sequence_parallel=cfg.parallel.sequence_parallel)
+                              sequence_parallel=cfg.parallel.sequence_parallel,
+                              cp_comm_type=cfg.parallel.cp_comm_type)
     if cfg.model.checkpoint:
         load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, cfg.model.checkpoint)
     ddp = wrap_ddp(stage.model, stage.config, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer)
@@ -130,7 +131,7 @@ def build_grpo_trainer(cfg: RunConfig):
     return trainer, ctx
 
 
-def build_mpo_trainer(cfg: RunConfig):
+def build_mpo_trainer(cfg: RunConfig, init_layout: Optional[dict] = None):
     from megatron_r1v.data.loader import PairLoader
     from megatron_r1v.data.pairs import load_pairs
     from megatron_r1v.data.replica_tiling import check_images_once
@@ -149,7 +150,7 @@ def build_mpo_trainer(cfg: RunConfig):
                         dp_size=ctx.dp, on_bad_sample=cfg.data.on_bad_sample)
     # Before any optimizer step (and before --resume loads trained weights): the
     # reference policy is the model as it starts.
-    reference = reference_logprobs(cfg, ctx, c.ddp, loader)
+    reference = reference_logprobs(cfg, ctx, c.ddp, loader, init_layout)
     return MPOTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader, reference), ctx
 
 
@@ -172,6 +173,9 @@ def build_sft_trainer(cfg: RunConfig):
     return SFTTrainer(cfg, ctx, c.stage, c.ddp, c.optimizer, loader), ctx
 
 
-def build_trainer(cfg: RunConfig):
-    """(trainer, parallel context) for ``cfg.train.stage``."""
-    return {"sft": build_sft_trainer, "mpo": build_mpo_trainer, "grpo": build_grpo_trainer}[cfg.train.stage](cfg)
+def build_trainer(cfg: RunConfig, init_layout: Optional[dict] = None):
+    """(trainer, parallel context) for ``cfg.train.stage``. ``init_layout``: the TP/PP at which
+    a resumed run's random initial weights were drawn (MPO's reference log-probs cache key)."""
+    if cfg.train.stage == "mpo":
+        return build_mpo_trainer(cfg, init_layout)
+    return {"sft": build_sft_trainer, "grpo": build_grpo_trainer}[cfg.train.stage](cfg)

@@ -1,14 +1,19 @@
 """Training checkpoints of the MPO and GRPO stages: everything a resumed run needs to
-continue exactly as an uninterrupted one would.
+continue exactly as an uninterrupted one would, at the same or another parallel layout.
 
     <save_dir>/step_000003/
         model/           Megatron dist checkpoint (torch_dist), TP/PP-independent fragments,
                          with r1v_checkpoint.json: ``tools/convert_checkpoint.py export``
                          turns it into an HF checkpoint, and ``model.checkpoint`` of the next
                          stage can start from it
+        state/           Megatron dist checkpoint of the optimizer (Adam's moments and, for
+                         bf16/fp16 parameters, the fp32 main copies, in the model's fragments:
+                         ``checkpoint/optimizer_fragments.py``), the trainer's parameter-shaped
+                         tensors (GRPO: ``reference/``) and, in its common part, Adam's step
+                         count and loss scalers
         ssb/             GRPO: the Selective Sample Buffer (zarr, one group per DP rank)
-        rank_00000.pt    per rank: optimizer state, the trainer's own state (GRPO: the
-                         reference weights; MPO: BCO's running reward mean), torch RNG states
+        rank_00000.pt    per rank: the trainer's own small state (MPO: BCO's running reward
+                         mean; the same on every rank) and the torch RNG states
         trainer.json     stage, step, data cursor, parallel layout
         manifest.json    size and SHA-256 of every file above, written last
                          (``checkpoint/manifest.py``); --resume verifies it first
@@ -18,14 +23,19 @@ continue exactly as an uninterrupted one would.
 With ``train.keep_last: N`` the older checkpoints are deleted once a newer one is
 committed and named by ``latest``.
 
-A trainer provides ``rank_state()`` / ``load_rank_state(state)`` and
+A trainer provides ``rank_state()`` / ``load_rank_state(state)``, optionally
+``sharded_tensors()`` (prefix -> {parameter name: tensor}, filled in place on resume), and
 ``save_files(dir, step)`` / ``load_files(dir)`` (collective) for what only it has.
 
 A checkpoint is written into ``.step_000003.partial`` and committed by rank 0 after every
 rank has finished (``atomic_dir``), then ``latest`` is replaced atomically; a save killed
-halfway leaves the previous checkpoint and ``latest`` untouched. The model and the SSB reload at any
-TP/PP/DP; the optimizer state is per rank (``torch.save`` of Megatron's optimizer state
-dict), so resuming needs the same parallel layout, which :func:`load_checkpoint` checks.
+halfway leaves the previous checkpoint and ``latest`` untouched.
+
+Resuming at another TP / PP / DP (or number of nodes): the model, the optimizer state, the
+trainer's tensors and the SSB are read in the pieces the new layout needs; the data cursor
+and the learning-rate schedule are global. What is per rank cannot follow a new layout:
+the trainer's small state is taken from rank 0 (it is replicated), and the torch RNG keeps
+the fresh run's seeding (``train.seed``; nothing in training draws from it at dropout 0).
 """
 
 from __future__ import annotations
@@ -44,17 +54,27 @@ import torch.distributed as dist
 from megatron_r1v.atomic_dir import commit_directory, partial_directory, partial_path, write_text_atomic
 from megatron_r1v.checkpoint.hf_io import CheckpointError
 from megatron_r1v.checkpoint.manifest import verify, write_manifest
-from megatron_r1v.checkpoint.model_fragments import load_model_checkpoint, save_model_checkpoint
+from megatron_r1v.checkpoint.model_fragments import load_into, load_model_checkpoint, save_fragments
+from megatron_r1v.checkpoint.model_fragments import save_model_checkpoint
+from megatron_r1v.checkpoint.optimizer_fragments import (
+    apply_loaded,
+    common_state,
+    named_fragments,
+    optimizer_fragments,
+    optimizer_load_requests,
+)
 from megatron_r1v.platform import first_failure
 from megatron_r1v.trainer.run_folder import LATEST, rotate_checkpoints
 
 
 def _layout(ctx) -> dict:
-    return {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size}
+    layout = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size}
+    return layout if ctx.cp == 1 else {**layout, "cp": ctx.cp}  # cp=1 checkpoints keep their old layout record
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def _write_model_meta(model_dir: Path, trainer) -> None:
@@ -91,19 +111,25 @@ def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
         if is_rank0:
             partial_directory(final)  # fresh: a killed save may have left one
             (partial / "model").mkdir()
+            (partial / STATE_DIR).mkdir()
 
     def write_rank_files() -> None:
-        torch.save({"optimizer": trainer.optimizer.state_dict(), "trainer": trainer.rank_state(),
-                    "rng": _rng_state()}, partial / f"rank_{ctx.rank:05d}.pt")
+        torch.save({"trainer": trainer.rank_state(), "rng": _rng_state()}, partial / f"rank_{ctx.rank:05d}.pt")
         if is_rank0:
             _write_model_meta(partial / "model", trainer)
             meta = {"stage": trainer.cfg.train.stage, "step": step, "data": trainer.loader.state_dict(),
-                    "layout": _layout(ctx)}
+                    "layout": _layout(ctx),
+                    "init_layout": getattr(trainer, "init_layout", None) or {"tp": ctx.tp, "pp": ctx.pp}}
             write_text_atomic(partial / "trainer.json", json.dumps(meta, indent=1))
 
     _on_every_rank(prepare, partial, ctx.device)
     _on_every_rank(lambda: save_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx,
                                                  str(partial / "model")), partial, ctx.device)
+    # The state dict is built in a phase of its own (it has collectives of its own): a rank
+    # failing there must not leave the others inside the save's collectives.
+    state: dict = {}
+    _on_every_rank(lambda: state.update(_state_to_save(trainer, ctx)), partial, ctx.device)
+    _on_every_rank(lambda: save_fragments(state, str(partial / STATE_DIR)), partial, ctx.device)
     _on_every_rank(lambda: trainer.save_files(partial, step), partial, ctx.device)
     _on_every_rank(write_rank_files, partial, ctx.device)
     started = time.perf_counter()
@@ -111,6 +137,46 @@ def save_checkpoint(save_dir: str | Path, step: int, trainer, ctx) -> Path:
     _on_every_rank(lambda: _commit(save_dir, name, partial, manifest, time.perf_counter() - started, trainer)
                    if is_rank0 else None, partial, ctx.device)
     return final
+
+
+STATE_DIR = "state"
+"""The optimizer and trainer tensors of a checkpoint (a Megatron dist checkpoint)."""
+
+
+def _trainer_tensors(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    hook = getattr(trainer, "sharded_tensors", None)
+    return hook() if hook is not None else {}
+
+
+def _state_to_save(trainer, ctx) -> dict:
+    """The ``state/`` dict: the optimizer state, the trainer's tensors and their common
+    scalars (collective: distributed-optimizer pieces are reduced onto their writers)."""
+    stage = trainer.stage
+    state = optimizer_fragments(trainer.optimizer, stage.model, stage.stage_maps, stage.shard_spec, ctx)
+    for prefix, tensors in _trainer_tensors(trainer).items():
+        state.update(named_fragments(prefix, tensors, stage.stage_maps, stage.shard_spec, ctx)[0])
+    state["common"] = {"optimizer": common_state(trainer.optimizer, ctx.device)}
+    return state
+
+
+def _load_state(trainer, ctx, directory: Path) -> None:
+    """Fills the optimizer and the trainer's tensors from ``state/`` at this run's layout."""
+    from megatron.core import dist_checkpointing
+
+    stage = trainer.stage
+    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    state, views, targets = optimizer_load_requests(trainer.optimizer, stage.model, stage.stage_maps,
+                                                    stage.shard_spec, ctx, metadata)
+    for prefix, tensors in _trainer_tensors(trainer).items():
+        extra_state, extra_views = named_fragments(prefix, tensors, stage.stage_maps, stage.shard_spec, ctx)
+        missing = sorted(st.key for st in extra_state.values() if st.key not in metadata)
+        if missing:
+            raise KeyError(f"checkpoint {directory} has no tensor {missing[0]!r}: the run that saved it had no "
+                           f"{prefix} tensors (GRPO's reference exists with grpo.kl_beta > 0)")
+        state.update(extra_state)
+        views.update(extra_views)
+    loaded = load_into(state, views, str(directory))
+    apply_loaded(trainer.optimizer, targets, loaded["common"]["optimizer"])
 
 
 def _commit(save_dir: Path, name: str, partial: Path, manifest: Path, hash_s: float, trainer) -> None:
@@ -209,25 +275,41 @@ def checkpoint_step(save_dir: str | Path) -> Optional[tuple[int, str]]:
     return int(json.loads((latest / "trainer.json").read_text())["step"]), latest.name
 
 
+def init_layout(path: str | Path) -> dict:
+    """{"tp", "pp"} at which the run that wrote checkpoint ``path`` (or the run it resumed)
+    drew its random initial weights: Megatron's random initialization depends on them."""
+    meta = json.loads((Path(path) / "trainer.json").read_text())
+    return meta.get("init_layout") or {"tp": meta["layout"]["tp"], "pp": meta["layout"]["pp"]}
+
+
 def load_checkpoint(path: str | Path, trainer, ctx) -> int:
-    """Restores ``trainer`` from ``path``; returns the number of steps already done."""
+    """Restores ``trainer`` from ``path`` at this run's parallel layout, whichever layout saved
+    it; returns the number of steps already done."""
     path = Path(path)
     meta = json.loads((path / "trainer.json").read_text())
     if meta.get("stage", "grpo") != trainer.cfg.train.stage:
         raise ValueError(f"{path} is a {meta.get('stage', 'grpo')} checkpoint; this run is train.stage="
                          f"{trainer.cfg.train.stage} (start a new stage from it with model.checkpoint={path}/model)")
-    if meta["layout"] != _layout(ctx):
-        raise ValueError(f"{path} was saved with parallel layout {meta['layout']}, this run is {_layout(ctx)}: "
-                         "the optimizer state is per rank, resume with the same tp/pp/dp")
+    if not (path / STATE_DIR).is_dir():
+        raise ValueError(f"{path} has no {STATE_DIR}/ folder: it was written by an older megatron-r1v with "
+                         "per-rank optimizer files, which this version does not read; start a new run from its "
+                         f"weights with model.checkpoint={path}/model")
     verify(path)  # every file against the manifest (collective), before anything is read
+    same_layout = meta["layout"] == _layout(ctx)
+    if not same_layout and ctx.rank == 0:
+        print(f"resuming {path} saved at {meta['layout']} with {_layout(ctx)}: model, optimizer, trainer tensors "
+              "and SSB resharded; the torch RNG is this run's fresh seeding", flush=True)
+    # Carried into this run's checkpoints (MPO keys its reference cache by it; trainer.json).
+    trainer.init_layout = init_layout(path)
     stage = trainer.stage
     load_model_checkpoint(stage.model, stage.stage_maps, stage.shard_spec, ctx, str(path / "model"), verify=False)
-    per_rank = torch.load(path / f"rank_{ctx.rank:05d}.pt", weights_only=False)
-    trainer.optimizer.load_state_dict(per_rank["optimizer"])
+    _load_state(trainer, ctx, path / STATE_DIR)
+    per_rank = torch.load(path / f"rank_{ctx.rank if same_layout else 0:05d}.pt", weights_only=False)
     trainer.load_rank_state(per_rank["trainer"])
     trainer.load_files(path)
     trainer.loader.load_state_dict(meta["data"])
-    torch.set_rng_state(per_rank["rng"]["torch"])
-    if per_rank["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(per_rank["rng"]["cuda"])
+    if same_layout:
+        torch.set_rng_state(per_rank["rng"]["torch"])
+        if per_rank["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(per_rank["rng"]["cuda"])
     return int(meta["step"])

@@ -6,6 +6,15 @@
     forward/backward through Megatron's schedules
     -> optimizer step -> weight sync into the engine -> fresh groups into the SSB
 
+Two switches change the first half. ``grpo.dynamic_sampling`` (DAPO): rollout rounds of
+``prompts_per_step`` prompts repeat, dropping ineffective groups, until ``prompts_per_step``
+effective groups are collected over DP or ``dynamic_sampling_max_rounds`` were run
+(:meth:`GRPOTrainer._dynamic_sampling`; the SSB top-up is off). ``grpo.kl_placement reward``
+(verl's use_kl_in_reward): before the advantages, a forward pass of the policy and of the
+reference over the fresh responses gives each one's beta sum_t KL_t (last pipeline stage,
+broadcast to the replica), subtracted from its reward (:meth:`GRPOTrainer._kl_reward_pass`,
+``losses/kl_reward.py``); the loss then has no KL term.
+
 Each data-parallel replica rolls out its own share of the prompts on the engine held by
 its first TP rank of the first pipeline stage (``WeightSync(every_dp_replica=True)``);
 the responses and rewards are broadcast to the rest of the replica. The reference
@@ -38,23 +47,31 @@ import torch.distributed as dist
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PromptItem, PromptLoader
 from megatron_r1v.losses.grpo import GRPOLossConfig, token_weights
+from megatron_r1v.models.r1v.context_parallel import packing_multiple
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rewards.hybrid import HybridReward
 from megatron_r1v.rollout.engine import RolloutEngine, RolloutRequest, SamplingParams
 from megatron_r1v.rollout.weight_sync import WeightSync
 from megatron_r1v.ssb import SelectiveSampleBuffer, StoreOrigin, load_initial, plan_batch, resolve_min_reward_std
+from megatron_r1v.ssb.buffer import all_gather_int64, group_is_effective
 from megatron_r1v.ssb import load as load_ssb
 from megatron_r1v.ssb import save as save_ssb
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
 from megatron_r1v.trainer.grpo_batch import (
+    DynamicSamplingStats,
     ScoredGroup,
     StepBatch,
     StepSums,
+    attach_kl_penalties,
+    dynamic_sampling_quota,
     engine_correction,
+    fresh_samples,
     fresh_ssb_groups,
+    kl_penalty_sum,
     overlong_sum,
     pack_rows,
     per_sample,
+    response_kl_sums,
     train_samples,
 )
 from megatron_r1v.trainer.grpo_step import GRPOStepResult, grpo_forward_backward, make_grpo_microbatch
@@ -72,6 +89,18 @@ def broadcast_to_replica(obj, ctx: ParallelContext):
     return holder[0]
 
 
+def broadcast_from_last_stage(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """``values`` as the replica's first TP rank of the last pipeline stage holds them, on every
+    rank of the replica (log-probs exist on the last stage only; its TP ranks agree after the
+    vocab-parallel reduction, rank 0's copy makes it bit-exact)."""
+    out = values.to(ctx.device)
+    if ctx.tp > 1:  # within each stage: its TP rank 0's copy (the last stage's is the one that matters) ...
+        dist.broadcast(out, src=dist.get_global_rank(ctx.tp_group, 0), group=ctx.tp_group)
+    if ctx.pp > 1:  # ... then back along each TP rank's pipeline chain from the last stage
+        dist.broadcast(out, src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
+    return out.cpu()
+
+
 def sum_over_world(values: list[float]) -> list[float]:
     """Sums of per-rank values over every rank (fp64)."""
     tensor = torch.tensor(values, dtype=torch.float64)
@@ -81,9 +110,11 @@ def sum_over_world(values: list[float]) -> list[float]:
 
 
 def loss_config(cfg: RunConfig) -> GRPOLossConfig:
-    """The Eq. 8 loss settings of a run (``grpo.*`` and the rollout temperature)."""
+    """The Eq. 8 loss settings of a run (``grpo.*`` and the rollout temperature); with
+    ``grpo.kl_placement`` reward the KL is in the rewards, not the loss (beta 0 here)."""
     g = cfg.grpo
-    return GRPOLossConfig(clip_low=g.clip_low, clip_high=g.clip_high, kl_beta=g.kl_beta,
+    return GRPOLossConfig(clip_low=g.clip_low, clip_high=g.clip_high,
+                          kl_beta=g.kl_beta if g.kl_placement == "loss" else 0.0,
                           temperature=cfg.rollout.temperature, normalization=g.normalization,
                           kl_estimator=g.kl_estimator, clip_ratio_c=g.clip_ratio_c,
                           importance_level=g.importance_level)
@@ -130,6 +161,8 @@ class GRPOTrainer:
     def __post_init__(self):
         g = self.cfg.grpo
         self.loss_cfg = loss_config(self.cfg)
+        # Context parallelism pads every sample to a multiple of 2*cp (models/r1v/context_parallel.py).
+        self.seq_multiple = packing_multiple(self.ctx.cp, self.ctx.tp, self.cfg.parallel.sequence_parallel)
         # Dr. GRPO's constant length normalizer (grpo.normalization constant): default the generation limit.
         self.length_constant = g.normalization_constant or self.cfg.rollout.max_new_tokens
         # The effective-group criterion, resolved once (ssb.policy.resolve_min_reward_std): the
@@ -181,8 +214,10 @@ class GRPOTrainer:
         self.loader.take_data_seconds()  # from here on: this step's data (its prompts, reused SSB prompts)
         with timer.phase("step"):
             with timer.phase("rollout"):
-                items, groups = self._rollout_phase(step)
+                items, groups, sampling = self._rollout_phase(step)
             with timer.phase("train"):
+                if self.cfg.grpo.kl_placement == "reward":
+                    self._kl_reward_pass(items, groups)
                 batch = self._assemble(items, groups, step)
                 microbatches, sample_logprobs = self._old_policy_pass(batch, sums)
                 result, grad_norm = self._update(microbatches, step)
@@ -191,25 +226,66 @@ class GRPOTrainer:
             self.buffer.insert(fresh_ssb_groups(items, groups, batch.advantages, batch.samples, sample_logprobs,
                                                 step))
         timer.seconds["data"] = self.loader.take_data_seconds()
-        return self._metrics(groups, result, batch, sums, grad_norm, timer.seconds)
+        return self._metrics(groups, result, batch, sums, grad_norm, timer.seconds, sampling)
 
-    def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup]]:
-        """This rank's prompts and their scored groups. A failure on any rank (a data error
-        in ``on_bad_sample=error`` mode, the reward server down past its budget, the
-        engine) becomes a recoverable StepFailure on every rank (``trainer/failure.py``)."""
+    def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup], Optional[DynamicSamplingStats]]:
+        """This rank's prompts and their scored groups: one rollout round, or with
+        ``grpo.dynamic_sampling`` the effective groups of several (then with their stats)."""
+        if self.cfg.grpo.dynamic_sampling:
+            return self._dynamic_sampling(step)
+        items, groups = self._rollout_round(step)
+        return items, groups, None
+
+    def _rollout_round(self, step: int, round_: int = 0) -> tuple[list[PromptItem], list[ScoredGroup]]:
+        """This rank's share of the next ``grpo.prompts_per_step`` prompts and their scored groups.
+        A failure on any rank (a data error in ``on_bad_sample=error`` mode, the reward server
+        down past its budget, the engine) becomes a recoverable StepFailure on every rank
+        (``trainer/failure.py``)."""
         items, failure = [], None
         try:
             items = self.loader.next_batch(self.cfg.grpo.prompts_per_step)
         except Exception as err:  # any: the weights are untouched, so the state is still consistent
             failure = describe(err)
-        outcome = self._rollout(items, step, failure)
+        outcome = self._rollout(items, step, failure, round_)
         if isinstance(outcome, RolloutFailed):
             failure = failure or outcome.message
         agree_on_failure(failure, self.ctx.device, self.ctx.rank)
         return items, outcome
 
-    def _rollout(self, items: list[PromptItem], step: int,
-                 failure: Optional[str]) -> Union[list[ScoredGroup], RolloutFailed]:
+    def _dynamic_sampling(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup], DynamicSamplingStats]:
+        """DAPO's dynamic sampling (arXiv 2503.14476, Sec. 3.2; ``GRPOConfig.dynamic_sampling``): rounds
+        of ``prompts_per_step`` prompts until that many effective groups are collected over DP, or
+        ``dynamic_sampling_max_rounds``. Every decision comes from counts gathered over the DP group
+        (identical on every rank of a replica, whose groups are the same), so every rank runs the
+        same rounds; the surplus is cut by ``grpo_batch.dynamic_sampling_quota``."""
+        g, ctx = self.cfg.grpo, self.ctx
+        target, std_normalize = g.prompts_per_step, g.advantage_std_normalize
+        items, groups, first = [], [], None
+        rounds = drawn = kept = 0
+        while rounds < g.dynamic_sampling_max_rounds and kept < target:
+            new_items, new_groups = self._rollout_round(step, rounds)
+            rounds += 1
+            first = first or (new_items[:1], new_groups[:1])
+            effective = [i for i, grp in enumerate(new_groups)
+                         if group_is_effective(grp.advantages(self.min_reward_std, std_normalize))]
+            counts = all_gather_int64(np.array([len(groups), len(effective), len(new_groups)]), ctx.dp_group)
+            quota = dynamic_sampling_quota(counts[:, 0].tolist(), counts[:, 1].tolist(), target)
+            chosen = effective[:quota[ctx.dp_rank]]
+            items += [new_items[i] for i in chosen]
+            groups += [new_groups[i] for i in chosen]
+            drawn, kept = drawn + int(counts[:, 2].sum()), kept + sum(quota)
+        if not groups and first is not None:
+            # Every DP rank runs the schedule (trainer/schedule.run_schedule): a rank without an
+            # effective group keeps its first one; its zero advantages add no gradient.
+            items, groups = first
+        if kept < target and ctx.rank == 0:
+            print(f"dynamic sampling: step {step + 1}: {kept} of {target} effective groups after "
+                  f"grpo.dynamic_sampling_max_rounds={g.dynamic_sampling_max_rounds} rounds ({drawn} groups drawn); "
+                  "training on what was collected", flush=True)
+        return items, groups, DynamicSamplingStats(rounds, drawn, kept, target)
+
+    def _rollout(self, items: list[PromptItem], step: int, failure: Optional[str],
+                 round_: int = 0) -> Union[list[ScoredGroup], RolloutFailed]:
         """G responses per prompt from this replica's engine, scored, on every rank of the
         replica; or the owner's failure (so that no rank waits for an answer that never comes)."""
         outcome: Union[list[ScoredGroup], RolloutFailed, None] = None
@@ -222,16 +298,18 @@ class GRPOTrainer:
             outcome = RolloutFailed(failure)  # this rank's data already failed: the engine is not run
         elif self.engine is not None:
             try:
-                outcome = self._generate_and_score(items, step)
+                outcome = self._generate_and_score(items, step, round_)
             except Exception as err:  # any: still before the update
                 outcome = RolloutFailed(describe(err))
         return broadcast_to_replica(outcome, self.ctx)
 
-    def _generate_and_score(self, items: list[PromptItem], step: int) -> list[ScoredGroup]:
+    def _generate_and_score(self, items: list[PromptItem], step: int, round_: int = 0) -> list[ScoredGroup]:
         r = self.cfg.rollout
+        # Round 0 keeps the seed of a run without dynamic sampling; later rounds' seeds stay
+        # clear of other steps' (fewer than 1000003 steps).
+        seed = self.cfg.train.seed * 100003 + step + 1000003 * round_
         params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
-                                max_new_tokens=r.max_new_tokens, seed=self.cfg.train.seed * 100003 + step,
-                                stop_token_ids=self.stop_token_ids)
+                                max_new_tokens=r.max_new_tokens, seed=seed, stop_token_ids=self.stop_token_ids)
         self.engine.resume_memory()
         rollouts = self.engine.generate(
             [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items], params)
@@ -253,6 +331,27 @@ class GRPOTrainer:
                      "model": np.array([t.model for t in terms], dtype=np.float64),
                      "overlong": np.array([t.overlong for t in terms], dtype=np.float64)})
 
+    def _kl_reward_pass(self, items: list[PromptItem], groups: list[ScoredGroup]) -> None:
+        """``grpo.kl_placement`` reward (losses/kl_reward.py): sets each fresh group's ``kl_penalty``,
+        beta sum_t KL_t of each response between the policy before the update and the reference,
+        so that Eq. 6 (:meth:`_assemble`) sees the shaped rewards. The log-probs exist on the last
+        pipeline stage; the sums are broadcast to every rank of the replica, which all compute the
+        advantages (the SSB plan is collective over DP)."""
+        ctx, g = self.ctx, self.cfg.grpo
+        zeros = [np.zeros(len(group.response_ids)) for group in groups]
+        samples = fresh_samples(items, groups, zeros, range(len(groups)))
+        rows = pack_rows(samples, [0.0] * len(samples), g.micro_batch_tokens, pipeline=ctx.pp > 1,
+                         seq_multiple=self.seq_multiple)
+        plain = [make_grpo_microbatch(row.packed) for row in rows]
+        policy = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg.temperature)
+        with self._reference_weights():
+            reference = compute_logprobs(self.ddp, plain, ctx, self.loss_cfg.temperature)
+        kl = torch.zeros(len(samples), dtype=torch.float64)
+        if ctx.is_last_stage:
+            kl = torch.tensor(response_kl_sums(rows, samples, [lp for lp, _ in policy], [lp for lp, _ in reference],
+                                               g.kl_estimator), dtype=torch.float64)
+        attach_kl_penalties(groups, samples, broadcast_from_last_stage(kl, ctx).tolist(), g.kl_beta)
+
     def _assemble(self, items: list[PromptItem], groups: list[ScoredGroup], step: int) -> StepBatch:
         """Advantages (Eq. 6), the SSB plan (collective over DP), the samples and packed rows
         with their Eq. 8 normalization weights (which count the whole step over DP)."""
@@ -265,7 +364,8 @@ class GRPOTrainer:
         dist.all_reduce(counts, group=self.ctx.dp_group)
         weights = token_weights(torch.tensor(lengths), self.loss_cfg.normalization, int(counts[0]),
                                 int(counts[1]), self.length_constant).tolist()
-        rows = pack_rows(samples, weights, self.cfg.grpo.micro_batch_tokens, pipeline=self.ctx.pp > 1)
+        rows = pack_rows(samples, weights, self.cfg.grpo.micro_batch_tokens, pipeline=self.ctx.pp > 1,
+                         seq_multiple=self.seq_multiple)
         return StepBatch(items, groups, advantages, plan, samples, rows)
 
     def _old_policy_pass(self, batch: StepBatch, sums: StepSums) -> tuple[list[dict], list]:
@@ -334,18 +434,19 @@ class GRPOTrainer:
                     params[n].copy_(value)
 
     def _metrics(self, groups: list[ScoredGroup], result: GRPOStepResult, batch: StepBatch, sums: StepSums,
-                 grad_norm: Optional[float], seconds: dict[str, float]) -> dict[str, float]:
+                 grad_norm: Optional[float], seconds: dict[str, float],
+                 sampling: Optional[DynamicSamplingStats] = None) -> dict[str, float]:
         ctx = self.ctx
         # Rewards are the same on every rank of a replica and the entropy on every TP rank
         # of the last stage: one rank of each contributes, then one sum over the world.
-        overlong = 0.0
+        overlong = kl_penalty = 0.0
         if ctx.tp_rank == 0 and ctx.is_first_stage:
             sums.add_rewards(groups)
-            overlong = overlong_sum(groups)
+            overlong, kl_penalty = overlong_sum(groups), kl_penalty_sum(groups)
         if not (ctx.tp_rank == 0 and ctx.is_last_stage):
             sums.entropy_sum = sums.entropy_tokens = sums.gap_sum = sums.gap_tokens = 0.0
             sums.tis_sum = sums.tis_truncated = 0.0
-        *values, overlong = sum_over_world(sums.as_list() + [overlong])
+        *values, overlong, kl_penalty = sum_over_world(sums.as_list() + [overlong, kl_penalty])
         t = StepSums.from_list(values)
         count, fresh_tokens = max(t.responses, 1.0), max(t.gap_tokens, 1.0)
         metrics = {
@@ -363,20 +464,33 @@ class GRPOTrainer:
         if self.cfg.rollout.tis_cap is not None:
             metrics["rollout/tis_weight_mean"] = t.tis_sum / fresh_tokens
             metrics["rollout/tis_truncated_fraction"] = t.tis_truncated / fresh_tokens
+        if self.cfg.grpo.kl_placement == "reward":
+            # The KL is in the rewards: train/kl is the fresh responses' per-token mean (every fresh
+            # response token carries a loss), measured before the update.
+            metrics["train/kl_penalty"] = kl_penalty / count
+            metrics["train/kl"] = kl_penalty / self.cfg.grpo.kl_beta / max(t.response_tokens, 1.0)
+        if sampling is not None:
+            metrics.update(sampling.metrics())
         metrics.update(batch.plan.stats.metrics())
         return metrics
 
     # -- checkpoint hooks (trainer/checkpoint.py) ------------------------------------------
     def rank_state(self) -> dict:
-        return {"reference": self.initial_trainable}
+        """Nothing per rank: the reference weights are sharded tensors (:meth:`sharded_tensors`)."""
+        return {}
 
     def load_rank_state(self, state: dict) -> None:
-        self.initial_trainable = state["reference"]
+        """See :meth:`rank_state`."""
+
+    def sharded_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The reference policy (with ``grpo.kl_beta``), saved like the model: fragments under
+        ``reference/<global name>`` that load at any TP/PP/DP, filled in place on resume."""
+        return {"reference": self.initial_trainable} if self.initial_trainable else {}
 
     def save_files(self, directory: Path, step: int) -> None:
-        # The store is replicated over a replica's TP/PP ranks; the last stage's copy holds
+        # The store is replicated over a replica's TP/PP/CP ranks; the last stage's copy holds
         # the behaviour log-probs of fresh responses (other stages never compute them).
-        if self.ctx.tp_rank == 0 and self.ctx.is_last_stage:
+        if self.ctx.tp_rank == 0 and self.ctx.cp_rank == 0 and self.ctx.is_last_stage:
             save_ssb(self.buffer, directory / "ssb", step, self.ctx.dp_group)
 
     def load_files(self, directory: Path) -> None:

@@ -12,6 +12,7 @@ the rollout, the schedules and the reductions.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ from megatron_r1v.data.loader import PromptItem, PromptLoader
 from megatron_r1v.data.packing import PackedMicroBatch, pack_samples
 from megatron_r1v.data.template import IGNORE_INDEX, EncodedSample
 from megatron_r1v.losses.grpo import group_advantages, truncated_is_weights
+from megatron_r1v.losses.kl_reward import kl_shaped_rewards, sequence_kl
 from megatron_r1v.ssb import BatchPlan, SSBGroup
 
 REWARD_TERMS = ("total", "rule", "format", "model")
@@ -39,13 +41,21 @@ class ScoredGroup:
     """G arrays [R_i] float32: the rollout engine's log-probs of those tokens."""
     rewards: dict[str, np.ndarray]
     """``REWARD_TERMS`` -> [G] float64; GRPO's fresh groups add "overlong" (DAPO's R_length, unweighted)."""
+    kl_penalty: Optional[np.ndarray] = None
+    """[G] float64 beta sum_t KL_t of each response (``grpo.kl_placement: reward``, losses/kl_reward.py),
+    subtracted from the total reward before Eq. 6; None: the KL is in the loss (or off)."""
+
+    def shaped_totals(self) -> np.ndarray:
+        """[G] float64: the total rewards Eq. 6 sees, r - beta sum_t KL_t with a ``kl_penalty``."""
+        totals = np.asarray(self.rewards["total"], dtype=np.float64)
+        return totals if self.kl_penalty is None else kl_shaped_rewards(totals, self.kl_penalty, 1.0)
 
     def advantages(self, min_reward_std: float = 0.0, std_normalize: bool = True) -> np.ndarray:
-        """Eq. 6 over the group's total rewards ([G] float32): zeros for a group that is flat
-        or whose reward std is below ``min_reward_std`` (the resolved ``ssb.min_reward_std``;
-        0 keeps only the exact-flatness rule); ``std_normalize=False``: Dr. GRPO's r - mean
-        (``grpo.advantage_std_normalize``)."""
-        totals = torch.tensor(self.rewards["total"][None], dtype=torch.float64)
+        """Eq. 6 over the group's total rewards ([G] float32; shaped by ``kl_penalty`` when set):
+        zeros for a group that is flat or whose reward std is below ``min_reward_std`` (the
+        resolved ``ssb.min_reward_std``; 0 keeps only the exact-flatness rule);
+        ``std_normalize=False``: Dr. GRPO's r - mean (``grpo.advantage_std_normalize``)."""
+        totals = torch.tensor(self.shaped_totals()[None], dtype=torch.float64)
         return group_advantages(totals, min_std=min_reward_std, std_normalize=std_normalize)[0].numpy()
 
 
@@ -125,6 +135,11 @@ def overlong_sum(groups: Sequence[ScoredGroup]) -> float:
     return sum(sum(g.rewards["overlong"].tolist()) for g in groups if "overlong" in g.rewards)
 
 
+def kl_penalty_sum(groups: Sequence[ScoredGroup]) -> float:
+    """Sum of beta sum_t KL_t over the groups' responses (``grpo.kl_placement: reward``; 0 without)."""
+    return sum(sum(g.kl_penalty.tolist()) for g in groups if g.kl_penalty is not None)
+
+
 def encode_response(sample_id: str, token_ids: torch.Tensor, prompt_len: int, loss_mask: Optional[np.ndarray],
                     tiles: tuple[int, ...]) -> EncodedSample:
     """Prompt + response as a training sample: labels are the next tokens of the response
@@ -136,18 +151,25 @@ def encode_response(sample_id: str, token_ids: torch.Tensor, prompt_len: int, lo
     return EncodedSample(sample_id, token_ids, labels, prompt_len, tiles, 0)
 
 
-def train_samples(items: Sequence[PromptItem], groups: Sequence[ScoredGroup], advantages: Sequence[np.ndarray],
-                  plan: BatchPlan, loader: PromptLoader) -> list[TrainSample]:
-    """The step's batch: the responses of the fresh groups the plan keeps, then those of the
-    groups it reuses from the SSB (whose prompts are prepared again from their records)."""
+def fresh_samples(items: Sequence[PromptItem], groups: Sequence[ScoredGroup], advantages: Sequence[np.ndarray],
+                  keep: Sequence[int]) -> list[TrainSample]:
+    """The responses of the fresh groups ``keep`` (indices into ``items`` / ``groups``), in that order."""
     samples = []
-    for i in plan.keep_fresh:
+    for i in keep:
         item = items[i]
         for j, response in enumerate(groups[i].response_ids):
             ids = torch.cat([item.prompt_ids, torch.from_numpy(response)])
             enc = encode_response(f"{item.record.id}#{j}", ids, len(item.prompt_ids), None, item.tiles_per_image)
             samples.append(TrainSample(enc, item.pixel_values, float(advantages[i][j]),
                                        engine_logprobs=groups[i].engine_logprobs[j], fresh_source=(i, j)))
+    return samples
+
+
+def train_samples(items: Sequence[PromptItem], groups: Sequence[ScoredGroup], advantages: Sequence[np.ndarray],
+                  plan: BatchPlan, loader: PromptLoader) -> list[TrainSample]:
+    """The step's batch: the responses of the fresh groups the plan keeps, then those of the
+    groups it reuses from the SSB (whose prompts are prepared again from their records)."""
+    samples = fresh_samples(items, groups, advantages, plan.keep_fresh)
     for grp in plan.reused:
         item = loader.prepare(loader.record(grp.prompt_id))
         if item is None and grp.image_paths:
@@ -173,11 +195,13 @@ def _response_vector(sample: TrainSample, values: Optional[np.ndarray]) -> tuple
 
 
 def pack_rows(samples: Sequence[TrainSample], weights_per_sample: Sequence[float], token_budget: int,
-              pipeline: bool) -> list[PackedRow]:
+              pipeline: bool, seq_multiple: int = 1) -> list[PackedRow]:
     """Packs the samples into rows of at most ``token_budget`` tokens (``pipeline``: every
-    row padded to the budget, one shape for the pipeline) with their per-position vectors."""
+    row padded to the budget, one shape for the pipeline; ``seq_multiple``: context
+    parallelism's per-sample padding, ``data.packing.pack_samples``) with their per-position
+    vectors."""
     packed = pack_samples([s.encoded for s in samples], [s.pixels for s in samples], token_budget,
-                          pad_id=0, pad_to_multiple=token_budget if pipeline else 1)
+                          pad_id=0, pad_to_multiple=token_budget if pipeline else 1, seq_multiple=seq_multiple)
     rows = []
     for mb in packed:
         columns: list[list[torch.Tensor]] = [[] for _ in range(6)]
@@ -230,6 +254,73 @@ def fresh_ssb_groups(items: Sequence[PromptItem], groups: Sequence[ScoredGroup],
             rewards={k: np.asarray(group.rewards[k], dtype=np.float64) for k in REWARD_TERMS},
             image_paths=tuple(str(x) for x in item.record.images)))
     return out
+
+
+def response_kl_sums(rows: Sequence[PackedRow], samples: Sequence[TrainSample], policy_rows: Sequence[torch.Tensor],
+                     reference_rows: Sequence[torch.Tensor], estimator: str) -> list[float]:
+    """sum_t KL_t over each sample's response tokens (``losses.kl_reward.sequence_kl``) from the
+    rows' policy and reference log-probs ``[L]`` (the last pipeline stage's)."""
+    policy = per_sample(rows, policy_rows, len(samples))
+    reference = per_sample(rows, reference_rows, len(samples))
+    out = []
+    for k, sample in enumerate(samples):
+        mask = sample.encoded.labels != IGNORE_INDEX
+        out.append(sequence_kl(torch.from_numpy(reference[k]), torch.from_numpy(policy[k]), mask, estimator))
+    return out
+
+
+def attach_kl_penalties(groups: Sequence[ScoredGroup], samples: Sequence[TrainSample], kl_sums: Sequence[float],
+                        beta: float) -> None:
+    """Sets each group's ``kl_penalty`` [G] = beta sum_t KL_t from the per-sample sums (fresh samples
+    of every group, ``fresh_source`` naming each one's group and response)."""
+    for group in groups:
+        group.kl_penalty = np.zeros(len(group.response_ids), dtype=np.float64)
+    for sample, kl in zip(samples, kl_sums, strict=True):
+        i, j = sample.fresh_source
+        groups[i].kl_penalty[j] = beta * float(kl)
+
+
+@dataclass(frozen=True)
+class DynamicSamplingStats:
+    """One step's dynamic sampling (``grpo.dynamic_sampling``) over all DP ranks (identical on every rank)."""
+
+    rounds: int
+    drawn_groups: int
+    """Groups rolled out over all rounds."""
+    kept_groups: int
+    """Effective groups kept for the batch (at most the target)."""
+    target: int
+
+    def metrics(self) -> dict[str, float]:
+        return {"dynamic_sampling/rounds": float(self.rounds),
+                "dynamic_sampling/kept_fraction": self.kept_groups / max(self.drawn_groups, 1)}
+
+
+def dynamic_sampling_quota(kept: Sequence[int], new_effective: Sequence[int], target: int) -> list[int]:
+    """How many of each DP rank's new effective groups a dynamic-sampling round keeps (DAPO,
+    arXiv 2503.14476, Sec. 3.2: over-sample and filter until the batch is full of groups
+    with a non-zero reward spread).
+
+    ``kept[r]`` effective groups rank r holds from earlier rounds, ``new_effective[r]`` this
+    round's; all of them while the total stays within ``target``, else the surplus goes by a
+    deterministic rule that evens out the per-rank batch sizes: one group at a time to the
+    rank holding the fewest (ties: lowest rank), each rank keeping its first ones in
+    rollout order. Pure: every rank computes it from the same gathered counts."""
+    if len(kept) != len(new_effective):
+        raise ValueError(f"kept ({len(kept)}) and new_effective ({len(new_effective)}) need one count per rank")
+    room = max(target - sum(kept), 0)
+    if sum(new_effective) <= room:
+        return list(new_effective)
+    quota, size = [0] * len(kept), list(kept)
+    heap = [(size[r], r) for r in range(len(kept)) if new_effective[r] > 0]
+    heapq.heapify(heap)
+    for _ in range(room):
+        _, r = heapq.heappop(heap)
+        quota[r] += 1
+        size[r] += 1
+        if quota[r] < new_effective[r]:
+            heapq.heappush(heap, (size[r], r))
+    return quota
 
 
 def engine_correction(row: PackedRow, trainer_lp: torch.Tensor, tis_cap: Optional[float],

@@ -42,17 +42,28 @@ SFT_TAGS = (
 )
 # GRPO with rollout.tis_cap: the mean TIS weight and the share of weights cut at the cap.
 TIS_TAGS = ("rollout/tis_weight_mean", "rollout/tis_truncated_fraction")
+# GRPO with grpo.kl_placement reward: the mean beta sum_t KL_t subtracted from a fresh response's reward.
+KL_REWARD_TAGS = ("train/kl_penalty",)
+# GRPO with grpo.dynamic_sampling: rollout rounds of the step, effective groups kept / groups drawn.
+DYNAMIC_SAMPLING_TAGS = ("dynamic_sampling/rounds", "dynamic_sampling/kept_fraction")
+# Tags a GRPO logger accepts even when its caller did not say the switch is on (stage_tags' flags):
+# they are declared here, emitted only with their switch.
+GRPO_SWITCH_TAGS = TIS_TAGS + KL_REWARD_TAGS + DYNAMIC_SAMPLING_TAGS
 # Added by the logger: the learning rate of the step and this process's memory.
 COMMON_TAGS = ("train/lr", "perf/host_rss_gb")
 # With a CUDA device: the step's peak allocated and reserved memory of this rank's device.
 DEVICE_MEMORY_TAGS = ("perf/device_memory_peak_gb", "perf/device_memory_reserved_peak_gb")
 
 
-def stage_tags(stage: str, tis: bool = False, device: Optional[torch.device] = None) -> tuple[str, ...]:
-    """Every tag a run of ``stage`` emits (``tis``: GRPO with ``rollout.tis_cap``)."""
+def stage_tags(stage: str, tis: bool = False, device: Optional[torch.device] = None, *, kl_reward: bool = False,
+               dynamic_sampling: bool = False) -> tuple[str, ...]:
+    """Every tag a run of ``stage`` emits (``tis``: GRPO with ``rollout.tis_cap``; ``kl_reward``: with
+    ``grpo.kl_placement`` reward; ``dynamic_sampling``: with ``grpo.dynamic_sampling``)."""
     if stage not in ("sft", "mpo", "grpo"):
         raise ValueError(f"no metrics are declared for stage {stage!r}")
-    tags = {"sft": SFT_TAGS, "mpo": MPO_TAGS}.get(stage) or GRPO_TAGS + (TIS_TAGS if tis else ())
+    switches = (TIS_TAGS if tis else ()) + (KL_REWARD_TAGS if kl_reward else ()) + \
+        (DYNAMIC_SAMPLING_TAGS if dynamic_sampling else ())
+    tags = {"sft": SFT_TAGS, "mpo": MPO_TAGS}.get(stage) or GRPO_TAGS + switches
     memory = DEVICE_MEMORY_TAGS if device is not None and device.type == "cuda" else ()
     return tags + COMMON_TAGS + memory
 
@@ -100,6 +111,8 @@ class MetricsLogger:
         if log_interval < 1:
             raise ValueError(f"logging.log_interval must be >= 1, got {log_interval}")
         self.tags, self.stage, self.total_steps, self.log_interval = frozenset(tags), stage, total_steps, log_interval
+        if stage == "grpo":  # declared above, emitted only with their grpo.* / rollout.* switch
+            self.tags |= frozenset(GRPO_SWITCH_TAGS)
         self.device, self.is_rank0 = device, is_rank0
         self.jsonl_path = Path(jsonl_path) if jsonl_path and is_rank0 else None
         self.writer = None

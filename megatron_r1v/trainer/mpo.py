@@ -29,6 +29,7 @@ from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
 from megatron_r1v.data.packing import pack_pairs
 from megatron_r1v.losses.mpo import MPOLossConfig, RewardMean, bco_delta
+from megatron_r1v.models.r1v.context_parallel import packing_multiple
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
 from megatron_r1v.trainer.mpo_step import make_mpo_microbatch, mpo_forward_backward, step_reward_sums
@@ -60,7 +61,9 @@ class MPOTrainer:
 
     def _microbatches(self, items) -> list[dict]:
         out = []
-        for mb in pack_pairs(items, self.cfg.mpo.micro_batch_tokens, pipeline=self.ctx.pp > 1):
+        seq_multiple = packing_multiple(self.ctx.cp, self.ctx.tp, self.cfg.parallel.sequence_parallel)
+        for mb in pack_pairs(items, self.cfg.mpo.micro_batch_tokens, pipeline=self.ctx.pp > 1,
+                             seq_multiple=seq_multiple):
             row = {sample: pos for pos, sample in enumerate(mb.sample_indices)}
             pairs = sorted({k // 2 for k in mb.sample_indices})
             refs = [self.reference[items[k].record.id] for k in pairs]

@@ -18,6 +18,11 @@ before the loss: ``nll_normalization=token`` the step's mean chosen length (its 
 tokens summed over micro-batches and DP ranks: one all-reduce of host-side counts), and
 ``bco_delta=trl_running_mean`` the step's implicit rewards under the current policy
 (:func:`step_reward_sums`, a forward-only pass over the step's micro-batches).
+
+Context parallelism: each CP rank holds part of every sequence of the row, so the per-sequence
+log-prob sums are summed over the CP group (``context_parallel.sum_over_cp``, identity
+backward) before the pair losses, which every CP rank then evaluates whole; their metrics are
+counted once (CP rank 0).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
 from megatron_r1v.losses.mpo import MPOLossConfig, implicit_rewards, mpo_pair_losses
+from megatron_r1v.models.r1v.context_parallel import CP_INDEX, sum_over_cp
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.schedule import (
     compute_logprobs,
@@ -86,6 +92,8 @@ def _mpo_loss_func(cfg: MPOLossConfig, delta: float, pair_weight: float, ctx: Pa
     # inplace: backward writes d/dlogits over the logits buffer (nothing reads them later).
     logp_L, _ = vocab_parallel_logprobs(row_logits(logits_BLv), labels_L, tp_group=ctx.tp_group, inplace=True)
     seq_S = sequence_sums(logp_L * mask_L, batch["cu_seqlens"])
+    if CP_INDEX in batch:  # this rank's tokens of each sequence -> whole-sequence sums
+        seq_S = sum_over_cp(seq_S, ctx.cp_group)
     terms = mpo_pair_losses(seq_S[batch["pair_chosen"]], seq_S[batch["pair_rejected"]], batch["ref_chosen"],
                             batch["ref_rejected"], batch["chosen_lengths"], cfg, delta, mean_chosen_length)
     margin = terms.reward_chosen - terms.reward_rejected
@@ -130,7 +138,8 @@ def step_reward_sums(model, microbatches: Sequence[dict], ctx: ParallelContext, 
     before the step's loss, as TRL <= 0.28 does with its batch."""
     logprobs = compute_logprobs(model, microbatches, ctx)  # last stage only; [] elsewhere
     total, count = 0.0, 0
-    if ctx.is_last_stage and ctx.tp_rank == 0:  # TP ranks hold the same values: count one of them
+    # TP ranks, and CP ranks (gathered rows), hold the same values: count one of them.
+    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0:
         for mb, (logp_L, _) in zip(microbatches, logprobs):
             seq_S = sequence_sums(logp_L.double(), mb["cu_seqlens"])
             r_c = implicit_rewards(seq_S[mb["pair_chosen"]], mb["ref_chosen"].double(), beta)
@@ -152,7 +161,8 @@ def mpo_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, 
                  partial(_mpo_loss_func, cfg, delta, 1.0 / num_pairs, ctx, scale, sums, mean_chosen_length=mean_length),
                  forward_only=False)
     totals = torch.zeros(len(_SUMS), dtype=torch.float64)
-    if ctx.is_last_stage and ctx.tp_rank == 0 and sums:  # TP ranks compute the same sums: count one of them
+    # TP ranks, and CP ranks (whole pair losses), compute the same sums: count one of them.
+    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.cp_rank == 0 and sums:
         totals = torch.tensor(sums, dtype=torch.float64).sum(0)
     t = dict(zip(_SUMS, sum_over_step(totals, ctx, over_tp=True).tolist()))
     n = max(t["pairs"], 1.0)

@@ -38,6 +38,7 @@ from megatron_r1v.checkpoint.manifest import hash_file
 from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import PairLoader
 from megatron_r1v.data.packing import pack_pairs
+from megatron_r1v.models.r1v.context_parallel import packing_multiple
 from megatron_r1v.data.schema import PreferenceRecord
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.mpo_step import sequence_sums
@@ -63,15 +64,19 @@ def _tree_stats(root: Path) -> list:
     return [[str(p.relative_to(root)), *_stat(p)[1:]] for p in sorted(root.rglob("*")) if p.is_file()]
 
 
-def cache_inputs(cfg: RunConfig, ctx: ParallelContext, records: Sequence[PreferenceRecord]) -> dict:
-    """Everything the reference log-probs depend on, as plain data (hashed into the key)."""
+def cache_inputs(cfg: RunConfig, ctx: ParallelContext, records: Sequence[PreferenceRecord],
+                 init_layout: Optional[dict] = None) -> dict:
+    """Everything the reference log-probs depend on, as plain data (hashed into the key).
+    ``init_layout``: the TP/PP of the run that drew the random initial weights (a resumed run
+    at another layout; default this run's)."""
     images = sorted({p for r in records for p in r.images})
     tokenizer = Path(cfg.data.tokenizer)
     checkpoint: object
     if cfg.model.checkpoint:
         checkpoint = {"path": str(Path(cfg.model.checkpoint).resolve()), "files": _tree_stats(Path(cfg.model.checkpoint))}
     else:  # random weights depend on the seed and on how they were split over ranks
-        checkpoint = {"random_init_seed": cfg.train.seed, "tp": ctx.tp, "pp": ctx.pp}
+        layout = init_layout or {"tp": ctx.tp, "pp": ctx.pp}
+        checkpoint = {"random_init_seed": cfg.train.seed, "tp": layout["tp"], "pp": layout["pp"]}
     return {
         "data": {"path": str(Path(cfg.data.train_path).resolve()), "sha256": _file_digest(Path(cfg.data.train_path)),
                  "images": [_stat(p) for p in images], "format": cfg.mpo.data_format,
@@ -141,10 +146,11 @@ def _chunks(indices: list[int], size: int) -> Iterable[list[int]]:
 
 
 def compute_reference_logprobs(model, loader: PairLoader, ctx: ParallelContext, token_budget: int,
-                               chunk_pairs: int = 64) -> ReferenceLogprobs:
+                               chunk_pairs: int = 64, seq_multiple: int = 1) -> ReferenceLogprobs:
     """Summed log-probs of every pair's chosen and rejected response under ``model`` as it
     is now (collective over all ranks; every rank gets the whole dict). Pairs that are
-    bad samples (on_bad_sample=skip) are left out, as the loader leaves them out later."""
+    bad samples (on_bad_sample=skip) are left out, as the loader leaves them out later.
+    ``seq_multiple``: context parallelism's per-sample padding (``data.packing``)."""
     mine = list(range(ctx.dp_rank, len(loader.records), ctx.dp))
     skipped_before = loader.cursor.skipped  # training counts its own skips
     local: ReferenceLogprobs = {}
@@ -152,7 +158,7 @@ def compute_reference_logprobs(model, loader: PairLoader, ctx: ParallelContext, 
     for chunk in _chunks(mine, chunk_pairs):
         items = [it for it in (loader.prepare(loader.records[i]) for i in chunk) if it is not None]
         if items:
-            packed = pack_pairs(items, token_budget, pipeline=ctx.pp > 1)
+            packed = pack_pairs(items, token_budget, pipeline=ctx.pp > 1, seq_multiple=seq_multiple)
             logprobs = compute_logprobs(model, [packed_batch(mb) for mb in packed], ctx)
             if ctx.is_last_stage:
                 for mb, (lp, _) in zip(packed, logprobs):
@@ -174,12 +180,14 @@ def compute_reference_logprobs(model, loader: PairLoader, ctx: ParallelContext, 
     return out
 
 
-def reference_logprobs(cfg: RunConfig, ctx: ParallelContext, model, loader: PairLoader) -> ReferenceLogprobs:
+def reference_logprobs(cfg: RunConfig, ctx: ParallelContext, model, loader: PairLoader,
+                       init_layout: Optional[dict] = None) -> ReferenceLogprobs:
     """The cached values for this run's inputs, or freshly computed (and cached) ones.
-    Call before any optimizer step: the model's weights must be the initial policy's."""
+    Call before any optimizer step: the model's weights must be the initial policy's.
+    ``init_layout``: see :func:`cache_inputs` (a run resumed at another TP/PP)."""
     cache_dir = cfg.mpo.reference_cache or (str(Path(cfg.train.save_dir) / "reference_logprobs")
                                             if cfg.train.save_dir else None)
-    inputs = cache_inputs(cfg, ctx, loader.records) if cache_dir else None
+    inputs = cache_inputs(cfg, ctx, loader.records, init_layout) if cache_dir else None
     key = cache_key(inputs) if inputs else None
     if cache_dir:
         try:
@@ -195,8 +203,17 @@ def reference_logprobs(cfg: RunConfig, ctx: ParallelContext, model, loader: Pair
         if ctx.rank == 0 and any(Path(cache_dir).glob(f"{PREFIX}*.npz")):
             print(f"reference log-probs: the cache in {cache_dir} is stale (data, checkpoint or settings "
                   "changed); recomputing", flush=True)
+    drawn_at = {k: (init_layout or {}).get(k, v) for k, v in (("tp", ctx.tp), ("pp", ctx.pp))}
+    if not cfg.model.checkpoint and drawn_at != {"tp": ctx.tp, "pp": ctx.pp}:
+        # Megatron's random initialization depends on how the weights are split: the
+        # initial policy of a run started at another TP/PP cannot be drawn again here.
+        raise ValueError(f"reference log-probs: no cache for this run in {cache_dir}, and its random initial "
+                         f"weights were drawn at tp={drawn_at['tp']} pp={drawn_at['pp']} (this run: tp={ctx.tp} "
+                         f"pp={ctx.pp}); resume at that layout once (it rebuilds the cache), or start from a "
+                         "model.checkpoint")
     with torch.no_grad():
-        values = compute_reference_logprobs(model, loader, ctx, cfg.mpo.micro_batch_tokens)
+        seq_multiple = packing_multiple(ctx.cp, ctx.tp, cfg.parallel.sequence_parallel)
+        values = compute_reference_logprobs(model, loader, ctx, cfg.mpo.micro_batch_tokens, seq_multiple=seq_multiple)
     if cache_dir:
         if ctx.rank == 0:
             write_cache(Path(cache_dir), key, inputs, values)

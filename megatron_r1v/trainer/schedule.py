@@ -13,8 +13,13 @@ schedules, the reductions of per-step sums, and the optimizer step.
   :func:`forward_logits` are forward-only passes built on it.
 - :func:`sum_over_step` reduces a vector of per-rank sums to the step's totals: first
   along the pipeline (only the last stage computed them), then over data-parallel
-  replicas (which saw different micro-batches), optionally over TP (where the TP ranks
-  contributed one copy between them).
+  replicas (which saw different micro-batches) and over CP ranks (each summed its own
+  tokens of every row), optionally over TP (where the TP ranks contributed one copy
+  between them).
+- Context parallelism (``parallel.cp`` > 1): :func:`run_schedule` splits every packed row
+  over the CP ranks (:func:`split_for_cp`, ``models.r1v.context_parallel``); the loss
+  functions see this rank's tokens (``[1, L_padded / cp]`` per-token fields, ``cu_seqlens``
+  of the local row), :func:`compute_logprobs` and :func:`forward_logits` gather the rows back.
 - :func:`optimizer_step` zeroes the gradients, runs a forward/backward, steps the
   optimizer, and refuses non-finite gradients (:func:`gradients_finite`) or a skipped
   update, leaving the weights untouched.
@@ -35,6 +40,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_r1v.data.packing import PackedMicroBatch
 from megatron_r1v.data.template import IGNORE_INDEX
 from megatron_r1v.kernels import vocab_parallel_logprobs
+from megatron_r1v.models.r1v import context_parallel as cpx
 from megatron_r1v.platform import ParallelContext
 
 Result = TypeVar("Result")
@@ -67,12 +73,22 @@ def causal_lm_microbatch(tokens_BS: torch.Tensor, labels_BS: Optional[torch.Tens
     }
 
 
-def packed_seq_params(cu_seqlens: Optional[torch.Tensor], device: torch.device) -> Optional[PackedSeqParams]:
+def packed_seq_params(cu_seqlens: Optional[torch.Tensor], device: torch.device,
+                      cu_seqlens_padded: Optional[torch.Tensor] = None) -> Optional[PackedSeqParams]:
     """Megatron's THD description of a packed row ``[1, L]`` from its segment bounds
     (``None`` for unpacked batches). ``cu_seqlens`` is read on the host: the max length
-    must be a Python int, and taking it from a GPU tensor would synchronize."""
+    must be a Python int, and taking it from a GPU tensor would synchronize.
+
+    ``cu_seqlens_padded``: with context parallelism, the global bounds of the padded layout
+    (``cu_seqlens`` then holds the global real lengths): TE's THD attention takes both, and
+    Megatron's RoPE reads the padded ones; the max length is the longest padded segment."""
     if cu_seqlens is None:
         return None
+    if cu_seqlens_padded is not None:
+        max_padded = int((cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).max())
+        cu, cu_padded = (c.to(device=device, dtype=torch.int32) for c in (cu_seqlens, cu_seqlens_padded))
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                               cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_padded, max_seqlen_kv=max_padded)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
@@ -96,19 +112,50 @@ def row_logits(logits_BLv: torch.Tensor) -> torch.Tensor:
     return logits_BLv[0]
 
 
+def split_for_cp(model, microbatches: Sequence[dict], ctx: ParallelContext) -> tuple[list[dict], list]:
+    """This CP rank's micro-batch dicts and each row's :class:`~cpx.CPLayout` (module doc).
+
+    Segments are padded to ``2 * cp`` (times TP under sequence parallelism, read from the
+    model's config); with pipeline parallelism every row is padded to the longest padded
+    row, as the stages exchange one activation shape."""
+    config = getattr(model, "config", None)
+    multiple = cpx.cp_token_multiple(ctx.cp, ctx.tp, bool(getattr(config, "sequence_parallel", False)))
+    layouts = [cpx.plan_layout(mb["cu_seqlens"], ctx.cp, multiple) if "cu_seqlens" in mb else None
+               for mb in microbatches]
+    if any(layout is None for layout in layouts):
+        raise ValueError("parallel.cp > 1 splits packed rows (cu_seqlens); a micro-batch of unpacked rows "
+                         "cannot be split over context-parallel ranks")
+    target = max(layout.padded_length for layout in layouts) if ctx.pp > 1 else 0
+    split = [cpx.split_microbatch(mb, ctx.cp, ctx.cp_rank, multiple, target) for mb in microbatches]
+    return [batch for batch, _ in split], [layout for _, layout in split]
+
+
+def _model_inputs(batch: dict, host_batch: dict, device: torch.device) -> tuple[tuple, dict]:
+    kwargs = {"pixel_values": batch.get("pixel_values")}
+    if cpx.CP_INDEX in batch:  # only then: models without the argument run unsplit rows
+        kwargs["cp_index"] = batch[cpx.CP_INDEX]
+        kwargs["packed_seq_params"] = packed_seq_params(host_batch[cpx.CP_CU_SEQLENS], device,
+                                                        host_batch[cpx.CP_CU_SEQLENS_PADDED])
+    else:
+        kwargs["packed_seq_params"] = packed_seq_params(host_batch.get("cu_seqlens"), device)
+    return (batch["tokens"], batch["position_ids"]), kwargs
+
+
 def run_schedule(model, microbatches: Sequence[dict], ctx: ParallelContext, loss_func: Callable,
                  forward_only: bool) -> list:
     """Runs Megatron's schedule over the micro-batch dicts; ``loss_func(batch, logits)`` is
-    called on the last stage and returns ``(loss, {name: tensor})``."""
+    called on the last stage and returns ``(loss, {name: tensor})``. With ``parallel.cp`` > 1
+    rows not yet split are split here (:func:`split_for_cp`)."""
     if not microbatches:
         raise ValueError("no micro-batches on this rank: every data-parallel rank needs at least one sample")
+    if ctx.cp > 1 and not all(cpx.CP_INDEX in mb for mb in microbatches):
+        microbatches, _ = split_for_cp(model, microbatches, ctx)
 
     def forward_step(data_iterator: Iterator[dict], stage_model: torch.nn.Module):
         host_batch = next(data_iterator)
         batch = {k: v.to(ctx.device) for k, v in host_batch.items()}
-        output = stage_model(batch["tokens"], batch["position_ids"], pixel_values=batch.get("pixel_values"),
-                             packed_seq_params=packed_seq_params(host_batch.get("cu_seqlens"), ctx.device))
-        return output, partial(loss_func, batch)
+        args, kwargs = _model_inputs(batch, host_batch, ctx.device)
+        return stage_model(*args, **kwargs), partial(loss_func, batch)
 
     # A 1F1B pipeline sends one activation shape between stages: packed rows must all
     # have the schedule's length (pad them to the token budget).
@@ -124,10 +171,14 @@ def run_schedule(model, microbatches: Sequence[dict], ctx: ParallelContext, loss
 
 
 def sum_over_step(values: Sequence[float] | torch.Tensor, ctx: ParallelContext, over_tp: bool = False) -> torch.Tensor:
-    """This rank's sums (fp64), summed along the pipeline, then over DP (and TP): the step's totals on every rank."""
+    """This rank's sums (fp64), summed along the pipeline, then over DP and CP (and TP): the
+    step's totals on every rank. CP ranks contribute sums over their own tokens; a value every
+    CP rank holds whole must be given by one of them (``ctx.cp_rank == 0``)."""
     totals = torch.as_tensor(values, dtype=torch.float64).to(ctx.device)
     dist.all_reduce(totals, group=ctx.pp_group)
     dist.all_reduce(totals, group=ctx.dp_group)
+    if ctx.cp > 1:
+        dist.all_reduce(totals, group=ctx.cp_group)
     if over_tp:
         dist.all_reduce(totals, group=ctx.tp_group)
     return totals.cpu()
@@ -196,9 +247,15 @@ def compute_logprobs(model, microbatches: Sequence[dict], ctx: ParallelContext, 
     micro-batch, and optionally the entropy; on the last pipeline stage (other stages get
     an empty list)."""
     collected: list = []
+    layouts: list = []
+    if ctx.cp > 1:
+        microbatches, layouts = split_for_cp(model, microbatches, ctx)
     with torch.no_grad():
         run_schedule(model, microbatches, ctx, partial(_keep_logprobs, temperature, ctx, collected, want_entropy),
                      forward_only=True)
+    if layouts and collected:  # this rank's tokens of each row -> the whole row, on every CP rank
+        collected = [tuple(None if t is None else cpx.gather_row(t, layout, ctx.cp_group) for t in pair)
+                     for pair, layout in zip(collected, layouts)]
     return [(lp.cpu(), None if h is None else h.cpu()) for lp, h in collected]
 
 
@@ -209,10 +266,16 @@ def _keep_logits(kept: list, batch: dict, logits_BSv: torch.Tensor):
 
 def forward_logits(model, microbatches: Sequence[dict], ctx: ParallelContext) -> list[torch.Tensor]:
     """This rank's vocab-parallel logits ``[B, S, V_pad/tp]`` of each micro-batch (last
-    pipeline stage; other stages get an empty list). For checks: training never keeps them."""
+    pipeline stage; other stages get an empty list), whole rows under context parallelism.
+    For checks: training never keeps them."""
     kept: list = []
+    layouts: list = []
+    if ctx.cp > 1:
+        microbatches, layouts = split_for_cp(model, microbatches, ctx)
     with torch.no_grad():
         run_schedule(model, microbatches, ctx, partial(_keep_logits, kept), forward_only=True)
+    if layouts and kept:
+        kept = [cpx.gather_row(logits[0], layout, ctx.cp_group)[None] for logits, layout in zip(kept, layouts)]
     return kept
 
 

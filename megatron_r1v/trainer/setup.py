@@ -35,7 +35,7 @@ from megatron_r1v.models.r1v.spec import (
 )
 from megatron_r1v.models.r1v.vision import InternViT, vision_transformer_config
 from megatron_r1v.platform import ParallelContext
-from megatron_r1v.validation import check_model_on_machine
+from megatron_r1v.validation import check_context_parallel_arch, check_model_on_machine
 
 
 @dataclass
@@ -61,21 +61,29 @@ def build_model_stage(
     layout: HFLayout,
     sequence_parallel: bool = False,
     meta_device: bool = False,
+    cp_comm_type: str = "p2p",
 ) -> ModelStage:
     """Builds this rank's :class:`R1VModel` stage (vision + adapter on the first stage only).
 
     ``meta_device``: build under ``torch.device("meta")`` for shape and size queries;
-    weights are neither initialized nor moved.
+    weights are neither initialized nor moved. ``cp_comm_type``: ``parallel.cp_comm_type``
+    (context parallelism's size is ``ctx.cp``). Megatron's DDP and distributed optimizer
+    take their groups from its parallel state: gradients are reduced, and optimizer state
+    sharded, over DP x CP (``wrap_ddp``).
     """
     on_cpu = ctx.device.type == "cpu"
-    parallel = ParallelConfig(tp=ctx.tp, pp=ctx.pp, cp=ctx.cp, sequence_parallel=sequence_parallel)
+    parallel = ParallelConfig(tp=ctx.tp, pp=ctx.pp, cp=ctx.cp, sequence_parallel=sequence_parallel,
+                              cp_comm_type=cp_comm_type)
     backend = check_model_on_machine(model_cfg, parallel, ctx.device.type)
     arch.check_parallel(ctx.tp, ctx.pp)
+    check_context_parallel_arch(arch, parallel)
     fp8 = fp8_transformer_kwargs(model_cfg.fp8, backend)
     config = decoder_transformer_config(
         arch.decoder, tp=ctx.tp, pp=ctx.pp, sequence_parallel=sequence_parallel,
         params_dtype=model_cfg.params_dtype, backend=backend, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8,
         recompute_kwargs=recompute_transformer_kwargs(model_cfg, arch.decoder.num_layers // ctx.pp),
+        # Shapes do not depend on CP: a meta build (sizes only, local backend) leaves it out.
+        cp=1 if meta_device else ctx.cp, cp_comm_type=cp_comm_type,
     )
     config.perform_initialization = not meta_device
     shard_spec = ShardSpec.for_model(arch, ctx.tp, model_cfg.make_vocab_size_divisible_by, model_cfg.vocab_pad_tp)
@@ -118,7 +126,9 @@ def build_model_stage(
 def wrap_ddp(
     model: torch.nn.Module, config: TransformerConfig, *, use_distributed_optimizer: bool = False
 ) -> DistributedDataParallel:
-    """Megatron DDP: contiguous fp32 grad buffers (``param.main_grad``), averaged over DP."""
+    """Megatron DDP: contiguous fp32 grad buffers (``param.main_grad``), averaged over DP x CP
+    (Megatron's default ``dp_cp_group``; its schedule multiplies each CP rank's loss by the CP
+    size, so the CP ranks' gradients add up)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -25,6 +25,7 @@ from megatron_r1v.config import RunConfig
 from megatron_r1v.data.loader import SFTItem, SFTLoader
 from megatron_r1v.data.packing import pack_conversations
 from megatron_r1v.data.template import IGNORE_INDEX
+from megatron_r1v.models.r1v.context_parallel import packing_multiple
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
 from megatron_r1v.trainer.schedule import optimizer_step
@@ -69,8 +70,10 @@ class SFTTrainer:
         lr = float(self.optimizer.param_groups[0]["lr"])
         items = self._next_items()
         targets, tokens = step_counts(items, ctx)
+        seq_multiple = packing_multiple(ctx.cp, ctx.tp, self.cfg.parallel.sequence_parallel)
         microbatches = [make_sft_microbatch(mb) for mb in
-                        pack_conversations(items, self.cfg.sft.micro_batch_tokens, pipeline=ctx.pp > 1)]
+                        pack_conversations(items, self.cfg.sft.micro_batch_tokens, pipeline=ctx.pp > 1,
+                                           seq_multiple=seq_multiple)]
         try:
             result, grad_norm = optimizer_step(
                 self.ddp, self.optimizer, lambda: sft_forward_backward(self.ddp, microbatches, ctx, targets),

@@ -13,6 +13,9 @@ summed NLL / N, multiplied by the number of micro-batches and the DP size, which
 schedule (a mean over micro-batches) and DDP (a mean over DP ranks) divide by again; so the
 gradient is that of the token mean, whatever the packing and layout. The reported loss is
 the same quantity, from the per-rank sums reduced with :func:`trainer.schedule.sum_over_step`.
+With context parallelism each CP rank's loss covers its own tokens of the row (the schedule
+splits it); Megatron's schedule multiplies it by the CP size and DDP averages over DP x CP, so
+the same ``len(microbatches) * dp`` scale gives the gradient of the token mean.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def sft_forward_backward(model, microbatches: list[dict], ctx: ParallelContext, 
     scale = float(len(microbatches) * ctx.dp)
     run_schedule(model, microbatches, ctx, partial(_sft_loss_func, step_tokens, ctx, scale, sums), forward_only=False)
     totals = torch.zeros(len(_SUMS), dtype=torch.float64)
-    if ctx.is_last_stage and ctx.tp_rank == 0 and sums:  # TP ranks compute the same sums: count one of them
+    # TP ranks compute the same sums: count one of them. CP ranks sum their own tokens of each
+    # row (the NLL is a token sum), so every CP rank counts; sum_over_step adds them up.
+    if ctx.is_last_stage and ctx.tp_rank == 0 and sums:
         totals = torch.tensor(sums, dtype=torch.float64).sum(0)
     t = dict(zip(_SUMS, sum_over_step(totals, ctx, over_tp=True).tolist()))
     assert int(t["tokens"]) == step_tokens, f"the step's rows hold {t['tokens']} assistant tokens, not {step_tokens}"

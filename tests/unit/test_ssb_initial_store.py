@@ -61,7 +61,7 @@ def _trainer(store, min_reward_std=0.0, dp=(0, 1), prompts=4, **ssb):
         return prompt_id
 
     loader = SimpleNamespace(template=_template(), record=record)
-    ctx = SimpleNamespace(rank=0, dp_rank=dp[0], dp=dp[1], device=torch.device("cpu"))
+    ctx = SimpleNamespace(rank=0, dp_rank=dp[0], dp=dp[1], tp=1, cp=1, device=torch.device("cpu"))
     return GRPOTrainer(cfg, ctx, None, None, None, loader, None, SelectiveSampleBuffer(cfg.ssb), None, None)
 
 

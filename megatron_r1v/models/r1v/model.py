@@ -35,10 +35,18 @@ def decoder_transformer_config(
     on_cpu: bool = False,
     fp8_kwargs: Optional[dict] = None,
     recompute_kwargs: Optional[dict] = None,
+    cp: int = 1,
+    cp_comm_type: str = "p2p",
 ) -> TransformerConfig:
-    """Megatron TransformerConfig of a Qwen2 decoder (RMSNorm, QKV bias, SwiGLU, GQA)."""
+    """Megatron TransformerConfig of a Qwen2 decoder (RMSNorm, QKV bias, SwiGLU, GQA).
+
+    ``cp`` > 1: context parallelism in TE's attention (Megatron's ``TEDotProductAttention``
+    passes ``cp_group``, ``cp_global_ranks``, ``cp_stream`` and ``cp_comm_type`` to TE when
+    ``context_parallel_size`` > 1); only the decoder's config carries it, the vision tower
+    attends within tiles that every CP rank encodes whole."""
     arch.check_parallel(tp, pp)
     fused = not on_cpu and backend == "te"
+    cp_kwargs = {"context_parallel_size": cp, "cp_comm_type": cp_comm_type} if cp > 1 else {}
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -54,6 +62,7 @@ def decoder_transformer_config(
         activation_func=F.silu,
         bias_activation_fusion=fused,
         sequence_parallel=sequence_parallel,
+        **cp_kwargs,
         **shared_config_kwargs(
             tp=tp, pp=pp, dtype=TORCH_DTYPES[params_dtype], on_cpu=on_cpu, fused_kernels=fused, fp8_kwargs=fp8_kwargs,
             recompute_kwargs=recompute_kwargs,
@@ -130,6 +139,11 @@ class R1VModel(MegatronModule):
     ``[1, L]`` attend within each sample, and rotary positions restart at every sample.
     Returns masked vocab-parallel logits ``[B, S, V_pad / tp]`` on the last stage and
     hidden states ``[S, B, H]`` elsewhere.
+
+    Context parallelism: ``input_ids`` is the whole row in the padded layout and
+    ``cp_index`` this CP rank's positions in it (``models.r1v.context_parallel``); the first
+    stage embeds the whole row and scatters the image features, then keeps those positions,
+    so S is ``len(cp_index)`` from the decoder on.
     """
 
     def __init__(
@@ -188,6 +202,7 @@ class R1VModel(MegatronModule):
         position_ids: torch.Tensor,
         pixel_values: Optional[torch.Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
+        cp_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         decoder_input = None
         if self.pre_process:
@@ -196,6 +211,8 @@ class R1VModel(MegatronModule):
                 embeds_SBH = self._scatter_images(embeds_SBH, input_ids, self.image_embeddings(pixel_values))
             elif self.arch.image_token_id is not None and bool((input_ids == self.arch.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            if cp_index is not None:  # after the scatter: image features land where their tokens are
+                embeds_SBH = embeds_SBH.index_select(0, cp_index.to(embeds_SBH.device))
             if self.config.sequence_parallel:
                 embeds_SBH = tensor_parallel.scatter_to_sequence_parallel_region(embeds_SBH)
             decoder_input = embeds_SBH
