@@ -224,23 +224,6 @@ def test_resume_is_bit_identical(tmp_path, reward_tools, served_12, grpo_full):
     assert any(not torch.equal(start.read(k), a.read(k)) for k in a.keys() if "adapter" in k)  # it trained
 
 
-def test_pipeline_and_data_parallel_layouts_train(tmp_path, reward_tools):
-    """PP=2 (stage 0 rolls out, the last stage holds the loss) and DP=2 (one engine per
-    replica, every other prompt each): 2 steps each with real advantages and a KL term."""
-    with served_reward(tmp_path, reward_tools, 8, seed=1) as reward_args:
-        # Every group with any spread counts (the criterion is test_four_grpo_steps...'s): this
-        # test is about the layouts training, each step with real advantages.
-        common = [*reward_args, "--set", "grpo.kl_beta=0.05", "--set", "parallel.tp=1", "--set", "rollout.n_samples=3",
-                  "--set", "ssb.min_reward_std=0"]
-        for name, layout in (("pp2", ["--set", "parallel.pp=2"]), ("dp2", [])):
-            _run(tmp_path, name, 2, *common, *layout)
-            metrics = _metrics(tmp_path, name)
-            assert [m["step"] for m in metrics] == [0, 1], name
-            assert all(m["train/grpo_loss"] != 0.0 and m["ssb/effective_ratio_fresh"] == 1.0 for m in metrics), name
-            assert metrics[0]["train/kl"] == 0.0 and metrics[1]["train/kl"] > 0.0, name
-            assert metrics[0]["train/entropy"] > 0.0, name
-
-
 def test_prompt_pool_store_seeds_the_grpo_buffer(tmp_path, reward_tools):
     """The offline prompt pool, scored with the run's reward (the served image-aware model and
     the run's ssb.min_reward_std), writes its effective groups into an SSB store; a GRPO run
@@ -279,10 +262,11 @@ def test_resume_at_other_layouts(tmp_path, served_12, grpo_full):
     parameter: adapter-only training) and at TP=1 x DP=2 and keeps training: the model,
     Adam's state, the KL reference weights and the SSB are read in the new layout's pieces
     (trainer/checkpoint.py). At PP=2 the one engine samples from the same weights, so the
-    run continues as the uninterrupted one: fp32 in other summation orders. Measured: the
-    loss (~1e-3, a sum of cancelling terms) 1.5e-8 apart (1.2e-5 relative), the engine gap
-    metric (~1e-7 itself) 7.5e-8 apart, everything else within 6e-6 relative; so rel 2e-5
-    with an absolute floor of 5e-7 (a different state moves the loss by ~1e-3). At DP=2
+    run continues as the uninterrupted one, also after going back to TP=2 for the last step:
+    fp32 in other summation orders. Measured over steps 4-6: the loss (~1e-3, a sum of
+    cancelling terms) at most 2.2e-8 apart (1.6e-5 relative), the engine gap metric (~1e-7
+    itself) 7.5e-8 apart, everything else within 3e-6 relative; so rel 2e-5 with an absolute
+    floor of 5e-7 (a different state moves the loss by ~1e-3). At DP=2
     each replica samples its share of the prompts on its own engine with the step's seed:
     other responses, so the check is that training goes on from the restored state."""
     import torch
@@ -296,14 +280,15 @@ def test_resume_at_other_layouts(tmp_path, served_12, grpo_full):
         (tmp_path / name).mkdir()
         shutil.copytree(grpo_full / "full" / "step_000003", tmp_path / name / "step_000003")
         (tmp_path / name / "latest").write_text("step_000003\n")
-        proc = _run(tmp_path, name, 6, *reward_args, "--resume", *sets, "--stop-after", "2", inputs=inputs)
+        steps = "2" if name == "pp2" else "1"
+        proc = _run(tmp_path, name, 6, *reward_args, "--resume", *sets, "--stop-after", steps, inputs=inputs)
         assert "after step 3" in proc.stdout and "saved at {'tp': 2, 'pp': 1, 'dp': 1" in proc.stdout
     # PP=2 -> PP=1: the PP=2 run's checkpoint of step 5 back at the recipe's TP=2 for the last step.
     back = _run(tmp_path, "pp2", 6, *reward_args, "--resume", inputs=inputs)
     assert "after step 5" in back.stdout and "saved at {'tp': 1, 'pp': 2, 'dp': 1" in back.stdout
     for name in layouts:
         resumed = _metrics(tmp_path, name)
-        assert [m["step"] for m in resumed] == ([3, 4, 5] if name == "pp2" else [3, 4])
+        assert [m["step"] for m in resumed] == ([3, 4, 5] if name == "pp2" else [3])
         assert all(m["ssb/size"] > 0 for m in resumed)  # the buffer came along
         if name == "pp2":
             for a, b in zip(full[3:], resumed):
@@ -311,11 +296,11 @@ def test_resume_at_other_layouts(tmp_path, served_12, grpo_full):
                 assert {k: v for k, v in b.items() if not k.startswith("perf/")} == pytest.approx(
                     expected, rel=2e-5, abs=5e-7), a["step"]
         else:
-            assert any(m["train/grpo_loss"] != 0.0 for m in resumed) and resumed[-1]["train/kl"] > 0.0
+            assert resumed[0]["train/grpo_loss"] != 0.0 and resumed[0]["train/kl"] > 0.0
     # Both continued from the step-3 weights: the reference (the KL's anchor) is the run's start.
     start = TorchDistReader(grpo_full / "full" / "step_000003" / "state")
     for name in layouts:
-        end = TorchDistReader(tmp_path / name / ("step_000006" if name == "pp2" else "step_000005") / "state")
+        end = TorchDistReader(tmp_path / name / ("step_000006" if name == "pp2" else "step_000004") / "state")
         refs = sorted(k for k in start.keys() if k.startswith("reference/"))
         assert refs and refs == sorted(k for k in end.keys() if k.startswith("reference/"))
         assert all(torch.equal(start.read(k), end.read(k)) for k in refs), name
