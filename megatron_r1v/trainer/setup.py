@@ -93,21 +93,7 @@ def build_model_stage(
     )
     vision = adapter = None
     if arch.vision is not None and ctx.is_first_stage:
-        vision_config = vision_transformer_config(
-            arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu or meta_device, fp8_kwargs=fp8,
-            recompute_kwargs=recompute_transformer_kwargs(model_cfg, arch.vision.num_layers),
-        )
-        vision_config.perform_initialization = not meta_device
-        vision = InternViT(
-            arch.vision, vision_config,
-            vision_layer_spec(backend, real_width=arch.vision.hidden_size, tp_group=ctx.tp_group),
-        )
-        assert arch.adapter is not None
-        adapter = VisionAdapter(
-            arch.adapter, arch.adapter_input_size,
-            adapter_transformer_config(config, arch.decoder.hidden_size, arch.adapter),
-            adapter_mlp_submodules(backend),
-        )
+        vision, adapter = _build_vision_and_adapter(arch, ctx, model_cfg, config, backend, fp8, on_cpu or meta_device)
     model = R1VModel(arch, language_model, vision=vision, adapter=adapter, tp_rank=ctx.tp_rank)
     if not meta_device:
         model.to(ctx.device)
@@ -121,6 +107,28 @@ def build_model_stage(
         stage_maps=model_stage_maps(arch, ctx, layout, backend),
         trainable=trainable,
     )
+
+
+def _build_vision_and_adapter(arch: R1VArch, ctx: ParallelContext, model_cfg: ModelConfig, config, backend: str,
+                              fp8: dict, on_cpu: bool) -> tuple:
+    """The first stage's InternViT and MLP adapter (``on_cpu``: CPU or meta build, no CUDA init)."""
+    meta_device = not config.perform_initialization
+    vision_config = vision_transformer_config(
+        arch.vision, tp=ctx.tp, params_dtype=config.params_dtype, on_cpu=on_cpu, fp8_kwargs=fp8,
+        recompute_kwargs=recompute_transformer_kwargs(model_cfg, arch.vision.num_layers),
+    )
+    vision_config.perform_initialization = not meta_device
+    vision = InternViT(
+        arch.vision, vision_config,
+        vision_layer_spec(backend, real_width=arch.vision.hidden_size, tp_group=ctx.tp_group),
+    )
+    assert arch.adapter is not None
+    adapter = VisionAdapter(
+        arch.adapter, arch.adapter_input_size,
+        adapter_transformer_config(config, arch.decoder.hidden_size, arch.adapter),
+        adapter_mlp_submodules(backend),
+    )
+    return vision, adapter
 
 
 def wrap_ddp(
