@@ -226,7 +226,7 @@ def _loop(cfg: RunConfig, args, trainer, ctx, stopper, scheduler, progress: _Pro
 def _metrics_logger(cfg: RunConfig, ctx, jsonl_path: Optional[str]):
     from megatron_r1v.trainer.metrics import MetricsLogger, stage_tags
 
-    tags = stage_tags(cfg.train.stage, tis=cfg.rollout.tis_cap is not None, device=ctx.device)
+    tags = stage_tags(cfg.train.stage, tis=cfg.rollout.effective_tis_cap is not None, device=ctx.device)
     return MetricsLogger(tags, stage=cfg.train.stage, total_steps=cfg.train.steps,
                          log_interval=cfg.logging.log_interval, device=ctx.device, is_rank0=ctx.rank == 0,
                          tensorboard_dir=cfg.logging.tensorboard_dir, jsonl_path=jsonl_path)

@@ -80,6 +80,7 @@ def validate_config(cfg: "RunConfig") -> "RunConfig":
     check_reward_config(cfg.reward, has_scorer=True, max_new_tokens=cfg.rollout.max_new_tokens)
     check_ssb_config(cfg.ssb)
     _check_grpo(cfg.grpo, cfg.train.seq_length if cfg.train.stage == "grpo" else None, cfg.ssb)
+    _check_rollout_mode(cfg)
     _check_mpo(cfg.mpo, cfg.train.seq_length if cfg.train.stage == "mpo" else None)
     _check_sft(cfg.sft, cfg.train.seq_length if cfg.train.stage == "sft" else None)
     _check_logging(cfg.logging)
@@ -322,6 +323,36 @@ def _check_grpo_switches(g: "GRPOConfig", ssb: Optional["SSBConfig"]) -> None:
                          f"ssb.target_effective_ratio={ssb.target_effective_ratio:g}) are alternatives for the same "
                          "ablation: set ssb.enabled=false (or ssb.target_effective_ratio=0), or grpo.dynamic_sampling"
                          "=false")
+
+
+def _check_rollout_mode(cfg: "RunConfig") -> None:
+    """``rollout.mode`` and ``rollout.engine_gpu_offset``; async rollout against the switches it cannot serve."""
+    r = cfg.rollout
+    if r.mode not in ("sync", "async"):  # a config built in code skips the loader's Literal check
+        raise ValueError(f"rollout.mode must be 'sync' or 'async', got {r.mode!r}")
+    if isinstance(r.engine_gpu_offset, bool) or not isinstance(r.engine_gpu_offset, int):
+        raise ValueError(f"rollout.engine_gpu_offset must be an integer >= 0, got {r.engine_gpu_offset!r}")
+    _at_least("rollout.engine_gpu_offset", r.engine_gpu_offset, 0)
+    if r.mode == "async" and cfg.grpo.dynamic_sampling:
+        raise ValueError("rollout.mode=async and grpo.dynamic_sampling=true: dynamic sampling's extra rounds "
+                         "sample from the current policy while step k trains from the previous one's; use "
+                         "rollout.mode=sync for dynamic sampling, or grpo.dynamic_sampling=false")
+
+
+def check_async_engine_gpus(rollout: "RolloutConfig", local_gpu: int, engine_gpus: int, local_ranks: int,
+                            visible_gpus: int) -> int:
+    """The first GPU of an async engine whose owner trains on local GPU ``local_gpu``: the
+    engines get GPUs of their own (``rollout.engine_gpu_offset``) on the owner's node."""
+    first = local_gpu + rollout.engine_gpu_offset
+    if rollout.engine_gpu_offset < local_ranks:
+        raise ValueError(f"rollout.mode=async on GPUs: rollout.engine_gpu_offset={rollout.engine_gpu_offset} puts "
+                         f"the engine on GPUs the {local_ranks} trainer ranks of this node use; set it to at least "
+                         f"{local_ranks} (the engines get the node's GPUs after the trainer's)")
+    if first + engine_gpus > visible_gpus:
+        raise ValueError(f"rollout.mode=async: the engine of the replica on local GPU {local_gpu} needs GPUs "
+                         f"{first}..{first + engine_gpus - 1} (rollout.engine_gpu_offset="
+                         f"{rollout.engine_gpu_offset}), but this node has {visible_gpus}")
+    return first
 
 
 def _check_mpo(m: "MPOConfig", seq_length: Optional[int]) -> None:

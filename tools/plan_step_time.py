@@ -1,14 +1,15 @@
 """Predicted step time of a run config on N GPUs: per phase, tokens/s/GPU, MFU.
 
     python tools/plan_step_time.py --config examples/configs/r1v2_38b_grpo.yaml --gpus 64
-        [--gpu h100-sxm|h200|h20|a100-sxm] [--json] [--calibration gpu_check.json]
+        [--gpu h100-sxm|h200|h20|a100-sxm] [--framework megatron-te|fsdp-hf] [--json] [--calibration gpu_check.json]
         [--set efficiency.decode_bw=0.5] [--set assume.mean_response_frac=0.3] [--set rollout.n_samples=16]
     python tools/plan_step_time.py --config ... --gpus 64 --sensitivity [--out docs/step_time_sensitivity.png]
     python tools/plan_step_time.py --validate [--json]
 
 A model, not a measurement: the equations, the hardware table with its sources, the
 efficiency factors and the validation against published runs are in docs/step_time.md
-(megatron_r1v/step_time/). ``--set`` keys starting with ``efficiency.`` change a factor,
+(megatron_r1v/step_time/). ``--framework`` picks the training stack's efficiency profile (the
+default, megatron-te, is this project's); ``--set`` keys starting with ``efficiency.`` change a factor,
 ``assume.`` an assumption the recipe does not fix; every other key overrides the recipe.
 ``--calibration`` reads tools/gpu_check.sh's gpu_check.json (or a hand-written
 {"efficiency": {...}} file) measured on the same kind of GPU; --set wins over it.
@@ -69,13 +70,14 @@ def _validate(args) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
         return 0
     for r in rows:
-        print(f"{r.name[:70]:70s} {r.metric:22s} model {r.predicted:10.3f} published {r.published:10.3f} "
-              f"{100 * r.error:+6.0f}% {'ok' if r.within else 'OUTSIDE'}")
+        print(f"{r.name[:70]:70s} {r.framework:11s} {r.metric:20s} model {r.predicted:10.3f} "
+              f"published {r.published:10.3f} {100 * r.error:+6.0f}% {'ok' if r.within else 'OUTSIDE'}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     from megatron_r1v.step_time import GPUS
+    from megatron_r1v.step_time.hardware import FRAMEWORKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", default=[],
@@ -84,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="recipe override, efficiency.<factor>=x or assume.<name>=x (repeatable)")
     parser.add_argument("--gpus", type=int, help="GPUs of the job (world size)")
     parser.add_argument("--gpu", default="h100-sxm", choices=sorted(GPUS), help="GPU kind (hardware table)")
+    parser.add_argument("--framework", default="megatron-te", choices=sorted(FRAMEWORKS),
+                        help="training stack's efficiency profile (docs/step_time.md); default: this project's")
     parser.add_argument("--calibration", help="gpu_check.json (tools/gpu_check.sh) measured on this GPU kind")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--sensitivity", action="store_true", help="the main knobs' effect, as a table (+ --out PNG)")
@@ -94,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from megatron_r1v.config import load_config
-    from megatron_r1v.step_time import Assumptions, Efficiency, calibrate, gpu_spec, plan_step_time
+    from megatron_r1v.step_time import Assumptions, calibrate, gpu_spec, plan_step_time
+    from megatron_r1v.step_time.hardware import framework_efficiency
     from megatron_r1v.step_time.sensitivity import plot_sensitivity, sensitivity
 
     args = _parser().parse_args(argv)
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         if len(args.config) > 1 and not args.sensitivity:
             raise ValueError("give one --config (several only with --sensitivity)")
         overrides, eff_set, assume_set = _split_overrides(args.overrides)
-        eff = Efficiency()
+        eff = framework_efficiency(args.framework)
         if args.calibration:
             eff, _ = calibrate(args.calibration, gpu_spec(args.gpu), eff)
         eff, assume = eff.with_overrides(eff_set), Assumptions().with_overrides(assume_set)

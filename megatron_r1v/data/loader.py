@@ -118,8 +118,17 @@ class PromptLoader:
 
     def next_batch(self, n_prompts: int) -> list[PromptItem]:
         """This rank's share of the next ``n_prompts`` global prompts, prepared for rollout."""
+        return [item for _, item in self.next_share(n_prompts)]
+
+    def next_share(self, n_prompts: int) -> list[tuple[int, PromptItem]]:
+        """:meth:`next_batch` with each item's position in the global batch (this rank holds
+        positions ``dp_rank, dp_rank + dp_size, ...``; skipped records are left out). A batch
+        saved with its positions can be shared out again at another DP size
+        (``trainer/grpo_async.py``)."""
         mine = self.next_indices(n_prompts)[self.dp_rank::self.dp_size]
-        return [item for item in self.prepare_many([self.records[i] for i in mine]) if item is not None]
+        prepared = self.prepare_many([self.records[i] for i in mine])
+        positions = range(self.dp_rank, n_prompts, self.dp_size)
+        return [(p, item) for p, item in zip(positions, prepared, strict=True) if item is not None]
 
     def prepare_many(self, records: Sequence) -> list:
         """``prepare`` of each record (None where skipped), all their images tiled in one call."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_r1v.config import RunConfig
-from megatron_r1v.step_time.hardware import GPUS, Efficiency, GpuSpec, calibrate, gpu_spec
+from megatron_r1v.step_time.hardware import (FRAMEWORKS, GPUS, Efficiency, Framework, GpuSpec, calibrate,
+                                              framework_efficiency, gpu_spec)
 from megatron_r1v.step_time.plan import StepTime, predict, workload_from_config
 from megatron_r1v.step_time.workload import Assumptions, Workload
 
-__all__ = ["GPUS", "Assumptions", "Efficiency", "GpuSpec", "StepTime", "Workload", "calibrate", "gpu_spec",
-           "plan_step_time", "predict", "workload_from_config"]
+__all__ = ["FRAMEWORKS", "GPUS", "Assumptions", "Efficiency", "Framework", "GpuSpec", "StepTime", "Workload",
+           "calibrate", "framework_efficiency", "gpu_spec", "plan_step_time", "predict", "workload_from_config"]
 
 
 def plan_step_time(cfg: RunConfig, gpus: int, gpu: str = "h100-sxm", eff: Optional[Efficiency] = None,

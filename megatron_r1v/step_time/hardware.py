@@ -3,8 +3,10 @@
 Every hardware number names its source (a datasheet, or a measurement of this project);
 every efficiency factor is a field of :class:`Efficiency` with a default, changed with
 ``--set efficiency.<name>=<value>`` or a calibration file (:func:`calibrate`) that reads
-``tools/gpu_check.sh``'s ``gpu_check.json``. Nothing here is tuned per published run:
-``docs/step_time.md`` lists the one set of defaults next to every validation row.
+``tools/gpu_check.sh``'s ``gpu_check.json``. Nothing here is tuned per published run: the
+defaults describe Megatron-Core + TE, and a :class:`Framework` profile (another training
+stack) changes named factors, each fitted on ONE published row and checked on the others
+(``docs/step_time.md`` lists the factors, the profiles and the row that fitted each).
 """
 
 from __future__ import annotations
@@ -108,6 +110,41 @@ class Efficiency:
             if value < 0:
                 raise ValueError(f"efficiency.{key} must be >= 0, got {value}")
         return dataclasses.replace(self, **values)
+
+
+@dataclass(frozen=True)
+class Framework:
+    """A training stack's efficiency profile: the factors it changes from the defaults (which
+    describe Megatron-Core + Transformer Engine), each fitted on exactly ONE published row
+    (``fitted_on``) and checked on the others (``validation.py``, ``docs/step_time.md``)."""
+
+    name: str
+    factors: dict
+    fitted_on: str
+    why: str
+
+
+# Fitted once (bisection on train_compute, every other factor at its default) so that the model's
+# verl-FlopsCounter MFU of the EasyR1 Qwen2.5-VL-7B row with micro-batches 4/16 equals the
+# published 13.6 % (EasyR1 v0.3.0 assets/baselines.md); the 7B micro 10/20 and 32B rows check it.
+FSDP_HF_TRAIN_COMPUTE = 0.220
+
+FRAMEWORKS: dict[str, Framework] = {
+    "megatron-te": Framework("megatron-te", {}, "",
+                             "Megatron-Core + TE (fused kernels, large GEMMs): the defaults, chosen before any "
+                             "comparison; the Megatron-LM GPT-3 rows check them"),
+    "fsdp-hf": Framework("fsdp-hf", {"train_compute": FSDP_HF_TRAIN_COMPUTE},
+                         "EasyR1 Qwen2.5-VL-7B GRPO, 8 H100, micro 4/16: actor MFU 13.6 %",
+                         "HF transformers modules (unfused norms, rotary, SwiGLU; eager python per layer) under "
+                         "PyTorch FSDP with gradient checkpointing and 1-10-sequence micro-batches"),
+}
+
+
+def framework_efficiency(name: str, base: Optional["Efficiency"] = None) -> "Efficiency":
+    """``base`` (default: the defaults) with the factors of the training stack ``name``."""
+    if name not in FRAMEWORKS:
+        raise ValueError(f"--framework {name!r} unknown: choose one of {', '.join(FRAMEWORKS)}")
+    return (base or Efficiency()).with_overrides(FRAMEWORKS[name].factors)
 
 
 def gpu_spec(name: str) -> GpuSpec:

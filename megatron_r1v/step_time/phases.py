@@ -17,8 +17,9 @@ Training: FLOPs = 6 N' T + 6 layers h sum s^2 (decoder trains; 4 N' T when only 
   each, over NVLink) + exposed DP gradient reduce-scatter / param all-gather (or FSDP's
   gathers per micro-batch).
 Optimizer: 32 bytes per trainable parameter of the rank's shard / (HBM x optimizer_bw).
-Weight sync: bytes per engine GPU / path bandwidth + tensors x sync_tensor_overhead
-  + engine_switch when colocated. Checkpoint: bytes / storage_gbps / save_interval.
+Weight sync: bytes per engine GPU / path bandwidth (CUDA IPC, NVLink, InfiniBand, or twice over
+  PCIe through the host) + tensors x sync_tensor_overhead; + engine_switch when colocated.
+Checkpoint: bytes / storage_gbps / save_interval.
 """
 
 from __future__ import annotations
@@ -263,8 +264,10 @@ def weight_sync_seconds(w: Workload, gpu: GpuSpec, eff: Efficiency) -> float:
     m, r = w.model, w.rollout
     trainable = (_shard_trainable(w) * (w.layout.tp * w.layout.pp if w.layout.strategy == "megatron" else 1))
     nbytes = w.sync_bytes if w.sync_bytes is not None else 2 * trainable / r.tp
+    # host: the trainer copies to host memory and the engine process back (two PCIe crossings;
+    # rollout/engine_process.py, an async engine on GPUs of its own)
     paths = {"ipc": gpu.hbm_gbps * GB * eff.decode_bw, "nvlink": link_gbps(gpu, eff, False),
-             "ib": link_gbps(gpu, eff, True)}
+             "ib": link_gbps(gpu, eff, True), "host": gpu.pcie_gbps * GB * eff.pcie_eff / 2}
     seconds = nbytes / paths[w.sync_path]
     if w.sync_gather:  # every trainer GPU assembles the full tensors it hands over
         seconds += 2 * trainable / link_gbps(gpu, eff, w.gpus > gpu.gpus_per_node)

@@ -2,8 +2,13 @@
 
 :func:`predict` adds the phases of ``phases.py``: a colocated step runs them one after the
 other; with rollout GPUs of its own (one step off-policy) the rollout side (prefill,
-decode, reward) overlaps the training side (log-probs, training, optimizer) and the step
-takes the longer of the two plus the weight sync.
+decode) overlaps the training side (log-probs, training, optimizer) and the step takes the
+longer of the two plus what runs while the engine is idle: as ``trainer/grpo_async.py`` orders
+a step (take step k's rollout -> score it -> sync W_k into the idle engine -> start step k+1's
+generation -> train step k), scoring, the weight sync and a checkpoint (which first waits for
+the generation in flight) are serial:
+
+    step = max(prefill + decode, log-probs + training + optimizer) + reward + weight sync + checkpoint
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from megatron_r1v.step_time import phases
 from megatron_r1v.step_time.hardware import Efficiency, GpuSpec
 from megatron_r1v.step_time.workload import Assumptions, Layout, Rollout, Workload, arch_spec
 
-ROLLOUT_SIDE = ("rollout_prefill", "rollout_decode", "reward")
+ROLLOUT_SIDE = ("rollout_prefill", "rollout_decode")
+SERIAL = ("reward", "weight_sync", "checkpoint")
+"""One step off: phases neither side overlaps (the engine is idle, the trainer waits on them)."""
+TRAIN_PARTS = ("train_compute", "train_bubble", "train_tp_comm", "train_dp_comm", "optimizer")
 PHASE_ORDER = ("rollout_prefill", "rollout_decode", "reward", "logprob", "train_compute", "train_bubble",
                "train_tp_comm", "train_dp_comm", "optimizer", "offload", "weight_sync", "engine_switch", "checkpoint")
 
@@ -43,6 +51,16 @@ class StepTime:
     efficiency: dict[str, float] = field(default_factory=dict)
 
 
+def step_seconds(w: Workload, p: dict[str, float]) -> float:
+    """Colocated: the phases one after the other. One step off (rollout GPUs of its own): the
+    longer of the rollout side and the training side, plus the serial phases (module docstring)."""
+    if w.rollout is None or not w.rollout.gpus:
+        return sum(p.values())
+    rollout = sum(p.get(k, 0.0) for k in ROLLOUT_SIDE)
+    train = sum(v for k, v in p.items() if k not in ROLLOUT_SIDE and k not in SERIAL)
+    return max(rollout, train) + sum(p.get(k, 0.0) for k in SERIAL)
+
+
 def predict(w: Workload, gpu: GpuSpec, eff: Efficiency) -> StepTime:
     p: dict[str, float] = {}
     p.update(phases.rollout_seconds(w, gpu, eff))
@@ -54,15 +72,9 @@ def predict(w: Workload, gpu: GpuSpec, eff: Efficiency) -> StepTime:
     p["engine_switch"] = phases.engine_switch_seconds(w, eff)
     p["checkpoint"] = phases.checkpoint_seconds(w, eff)
     p = {k: p[k] for k in PHASE_ORDER if k in p}
-    if w.rollout is not None and w.rollout.gpus:
-        rollout = sum(p.get(k, 0.0) for k in ROLLOUT_SIDE)
-        train = sum(v for k, v in p.items() if k not in ROLLOUT_SIDE and k != "weight_sync")
-        step = max(rollout, train) + p["weight_sync"]
-        gpus = w.gpus + w.rollout.gpus
-    else:
-        step, gpus = sum(p.values()), w.gpus
+    step, gpus = step_seconds(w, p), w.gpus + (w.rollout.gpus if w.rollout is not None else 0)
     model, _ = phases.train_flops(w)
-    train_s = sum(p[k] for k in ("train_compute", "train_bubble", "train_tp_comm", "train_dp_comm", "optimizer"))
+    train_s = sum(p[k] for k in TRAIN_PARTS)
     peak = gpu.bf16_tflops * 1e12
     out = StepTime(w.name, gpu.name, gpus, p, step, {k: v / step for k, v in p.items()}, w.tokens,
                    w.tokens / step / gpus, model.total * w.train_epochs / (train_s * w.gpus * peak),

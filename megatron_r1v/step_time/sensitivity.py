@@ -1,7 +1,8 @@
 """How a recipe's predicted step moves with its main knobs: a table and a PNG.
 
 Each variant is one change to the recipe (a ``--set`` override, an assumption, or the
-one-step-off layout that gives the rollout half the GPUs), predicted with the same
+one-step-off layout of :func:`one_step_off`: engines on half the GPUs, training on the other
+half, generation of step k+1 overlapping the training of step k), predicted with the same
 efficiency factors as the baseline. Variants whose layout does not divide the GPUs are
 skipped with the reason.
 """
@@ -16,7 +17,7 @@ from typing import Optional, Union
 from megatron_r1v.config import RunConfig
 from megatron_r1v.step_time.hardware import Efficiency, gpu_spec
 from megatron_r1v.step_time.plan import StepTime, predict, workload_from_config
-from megatron_r1v.step_time.workload import Assumptions
+from megatron_r1v.step_time.workload import Assumptions, Workload
 
 GROUPS = {"rollout": ("rollout_prefill", "rollout_decode"), "reward": ("reward",), "log-probs": ("logprob",),
           "training": ("train_compute", "train_bubble", "train_tp_comm", "train_dp_comm", "optimizer", "offload"),
@@ -31,7 +32,7 @@ class Variant:
     """Dotted run-config keys -> values."""
     assume: dict
     split_rollout: bool = False
-    """One step off-policy: half the GPUs roll out, half train."""
+    """One step off-policy (:func:`one_step_off`): half the GPUs roll out, the other half train."""
 
 
 @dataclass
@@ -77,6 +78,17 @@ def _apply(cfg: RunConfig, changes: dict) -> RunConfig:
     return new
 
 
+def one_step_off(w: Workload, rollout_gpus: int, mem_fraction: float = 0.85) -> Workload:
+    """``rollout.mode: async`` as this project runs it (``trainer/grpo_async.py``): the engines on
+    ``rollout_gpus`` GPUs of their own (a whole GPU each: ``mem_fraction`` of it for weights + KV,
+    SGLang's static pool), training on the remaining ones, weights synced through host memory
+    (``rollout/engine_process.py``); ``plan.step_seconds`` overlaps the two sides."""
+    if not 0 < rollout_gpus < w.gpus:
+        raise ValueError(f"one step off: {rollout_gpus} rollout GPUs of {w.gpus}")
+    rollout = dataclasses.replace(w.rollout, gpus=rollout_gpus, kv_tokens=None, mem_fraction=mem_fraction)
+    return dataclasses.replace(w, gpus=w.gpus - rollout_gpus, rollout=rollout, sync_path="host")
+
+
 def _one(cfg: RunConfig, gpus: int, gpu: str, eff: Efficiency, assume: Assumptions,
          v: Variant) -> tuple[StepTime, str]:
     """The variant's prediction, and a note when the memory plan says it does not fit."""
@@ -86,8 +98,7 @@ def _one(cfg: RunConfig, gpus: int, gpu: str, eff: Efficiency, assume: Assumptio
     w, _ = workload_from_config(changed, gpus, spec, assume.with_overrides(v.assume), eff)
     note = "" if plan_memory(changed, gpus, spec.memory_gb).fits else "memory plan: does not fit"
     if v.split_rollout and w.rollout is not None:
-        rollout = dataclasses.replace(w.rollout, gpus=gpus // 2, kv_tokens=None, mem_fraction=0.85)
-        w = dataclasses.replace(w, gpus=gpus // 2, rollout=rollout)
+        w = one_step_off(w, gpus // 2)
         note = "memory not planned (tools/plan_memory.py plans colocated engines only)"
     return predict(w, spec, eff), note
 

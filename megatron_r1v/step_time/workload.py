@@ -130,7 +130,7 @@ class Workload:
     """Passes of training over the batch (GRPO's ppo_epochs)."""
     reward_model_params: float = 0.0
     reward_gpus: int = 0
-    sync_path: Literal["ipc", "nvlink", "ib"] = "ipc"
+    sync_path: Literal["ipc", "nvlink", "ib", "host"] = "ipc"
     sync_bytes: Optional[float] = None
     """Bytes a weight sync moves per engine GPU; None: the trainable bf16 weights / engine tp."""
     sync_gather: bool = False

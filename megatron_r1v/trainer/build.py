@@ -88,7 +88,11 @@ def sglang_model_dir(cfg: RunConfig) -> str:
 
 
 def build_rollout_engine(cfg: RunConfig, c: _Common, ctx):
-    """The rollout engine of this replica (built on its owner rank only)."""
+    """The rollout engine of this replica (built on its owner rank only): in sync mode in this
+    process, colocated on the replica's GPUs; in async mode in a process of its own
+    (``rollout/engine_process.py``), on GPUs of its own."""
+    if cfg.rollout.mode == "async":
+        return _engine_process(cfg, c, ctx)
     if cfg.rollout.engine == "hf":
         from megatron_r1v.rollout.hf_engine import HFRolloutEngine
 
@@ -100,6 +104,53 @@ def build_rollout_engine(cfg: RunConfig, c: _Common, ctx):
     return SGLangRolloutEngine.from_config(cfg.rollout, model_dir=sglang_model_dir(cfg), tp_size=ctx.tp,
                                            base_gpu_id=ctx.device.index or 0, seed=cfg.train.seed,
                                            tokenizer=c.tokenizer)
+
+
+def _engine_process(cfg: RunConfig, c: _Common, ctx):
+    """Async mode: the engine in a child process, built there from picklable arguments; on
+    GPUs, the engine's own GPUs start at this rank's + ``rollout.engine_gpu_offset``."""
+    import functools
+    import os
+
+    from megatron_r1v.rollout.engine_process import EngineProcess
+
+    device = "cpu"
+    if ctx.device.type == "cuda":
+        import torch
+
+        from megatron_r1v.validation import check_async_engine_gpus
+
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+        first = check_async_engine_gpus(cfg.rollout, ctx.device.index or 0, ctx.tp if cfg.rollout.engine == "sglang"
+                                        else 1, local_ranks, torch.cuda.device_count())
+        device = f"cuda:{first}"
+    if cfg.rollout.engine == "hf":
+        factory = functools.partial(_hf_engine, c.arch, cfg.data.tokenizer, cfg.train.seed, device)
+    else:
+        factory = functools.partial(_sglang_engine, cfg.rollout, sglang_model_dir(cfg), ctx.tp,
+                                    int(device.split(":")[1]) if ":" in device else 0, cfg.train.seed,
+                                    cfg.data.tokenizer)
+    engine = EngineProcess(factory, name=f"rollout engine of DP replica {ctx.dp_rank}")
+    print(f"rank {ctx.rank}: async rollout: {cfg.rollout.engine} engine in process {engine.pid} on {device}",
+          flush=True)
+    return engine
+
+
+def _hf_engine(arch, tokenizer_dir: str, seed: int, device: str):
+    """Runs in the engine process: the HF engine of ``arch`` (weights come from the first sync)."""
+    from megatron_r1v.data.tokenizer import load_tokenizer
+    from megatron_r1v.rollout.hf_engine import HFRolloutEngine
+
+    return HFRolloutEngine.from_arch(arch, tokenizer=load_tokenizer(tokenizer_dir), seed=seed, device=device)
+
+
+def _sglang_engine(rollout_cfg, model_dir: str, tp_size: int, base_gpu_id: int, seed: int, tokenizer_dir: str):
+    """Runs in the engine process: an SGLang engine on GPUs ``base_gpu_id ..`` (never run on a GPU)."""
+    from megatron_r1v.data.tokenizer import load_tokenizer
+    from megatron_r1v.rollout.sglang_engine import SGLangRolloutEngine
+
+    return SGLangRolloutEngine.from_config(rollout_cfg, model_dir=model_dir, tp_size=tp_size,
+                                           base_gpu_id=base_gpu_id, seed=seed, tokenizer=load_tokenizer(tokenizer_dir))
 
 
 def build_grpo_trainer(cfg: RunConfig):

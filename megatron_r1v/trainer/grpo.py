@@ -26,7 +26,14 @@ its numerics are from the trainer's (``rollout/logprob_abs_diff``, every step) a
 ``rollout.tis_cap``, weight each fresh token's term by the truncated importance ratio
 (``losses.grpo.truncated_is_weights``).
 
-Colocated engines: the engine's memory is released after each rollout (the optimizer
+``rollout.mode async`` (``trainer/grpo_async.py``) overlaps the two halves: step k trains
+on responses generated while step k-1 trained, by an engine in a process of its own, from
+the weights one step back; the weight sync moves to between taking a rollout and starting
+the next (:meth:`GRPOTrainer._hand_over`), and the TIS weight is always on (the engine's
+log-probs are the behaviour policy's). ``perf/rollout_wait_s`` is how long the trainer
+waited for its rollout, ``perf/overlap_s`` how much of the generation ran while it trained.
+
+Colocated engines (sync mode): the engine's memory is released after each rollout (the optimizer
 step needs it) and resumed before the next; weight sync streams into it in between, in
 the layout it loads (``engine.hf_layout``: transformers names for the HF engine, the
 released InternVL-chat names for SGLang).
@@ -34,6 +41,7 @@ released InternVL-chat names for SGLang).
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +65,7 @@ from megatron_r1v.ssb.buffer import all_gather_int64, group_is_effective
 from megatron_r1v.ssb import load as load_ssb
 from megatron_r1v.ssb import save as save_ssb
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
+from megatron_r1v.trainer.grpo_async import OneStepOffRollout, PendingRollout
 from megatron_r1v.trainer.grpo_batch import (
     DynamicSamplingStats,
     ScoredGroup,
@@ -67,46 +76,21 @@ from megatron_r1v.trainer.grpo_batch import (
     engine_correction,
     fresh_samples,
     fresh_ssb_groups,
-    kl_penalty_sum,
-    overlong_sum,
     pack_rows,
     per_sample,
     response_kl_sums,
     train_samples,
 )
+from megatron_r1v.trainer.grpo_comm import (
+    PhaseTimer,
+    RolloutFailed,
+    broadcast_from_last_stage,
+    broadcast_to_replica,
+)
+from megatron_r1v.trainer.grpo_metrics import step_metrics
 from megatron_r1v.trainer.grpo_step import GRPOStepResult, grpo_forward_backward, make_grpo_microbatch
 from megatron_r1v.trainer.schedule import compute_logprobs, optimizer_step
 from megatron_r1v.trainer.setup import ModelStage
-
-
-def broadcast_to_replica(obj, ctx: ParallelContext):
-    """``obj`` from the replica's first TP rank of the first stage to all of its ranks."""
-    holder = [obj]
-    if ctx.pp > 1:  # first along the pipeline (the tp_rank-0 chain carries the object) ...
-        dist.broadcast_object_list(holder, src=dist.get_global_rank(ctx.pp_group, 0), group=ctx.pp_group)
-    if ctx.tp > 1:  # ... then to each stage's TP peers
-        dist.broadcast_object_list(holder, src=dist.get_global_rank(ctx.tp_group, 0), group=ctx.tp_group)
-    return holder[0]
-
-
-def broadcast_from_last_stage(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """``values`` as the replica's first TP rank of the last pipeline stage holds them, on every
-    rank of the replica (log-probs exist on the last stage only; its TP ranks agree after the
-    vocab-parallel reduction, rank 0's copy makes it bit-exact)."""
-    out = values.to(ctx.device)
-    if ctx.tp > 1:  # within each stage: its TP rank 0's copy (the last stage's is the one that matters) ...
-        dist.broadcast(out, src=dist.get_global_rank(ctx.tp_group, 0), group=ctx.tp_group)
-    if ctx.pp > 1:  # ... then back along each TP rank's pipeline chain from the last stage
-        dist.broadcast(out, src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
-    return out.cpu()
-
-
-def sum_over_world(values: list[float]) -> list[float]:
-    """Sums of per-rank values over every rank (fp64)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def loss_config(cfg: RunConfig) -> GRPOLossConfig:
@@ -118,28 +102,6 @@ def loss_config(cfg: RunConfig) -> GRPOLossConfig:
                           temperature=cfg.rollout.temperature, normalization=g.normalization,
                           kl_estimator=g.kl_estimator, clip_ratio_c=g.clip_ratio_c,
                           importance_level=g.importance_level)
-
-
-@dataclass(frozen=True)
-class RolloutFailed:
-    """What the engine owner broadcasts instead of groups when its rollout phase failed."""
-
-    message: str
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase of a step (``with timer.phase("rollout"): ...``)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -172,10 +134,20 @@ class GRPOTrainer:
             print(f"SSB effective groups: reward std >= {self.min_reward_std:.6g} "
                   f"(ssb.min_reward_std={self.cfg.ssb.min_reward_std})", flush=True)
         self._load_initial_store()
+        # Async mode (trainer/grpo_async.py): the rollout in flight. In sync mode it only carries
+        # the prompts of one a resumed async checkpoint held.
+        self.one_step_off = OneStepOffRollout(self.ctx, self.loader, self.engine if self.is_async else None,
+                                              g.prompts_per_step, self._sampling_params)
+        self.engine_version = 0  # optimizer steps in the engine's weights (the build synced W_0)
+        self.rollout_timing = (0.0, 0.0)  # this step's (perf/rollout_wait_s, perf/overlap_s), owner's
         if g.kl_beta and not self.initial_trainable:
             # The reference policy: the trainable parameters as they start (module docstring).
             self.initial_trainable = {n: p.detach().clone() for n, p in self.stage.model.named_parameters()
                                       if p.requires_grad}
+
+    @property
+    def is_async(self) -> bool:
+        return self.cfg.rollout.mode == "async"
 
     def _load_initial_store(self) -> None:
         """Fills the buffer from ``ssb.initial_store`` (``SSBConfig.initial_store``): this DP rank's
@@ -212,29 +184,71 @@ class GRPOTrainer:
     def step(self, step: int) -> dict[str, float]:
         timer, sums = PhaseTimer(), StepSums()
         self.loader.take_data_seconds()  # from here on: this step's data (its prompts, reused SSB prompts)
+        self.rollout_timing = (0.0, 0.0)
         with timer.phase("step"):
             with timer.phase("rollout"):
                 items, groups, sampling = self._rollout_phase(step)
+            if self.is_async:  # the engine is idle: W_step into it, then step + 1's generation starts
+                self._hand_over(step, timer)
             with timer.phase("train"):
                 if self.cfg.grpo.kl_placement == "reward":
                     self._kl_reward_pass(items, groups)
                 batch = self._assemble(items, groups, step)
                 microbatches, sample_logprobs = self._old_policy_pass(batch, sums)
                 result, grad_norm = self._update(microbatches, step)
-            with timer.phase("weight_sync"):
-                self.sync.sync(self.engine)
+            if not self.is_async:
+                with timer.phase("weight_sync"):
+                    self.sync.sync(self.engine)
             self.buffer.insert(fresh_ssb_groups(items, groups, batch.advantages, batch.samples, sample_logprobs,
                                                 step))
         timer.seconds["data"] = self.loader.take_data_seconds()
-        return self._metrics(groups, result, batch, sums, grad_norm, timer.seconds, sampling)
+        timer.seconds["rollout_wait"], timer.seconds["overlap"] = self.rollout_timing
+        return step_metrics(self.cfg, self.ctx, groups, result, batch, sums, grad_norm, timer.seconds, sampling)
 
     def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup], Optional[DynamicSamplingStats]]:
         """This rank's prompts and their scored groups: one rollout round, or with
         ``grpo.dynamic_sampling`` the effective groups of several (then with their stats)."""
         if self.cfg.grpo.dynamic_sampling:
             return self._dynamic_sampling(step)
+        if self.is_async:
+            return *self._take_async(step), None
         items, groups = self._rollout_round(step)
         return items, groups, None
+
+    def _take_async(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup]]:
+        """Async mode: this step's rollout (generated during the previous step; the first step's,
+        or one a checkpoint lacks, is drawn and generated now), scored on the owner."""
+        rollout = self.one_step_off
+        if rollout.pending is None or rollout.pending.step != step:
+            agree_on_failure(rollout.draw(step, version=self.engine_version), self.ctx.device, self.ctx.rank)
+        pending = rollout.take(step, version=step)
+        outcome: Union[list[ScoredGroup], RolloutFailed, None] = None
+        if self.engine is not None:
+            outcome = self._score_pending(pending)
+            self.rollout_timing = (pending.wait_seconds, pending.overlap_seconds)
+        outcome = broadcast_to_replica(outcome, self.ctx)
+        agree_on_failure(outcome.message if isinstance(outcome, RolloutFailed) else None, self.ctx.device,
+                         self.ctx.rank)
+        return pending.items, outcome
+
+    def _score_pending(self, pending: PendingRollout) -> Union[list[ScoredGroup], RolloutFailed]:
+        if pending.error is not None:
+            return RolloutFailed(pending.error)
+        try:
+            return [self._score(item, group) for item, group in zip(pending.items, pending.samples, strict=True)]
+        except Exception as err:  # any: the reward server down, ...; still before the update
+            return RolloutFailed(describe(err))
+
+    def _hand_over(self, step: int, timer: PhaseTimer) -> None:
+        """Async mode, between taking step ``step``'s rollout and training on it: the weights W_step
+        into the idle engine, then step + 1's prompts drawn and their generation started."""
+        with timer.phase("weight_sync"):
+            if self.engine_version != step:
+                self.sync.sync(self.engine)
+                self.engine_version = step
+        if step + 1 < self.cfg.train.steps:
+            with timer.phase("rollout"):
+                agree_on_failure(self.one_step_off.draw(step + 1, version=step), self.ctx.device, self.ctx.rank)
 
     def _rollout_round(self, step: int, round_: int = 0) -> tuple[list[PromptItem], list[ScoredGroup]]:
         """This rank's share of the next ``grpo.prompts_per_step`` prompts and their scored groups.
@@ -242,8 +256,12 @@ class GRPOTrainer:
         down past its budget, the engine) becomes a recoverable StepFailure on every rank
         (``trainer/failure.py``)."""
         items, failure = [], None
+        resumed = self.one_step_off.pending
         try:
-            items = self.loader.next_batch(self.cfg.grpo.prompts_per_step)
+            if round_ == 0 and resumed is not None and resumed.step == step:  # an async run's checkpoint
+                items, self.one_step_off.pending = resumed.items, None
+            else:
+                items = self.loader.next_batch(self.cfg.grpo.prompts_per_step)
         except Exception as err:  # any: the weights are untouched, so the state is still consistent
             failure = describe(err)
         outcome = self._rollout(items, step, failure, round_)
@@ -303,16 +321,22 @@ class GRPOTrainer:
                 outcome = RolloutFailed(describe(err))
         return broadcast_to_replica(outcome, self.ctx)
 
-    def _generate_and_score(self, items: list[PromptItem], step: int, round_: int = 0) -> list[ScoredGroup]:
+    def _sampling_params(self, step: int, round_: int = 0) -> SamplingParams:
         r = self.cfg.rollout
         # Round 0 keeps the seed of a run without dynamic sampling; later rounds' seeds stay
-        # clear of other steps' (fewer than 1000003 steps).
+        # clear of other steps' (fewer than 1000003 steps). Async mode uses the same seeds.
         seed = self.cfg.train.seed * 100003 + step + 1000003 * round_
-        params = SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
-                                max_new_tokens=r.max_new_tokens, seed=seed, stop_token_ids=self.stop_token_ids)
+        return SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
+                              max_new_tokens=r.max_new_tokens, seed=seed, stop_token_ids=self.stop_token_ids)
+
+    def _generate_and_score(self, items: list[PromptItem], step: int, round_: int = 0) -> list[ScoredGroup]:
         self.engine.resume_memory()
-        rollouts = self.engine.generate(
-            [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items], params)
+        started = time.perf_counter()
+        requests = [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items]
+        rollouts = self.engine.generate(requests, self._sampling_params(step, round_))
+        # Sync mode: the trainer waits for the whole generation (dynamic sampling: every round's).
+        waited = self.rollout_timing[0] + time.perf_counter() - started
+        self.rollout_timing = (waited, 0.0)
         self.engine.release_memory()  # colocated: the GPUs go back to training until the next rollout
         return [self._score(item, responses) for item, responses in zip(items, rollouts, strict=True)]
 
@@ -387,7 +411,7 @@ class GRPOTrainer:
             if ctx.is_last_stage:
                 lp, entropy = logprobs[k]
                 old = torch.where(row.has_stored, row.stored_logprobs, lp)
-                weights_L = engine_correction(row, lp, self.cfg.rollout.tis_cap, sums)
+                weights_L = engine_correction(row, lp, self.cfg.rollout.effective_tis_cap, sums)
                 sums.entropy_sum += float(entropy.sum())
                 sums.entropy_tokens += float(row.packed.loss_mask.sum())
             microbatches.append(make_grpo_microbatch(row.packed, old, refs[k], row.advantages, weights_L))
@@ -413,11 +437,13 @@ class GRPOTrainer:
 
     # -- a failed step (trainer/failure.py) --------------------------------------------------
     def snapshot(self) -> StepSnapshot:
-        return StepSnapshot.take(self.loader, {"ssb": self.buffer.snapshot()})
+        return StepSnapshot.take(self.loader, {"ssb": self.buffer.snapshot(),
+                                               "rollout": self.one_step_off.snapshot()})
 
     def restore(self, snapshot: StepSnapshot) -> None:
         snapshot.restore(self.loader)
         self.buffer.restore_snapshot(snapshot.extra["ssb"])
+        self.one_step_off.restore(snapshot.extra["rollout"])
 
     @contextmanager
     def _reference_weights(self) -> Iterator[None]:
@@ -432,47 +458,6 @@ class GRPOTrainer:
             with torch.no_grad():
                 for n, value in current.items():
                     params[n].copy_(value)
-
-    def _metrics(self, groups: list[ScoredGroup], result: GRPOStepResult, batch: StepBatch, sums: StepSums,
-                 grad_norm: Optional[float], seconds: dict[str, float],
-                 sampling: Optional[DynamicSamplingStats] = None) -> dict[str, float]:
-        ctx = self.ctx
-        # Rewards are the same on every rank of a replica and the entropy on every TP rank
-        # of the last stage: one rank of each contributes, then one sum over the world.
-        overlong = kl_penalty = 0.0
-        if ctx.tp_rank == 0 and ctx.is_first_stage:
-            sums.add_rewards(groups)
-            overlong, kl_penalty = overlong_sum(groups), kl_penalty_sum(groups)
-        if not (ctx.tp_rank == 0 and ctx.is_last_stage):
-            sums.entropy_sum = sums.entropy_tokens = sums.gap_sum = sums.gap_tokens = 0.0
-            sums.tis_sum = sums.tis_truncated = 0.0
-        *values, overlong, kl_penalty = sum_over_world(sums.as_list() + [overlong, kl_penalty])
-        t = StepSums.from_list(values)
-        count, fresh_tokens = max(t.responses, 1.0), max(t.gap_tokens, 1.0)
-        metrics = {
-            "train/reward_mean": t.reward_total / count, "train/accuracy": t.reward_rule / count,
-            "train/format_reward": t.reward_format / count, "train/rm_reward": t.reward_model / count,
-            "reward/overlong_penalty": overlong / count,
-            "train/grpo_loss": result.loss, "train/kl": result.kl or 0.0, "train/clip_fraction": result.clip_fraction,
-            "train/entropy": t.entropy_sum / max(t.entropy_tokens, 1.0), "train/response_length":
-                t.response_tokens / count, "train/grad_norm": float(grad_norm or 0.0),
-            "perf/step_time_s": seconds["step"], "perf/rollout_time_s": seconds["rollout"],
-            "perf/train_time_s": seconds["train"], "perf/weight_sync_time_s": seconds["weight_sync"],
-            "perf/data_time_s": seconds["data"],
-            "rollout/logprob_abs_diff": t.gap_sum / fresh_tokens,
-        }
-        if self.cfg.rollout.tis_cap is not None:
-            metrics["rollout/tis_weight_mean"] = t.tis_sum / fresh_tokens
-            metrics["rollout/tis_truncated_fraction"] = t.tis_truncated / fresh_tokens
-        if self.cfg.grpo.kl_placement == "reward":
-            # The KL is in the rewards: train/kl is the fresh responses' per-token mean (every fresh
-            # response token carries a loss), measured before the update.
-            metrics["train/kl_penalty"] = kl_penalty / count
-            metrics["train/kl"] = kl_penalty / self.cfg.grpo.kl_beta / max(t.response_tokens, 1.0)
-        if sampling is not None:
-            metrics.update(sampling.metrics())
-        metrics.update(batch.plan.stats.metrics())
-        return metrics
 
     # -- checkpoint hooks (trainer/checkpoint.py) ------------------------------------------
     def rank_state(self) -> dict:
@@ -492,6 +477,7 @@ class GRPOTrainer:
         # the behaviour log-probs of fresh responses (other stages never compute them).
         if self.ctx.tp_rank == 0 and self.ctx.cp_rank == 0 and self.ctx.is_last_stage:
             save_ssb(self.buffer, directory / "ssb", step, self.ctx.dp_group)
+        self.one_step_off.save(directory)  # async: the rollout in flight (owners)
 
     def load_files(self, directory: Path) -> None:
         self.buffer = load_ssb(directory / "ssb", self.ctx.dp_rank, self.ctx.dp, self.buffer.config)
@@ -505,3 +491,8 @@ class GRPOTrainer:
                   f"ssb.min_reward_std={self.min_reward_std:.6g}", flush=True)
         # The engine restarts from the restored weights: a full sync, not trainable-only.
         self.sync.sync(self.engine, full=True)
+        self.engine_version = int(json.loads((directory / "trainer.json").read_text())["step"])
+        self.one_step_off.load(directory)
+        if self.one_step_off.pending is not None and not self.is_async and self.ctx.rank == 0:
+            print(f"resumed an async run's checkpoint in rollout.mode=sync: step {self.one_step_off.pending.step + 1}"
+                  "'s prompts (drawn by that run) are generated again from the resumed weights", flush=True)

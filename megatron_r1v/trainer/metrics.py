@@ -31,6 +31,7 @@ GRPO_TAGS = (
     "ssb/effective_ratio_fresh", "ssb/effective_ratio_batch", "ssb/size", "ssb/reused_groups",
     "ssb/reused_samples", "ssb/aged_out", "rollout/logprob_abs_diff",
     "perf/step_time_s", "perf/rollout_time_s", "perf/train_time_s", "perf/weight_sync_time_s", "perf/data_time_s",
+    "perf/rollout_wait_s", "perf/overlap_s",
 )
 # sft/loss: token-mean NLL over every assistant token of the step (losses/sft.py); sft/tokens_per_s:
 # all tokens of the step's conversations (prompts, image tokens, replies; no padding) over all DP
@@ -40,7 +41,9 @@ SFT_TAGS = (
     "sft/loss", "sft/tokens_per_s", "sft/assistant_tokens", "sft/lr", "train/grad_norm", "perf/step_time_s",
     "perf/data_time_s",
 )
-# GRPO with rollout.tis_cap: the mean TIS weight and the share of weights cut at the cap.
+# perf/rollout_wait_s (GRPO): seconds the trainer waited for its rollout's generation (sync mode: all of
+# it); perf/overlap_s: seconds of that generation that ran while the trainer trained (rollout.mode async).
+# GRPO with rollout.tis_cap (always in async mode): the mean TIS weight and the share of weights cut at the cap.
 TIS_TAGS = ("rollout/tis_weight_mean", "rollout/tis_truncated_fraction")
 # GRPO with grpo.kl_placement reward: the mean beta sum_t KL_t subtracted from a fresh response's reward.
 KL_REWARD_TAGS = ("train/kl_penalty",)

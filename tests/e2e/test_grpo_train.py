@@ -259,48 +259,90 @@ def test_prompt_pool_store_seeds_the_grpo_buffer(tmp_path, reward_tools):
 
 def test_resume_at_other_layouts(tmp_path, served_12, grpo_full):
     """The TP=2 checkpoint of step 3 resumes at PP=2 (the second stage holds no trainable
-    parameter: adapter-only training) and at TP=1 x DP=2 and keeps training: the model,
+    parameter: adapter-only training) and keeps training (TP=2 -> TP=1 x DP=2: the async
+    test below, whose checkpoints are these plus the rollout in flight): the model,
     Adam's state, the KL reference weights and the SSB are read in the new layout's pieces
     (trainer/checkpoint.py). At PP=2 the one engine samples from the same weights, so the
     run continues as the uninterrupted one, also after going back to TP=2 for the last step:
     fp32 in other summation orders. Measured over steps 4-6: the loss (~1e-3, a sum of
     cancelling terms) at most 2.2e-8 apart (1.6e-5 relative), the engine gap metric (~1e-7
     itself) 7.5e-8 apart, everything else within 3e-6 relative; so rel 2e-5 with an absolute
-    floor of 5e-7 (a different state moves the loss by ~1e-3). At DP=2
-    each replica samples its share of the prompts on its own engine with the step's seed:
-    other responses, so the check is that training goes on from the restored state."""
+    floor of 5e-7 (a different state moves the loss by ~1e-3)."""
+    inputs, reward_args = served_12
+    full = _metrics(grpo_full, "full")
+    (tmp_path / "pp2").mkdir()
+    shutil.copytree(grpo_full / "full" / "step_000003", tmp_path / "pp2" / "step_000003")
+    (tmp_path / "pp2" / "latest").write_text("step_000003\n")
+    proc = _run(tmp_path, "pp2", 6, *reward_args, "--resume", "--set", "parallel.tp=1", "--set", "parallel.pp=2",
+                "--stop-after", "2", inputs=inputs)
+    assert "after step 3" in proc.stdout and "saved at {'tp': 2, 'pp': 1, 'dp': 1" in proc.stdout
+    # PP=2 -> PP=1: the PP=2 run's checkpoint of step 5 back at the recipe's TP=2 for the last step.
+    back = _run(tmp_path, "pp2", 6, *reward_args, "--resume", inputs=inputs)
+    assert "after step 5" in back.stdout and "saved at {'tp': 1, 'pp': 2, 'dp': 1" in back.stdout
+    resumed = _metrics(tmp_path, "pp2")
+    assert [m["step"] for m in resumed] == [3, 4, 5]
+    assert all(m["ssb/size"] > 0 for m in resumed)  # the buffer came along
+    for a, b in zip(full[3:], resumed):
+        expected = {k: v for k, v in a.items() if not k.startswith("perf/")}
+        assert {k: v for k, v in b.items() if not k.startswith("perf/")} == pytest.approx(
+            expected, rel=2e-5, abs=5e-7), a["step"]
+    assert_same_reference(grpo_full / "full" / "step_000003", tmp_path / "pp2" / "step_000006")
+
+
+def assert_same_reference(start: Path, end: Path) -> None:
+    """The KL's anchor (the run's initial trainable weights) is the same in both checkpoints."""
     import torch
 
     from megatron_r1v.checkpoint.torch_dist_io import TorchDistReader
 
+    first, last = TorchDistReader(start / "state"), TorchDistReader(end / "state")
+    refs = sorted(k for k in first.keys() if k.startswith("reference/"))
+    assert refs and refs == sorted(k for k in last.keys() if k.startswith("reference/"))
+    assert all(torch.equal(first.read(k), last.read(k)) for k in refs), end
+
+
+def test_async_rollout_overlaps_and_resumes_exactly(tmp_path, served_12, grpo_full):
+    """``rollout.mode async`` on the recipe of ``grpo_full`` (the sync run): 3 of its 6 steps,
+    checkpoints after steps 2 and 3 (the second with step 4's rollout in flight, waited for).
+
+    - Step 1 samples from the initial weights in both modes with the same seed: the same
+      responses, rewards and SSB metrics as the sync run's, exactly; the loss terms differ only
+      by the TIS weights async mode applies, exp(engine gap) with gaps ~1e-7: the loss (~1e-8,
+      a sum of cancelling terms) within 1e-7 absolute, the gradient norm within 1e-6 relative.
+    - From step 2 on the engine samples from the weights one step back while the trainer's
+      old log-probs are the updated policy's: the engine gap (~1e-7 in sync mode: numerics
+      only) is orders of magnitude larger, the TIS weights are logged (async default cap), and
+      generation overlapped training (perf/overlap_s > 0; 0 in sync mode).
+    - The step-2 checkpoint holds step 3's rollout: resumed at the same layout, step 3 is the
+      uninterrupted run's bit for bit; resumed at TP=1 x DP=2, the two replicas share the
+      saved rollout out by position, so the rewards are the same responses' (equal up to the
+      fp64 sum's order) and training goes on."""
     inputs, reward_args = served_12
-    full = _metrics(grpo_full, "full")
-    layouts = {"pp2": ["--set", "parallel.tp=1", "--set", "parallel.pp=2"], "tp1dp2": ["--set", "parallel.tp=1"]}
-    for name, sets in layouts.items():
+    run = [*reward_args, "--set", "rollout.mode=async", "--set", "train.save_interval=2"]
+    _run(tmp_path, "async", 6, *run, "--stop-after", "3", inputs=inputs)
+    sync, async_ = _metrics(grpo_full, "full"), _metrics(tmp_path, "async")
+    assert [m["step"] for m in async_] == [0, 1, 2]
+
+    def same(m):
+        return {k: v for k, v in m.items() if not k.startswith(("perf/", "rollout/tis"))}
+    assert same(async_[0]) == pytest.approx(same(sync[0]), rel=1e-6, abs=1e-7)
+    assert {k: v for k, v in same(async_[0]).items() if k.startswith(("train/reward", "train/rm", "ssb/"))} == \
+        {k: v for k, v in same(sync[0]).items() if k.startswith(("train/reward", "train/rm", "ssb/"))}
+    for a, s in zip(async_[1:], sync[1:3]):
+        assert a["rollout/logprob_abs_diff"] > 100 * max(s["rollout/logprob_abs_diff"], 1e-9), (a, s)
+        assert a["perf/overlap_s"] > 0 and s["perf/overlap_s"] == 0 and s["perf/rollout_wait_s"] > 0
+        assert 0 < a["rollout/tis_weight_mean"] <= 2.0
+    assert (tmp_path / "async" / "step_000002" / "pending_rollout" / "dp_00000.pt").is_file()
+    for name, sets in (("same", []), ("tp1dp2", ["--set", "parallel.tp=1"])):
         (tmp_path / name).mkdir()
-        shutil.copytree(grpo_full / "full" / "step_000003", tmp_path / name / "step_000003")
-        (tmp_path / name / "latest").write_text("step_000003\n")
-        steps = "2" if name == "pp2" else "1"
-        proc = _run(tmp_path, name, 6, *reward_args, "--resume", *sets, "--stop-after", steps, inputs=inputs)
-        assert "after step 3" in proc.stdout and "saved at {'tp': 2, 'pp': 1, 'dp': 1" in proc.stdout
-    # PP=2 -> PP=1: the PP=2 run's checkpoint of step 5 back at the recipe's TP=2 for the last step.
-    back = _run(tmp_path, "pp2", 6, *reward_args, "--resume", inputs=inputs)
-    assert "after step 5" in back.stdout and "saved at {'tp': 1, 'pp': 2, 'dp': 1" in back.stdout
-    for name in layouts:
-        resumed = _metrics(tmp_path, name)
-        assert [m["step"] for m in resumed] == ([3, 4, 5] if name == "pp2" else [3])
-        assert all(m["ssb/size"] > 0 for m in resumed)  # the buffer came along
-        if name == "pp2":
-            for a, b in zip(full[3:], resumed):
-                expected = {k: v for k, v in a.items() if not k.startswith("perf/")}
-                assert {k: v for k, v in b.items() if not k.startswith("perf/")} == pytest.approx(
-                    expected, rel=2e-5, abs=5e-7), a["step"]
-        else:
-            assert resumed[0]["train/grpo_loss"] != 0.0 and resumed[0]["train/kl"] > 0.0
-    # Both continued from the step-3 weights: the reference (the KL's anchor) is the run's start.
-    start = TorchDistReader(grpo_full / "full" / "step_000003" / "state")
-    for name in layouts:
-        end = TorchDistReader(tmp_path / name / ("step_000006" if name == "pp2" else "step_000004") / "state")
-        refs = sorted(k for k in start.keys() if k.startswith("reference/"))
-        assert refs and refs == sorted(k for k in end.keys() if k.startswith("reference/"))
-        assert all(torch.equal(start.read(k), end.read(k)) for k in refs), name
+        shutil.copytree(tmp_path / "async" / "step_000002", tmp_path / name / "step_000002")
+        (tmp_path / name / "latest").write_text("step_000002\n")
+        _run(tmp_path, name, 6, *run, "--resume", *sets, "--stop-after", "1", inputs=inputs)
+    resumed, resharded = _metrics(tmp_path, "same")[0], _metrics(tmp_path, "tp1dp2")[0]
+    assert {k: v for k, v in resumed.items() if not k.startswith("perf/")} == \
+        {k: v for k, v in async_[2].items() if not k.startswith("perf/")}
+    for key in ("train/reward_mean", "train/rm_reward", "train/response_length"):
+        assert resharded[key] == pytest.approx(async_[2][key], rel=1e-12), key
+    assert resharded["train/grpo_loss"] != 0.0 and resharded["train/kl"] > 0.0
+    assert resharded["ssb/size"] > 0  # the buffer came along
+    assert_same_reference(tmp_path / "async" / "step_000002", tmp_path / "tp1dp2" / "step_000003")
