@@ -301,9 +301,21 @@ def assert_same_reference(start: Path, end: Path) -> None:
     assert all(torch.equal(first.read(k), last.read(k)) for k in refs), end
 
 
-def test_async_rollout_overlaps_and_resumes_exactly(tmp_path, served_12, grpo_full):
-    """``rollout.mode async`` on the recipe of ``grpo_full`` (the sync run): 3 of its 6 steps,
-    checkpoints after steps 2 and 3 (the second with step 4's rollout in flight, waited for).
+ASYNC = ["--set", "rollout.mode=async", "--set", "train.save_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def grpo_async(tmp_path_factory, served_12):
+    """``rollout.mode async`` on the recipe of ``grpo_full``: 3 of its 6 steps, checkpoints after
+    steps 2 and 3 (the second with step 4's rollout in flight, waited for); its folder."""
+    root = tmp_path_factory.mktemp("grpo_async")
+    inputs, reward_args = served_12
+    _run(root, "async", 6, *reward_args, *ASYNC, "--stop-after", "3", inputs=inputs)
+    return root
+
+
+def test_async_rollout_overlaps_and_resumes_exactly(tmp_path, served_12, grpo_full, grpo_async):
+    """``rollout.mode async`` (``grpo_async``) against the sync run ``grpo_full``:
 
     - Step 1 samples from the initial weights in both modes with the same seed: the same
       responses, rewards and SSB metrics as the sync run's, exactly; the loss terms differ only
@@ -318,9 +330,8 @@ def test_async_rollout_overlaps_and_resumes_exactly(tmp_path, served_12, grpo_fu
       saved rollout out by position, so the rewards are the same responses' (equal up to the
       fp64 sum's order) and training goes on."""
     inputs, reward_args = served_12
-    run = [*reward_args, "--set", "rollout.mode=async", "--set", "train.save_interval=2"]
-    _run(tmp_path, "async", 6, *run, "--stop-after", "3", inputs=inputs)
-    sync, async_ = _metrics(grpo_full, "full"), _metrics(tmp_path, "async")
+    run = [*reward_args, *ASYNC]
+    sync, async_ = _metrics(grpo_full, "full"), _metrics(grpo_async, "async")
     assert [m["step"] for m in async_] == [0, 1, 2]
 
     def same(m):
@@ -332,10 +343,10 @@ def test_async_rollout_overlaps_and_resumes_exactly(tmp_path, served_12, grpo_fu
         assert a["rollout/logprob_abs_diff"] > 100 * max(s["rollout/logprob_abs_diff"], 1e-9), (a, s)
         assert a["perf/overlap_s"] > 0 and s["perf/overlap_s"] == 0 and s["perf/rollout_wait_s"] > 0
         assert 0 < a["rollout/tis_weight_mean"] <= 2.0
-    assert (tmp_path / "async" / "step_000002" / "pending_rollout" / "dp_00000.pt").is_file()
+    assert (grpo_async / "async" / "step_000002" / "pending_rollout" / "dp_00000.pt").is_file()
     for name, sets in (("same", []), ("tp1dp2", ["--set", "parallel.tp=1"])):
         (tmp_path / name).mkdir()
-        shutil.copytree(tmp_path / "async" / "step_000002", tmp_path / name / "step_000002")
+        shutil.copytree(grpo_async / "async" / "step_000002", tmp_path / name / "step_000002")
         (tmp_path / name / "latest").write_text("step_000002\n")
         _run(tmp_path, name, 6, *run, "--resume", *sets, "--stop-after", "1", inputs=inputs)
     resumed, resharded = _metrics(tmp_path, "same")[0], _metrics(tmp_path, "tp1dp2")[0]
@@ -345,4 +356,35 @@ def test_async_rollout_overlaps_and_resumes_exactly(tmp_path, served_12, grpo_fu
         assert resharded[key] == pytest.approx(async_[2][key], rel=1e-12), key
     assert resharded["train/grpo_loss"] != 0.0 and resharded["train/kl"] > 0.0
     assert resharded["ssb/size"] > 0  # the buffer came along
-    assert_same_reference(tmp_path / "async" / "step_000002", tmp_path / "tp1dp2" / "step_000003")
+    assert_same_reference(grpo_async / "async" / "step_000002", tmp_path / "tp1dp2" / "step_000003")
+
+
+def test_async_step_failure_keeps_its_rollout_and_resumes_exactly(tmp_path, served_12, grpo_async):
+    """A NaN gradient on rank 1 in step 2 of the async run (``tests/e2e/fault_train.py``): the step
+    fails after it took step 2's rollout and started step 3's; the stop checkpoint after step 1
+    holds step 2's rollout (put back, generated during step 1) and drops the one in flight, and
+    --resume trains steps 2 and 3 exactly as the uninterrupted async run did."""
+    inputs, reward_args = served_12
+    command = _command(tmp_path, "split", 6, *reward_args, *ASYNC, inputs=inputs)
+    module = command.index("megatron_r1v.train")  # "-m megatron_r1v.train" -> the fault-injecting script
+    command[module - 1:module + 1] = [str(REPO / "tests" / "e2e" / "fault_train.py")]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                            env=dict(ENV, R1V_FAULT="nan:1:2"))
+    status = json.loads((tmp_path / "split" / "run_status.json").read_text())
+    assert failed.returncode != 0 and status["completed_steps"] == 1, failed.stderr[-4000:]
+    assert status["checkpoint"] == "step_000001" and "non-finite gradients" in status["error"]
+    saved = torch_load(tmp_path / "split" / "step_000001" / "pending_rollout" / "dp_00000.pt")
+    assert saved["step"] == 1 and saved["version"] == 0 and saved["samples"] is not None
+    _run(tmp_path, "split", 6, *reward_args, *ASYNC, "--resume", "--stop-after", "2", inputs=inputs)
+    uninterrupted = _metrics(grpo_async, "async")
+    resumed = _metrics(tmp_path, "split")
+    assert [m["step"] for m in resumed] == [0, 1, 2]
+    for a, b in zip(uninterrupted, resumed):
+        assert {k: v for k, v in a.items() if not k.startswith("perf/")} == \
+            {k: v for k, v in b.items() if not k.startswith("perf/")}, a["step"]
+
+
+def torch_load(path: Path):
+    import torch
+
+    return torch.load(path, weights_only=False)
