@@ -32,7 +32,7 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("kernel_backend"):
         reason = kernel_backend_unavailable(mark.args[0])
-        if reason:
+        if reason:  # on a CPU host: "the compiled Triton backend needs a CUDA GPU" (tests/kernel_marks.py)
             pytest.skip(reason)
 
 

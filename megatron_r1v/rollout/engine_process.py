@@ -128,9 +128,9 @@ class EngineProcess:
                                         name=name)
         self._process.start()
         child_conn.close()
-        self._in_flight: Optional[float] = None  # perf_counter() when the running generate was sent
         self._closed = False
-        # Seen by the finalizer (also at interpreter exit): a generation in flight is not waited for.
+        # A generate call sent and its result not yet taken; shared with the finalizer (also run at
+        # interpreter exit), which does not wait for a generation in flight.
         self._busy = {"generating": False}
         self._finalizer = weakref.finalize(self, _stop_process, self._conn, self._process, self._busy)
         status, value = self._receive(_STARTUP_TIMEOUT_S, "starting")
@@ -162,24 +162,22 @@ class EngineProcess:
     @property
     def generating(self) -> bool:
         """A generation was started and its result not yet taken."""
-        return self._in_flight is not None
+        return self._busy["generating"]
 
     def start_generate(self, requests: Sequence[RolloutRequest], params: SamplingParams) -> None:
         """Sends a ``generate`` call and returns at once; :meth:`finish_generate` takes its result."""
         self._check_idle("generate")
         self._send("generate", (_to_host(list(requests)), params))
-        self._in_flight = time.perf_counter()
         self._busy["generating"] = True
 
     def finish_generate(self) -> GenerationResult:
         """The samples of the generation :meth:`start_generate` sent (blocks until they are done)."""
-        if self._in_flight is None:
+        if not self.generating:
             raise EngineProcessError(f"{self.name}: finish_generate() without a generation in flight")
         waited_from = time.perf_counter()
         try:
             samples, seconds = self._answer(None, "generate")
         finally:
-            self._in_flight = None
             self._busy["generating"] = False
         return GenerationResult(samples, seconds, time.perf_counter() - waited_from)
 
@@ -206,7 +204,7 @@ class EngineProcess:
     def _check_idle(self, method: str) -> None:
         if self._closed:
             raise EngineProcessError(f"{self.name}: {method}() after close()")
-        if self._in_flight is not None:
+        if self.generating:
             raise EngineProcessError(f"{self.name}: {method}() while a generation is running (call "
                                      "finish_generate() first: the engine serves one call at a time)")
 
