@@ -212,6 +212,12 @@ class RolloutConfig:
     """Size of the flattened buckets in which weights stream from the trainer into the engine."""
     max_running_requests: Optional[int] = None
     """SGLang: cap on concurrently decoded sequences (null: SGLang's default from the KV cache size)."""
+    deterministic: bool = False
+    """SGLang: start the engines with enable_deterministic_inference, under which SGLang honours the
+    per-sample seeds the adapter sends and its kernels are batch-invariant, so a prompt's samples
+    do not depend on which replica or batch generates them: a GRPO run resumed at another DP size
+    then samples what the uninterrupted run did. Slower decoding; off by default. The HF engine
+    always samples so (a random stream per sample, keyed by the prompt's position in the step)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ the generated ids and their log-probs under the sampling distribution.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     seed: int = 0
-    """Sampling is reproducible for a given seed, request order and weights."""
+    """Sampling is reproducible for a given seed and weights: sample k of a request draws from
+    the random stream :func:`sample_seed` (seed, the request's :func:`sampling_stream`, k)."""
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sample ends after any of these (e.g. ``<|im_end|>``)."""
     repetition_penalty: float = 1.0
@@ -68,6 +70,12 @@ class RolloutRequest:
     smaller of the two applies. Evaluators set it so that one long prompt does not shorten
     the other requests of a batch: each gets what the model's positions leave after its own
     prompt."""
+    stream: Optional[int] = None
+    """The random stream of this request's samples within the call's seed (:func:`sample_seed`);
+    None: the request's index in the call. The GRPO trainer gives each prompt its position in
+    the step's global batch, so that a prompt's samples are the same whichever DP replica, and
+    whichever other requests, it is generated with (a run resumed at another DP size samples
+    what the uninterrupted one did)."""
 
 
 @dataclass
@@ -84,6 +92,18 @@ class RolloutSample:
     """The decoded response (special tokens kept: the format reward reads the tags)."""
 
 
+def sample_seed(seed: int, stream: int, sample: int) -> int:
+    """The seed in [0, 2**63) of sample ``sample`` of the request on ``stream`` in a call seeded
+    ``seed``: a hash, so streams never overlap and need no coordination between engines."""
+    digest = hashlib.blake2b(f"{seed}/{stream}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sampling_stream(req: "RolloutRequest", index: int) -> int:
+    """The stream of ``req``, the ``index``-th request of its call: its own, else ``index``."""
+    return index if req.stream is None else int(req.stream)
+
+
 def token_budget(req: RolloutRequest, params: SamplingParams) -> int:
     """The most new tokens a sample of ``req`` may have: the smaller of the call's and the request's limits."""
     if req.max_new_tokens is None:
@@ -95,6 +115,9 @@ def validate_request(req: RolloutRequest, image_token_id: int, tokens_per_tile: 
     """Raises ValueError naming the request when its ids are not a non-empty 1-D integer
     tensor, its pixels not ``[tiles, 3, S, S]``, its image tokens not ``tiles x tokens_per_tile``,
     or its ``max_new_tokens`` neither None nor an integer >= 1."""
+    if req.stream is not None and (isinstance(req.stream, bool) or not isinstance(req.stream, numbers.Integral)
+                                   or req.stream < 0):
+        raise ValueError(f"request {req.prompt_id}: stream must be None or an integer >= 0, got {req.stream!r}")
     budget = req.max_new_tokens
     # bool is an Integral but True would silently mean a budget of 1.
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1):

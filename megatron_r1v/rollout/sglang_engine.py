@@ -52,7 +52,9 @@ Written against sglang 0.5.23 (the PyPI wheel; paths under ``sglang/srt/``, 0.5.
   keyed by image content and survives weight updates and ``flush_cache``; the embeddings
   include the trained adapter (mlp1), so it is turned off.
 * ``get_weights_by_name`` returns a truncated view of the fused, TP-sharded parameters.
-* Per-request ``sampling_seed`` is honoured only with ``enable_deterministic_inference``.
+* Per-request ``sampling_seed`` is honoured only with ``enable_deterministic_inference``
+  (``rollout.deterministic``); each sample's seed is ``engine.sample_seed`` of the call's seed,
+  the request's stream (``RolloutRequest.stream``) and the sample's index.
 
 Not run on GPU: unit tests drive it through a fake engine, and tests/unit/test_sglang_source.py
 checks every name it uses, and what the fake does, against the 0.5.23 wheel's source.
@@ -60,7 +62,6 @@ checks every name it uses, and what the fake does, against the 0.5.23 wheel's so
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -70,7 +71,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT
-from megatron_r1v.rollout.engine import RolloutRequest, RolloutSample, SamplingParams, token_budget, validate_request
+from megatron_r1v.rollout.engine import (
+    RolloutRequest,
+    RolloutSample,
+    SamplingParams,
+    sample_seed,
+    sampling_stream,
+    token_budget,
+    validate_request,
+)
 
 if TYPE_CHECKING:
     from megatron_r1v.config import RolloutConfig
@@ -134,12 +143,6 @@ def flattened_payloads(
         payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
         calls.append((payload, [codec.serialize(payload) for _ in range(tp_size)]))
     return calls
-
-
-def _sample_seed(seed: int, request: int, sample: int) -> int:
-    """A distinct seed in [0, 2**63) per (call seed, request, sample)."""
-    digest = hashlib.blake2b(f"{seed}/{request}/{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _check_ok(result: Any, what: str) -> None:
@@ -219,7 +222,10 @@ class SGLangRolloutEngine:
     @classmethod
     def from_config(cls, rollout_cfg: "RolloutConfig", model_dir: str, tp_size: int, base_gpu_id: int, seed: int,
                     tokenizer: Any = None, **engine_kwargs: Any) -> "SGLangRolloutEngine":
-        """The real engine for ``rollout_cfg`` (``mem_fraction_static``, ``max_running_requests``)."""
+        """The real engine for ``rollout_cfg`` (``mem_fraction_static``, ``max_running_requests``,
+        ``deterministic``: SGLang's enable_deterministic_inference, which honours ``sampling_seed``)."""
+        if rollout_cfg.deterministic:
+            engine_kwargs.setdefault("enable_deterministic_inference", True)
         return cls(model_dir=model_dir, tp_size=tp_size, base_gpu_id=base_gpu_id,
                    mem_fraction_static=rollout_cfg.mem_fraction_static,
                    max_running_requests=rollout_cfg.max_running_requests, seed=seed, tokenizer=tokenizer,
@@ -315,11 +321,12 @@ class SGLangRolloutEngine:
             raise ValueError(f"request {req.prompt_id}: {runs} images of one tile each; SGLang's InternVL splits "
                              "such a bundle per image and then misplaces the embeddings (see the module docstring)")
 
-    def _sampling_params(self, params: SamplingParams, request: int, sample: int, max_new_tokens: int) -> dict:
-        """SGLang's sampling dict for sample ``sample`` of request number ``request``, which may
-        generate ``max_new_tokens`` tokens (its :func:`token_budget`)."""
+    def _sampling_params(self, params: SamplingParams, stream: int, sample: int, max_new_tokens: int) -> dict:
+        """SGLang's sampling dict for sample ``sample`` of the request on random stream ``stream``
+        (``engine.sampling_stream``), which may generate ``max_new_tokens`` tokens (its
+        :func:`token_budget`)."""
         sp: dict[str, Any] = {"n": 1, "max_new_tokens": max_new_tokens, "no_stop_trim": True,
-                              "skip_special_tokens": False, "sampling_seed": _sample_seed(params.seed, request, sample)}
+                              "skip_special_tokens": False, "sampling_seed": sample_seed(params.seed, stream, sample)}
         if params.greedy:
             sp["temperature"] = 0.0
         else:
@@ -353,7 +360,7 @@ class SGLangRolloutEngine:
             for k in range(n):  # a dict per sample: sglang builds its items from it
                 input_ids.append(ids)
                 image_data.append([] if pv is None else [{"format": "processor_output", "pixel_values": pv}])
-                sampling.append(self._sampling_params(params, i, k, budget))
+                sampling.append(self._sampling_params(params, sampling_stream(req, i), k, budget))
         kwargs: dict[str, Any] = {"input_ids": input_ids, "sampling_params": sampling, "return_logprob": True}
         if any(image_data):
             kwargs["image_data"] = image_data

@@ -20,7 +20,7 @@ Per GRPO step (every DP rank, ``dp_group`` the data-parallel process group)::
 
     min_std = resolve_min_reward_std(cfg.ssb, cfg.reward, cfg.rollout.n_samples)  # once
     adv_G = group_advantages(rewards_1G, min_std=min_std)[0]          # per fresh group (Eq. 6)
-    plan = plan_batch(buffer, [adv_G for each fresh group], step, dp_group)
+    plan = plan_batch(buffer, [adv_G for each fresh group], step, dp_group, positions)  # in the step's order
     batch = [fresh[i] for i in plan.keep_fresh] + plan.reused
     ...  # old/ref log-probs, train; log plan.stats.metrics()
     buffer.insert(SSBGroup(...) for each fresh group)  # ineffective (zero-advantage) ones are skipped
@@ -37,10 +37,18 @@ from .buffer import (
     group_priority,
 )
 from .persist import FORMAT_VERSION, StoreMetadata, StoreOrigin, load, load_initial, read_metadata, save
-from .policy import BatchPlan, TopUpStats, balance_drops, plan_batch, resolve_min_reward_std, reuse_count
+from .policy import (
+    BatchPlan,
+    TopUpStats,
+    latest_positions,
+    place_reused,
+    plan_batch,
+    resolve_min_reward_std,
+    reuse_count,
+)
 
 __all__ = [
     "BatchPlan", "Draw", "FORMAT_VERSION", "InsertStats", "SSBGroup", "SelectiveSampleBuffer", "StoreMetadata",
-    "StoreOrigin", "TopUpStats", "balance_drops", "check_ssb_config", "group_is_effective", "group_priority", "load",
-    "load_initial", "plan_batch", "read_metadata", "resolve_min_reward_std", "reuse_count", "save",
+    "StoreOrigin", "TopUpStats", "check_ssb_config", "group_is_effective", "group_priority", "latest_positions", "load",
+    "load_initial", "place_reused", "plan_batch", "read_metadata", "resolve_min_reward_std", "reuse_count", "save",
 ]

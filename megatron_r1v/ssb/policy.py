@@ -14,9 +14,17 @@ and rho = ``ssb.target_effective_ratio``:
 buffered groups, drawn by |A| (:meth:`SelectiveSampleBuffer.draw`), each replacing one
 ineffective fresh group. Ineffective groups carry no policy gradient (A = 0 in Eq. 8),
 so the batch keeps its size B and gains r effective groups: the batch ratio is
-(E + r) / B, reaching rho whenever the buffer holds enough groups. Which zero groups go
-is chosen to even out the per-rank batch sizes (a rank that contributes buffered groups
-drops its own zero groups first).
+(E + r) / B, reaching rho whenever the buffer holds enough groups.
+
+Layout independence (a run resumed at another DP size trains on the same batch): the r
+zero groups that go are those latest in the step's global prompt order (each fresh group's
+position, ``PromptLoader.next_share``), whichever ranks hold them; the draw selects the same
+groups at any sharding (:mod:`.buffer`). Zero groups still count in the loss (its
+normalizers, a KL term), so which ones go matters. Balance is then restored by placement,
+not by choice: the drawn groups are placed on the ranks with the smallest batches
+(:func:`place_reused`), and a group placed away from the rank that holds it is sent there
+(a few arrays per group), so per-rank batches differ by at most one group where the buffer
+allows.
 
 Order within a step: age out, draw (the buffer holds only earlier steps' groups, so a
 fresh group is never in the batch twice), train, then :meth:`SelectiveSampleBuffer.insert`
@@ -26,7 +34,6 @@ the buffer (see :mod:`.buffer`).
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -37,7 +44,7 @@ import torch.distributed as dist
 from megatron_r1v.config import RewardConfig, SSBConfig
 from megatron_r1v.validation import check_ssb_config
 
-from .buffer import SelectiveSampleBuffer, SSBGroup, all_gather_int64, group_is_effective, group_rank_size
+from .buffer import Draw, SelectiveSampleBuffer, SSBGroup, all_gather_int64, group_is_effective, group_rank_size
 
 # rho * B is compared with integers: 0.7 * 10 = 7.000000000000001 must not ask for 8.
 _RATIO_SLACK = 1e-9
@@ -131,7 +138,7 @@ class BatchPlan:
     drop_fresh: list[int]
     """Indices of this rank's ineffective (zero-advantage) fresh groups replaced by buffered ones."""
     reused: list[SSBGroup]
-    """This rank's buffered groups drawn for the batch (in global draw order)."""
+    """The drawn buffered groups this rank trains (:func:`place_reused`), in global draw order."""
     stats: TopUpStats
 
 
@@ -141,26 +148,48 @@ def reuse_count(fresh: int, effective: int, buffered: int, target_ratio: float) 
     return max(0, min(wanted, fresh - effective, buffered))
 
 
-def balance_drops(n_drop: int, fresh: Sequence[int], zero: Sequence[int], reused: Sequence[int]) -> list[int]:
-    """Ineffective groups each rank drops, ``n_drop`` in all, evening out batch sizes.
+def latest_positions(n_drop: int, zero_positions: Sequence[int], group: Optional[dist.ProcessGroup]) -> set[int]:
+    """The ``n_drop`` largest positions among every rank's ``zero_positions`` (the step's
+    global order of its ineffective fresh groups), on every rank. Collective: each rank sends
+    its ``n_drop`` largest (padded with -1): the global largest are among them."""
+    mine = sorted(zero_positions, reverse=True)[:n_drop]
+    gathered = all_gather_int64(np.array(mine + [-1] * (n_drop - len(mine))), group).reshape(-1)
+    candidates = sorted((int(p) for p in gathered if p >= 0), reverse=True)
+    if len(candidates) < n_drop:
+        raise ValueError(f"cannot drop {n_drop} ineffective groups, only {len(candidates)} exist")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError(f"fresh groups share positions in the step's order: {sorted(candidates)}")
+    return set(candidates[:n_drop])
 
-    Rank r ends with fresh[r] - drops[r] + reused[r] groups and can drop at most zero[r].
-    Greedy: one drop at a time from the rank with the largest current batch (ties:
-    lowest rank), which minimizes the largest batch.
-    """
-    if n_drop > sum(zero):
-        raise ValueError(f"cannot drop {n_drop} ineffective groups, only {sum(zero)} exist")
-    size = [f + r for f, r in zip(fresh, reused)]
-    drops = [0] * len(size)
-    heap = [(-size[r], r) for r in range(len(size)) if zero[r] > 0]
-    heapq.heapify(heap)
-    for _ in range(n_drop):
-        _, r = heapq.heappop(heap)
-        drops[r] += 1
-        size[r] -= 1
-        if drops[r] < zero[r]:
-            heapq.heappush(heap, (-size[r], r))
-    return drops
+
+def place_reused(sizes: Sequence[int], owners: Sequence[int]) -> list[int]:
+    """The rank that trains each drawn group (in draw order): the one with the smallest batch so
+    far (``sizes``: each rank's fresh groups kept), ties to the group's holder (``owners``), then
+    the lowest rank. Greedy one at a time, which minimizes the largest batch."""
+    size = list(sizes)
+    placed = []
+    for owner in owners:
+        smallest = min(size)
+        rank = owner if size[owner] == smallest else size.index(smallest)
+        size[rank] += 1
+        placed.append(rank)
+    return placed
+
+
+def exchange_reused(drawn: Draw, placed: Sequence[int], rank: int, group: Optional[dist.ProcessGroup]
+                    ) -> list[SSBGroup]:
+    """This rank's part of the draw after :func:`place_reused`, in draw order: the groups it
+    holds and keeps, and those other ranks send it (one all_gather_object, only when a group
+    moves; the decision is the same on every rank)."""
+    held = {grp.uid: grp for grp in drawn.groups}
+    moving = [j for j, (owner, to) in enumerate(zip(drawn.owners, placed)) if owner != to]
+    if moving:
+        _, world = group_rank_size(group)
+        outgoing = [held[drawn.uids[j]] for j in moving if drawn.owners[j] == rank]
+        received: list = [None] * world
+        dist.all_gather_object(received, outgoing, group=group)
+        held.update((grp.uid, grp) for part in received for grp in part)
+    return [held[uid] for uid, to in zip(drawn.uids, placed) if to == rank]
 
 
 def plan_batch(
@@ -168,15 +197,21 @@ def plan_batch(
     fresh_advantages: Sequence[Sequence[float] | np.ndarray],
     step: int,
     group: Optional[dist.ProcessGroup] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> BatchPlan:
     """Ages the buffer out, draws the top-up over all DP ranks and plans this rank's batch.
 
     ``fresh_advantages`` holds this rank's fresh groups' A_i ([G] each), computed with the
-    effective-group criterion (zero for ineffective groups: module docstring). Collective
-    over ``group`` (two all_gathers of a few integers each, then the draw); every rank calls it.
+    effective-group criterion (zero for ineffective groups: module docstring); ``positions``
+    their places in the step's global order, distinct over the ranks (None: the loader's
+    round-robin share, index * world + rank). Collective over ``group`` (all_gathers of a few
+    integers, the draw, and the groups that move to another rank); every rank calls it.
     """
     rank, world = group_rank_size(group)
     n_local = len(fresh_advantages)
+    positions = list(range(rank, n_local * world, world)) if positions is None else [int(p) for p in positions]
+    if len(positions) != n_local:
+        raise ValueError(f"{n_local} fresh groups but {len(positions)} positions")
     zero_local = [i for i, adv in enumerate(fresh_advantages) if not group_is_effective(adv)]
     aged = buffer.age_out(step)
     counts = all_gather_int64(np.array([n_local, n_local - len(zero_local), len(buffer), aged]), group)
@@ -191,11 +226,11 @@ def plan_batch(
     if n_reuse:  # identical on every rank, so all of them draw or none does
         drawn = buffer.draw(n_reuse, group)
         assert len(drawn.uids) == n_reuse, (len(drawn.uids), n_reuse)
-        reused, reused_samples = drawn.groups, sum(drawn.n_samples)
-        zero_r = [f - e for f, e in zip(fresh_r, effective_r)]
-        drops = balance_drops(n_reuse, fresh_r, zero_r, drawn.count_by_rank(world))
-        # The last zero groups go: any choice is valid, this one is deterministic.
-        drop_local = zero_local[len(zero_local) - drops[rank]:] if drops[rank] else []
+        reused_samples = sum(drawn.n_samples)
+        dropped_positions = latest_positions(n_reuse, [positions[i] for i in zero_local], group)
+        drop_local = [i for i in zero_local if positions[i] in dropped_positions]
+        kept = all_gather_int64(np.array([n_local - len(drop_local)]), group)[:, 0].tolist()
+        reused = exchange_reused(drawn, place_reused(kept, drawn.owners), rank, group)
     dropped = set(drop_local)
     stats = TopUpStats(
         fresh_groups=fresh, fresh_effective=effective, reused_groups=n_reuse,

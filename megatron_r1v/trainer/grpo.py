@@ -58,14 +58,14 @@ from megatron_r1v.losses.grpo import GRPOLossConfig, token_weights
 from megatron_r1v.models.r1v.context_parallel import packing_multiple
 from megatron_r1v.platform import ParallelContext
 from megatron_r1v.rewards.hybrid import HybridReward
-from megatron_r1v.rollout.engine import RolloutEngine, RolloutRequest, SamplingParams
+from megatron_r1v.rollout.engine import RolloutEngine, SamplingParams
 from megatron_r1v.rollout.weight_sync import WeightSync
 from megatron_r1v.ssb import SelectiveSampleBuffer, StoreOrigin, load_initial, plan_batch, resolve_min_reward_std
 from megatron_r1v.ssb.buffer import all_gather_int64, group_is_effective
 from megatron_r1v.ssb import load as load_ssb
 from megatron_r1v.ssb import save as save_ssb
 from megatron_r1v.trainer.failure import StepFailure, StepSnapshot, agree_on_failure, describe
-from megatron_r1v.trainer.grpo_async import OneStepOffRollout, PendingRollout
+from megatron_r1v.trainer.grpo_async import OneStepOffRollout, PendingRollout, rollout_requests
 from megatron_r1v.trainer.grpo_batch import (
     DynamicSamplingStats,
     ScoredGroup,
@@ -187,13 +187,13 @@ class GRPOTrainer:
         self.rollout_timing = (0.0, 0.0)
         with timer.phase("step"):
             with timer.phase("rollout"):
-                items, groups, sampling = self._rollout_phase(step)
+                items, positions, groups, sampling = self._rollout_phase(step)
             if self.is_async:  # the engine is idle: W_step into it, then step + 1's generation starts
                 self._hand_over(step, timer)
             with timer.phase("train"):
                 if self.cfg.grpo.kl_placement == "reward":
                     self._kl_reward_pass(items, groups)
-                batch = self._assemble(items, groups, step)
+                batch = self._assemble(items, positions, groups, step)
                 microbatches, sample_logprobs = self._old_policy_pass(batch, sums)
                 result, grad_norm = self._update(microbatches, step)
             if not self.is_async:
@@ -205,17 +205,18 @@ class GRPOTrainer:
         timer.seconds["rollout_wait"], timer.seconds["overlap"] = self.rollout_timing
         return step_metrics(self.cfg, self.ctx, groups, result, batch, sums, grad_norm, timer.seconds, sampling)
 
-    def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup], Optional[DynamicSamplingStats]]:
-        """This rank's prompts and their scored groups: one rollout round, or with
-        ``grpo.dynamic_sampling`` the effective groups of several (then with their stats)."""
+    def _rollout_phase(self, step: int) -> tuple[list[PromptItem], list[int], list[ScoredGroup],
+                                                 Optional[DynamicSamplingStats]]:
+        """This rank's prompts, their positions in the step's global order (the random stream of
+        each prompt's samples, and the SSB's order of drops) and their scored groups: one rollout
+        round, or with ``grpo.dynamic_sampling`` the effective groups of several (then with stats)."""
         if self.cfg.grpo.dynamic_sampling:
             return self._dynamic_sampling(step)
         if self.is_async:
             return *self._take_async(step), None
-        items, groups = self._rollout_round(step)
-        return items, groups, None
+        return *self._rollout_round(step), None
 
-    def _take_async(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup]]:
+    def _take_async(self, step: int) -> tuple[list[PromptItem], list[int], list[ScoredGroup]]:
         """Async mode: this step's rollout (generated during the previous step; the first step's,
         or one a checkpoint lacks, is drawn and generated now), scored on the owner."""
         rollout = self.one_step_off
@@ -229,7 +230,7 @@ class GRPOTrainer:
         outcome = broadcast_to_replica(outcome, self.ctx)
         agree_on_failure(outcome.message if isinstance(outcome, RolloutFailed) else None, self.ctx.device,
                          self.ctx.rank)
-        return pending.items, outcome
+        return pending.items, pending.positions, outcome
 
     def _score_pending(self, pending: PendingRollout) -> Union[list[ScoredGroup], RolloutFailed]:
         if pending.error is not None:
@@ -250,27 +251,29 @@ class GRPOTrainer:
             with timer.phase("rollout"):
                 agree_on_failure(self.one_step_off.draw(step + 1, version=step), self.ctx.device, self.ctx.rank)
 
-    def _rollout_round(self, step: int, round_: int = 0) -> tuple[list[PromptItem], list[ScoredGroup]]:
+    def _rollout_round(self, step: int, round_: int = 0) -> tuple[list[PromptItem], list[int], list[ScoredGroup]]:
         """This rank's share of the next ``grpo.prompts_per_step`` prompts and their scored groups.
         A failure on any rank (a data error in ``on_bad_sample=error`` mode, the reward server
         down past its budget, the engine) becomes a recoverable StepFailure on every rank
         (``trainer/failure.py``)."""
-        items, failure = [], None
+        items, positions, failure = [], [], None
         resumed = self.one_step_off.pending
         try:
             if round_ == 0 and resumed is not None and resumed.step == step:  # an async run's checkpoint
-                items, self.one_step_off.pending = resumed.items, None
+                items, positions, self.one_step_off.pending = resumed.items, resumed.positions, None
             else:
-                items = self.loader.next_batch(self.cfg.grpo.prompts_per_step)
+                share = self.loader.next_share(self.cfg.grpo.prompts_per_step)
+                items, positions = [item for _, item in share], [p for p, _ in share]
         except Exception as err:  # any: the weights are untouched, so the state is still consistent
             failure = describe(err)
-        outcome = self._rollout(items, step, failure, round_)
+        outcome = self._rollout(items, positions, step, failure, round_)
         if isinstance(outcome, RolloutFailed):
             failure = failure or outcome.message
         agree_on_failure(failure, self.ctx.device, self.ctx.rank)
-        return items, outcome
+        return items, positions, outcome
 
-    def _dynamic_sampling(self, step: int) -> tuple[list[PromptItem], list[ScoredGroup], DynamicSamplingStats]:
+    def _dynamic_sampling(self, step: int) -> tuple[list[PromptItem], list[int], list[ScoredGroup],
+                                                    DynamicSamplingStats]:
         """DAPO's dynamic sampling (arXiv 2503.14476, Sec. 3.2; ``GRPOConfig.dynamic_sampling``): rounds
         of ``prompts_per_step`` prompts until that many effective groups are collected over DP, or
         ``dynamic_sampling_max_rounds``. Every decision comes from counts gathered over the DP group
@@ -278,31 +281,33 @@ class GRPOTrainer:
         same rounds; the surplus is cut by ``grpo_batch.dynamic_sampling_quota``."""
         g, ctx = self.cfg.grpo, self.ctx
         target, std_normalize = g.prompts_per_step, g.advantage_std_normalize
-        items, groups, first = [], [], None
+        items, positions, groups, first = [], [], [], None
         rounds = drawn = kept = 0
         while rounds < g.dynamic_sampling_max_rounds and kept < target:
-            new_items, new_groups = self._rollout_round(step, rounds)
+            new_items, new_positions, new_groups = self._rollout_round(step, rounds)
+            new_positions = [rounds * target + p for p in new_positions]  # the step's order over its rounds
             rounds += 1
-            first = first or (new_items[:1], new_groups[:1])
+            first = first or (new_items[:1], new_positions[:1], new_groups[:1])
             effective = [i for i, grp in enumerate(new_groups)
                          if group_is_effective(grp.advantages(self.min_reward_std, std_normalize))]
             counts = all_gather_int64(np.array([len(groups), len(effective), len(new_groups)]), ctx.dp_group)
             quota = dynamic_sampling_quota(counts[:, 0].tolist(), counts[:, 1].tolist(), target)
             chosen = effective[:quota[ctx.dp_rank]]
             items += [new_items[i] for i in chosen]
+            positions += [new_positions[i] for i in chosen]
             groups += [new_groups[i] for i in chosen]
             drawn, kept = drawn + int(counts[:, 2].sum()), kept + sum(quota)
         if not groups and first is not None:
             # Every DP rank runs the schedule (trainer/schedule.run_schedule): a rank without an
             # effective group keeps its first one; its zero advantages add no gradient.
-            items, groups = first
+            items, positions, groups = first
         if kept < target and ctx.rank == 0:
             print(f"dynamic sampling: step {step + 1}: {kept} of {target} effective groups after "
                   f"grpo.dynamic_sampling_max_rounds={g.dynamic_sampling_max_rounds} rounds ({drawn} groups drawn); "
                   "training on what was collected", flush=True)
-        return items, groups, DynamicSamplingStats(rounds, drawn, kept, target)
+        return items, positions, groups, DynamicSamplingStats(rounds, drawn, kept, target)
 
-    def _rollout(self, items: list[PromptItem], step: int, failure: Optional[str],
+    def _rollout(self, items: list[PromptItem], positions: list[int], step: int, failure: Optional[str],
                  round_: int = 0) -> Union[list[ScoredGroup], RolloutFailed]:
         """G responses per prompt from this replica's engine, scored, on every rank of the
         replica; or the owner's failure (so that no rank waits for an answer that never comes)."""
@@ -316,7 +321,7 @@ class GRPOTrainer:
             outcome = RolloutFailed(failure)  # this rank's data already failed: the engine is not run
         elif self.engine is not None:
             try:
-                outcome = self._generate_and_score(items, step, round_)
+                outcome = self._generate_and_score(items, positions, step, round_)
             except Exception as err:  # any: still before the update
                 outcome = RolloutFailed(describe(err))
         return broadcast_to_replica(outcome, self.ctx)
@@ -329,11 +334,11 @@ class GRPOTrainer:
         return SamplingParams(n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens, seed=seed, stop_token_ids=self.stop_token_ids)
 
-    def _generate_and_score(self, items: list[PromptItem], step: int, round_: int = 0) -> list[ScoredGroup]:
+    def _generate_and_score(self, items: list[PromptItem], positions: list[int], step: int,
+                            round_: int = 0) -> list[ScoredGroup]:
         self.engine.resume_memory()
         started = time.perf_counter()
-        requests = [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in items]
-        rollouts = self.engine.generate(requests, self._sampling_params(step, round_))
+        rollouts = self.engine.generate(rollout_requests(items, positions), self._sampling_params(step, round_))
         # Sync mode: the trainer waits for the whole generation (dynamic sampling: every round's).
         waited = self.rollout_timing[0] + time.perf_counter() - started
         self.rollout_timing = (waited, 0.0)
@@ -376,12 +381,13 @@ class GRPOTrainer:
                                                g.kl_estimator), dtype=torch.float64)
         attach_kl_penalties(groups, samples, broadcast_from_last_stage(kl, ctx).tolist(), g.kl_beta)
 
-    def _assemble(self, items: list[PromptItem], groups: list[ScoredGroup], step: int) -> StepBatch:
-        """Advantages (Eq. 6), the SSB plan (collective over DP), the samples and packed rows
-        with their Eq. 8 normalization weights (which count the whole step over DP)."""
+    def _assemble(self, items: list[PromptItem], positions: list[int], groups: list[ScoredGroup],
+                  step: int) -> StepBatch:
+        """Advantages (Eq. 6), the SSB plan (collective over DP; drops by position), the samples
+        and packed rows with their Eq. 8 normalization weights (which count the whole step over DP)."""
         std_normalize = self.cfg.grpo.advantage_std_normalize  # false: Dr. GRPO's r - mean(r)
         advantages = [group.advantages(self.min_reward_std, std_normalize) for group in groups]
-        plan = plan_batch(self.buffer, advantages, step, self.ctx.dp_group)
+        plan = plan_batch(self.buffer, advantages, step, self.ctx.dp_group, positions)
         samples = train_samples(items, groups, advantages, plan, self.loader)
         lengths = [s.target_count() for s in samples]
         counts = torch.tensor([len(samples), sum(lengths)], dtype=torch.float64)

@@ -128,9 +128,9 @@ class OneStepOffRollout:
     def _start(self, pending: PendingRollout) -> None:
         if self.engine is None:
             return
-        requests = [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values) for i in pending.items]
         try:
-            self.engine.start_generate(requests, self.params_of(pending.step))
+            self.engine.start_generate(rollout_requests(pending.items, pending.positions),
+                                       self.params_of(pending.step))
             pending.running = True
         except EngineProcessError as err:
             pending.error = describe(err)
@@ -191,6 +191,14 @@ class OneStepOffRollout:
             print(f"async rollout: the checkpoint holds step {first['step'] + 1}'s prompts without their responses "
                   f"(its generation had failed: {next(s['error'] for s in saved if s['samples'] is None)}); "
                   "they are generated again from the resumed weights", flush=True)
+
+
+def rollout_requests(items: list[PromptItem], positions: list[int]) -> list[RolloutRequest]:
+    """The engine's requests for prompts at these positions of the step's global order: each
+    position is its prompt's random stream (``RolloutRequest.stream``), so a prompt's samples
+    do not depend on which DP replica generates it, nor beside which other prompts."""
+    return [RolloutRequest(i.record.id, i.prompt_ids, i.pixel_values, stream=p)
+            for i, p in zip(items, positions, strict=True)]
 
 
 def _check_shares(saved: list[dict], files: list[Path]) -> None:

@@ -32,6 +32,16 @@ def test_sharded_draw_equals_union_draw_and_reshards(torchrun, tmp_path):
     assert sorted(reused0 + reused1) == sorted(union_reused)
     for part in (reused0, reused1):  # each rank's share comes in the global draw order
         assert part == [u for u in union_reused if u in part]
+    # Placed to even out the batches (rank 0 kept 2 fresh groups, rank 1 none): 7 groups, 4 + 3.
+    assert sorted([len(keep0) + len(reused0), len(keep1) + len(reused1)]) == [3, 4]
+
+    # Fewer groups to reuse than zero groups: the latest zero groups in the step's order go, the
+    # same as in one process (positions 5 on rank 1, 4 on rank 0), not each rank's own choice.
+    assert report["small_dropped"] == report["small_union_dropped"] == [4, 5]
+    # Rank 0 holds both drawn groups and keeps 3 fresh groups after the drop, rank 1 two: the
+    # first drawn group is sent to rank 1, the second stays (4 + 3).
+    mine0, mine1 = report["small_reused"]
+    assert len(mine0) == 1 and len(mine1) == 1 and sorted(mine0 + mine1) == report["small_union_reused"]
 
     # DP 2 -> 1: rank 0 holds all groups, equal field by field to the single-process store.
     meta = read_metadata(tmp_path / "store")

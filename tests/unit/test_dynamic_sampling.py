@@ -53,18 +53,21 @@ class StubTrainer:
         self.cfg.grpo.dynamic_sampling_max_rounds = max_rounds
         self.ctx = SimpleNamespace(dp_group=dp_group, dp_rank=dp_rank, rank=dp_rank)
         self.min_reward_std, self.rounds, self.calls = 0.0, rounds, []
+        self.world = 1 if dp_group is None else dist.get_world_size(dp_group)
 
     def _rollout_round(self, step: int, round_: int = 0):
         self.calls.append(round_)  # the loader draws prompts_per_step prompts per call
         flags = self.rounds[round_]
-        return [f"r{round_}g{i}" for i in range(len(flags))], [_group(f) for f in flags]
+        positions = [i * self.world + self.ctx.dp_rank for i in range(len(flags))]  # the loader's round-robin
+        return [f"r{round_}g{i}" for i in range(len(flags))], positions, [_group(f) for f in flags]
 
 
 def test_rounds_until_the_target_then_the_surplus_is_cut(capsys):
     trainer = StubTrainer([[True, False, False, True], [False, True, True, True], [True] * 4], 4, 3)
-    items, groups, stats = trainer._dynamic_sampling(step=0)
+    items, positions, groups, stats = trainer._dynamic_sampling(step=0)
     assert trainer.calls == [0, 1]  # two rounds: 2 + 3 effective >= 4
     assert items == ["r0g0", "r0g3", "r1g1", "r1g2"]  # the surplus r1g3 goes (rollout order)
+    assert positions == [0, 3, 5, 6]  # in the step's order over both rounds (round 1 from 4 on)
     assert stats == DynamicSamplingStats(rounds=2, drawn_groups=8, kept_groups=4, target=4)
     assert stats.metrics() == {"dynamic_sampling/rounds": 2.0, "dynamic_sampling/kept_fraction": 0.5}
     assert all(g.advantages().any() for g in groups)
@@ -73,7 +76,7 @@ def test_rounds_until_the_target_then_the_surplus_is_cut(capsys):
 
 def test_max_rounds_trains_on_what_was_collected(capsys):
     trainer = StubTrainer([[True, False], [False, False], [False, True], [True, True]], 4, 3)
-    items, _, stats = trainer._dynamic_sampling(step=6)
+    items, _, _, stats = trainer._dynamic_sampling(step=6)
     assert trainer.calls == [0, 1, 2] and items == ["r0g0", "r2g1"]
     assert stats.metrics() == {"dynamic_sampling/rounds": 3.0, "dynamic_sampling/kept_fraction": 2 / 6}
     assert ("dynamic sampling: step 7: 2 of 4 effective groups after grpo.dynamic_sampling_max_rounds=3 rounds "
@@ -82,8 +85,8 @@ def test_max_rounds_trains_on_what_was_collected(capsys):
 
 def test_a_rank_without_effective_groups_keeps_its_first_one():
     trainer = StubTrainer([[False, False], [False, False]], 2, 2)
-    items, groups, stats = trainer._dynamic_sampling(step=0)
-    assert items == ["r0g0"] and not groups[0].advantages().any()
+    items, positions, groups, stats = trainer._dynamic_sampling(step=0)
+    assert items == ["r0g0"] and positions == [0] and not groups[0].advantages().any()
     assert stats.kept_groups == 0 and stats.metrics()["dynamic_sampling/kept_fraction"] == 0.0
 
 
@@ -92,8 +95,8 @@ def _dp_worker(rank: int, init_file: str, out_dir: str) -> None:
     # Rank 0's rollouts are all effective, rank 1's mostly not: the decision still has to agree.
     rounds = [[[True, True], [True, True], [True, True]], [[False, False], [True, False], [False, False]]][rank]
     trainer = StubTrainer(rounds, 4, 3, dp_rank=rank, dp_group=dist.group.WORLD)
-    items, _, stats = trainer._dynamic_sampling(step=0)
-    torch.save({"items": items, "stats": stats, "calls": trainer.calls}, os.path.join(out_dir, f"{rank}.pt"))
+    items, positions, _, stats = trainer._dynamic_sampling(step=0)
+    torch.save({"items": items, "positions": positions, "stats": stats, "calls": trainer.calls}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -104,6 +107,7 @@ def test_two_dp_ranks_agree_on_rounds_and_split_the_surplus(tmp_path):
     # rank 1 (holding 0) takes its one, rank 0 (holding 2) one of its two.
     assert r0["calls"] == r1["calls"] == [0, 1]
     assert r0["items"] == ["r0g0", "r0g1", "r1g0"] and r1["items"] == ["r1g0"]
+    assert r0["positions"] == [0, 2, 4] and r1["positions"] == [5]  # distinct over the ranks
     assert r0["stats"] == r1["stats"] == DynamicSamplingStats(rounds=2, drawn_groups=8, kept_groups=4, target=4)
 
 

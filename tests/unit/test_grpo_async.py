@@ -186,18 +186,20 @@ class SyncRoundStub:
         from megatron_r1v.config import RunConfig
 
         self.cfg, self.one_step_off = RunConfig(), SimpleNamespace(pending=pending)
-        self.loader = SimpleNamespace(next_batch=lambda n: [f"drawn{k}" for k in range(n)])
+        self.loader = SimpleNamespace(next_share=lambda n: [(k, f"drawn{k}") for k in range(n)])
         self.ctx = SimpleNamespace(device=torch.device("cpu"), rank=0)
 
-    def _rollout(self, items, step, failure, round_=0):
-        return [f"group of {item}" for item in items]
+    def _rollout(self, items, positions, step, failure, round_=0):
+        return [f"group of {item} at {p}" for item, p in zip(items, positions)]
 
 
 def test_sync_mode_trains_an_async_checkpoints_prompts_once():
     """An async run's checkpoint resumed with rollout.mode=sync: its step's prompts were already
     drawn (the data cursor is past them), so that step generates them instead of drawing again."""
-    resumed = SimpleNamespace(step=3, items=["a", "b"])
+    resumed = SimpleNamespace(step=3, items=["a", "b"], positions=[1, 3])
     stub = SyncRoundStub(resumed)
-    assert stub._rollout_round(3) == (["a", "b"], ["group of a", "group of b"])
+    assert stub._rollout_round(3) == (["a", "b"], [1, 3], ["group of a at 1", "group of b at 3"])
     assert stub.one_step_off.pending is None
-    assert stub._rollout_round(4)[0] == [f"drawn{k}" for k in range(stub.cfg.grpo.prompts_per_step)]
+    items, positions, _ = stub._rollout_round(4)
+    assert items == [f"drawn{k}" for k in range(stub.cfg.grpo.prompts_per_step)]
+    assert positions == list(range(stub.cfg.grpo.prompts_per_step))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import megatron_r1v.rollout.hf_engine as hf_engine
 from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
+from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams, sample_seed
 from megatron_r1v.rollout.hf_engine import HFRolloutEngine, apply_repetition_penalty
 
 ARCH = get_preset("tiny-r1v")
@@ -71,6 +71,32 @@ def test_n_samples_per_request_and_determinism_for_a_seed(engine):
     assert changed >= 6, f"another seed changed only {changed} of 12 samples"
     # The n samples of a request are distinct draws, not copies.
     assert all(len({tuple(s.response_ids.tolist()) for s in g}) > 1 for g in first)
+
+
+def test_a_requests_samples_follow_its_stream_not_its_batch(engine):
+    """How the GRPO trainer shares prompts over DP replicas: each request carries its position in
+    the step's batch as its stream. Then a request's samples are the same generated alone, at
+    another index or beside other requests (here with the 4 requests split 2 + 2, as two DP
+    replicas would); without streams its index decides them, so moving it changes them."""
+    ids_img, pix_img = image_prompt(1, 31)
+    requests = [RolloutRequest("img", ids_img, pix_img, stream=0), RolloutRequest("a", text_prompt(7, 32), stream=1),
+                RolloutRequest("b", text_prompt(3, 33), stream=2), RolloutRequest("c", text_prompt(9, 34), stream=3)]
+    params = SamplingParams(n=3, temperature=1.3, top_p=0.95, max_new_tokens=8, seed=11)
+    whole = engine.generate(requests, params)
+    shared = engine.generate(requests[0::2], params) + engine.generate(requests[1::2], params)
+    by_id = {g[0].prompt_id: g for g in shared}
+    alone = engine.generate([requests[3]], params)[0]
+    for want in whole:
+        for a, b in zip(want, by_id[want[0].prompt_id]):
+            assert torch.equal(a.response_ids, b.response_ids), a.prompt_id
+            # Another batch shape: summation order only (see LOGPROB_TOL).
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=LOGPROB_TOL, rtol=0)
+    assert all(torch.equal(a.response_ids, b.response_ids) for a, b in zip(whole[3], alone))
+    # Without a stream, "c" at index 0 draws request 0's streams: other samples.
+    unstreamed = engine.generate([replace(requests[3], stream=None)], params)[0]
+    assert sum(not torch.equal(a.response_ids, b.response_ids) for a, b in zip(whole[3], unstreamed)) >= 2
+    with pytest.raises(ValueError, match="request a: stream must be None or an integer >= 0"):
+        engine.generate([replace(requests[1], stream=-1)], params)
 
 
 def test_stop_tokens_end_samples_and_max_new_tokens_cuts_the_rest(engine):
@@ -246,7 +272,7 @@ def test_greedy_equals_a_plain_argmax_loop_for_every_seed(engine):
 def test_greedy_never_picks_the_image_token(engine):
     logits_BV = torch.randn(3, ARCH.decoder.vocab_size, generator=torch.Generator().manual_seed(80))
     logits_BV[:, IMG] = 100.0  # the image token is everyone's argmax
-    tokens_B, logprobs_B = engine._sample(logits_BV, SamplingParams(temperature=0), torch.Generator())
+    tokens_B, logprobs_B = engine._sample(logits_BV, SamplingParams(temperature=0), [])
     expected_B = torch.cat([logits_BV[:, :IMG], logits_BV[:, IMG + 1:]], dim=1).argmax(-1)  # IMG is the last id
     assert torch.equal(tokens_B, expected_B)
     assert torch.equal(logprobs_B, F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None]).squeeze(-1))
@@ -271,7 +297,8 @@ def transformers_generate(model, prompt, params, pixel_values=None):
     the prompt's ``inputs_embeds`` without ``input_ids`` (as ``model.chat`` calls its language
     model), so that its ``RepetitionPenaltyLogitsProcessor`` sees the generated ids only. No stop
     token (as the engine without stop_token_ids), the engine's image-token ban
-    (``bad_words_ids``), a sampled run drawing from the global RNG seeded with ``params.seed``.
+    (``bad_words_ids``), a sampled run drawing from the global RNG seeded as the engine seeds
+    sample 0 of the call's first request (``sample_seed(params.seed, 0, 0)``).
     Returns (tokens, log_softmax(penalized logits / T) of them)."""
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -279,7 +306,7 @@ def transformers_generate(model, prompt, params, pixel_values=None):
                                                               top_p=params.top_p, top_k=None)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         embeds = prompt_embeds(model, prompt, pixel_values)
-        torch.manual_seed(params.seed)
+        torch.manual_seed(sample_seed(params.seed, 0, 0))
         # transformers states the rule this test relies on (5.x).
         with pytest.warns(UserWarning, match="penalty only to newly generated tokens, not to the prompt"):
             out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
@@ -320,7 +347,7 @@ def test_repetition_penalty_matches_transformers_generate_from_inputs_embeds(eng
 
     Greedy: the requests share one left-padded batch with n=2 (rows must not interact) and each
     is compared with its own unpadded generate call. Sampled: one request per call with n=1, so
-    that the engine's generator and generate's global one (the same CPU stream, seeded alike)
+    that the sample's generator and generate's global one (the same CPU stream, seeded alike)
     make one draw per step from the same floats; the two top-p rules (drop a token once the mass
     ranked before it reaches top_p; transformers' ascending form of it) keep the same nucleus up
     to rounding and tie order at its boundary, which these fixed draws do not meet."""
@@ -420,7 +447,7 @@ def test_a_request_budget_cuts_its_own_rows_only(engine):
     batch without budgets: the unbudgeted request's samples are bit-identical and the others are
     their prefixes, bit for bit. A stop within the budget still finishes a sample; one beyond it
     does not (the sample was cut)."""
-    params = SamplingParams(n=3, temperature=1.5, max_new_tokens=8, seed=6, stop_token_ids=tuple(range(1, IMG, 5)))
+    params = SamplingParams(n=3, temperature=1.5, max_new_tokens=8, seed=1, stop_token_ids=tuple(range(1, IMG, 5)))
     requests = budget_requests()
     full = engine.generate(requests, params)
     budgets = {"img": None, "long": 2, "short": 20}

@@ -19,7 +19,7 @@ from megatron_r1v.checkpoint.hf_layouts import expected_hf_shapes
 from megatron_r1v.config import RolloutConfig
 from megatron_r1v.models.r1v.hf_mapping import SKYWORK_LAYOUT
 from megatron_r1v.models.r1v.presets import get_preset
-from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams
+from megatron_r1v.rollout.engine import RolloutRequest, SamplingParams, sample_seed
 from megatron_r1v.rollout.sglang_engine import SGLangRolloutEngine, WeightCodec
 
 ARCH = get_preset("tiny-r1v")
@@ -249,6 +249,20 @@ def test_generate_converts_outputs_and_builds_sglang_requests():
     assert "ignore_eos" not in sp[0] and len({p["sampling_seed"] for p in sp}) == 4
 
 
+def test_sampling_seeds_follow_each_requests_stream():
+    """A sample's seed is sample_seed(call seed, stream, k): a request's own stream, else its
+    index in the call; so a prompt sent with its stream gets the same seeds wherever it sits."""
+    reqs = [RolloutRequest("a", torch.tensor([5, 6])), RolloutRequest("b", torch.tensor([7]), stream=9)]
+    eng, fake = make([out([1], [-0.5], "stop")] * 4)
+    eng.generate(reqs, SamplingParams(n=2, seed=3))
+    seeds = [p["sampling_seed"] for p in fake.generated["sampling_params"]]
+    assert seeds == [sample_seed(3, 0, 0), sample_seed(3, 0, 1), sample_seed(3, 9, 0), sample_seed(3, 9, 1)]
+    eng.generate(reqs[::-1], SamplingParams(n=2, seed=3))  # "b" first now: its seeds stay, "a"'s follow index 1
+    assert [p["sampling_seed"] for p in fake.generated["sampling_params"]] == seeds[2:] + [
+        sample_seed(3, 1, 0), sample_seed(3, 1, 1)]
+    assert len({sample_seed(s, st, k) for s in (0, 1) for st in (0, 1, 2) for k in (0, 1)}) == 12
+
+
 def test_greedy_and_no_stop_ids_map_to_temperature_zero_and_ignore_eos():
     eng, fake = make([out([4, 4], [-0.5, -0.25], "length")], ban_image_token=False)
     (group,) = eng.generate([RolloutRequest("g", torch.tensor([1]))],
@@ -364,6 +378,10 @@ def test_from_config_reads_the_skywork_checkpoint_and_builds_a_colocated_engine(
     assert built[0].kwargs == {"model_path": str(ckpt), "tp_size": 2, "base_gpu_id": 4, "mem_fraction_static": 0.3,
                                "random_seed": 7, "enable_memory_saver": True, "enable_weights_cpu_backup": True,
                                "trust_remote_code": True, "max_running_requests": 64}
+    # rollout.deterministic: SGLang honours sampling_seed only under deterministic inference.
+    SGLangRolloutEngine.from_config(RolloutConfig(engine="sglang", deterministic=True), str(ckpt), 1, 0, 7)
+    assert built[1].kwargs["enable_deterministic_inference"] is True
+    assert "enable_deterministic_inference" not in built[0].kwargs
     assert os.environ["SGLANG_VLM_CACHE_SIZE_MB"] == "0"
     assert (eng.image_token_id, eng.tokens_per_tile, eng.tp_size) == (639, 4, 2)
     assert eng.memory_tags == ("weights", "kv_cache", "cuda_graph") and eng.tokenizer is not None

@@ -12,7 +12,8 @@ from megatron_r1v.config import SSBConfig
 from megatron_r1v.ssb import (
     SelectiveSampleBuffer,
     SSBGroup,
-    balance_drops,
+    latest_positions,
+    place_reused,
     load,
     persist,
     plan_batch,
@@ -170,13 +171,35 @@ def test_reuse_count_by_hand():
     assert reuse_count(fresh=0, effective=0, buffered=10, target_ratio=1.0) == 0
 
 
-def test_balance_drops_evens_out_batches():
-    # Rank 0 got 3 buffered groups: it drops its own zero groups first.
-    assert balance_drops(3, fresh=[4, 4], zero=[3, 3], reused=[3, 0]) == [3, 0]
-    assert balance_drops(4, fresh=[4, 4], zero=[3, 3], reused=[2, 2]) == [2, 2]
-    assert balance_drops(3, fresh=[4, 4], zero=[1, 3], reused=[3, 0]) == [1, 2]  # rank 0 runs out
-    with pytest.raises(ValueError, match="cannot drop 5"):
-        balance_drops(5, fresh=[4], zero=[4], reused=[5])
+def test_place_reused_evens_out_batches_and_prefers_the_holder():
+    # Rank 1 kept fewer fresh groups: the first drawn groups go there, then they alternate;
+    # at a tie the holder keeps its group (nothing moves).
+    assert place_reused([4, 1], owners=[0, 0, 0, 0, 0]) == [1, 1, 1, 0, 1]
+    assert place_reused([2, 2], owners=[1, 0, 1]) == [1, 0, 1]
+    assert place_reused([3, 3, 3], owners=[2, 2, 2]) == [2, 0, 1]  # the holder first, then the lowest rank
+    assert place_reused([5], owners=[0, 0]) == [0, 0]
+
+
+def test_latest_positions_single_process():
+    # The latest zero groups in the step's order go, wherever they sit in this rank's list.
+    assert latest_positions(2, [7, 3, 9, 1], None) == {7, 9}
+    assert latest_positions(0, [7, 3], None) == set()
+    with pytest.raises(ValueError, match="cannot drop 3 ineffective groups, only 2"):
+        latest_positions(3, [7, 3], None)
+    with pytest.raises(ValueError, match="share positions"):
+        latest_positions(2, [4, 4], None)
+
+
+def test_plan_batch_drops_by_position_not_by_index():
+    """The same fresh groups listed in another order with their positions drop the same groups."""
+    fresh = [[1.0, -1.0, 0.0] if i in (0, 3, 6) else [0.0, 0.0, 0.0] for i in range(8)]
+    buffered = [make_group(f"old{i}", 1, [1.0, -1.0, 0.5], seed=i) for i in range(3)]
+    order = [5, 2, 7, 0, 4, 1, 6, 3]  # position of each listed group
+    plan = plan_batch(buffer_with(buffered, target_effective_ratio=0.75), [fresh[p] for p in order], step=2,
+                      positions=order)
+    assert sorted(order[i] for i in plan.drop_fresh) == [4, 5, 7]  # the latest three zero groups
+    with pytest.raises(ValueError, match="8 fresh groups but 2 positions"):
+        plan_batch(buffer_with(buffered), fresh, step=2, positions=[0, 1])
 
 
 def test_plan_batch_numbers_by_hand():

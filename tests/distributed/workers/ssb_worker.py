@@ -56,6 +56,13 @@ def same_on_all_ranks(value, world: int) -> None:
         raise AssertionError(f"ranks disagree: {seen}")
 
 
+def gather_sorted(values: list, world: int, flat: bool = True) -> list:
+    """Every rank's ``values``: merged and sorted, or (flat False) one sorted list per rank."""
+    parts = [None] * world
+    dist.all_gather_object(parts, sorted(values))
+    return sorted(v for part in parts for v in part) if flat else parts
+
+
 def run_draw(out: Path, rank: int, world: int) -> None:
     groups = make_groups(N_GROUPS, seed=3)
     mine = SelectiveSampleBuffer(CONFIG)
@@ -75,8 +82,25 @@ def run_draw(out: Path, rank: int, world: int) -> None:
 
     # Top-up: rank 0 has 2 effective + 2 zero fresh groups, rank 1 three zero ones.
     fresh = {0: [[1.0, -1.0], [0.0, 0.0], [0.0, 0.0], [0.5, -0.5]], 1: [[0.0, 0.0]] * 3}
-    plan = plan_batch(mine, fresh[rank], step=4, group=dist.group.WORLD)
-    union_plan = plan_batch(union, fresh[0] + fresh[1], step=4)
+    # Positions in the step's order: round-robin, as PromptLoader.next_share deals them.
+    positions = {0: [0, 2, 4, 6], 1: [1, 3, 5]}
+    union_positions = positions[0] + positions[1]
+    # A buffer of 2 groups (both on rank 0) first: 2 of the 5 zero groups go, the latest ones
+    # (positions 5 on rank 1 and 4 on rank 0), as in one process; rank 1 trains one of the 2.
+    small = [g for g in make_groups(4, seed=5) if g.priority > 0][:2]
+    small_mine = SelectiveSampleBuffer(CONFIG)
+    small_mine.insert(small if rank == 0 else [])
+    small_union = SelectiveSampleBuffer(CONFIG)
+    small_union.insert(small)
+    small_plan = plan_batch(small_mine, fresh[rank], 4, dist.group.WORLD, positions[rank])
+    small_union_plan = plan_batch(small_union, fresh[0] + fresh[1], 4, positions=union_positions)
+    report["small_dropped"] = gather_sorted([positions[rank][i] for i in small_plan.drop_fresh], world)
+    report["small_union_dropped"] = sorted(union_positions[i] for i in small_union_plan.drop_fresh)
+    report["small_reused"] = gather_sorted([g.uid for g in small_plan.reused], world, flat=False)
+    report["small_union_reused"] = sorted(g.uid for g in small_union_plan.reused)
+
+    plan = plan_batch(mine, fresh[rank], 4, dist.group.WORLD, positions[rank])
+    union_plan = plan_batch(union, fresh[0] + fresh[1], step=4, positions=union_positions)
     same_on_all_ranks(plan.stats, world)
     report["plan_stats"] = [dataclasses.asdict(plan.stats), dataclasses.asdict(union_plan.stats)]
     plans = [None] * world
