@@ -265,7 +265,8 @@ class SSBConfig:
     enabled: bool = True
     """Keep a Selective Sample Buffer (R1V2 section 3.3) and top GRPO batches up from it."""
     capacity: int = 4096
-    """Maximum number of stored groups per data-parallel rank."""
+    """Maximum number of stored groups over all data-parallel ranks (the lowest priority is
+    evicted first, the same groups at any DP size)."""
     max_age: int = 8
     """Groups older than this many steps are dropped."""
     target_effective_ratio: float = 1.0
@@ -296,7 +297,7 @@ class SSBConfig:
     """An SSB store written by ``python -m megatron_r1v.ssb.prompt_pool --ssb-store DIR`` (null: the
     buffer starts empty). A fresh run starts with its groups in the buffer: saved as one shard,
     they are split over the data-parallel ranks round-robin in uid order (``ssb.persist.load``),
-    each rank keeping at most ``capacity``. They count as generated at step 0 (by the initial
+    at most ``capacity`` kept over all ranks. They count as generated at step 0 (by the initial
     policy, which is the pool's model), so they age out after ``max_age`` steps like step 0's
     rollouts, and pass the buffer's checks (effective at this run's ``min_reward_std``, no
     duplicates, capacity). The store must fit the run (tokenizer, chat template, tokens per tile,

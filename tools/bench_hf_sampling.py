@@ -1,9 +1,10 @@
 """What the HF engine's per-sample random streams cost: ``HFRolloutEngine.generate`` as the GRPO
-trainer calls it (requests with their ``stream``, ``n`` samples each, temperature 1, top-p 1)
-against the same call greedy (no draws at all), on the same prompts, the same number of
-tokens (no stop tokens) and the same weights. The difference is what the sampler costs: the
-softmax, one ``exponential_`` per live row and step from that row's generator, the division
-and argmax. Prints one JSON object with both medians and the ratio.
+trainer calls it (requests with their ``stream``, ``n`` samples each, temperature 1, top-p 1),
+the same call without streams (one generator for the call: evaluation, MPO pairs) and greedy
+(no draws at all), on the same prompts, the same number of tokens (no stop tokens) and the
+same weights. The differences are what the samplers cost: the softmax, then one
+``exponential_`` per live row and step from that row's generator, or one ``multinomial``
+over the batch. Prints one JSON object with the medians and the ratios to greedy.
 
     python tools/bench_hf_sampling.py [--preset tiny-r1v] [--prompts 8] [--n 8] [--tokens 32] [--repeats 7]
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 
 
 def median_seconds(engine, requests, params, repeats: int) -> float:
@@ -54,13 +56,14 @@ def main(argv=None) -> int:
     requests = [RolloutRequest(f"p{i}", torch.randint(0, arch.image_token_id, (20 + i,), generator=gen), stream=i)
                 for i in range(args.prompts)]
     engine = HFRolloutEngine.from_arch(arch, seed=0)
-    sampled = median_seconds(engine, requests, SamplingParams(n=args.n, max_new_tokens=args.tokens, seed=3),
-                             args.repeats)
-    greedy = median_seconds(engine, requests, SamplingParams(n=args.n, temperature=0, max_new_tokens=args.tokens),
-                            args.repeats)
+    sampled = SamplingParams(n=args.n, max_new_tokens=args.tokens, seed=3)
+    streams = median_seconds(engine, requests, sampled, args.repeats)
+    call = median_seconds(engine, [replace(r, stream=None) for r in requests], sampled, args.repeats)
+    greedy = median_seconds(engine, requests, replace(sampled, temperature=0), args.repeats)
     print(json.dumps({"preset": args.preset, "rows": args.prompts * args.n, "new_tokens": args.tokens,
-                      "sampled_s": round(sampled, 5), "greedy_s": round(greedy, 5),
-                      "sampled_over_greedy": round(sampled / greedy, 3)}))
+                      "streams_s": round(streams, 5), "call_generator_s": round(call, 5),
+                      "greedy_s": round(greedy, 5), "streams_over_greedy": round(streams / greedy, 3),
+                      "call_generator_over_greedy": round(call / greedy, 3)}))
     return 0
 
 

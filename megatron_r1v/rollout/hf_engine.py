@@ -8,17 +8,22 @@ log-probs exactly, and is short.
   (position ids count real tokens only, so padding changes no number) and prefilled
   once, images included; the KV cache is then repeated ``n`` times, so the vision
   tower and the prompt run once per request, not once per sample.
-* Randomness: a ``torch.Generator`` per sample, seeded with ``engine.sample_seed(params.seed,
-  stream, k)`` (the request's ``stream``, else its index in the call), drawing once per decode
-  step until the sample ends (``torch.multinomial``'s rule, the same draws as multinomial on
-  that row alone); the global RNG is never touched. A sample therefore
-  depends on its seed, stream and the weights, not on the other requests of the call (up to
-  the floats of a batched forward: a batch's shape may change a logit's rounding, which moves
-  a draw only when it falls within that rounding of a boundary of the distribution). The
-  trainer gives each prompt its position in the step's global batch as its stream, so the
-  samples do not depend on the DP layout. The draws cost ``rows`` generator calls per step;
-  ``tools/bench_hf_sampling.py`` measured sampled generation at 1.21x the greedy time on the
-  tiny model (where the forward is cheapest), 1.27x with the one generator per call it replaced.
+* Randomness (:class:`RowDraws`); the global RNG is never touched. A call whose requests carry
+  a ``stream`` (the GRPO trainer's: each prompt's position in the step's global batch) gives
+  every sample a ``torch.Generator`` of its own, seeded ``engine.sample_seed(params.seed,
+  stream, k)`` (a request without one: its index in the call), drawing once per decode step
+  until the sample ends (``torch.multinomial``'s rule, the same draws as multinomial on that
+  row alone). A sample then depends on its seed, stream and the weights, not on the other
+  requests of the call (up to the floats of a batched forward: a batch's shape may change a
+  logit's rounding, which moves a draw only when it falls within that rounding of a boundary
+  of the distribution), so GRPO's samples do not depend on the DP layout. A call without
+  streams (evaluation, MPO pairs, the prompt pool) draws every step's tokens of all rows with
+  one ``torch.multinomial`` from one generator seeded ``params.seed``: reproducible for a seed,
+  request order and weights (sample k of a request may change when other requests join the
+  call), the same draws as before streams existed, so those tools' outputs did not change.
+  Per-sample streams cost ``rows`` generator calls per step; ``tools/bench_hf_sampling.py``
+  measured sampled generation on the tiny model (where the forward is cheapest) at 1.19x the
+  greedy time with streams, 1.14x with the call's one generator.
 * Repetition penalty (``params.repetition_penalty``, transformers' and vLLM's rule): a
   per-row bool mask [rows, V] of the ids the row has generated so far, empty at the first
   step and updated each step; a seen id's positive logit is divided by the penalty, a
@@ -78,6 +83,33 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, seen_BV: torch.Tensor, pen
     transformers, so the same floats); elsewhere the logit unchanged."""
     penalized_BV = torch.where(logits_BV < 0, logits_BV * penalty, logits_BV / penalty)
     return torch.where(seen_BV, penalized_BV, logits_BV)
+
+
+class RowDraws:
+    """Where a decode step's random tokens come from (module docstring): one generator per sample
+    (``row_seeds``: each row draws only while it is live) or, without them, one generator for the
+    call (``call_seed``: one ``torch.multinomial`` over every row, ended ones too)."""
+
+    def __init__(self, device: torch.device, call_seed: int, row_seeds: Optional[Sequence[int]] = None) -> None:
+        if row_seeds is None:
+            self.call: Optional[torch.Generator] = torch.Generator(device=device).manual_seed(call_seed)
+            self.rows: list[torch.Generator] = []
+        else:
+            self.call, self.rows = None, [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+
+    def tokens(self, probs_BV: torch.Tensor, live: Sequence[bool], pad_id: int) -> torch.Tensor:
+        """One token per row of ``probs_BV``; rows not ``live`` (ended: their tokens are dropped)
+        get ``pad_id`` when rows draw on their own."""
+        if self.call is not None:
+            return torch.multinomial(probs_BV, 1, generator=self.call).squeeze(-1)
+        # multinomial's one-sample rule, argmax(p / q) with q ~ Exp(1) from the row's generator:
+        # the same draws as multinomial on that row alone, then one division and argmax for all.
+        noise_BV = torch.ones_like(probs_BV)
+        for b, gen in enumerate(self.rows):
+            if live[b]:
+                noise_BV[b].exponential_(1.0, generator=gen)
+        tokens_B = (probs_BV / noise_BV).argmax(dim=-1)
+        return torch.where(torch.tensor(list(live), device=tokens_B.device), tokens_B, pad_id)
 
 
 class HFRolloutEngine:
@@ -194,12 +226,11 @@ class HFRolloutEngine:
     # --- generation ------------------------------------------------------------------
 
     def _sample(
-        self, logits_BV: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator],
-        live: Optional[Sequence[bool]] = None,
+        self, logits_BV: torch.Tensor, params: SamplingParams, draws: Optional[RowDraws],
+        live: Sequence[bool] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draws one token per row, row b from ``generators[b]`` (only the ``live`` rows, when
-        given: the others, whose tokens are dropped, get the padding id and draw nothing);
-        returns (tokens [B], policy log-probs [B])."""
+        """Draws one token per row from ``draws`` (None: greedy), only for the ``live`` rows where
+        rows draw on their own; returns (tokens [B], policy log-probs [B])."""
         # Greedy decoding reports the untempered policy: temperature 0 has no distribution.
         scaled_BV = logits_BV.float() / (1.0 if params.greedy else params.temperature)
         logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
@@ -218,17 +249,7 @@ class HFRolloutEngine:
             before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
             drop_BV = torch.zeros_like(masked_BV, dtype=torch.bool).scatter(-1, order_BV, before_BV >= params.top_p)
             masked_BV = masked_BV.masked_fill(drop_BV, float("-inf"))
-        probs_BV = torch.softmax(masked_BV, dim=-1)
-        # torch.multinomial's one-sample rule, argmax(p / q) with q ~ Exp(1) drawn from the row's
-        # own generator (the same draws as multinomial on that row alone), so a row's token never
-        # depends on the other rows; the division and argmax then run over the whole batch.
-        live = [True] * len(generators) if live is None else live
-        noise_BV = torch.ones_like(probs_BV)
-        for b, gen in enumerate(generators):
-            if live[b]:
-                noise_BV[b].exponential_(1.0, generator=gen)
-        tokens_B = (probs_BV / noise_BV).argmax(dim=-1)
-        tokens_B = torch.where(torch.tensor(live, device=tokens_B.device), tokens_B, self.pad_id)
+        tokens_B = draws.tokens(torch.softmax(masked_BV, dim=-1), live, self.pad_id)
         return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
     @torch.no_grad()
@@ -242,8 +263,10 @@ class HFRolloutEngine:
         logits_NV, cache, mask_NL, next_pos_N = self._prefill(requests, params.n)
         budget_N = torch.tensor([token_budget(r, params) for r in requests], device=self.device)
         # Row r of the sampling batch is sample r % n of request r // n (_prefill).
-        seeds_N = [sample_seed(params.seed, sampling_stream(req, i), k) for i, req in enumerate(requests)
-                   for k in range(params.n)]
+        seeds_N = None
+        if any(req.stream is not None for req in requests):
+            seeds_N = [sample_seed(params.seed, sampling_stream(req, i), k) for i, req in enumerate(requests)
+                       for k in range(params.n)]
         tokens_NR, logprobs_NR, length_N, done_N = self._decode(logits_NV, cache, mask_NL, next_pos_N, params,
                                                                 budget_N.repeat_interleave(params.n), seeds_N)
         results: list[list[RolloutSample]] = []
@@ -282,14 +305,14 @@ class HFRolloutEngine:
                 torch.tensor(lengths, device=dev).repeat_interleave(n))
 
     def _decode(self, logits_NV, cache, mask_NL, next_pos_N, params: SamplingParams, budget_N: torch.Tensor,
-                seeds_N: Sequence[int]):
+                seeds_N: Optional[Sequence[int]]):
         """Samples up to ``budget_N[r]`` tokens for row r, drawing from a generator seeded
-        ``seeds_N[r]``; a row ends after a stop token or at its budget. Returns (tokens [N, R],
+        ``seeds_N[r]`` (None: one for the call, :class:`RowDraws`); a row ends after a stop token
+        or at its budget. Returns (tokens [N, R],
         their log-probs [N, R], each row's length [N], whether a stop token ended it [N]), on
         the CPU, R being the largest budget or less."""
         dev, rows = self.device, logits_NV.shape[0]
-        # A row draws once per step until it ends: its stream depends on its own tokens alone.
-        generators = [] if params.greedy else [torch.Generator(device=dev).manual_seed(s) for s in seeds_N]
+        draws = None if params.greedy else RowDraws(dev, params.seed, seeds_N)
         stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
         tokens, logprobs = [], []
         length_N = budget_N.clone()  # rows that never stop are cut at their budget
@@ -302,8 +325,9 @@ class HFRolloutEngine:
             if seen_NV is not None:
                 # fp32 first, as _sample and transformers' generate do, so the penalized floats match theirs.
                 logits_NV = apply_repetition_penalty(logits_NV.float(), seen_NV, params.repetition_penalty)
-            live = None if params.greedy else (~done_N & (step < budget_N)).tolist()
-            tok_N, lp_N = self._sample(logits_NV, params, generators, live)
+            # A row with its own stream draws only until it ends: its draws follow its own tokens alone.
+            live = (~done_N & (step < budget_N)).tolist() if draws is not None and draws.rows else ()
+            tok_N, lp_N = self._sample(logits_NV, params, draws, live)
             if seen_NV is not None:
                 seen_NV[row_N, tok_N] = True  # rows that ended too: their tokens are dropped anyway
             tokens.append(tok_N)

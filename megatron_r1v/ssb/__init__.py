@@ -23,7 +23,7 @@ Per GRPO step (every DP rank, ``dp_group`` the data-parallel process group)::
     plan = plan_batch(buffer, [adv_G for each fresh group], step, dp_group, positions)  # in the step's order
     batch = [fresh[i] for i in plan.keep_fresh] + plan.reused
     ...  # old/ref log-probs, train; log plan.stats.metrics()
-    buffer.insert(SSBGroup(...) for each fresh group)  # ineffective (zero-advantage) ones are skipped
+    buffer.insert((SSBGroup(...) for each fresh group), dp_group)  # ineffective ones skipped; capacity over DP
     save(buffer, ckpt_dir / "ssb", step, dp_group)     # with every checkpoint
 """
 

@@ -20,8 +20,9 @@ Definitions used here (the report leaves them open):
   groups (a run resumed under a stricter ``ssb.min_reward_std``).
 - A draw of k groups is weighted sampling without replacement (draw one group with
   probability priority / remaining total, remove it, repeat).
-- Groups older than ``max_age`` steps are dropped; past ``capacity`` groups per rank,
-  the lowest priority is evicted (ties: the oldest, then the smallest uid).
+- Groups older than ``max_age`` steps are dropped; past ``capacity`` groups over all DP
+  ranks, the lowest priority is evicted (ties: the oldest, then the smallest uid), the same
+  groups whatever the sharding (:meth:`SelectiveSampleBuffer.evict_to`).
 - A drawn group stays in the buffer and may be drawn again at a later step (never twice
   in one draw) until it ages out, is evicted, or reaches ``max_reuse`` draws.
 
@@ -311,8 +312,9 @@ class SelectiveSampleBuffer:
     def total_weight(self) -> float:
         return float(sum(g.priority for g in self._groups.values()))
 
-    def insert(self, groups: Iterable[SSBGroup]) -> InsertStats:
-        """Stores the effective groups (priority > 0), then evicts down to the capacity."""
+    def insert(self, groups: Iterable[SSBGroup], group: Optional[dist.ProcessGroup] = None) -> InsertStats:
+        """Stores the effective groups (priority > 0), then evicts down to the capacity over the
+        ranks of ``group`` (:meth:`evict_to`; collective: every rank calls it, with or without groups)."""
         stats = InsertStats(0, 0, 0, 0)
         for grp in groups:
             if not group_is_effective(grp.advantages):
@@ -323,18 +325,33 @@ class SelectiveSampleBuffer:
                 self._groups[grp.uid] = grp
                 self._times_drawn[grp.uid] = 0
                 stats.inserted += 1
-        stats.evicted = self.evict_to(self.config.capacity)
+        stats.evicted = self.evict_to(self.config.capacity, group)
         return stats
 
-    def evict_to(self, capacity: int) -> int:
-        """Drops the lowest-priority groups (ties: oldest, then smallest uid) beyond ``capacity``."""
-        excess = len(self._groups) - capacity
+    def evict_to(self, capacity: int, group: Optional[dist.ProcessGroup] = None) -> int:
+        """Drops the lowest-priority groups (ties: oldest, then smallest uid) beyond ``capacity``
+        groups over all ranks of ``group`` (None: this buffer alone); returns how many this rank
+        dropped. The same groups go whatever the sharding. Collective: an all_gather of the
+        sizes, and when over capacity one of each rank's ``excess`` lowest (priority, step, uid)."""
+        _, world = group_rank_size(group)
+        sizes = all_gather_int64(np.array([len(self._groups)]), group)
+        excess = int(sizes.sum()) - capacity  # the same on every rank
         if excess <= 0:
             return 0
-        order = sorted(self._groups.values(), key=lambda g: (g.priority, g.step, g.uid))
-        for grp in order[:excess]:
+        lowest = sorted(self._groups.values(), key=lambda g: (g.priority, g.step, g.uid))[:excess]
+        if world > 1:  # the global lowest are among each rank's own lowest
+            payload = np.full((3, excess), -1, dtype=np.int64)
+            payload[0, : len(lowest)] = np.array([g.priority for g in lowest], dtype=np.float64).view(np.int64)
+            payload[1, : len(lowest)] = [g.step for g in lowest]
+            payload[2, : len(lowest)] = [g.uid for g in lowest]
+            gathered = all_gather_int64(payload, group).transpose(0, 2, 1).reshape(-1, 3)
+            candidates = sorted((float(np.int64(c[0]).view(np.float64)), int(c[1]), int(c[2]))
+                                for c in gathered if c[2] >= 0)
+            chosen = {uid for _, _, uid in candidates[:excess]}
+            lowest = [g for g in lowest if g.uid in chosen]
+        for grp in lowest:
             self._remove(grp.uid)
-        return excess
+        return len(lowest)
 
     def _remove(self, uid: int) -> None:
         del self._groups[uid]

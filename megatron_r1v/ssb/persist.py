@@ -39,8 +39,9 @@ differs is refused, naming the store and the field; its groups must have step 0.
 Loading onto a different number of DP ranks re-shards while reading as few shards as
 possible: with fewer ranks, saved shard s goes whole to rank s % dp_size (2 -> 1: rank 0
 takes everything); with more, the ranks r = s (mod saved size) split shard s round-robin
-in uid order (1 -> 2: alternate groups). The capacity is then enforced per rank. Draws
-do not depend on where groups live (see :mod:`.buffer`), so the next draw is unchanged.
+in uid order (1 -> 2: alternate groups). The capacity is then enforced over the DP group
+(the same groups go at any sharding). Draws do not depend on where groups live (see
+:mod:`.buffer`), so the next draw is unchanged.
 """
 
 from __future__ import annotations
@@ -256,10 +257,11 @@ def read_metadata(path: str | Path) -> StoreMetadata:
 
 
 def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
-         config: Optional[SSBConfig] = None) -> SelectiveSampleBuffer:
+         config: Optional[SSBConfig] = None, group: Optional[dist.ProcessGroup] = None) -> SelectiveSampleBuffer:
     """This DP rank's buffer from the store ``path`` saved with any DP size.
 
-    ``config`` is the current run's (its capacity applies); None uses the saved one.
+    ``config`` is the current run's (its capacity applies, over the ranks of ``group``, the DP
+    group: collective; None: this rank's share alone); None uses the saved one.
     The random state (seed, draw counter) always comes from the store.
     """
     if not 0 <= dp_rank < dp_size:
@@ -279,14 +281,14 @@ def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
         groups = _read_shard(path / shard_name(shard))
         groups.sort(key=lambda pair: pair[0].uid)
         buffer.restore(groups[part::parts])
-    buffer.evict_to(config.capacity)
+    buffer.evict_to(config.capacity, group)
     return buffer
 
 
 def load_initial(path: str | Path, dp_rank: int, dp_size: int, config: SSBConfig,
-                 expected: StoreOrigin) -> list[SSBGroup]:
+                 expected: StoreOrigin, group: Optional[dist.ProcessGroup] = None) -> list[SSBGroup]:
     """This DP rank's groups of the initial store ``path`` (``ssb.initial_store``), split as
-    :func:`load` splits a store over more ranks and capped at ``config.capacity``.
+    :func:`load` splits a store over more ranks and capped at ``config.capacity`` over ``group``.
 
     ValueError naming the store and the field when the store does not fit the run: no
     ``origin`` (not written by the prompt-pool filter, e.g. a checkpoint's buffer), a
@@ -306,7 +308,7 @@ def load_initial(path: str | Path, dp_rank: int, dp_size: int, config: SSBConfig
         if meta.origin.get(name) != want:
             raise ValueError(f"{where}: field origin.{name} is {meta.origin.get(name)!r}, this run has {want!r} "
                              f"({ORIGIN_KEYS[name]})")
-    groups = load(path, dp_rank, dp_size, config).groups
+    groups = load(path, dp_rank, dp_size, config, group).groups
     for grp in groups:
         if grp.step != 0 or grp.n_samples != expected.n_samples:
             field, value = ("step", grp.step) if grp.step != 0 else ("n_samples", grp.n_samples)

@@ -161,14 +161,14 @@ class GRPOTrainer:
             return
         r = self.cfg.rollout
         origin = StoreOrigin.of(self.loader.template, self.cfg.data.max_tiles, r.n_samples, r.temperature)
-        groups = load_initial(path, self.ctx.dp_rank, self.ctx.dp, self.buffer.config, origin)
+        groups = load_initial(path, self.ctx.dp_rank, self.ctx.dp, self.buffer.config, origin, self.ctx.dp_group)
         for grp in groups:  # a drawn group is prepared again from its record (grpo_batch.train_samples)
             try:
                 self.loader.record(grp.prompt_id)
             except KeyError as err:
                 raise ValueError(f"ssb.initial_store {path}: field prompt_id: {err.args[0]} "
                                  "(data.train_path)") from None
-        inserted = self.buffer.insert(groups)
+        inserted = self.buffer.insert(groups, self.ctx.dp_group)
         below = self.buffer.drop_ineffective(self.min_reward_std)
         counts = torch.tensor([len(self.buffer), len(groups) - len(self.buffer)], dtype=torch.int64,
                               device=self.ctx.device)
@@ -200,7 +200,7 @@ class GRPOTrainer:
                 with timer.phase("weight_sync"):
                     self.sync.sync(self.engine)
             self.buffer.insert(fresh_ssb_groups(items, groups, batch.advantages, batch.samples, sample_logprobs,
-                                                step))
+                                                step), self.ctx.dp_group)
         timer.seconds["data"] = self.loader.take_data_seconds()
         timer.seconds["rollout_wait"], timer.seconds["overlap"] = self.rollout_timing
         return step_metrics(self.cfg, self.ctx, groups, result, batch, sums, grad_norm, timer.seconds, sampling)
@@ -486,7 +486,8 @@ class GRPOTrainer:
         self.one_step_off.save(directory)  # async: the rollout in flight (owners)
 
     def load_files(self, directory: Path) -> None:
-        self.buffer = load_ssb(directory / "ssb", self.ctx.dp_rank, self.ctx.dp, self.buffer.config)
+        self.buffer = load_ssb(directory / "ssb", self.ctx.dp_rank, self.ctx.dp, self.buffer.config,
+                               self.ctx.dp_group)
         if self.cfg.ssb.initial_store and self.ctx.rank == 0:
             print("SSB: resumed: the checkpoint's buffer replaces the groups of ssb.initial_store", flush=True)
         # Stored groups passed the criterion of the run that saved them; a resume under a

@@ -43,6 +43,11 @@ def test_sharded_draw_equals_union_draw_and_reshards(torchrun, tmp_path):
     mine0, mine1 = report["small_reused"]
     assert len(mine0) == 1 and len(mine1) == 1 and sorted(mine0 + mine1) == report["small_union_reused"]
 
+    # ssb.capacity over both ranks: the same 5 groups stay as in one process, 7 evicted in all.
+    held0, held1 = report["capped_held"]
+    assert sorted(held0 + held1) == report["capped_union"] and len(report["capped_union"]) == 5
+    assert report["capped_evicted"] == [7, 7] and held0 and held1
+
     # DP 2 -> 1: rank 0 holds all groups, equal field by field to the single-process store.
     meta = read_metadata(tmp_path / "store")
     assert (meta.dp_size, meta.step, meta.draw_counter) == (2, 4, report["union_counter"])

@@ -272,7 +272,7 @@ def test_greedy_equals_a_plain_argmax_loop_for_every_seed(engine):
 def test_greedy_never_picks_the_image_token(engine):
     logits_BV = torch.randn(3, ARCH.decoder.vocab_size, generator=torch.Generator().manual_seed(80))
     logits_BV[:, IMG] = 100.0  # the image token is everyone's argmax
-    tokens_B, logprobs_B = engine._sample(logits_BV, SamplingParams(temperature=0), [])
+    tokens_B, logprobs_B = engine._sample(logits_BV, SamplingParams(temperature=0), None)
     expected_B = torch.cat([logits_BV[:, :IMG], logits_BV[:, IMG + 1:]], dim=1).argmax(-1)  # IMG is the last id
     assert torch.equal(tokens_B, expected_B)
     assert torch.equal(logprobs_B, F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None]).squeeze(-1))
@@ -292,13 +292,14 @@ def prompt_embeds(model, prompt, pixel_values=None) -> torch.Tensor:
     return embeds
 
 
-def transformers_generate(model, prompt, params, pixel_values=None):
+def transformers_generate(model, prompt, params, pixel_values=None, seed=None):
     """Skywork R1V's released inference on one unpadded request: transformers' ``generate`` from
     the prompt's ``inputs_embeds`` without ``input_ids`` (as ``model.chat`` calls its language
     model), so that its ``RepetitionPenaltyLogitsProcessor`` sees the generated ids only. No stop
     token (as the engine without stop_token_ids), the engine's image-token ban
-    (``bad_words_ids``), a sampled run drawing from the global RNG seeded as the engine seeds
-    sample 0 of the call's first request (``sample_seed(params.seed, 0, 0)``).
+    (``bad_words_ids``), a sampled run drawing from the global RNG seeded with ``params.seed``
+    (the engine's generator for a call without streams), or with ``seed`` when given (a
+    request with a stream: its sample's own generator).
     Returns (tokens, log_softmax(penalized logits / T) of them)."""
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -306,7 +307,7 @@ def transformers_generate(model, prompt, params, pixel_values=None):
                                                               top_p=params.top_p, top_k=None)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         embeds = prompt_embeds(model, prompt, pixel_values)
-        torch.manual_seed(sample_seed(params.seed, 0, 0))
+        torch.manual_seed(params.seed if seed is None else seed)
         # transformers states the rule this test relies on (5.x).
         with pytest.warns(UserWarning, match="penalty only to newly generated tokens, not to the prompt"):
             out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
@@ -347,7 +348,7 @@ def test_repetition_penalty_matches_transformers_generate_from_inputs_embeds(eng
 
     Greedy: the requests share one left-padded batch with n=2 (rows must not interact) and each
     is compared with its own unpadded generate call. Sampled: one request per call with n=1, so
-    that the sample's generator and generate's global one (the same CPU stream, seeded alike)
+    that the engine's generator and generate's global one (the same CPU stream, seeded alike)
     make one draw per step from the same floats; the two top-p rules (drop a token once the mass
     ranked before it reaches top_p; transformers' ascending form of it) keep the same nucleus up
     to rounding and tie order at its boundary, which these fixed draws do not meet."""
@@ -365,6 +366,12 @@ def test_repetition_penalty_matches_transformers_generate_from_inputs_embeds(eng
             # Measured bit-equal for the one-request (sampled) calls; the padded greedy batch differs
             # from generate's unpadded run by summation order (measured 1.9e-6, see LOGPROB_TOL).
             torch.testing.assert_close(s.logprobs, want_lp, atol=LOGPROB_TOL, rtol=0)
+    if not params.greedy:  # with a stream: the sample's own generator, the same rule as multinomial
+        for req in requests:
+            (streamed,) = engine.generate([replace(req, stream=5)], params)[0]
+            want_ids, _ = transformers_generate(engine.model, req.prompt_ids, params, req.pixel_values,
+                                                seed=sample_seed(params.seed, 5, 0))
+            assert streamed.response_ids.tolist() == want_ids.tolist(), req.prompt_id
 
 
 def test_repetition_penalty_one_is_skipped_and_above_one_breaks_a_repetition(engine, monkeypatch):
@@ -447,7 +454,7 @@ def test_a_request_budget_cuts_its_own_rows_only(engine):
     batch without budgets: the unbudgeted request's samples are bit-identical and the others are
     their prefixes, bit for bit. A stop within the budget still finishes a sample; one beyond it
     does not (the sample was cut)."""
-    params = SamplingParams(n=3, temperature=1.5, max_new_tokens=8, seed=1, stop_token_ids=tuple(range(1, IMG, 5)))
+    params = SamplingParams(n=3, temperature=1.5, max_new_tokens=8, seed=6, stop_token_ids=tuple(range(1, IMG, 5)))
     requests = budget_requests()
     full = engine.generate(requests, params)
     budgets = {"img": None, "long": 2, "short": 20}

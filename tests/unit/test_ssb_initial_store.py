@@ -61,7 +61,7 @@ def _trainer(store, min_reward_std=0.0, dp=(0, 1), prompts=4, **ssb):
         return prompt_id
 
     loader = SimpleNamespace(template=_template(), record=record)
-    ctx = SimpleNamespace(rank=0, dp_rank=dp[0], dp=dp[1], tp=1, cp=1, device=torch.device("cpu"))
+    ctx = SimpleNamespace(rank=0, dp_rank=dp[0], dp=dp[1], dp_group=None, tp=1, cp=1, device=torch.device("cpu"))
     return GRPOTrainer(cfg, ctx, None, None, None, loader, None, SelectiveSampleBuffer(cfg.ssb), None, None)
 
 
@@ -85,7 +85,8 @@ def test_initial_store_is_split_over_dp_ranks(tmp_path):
     uids = sorted(g.uid for g in shares[0] + shares[1])
     assert [len(s) for s in shares] == [2, 2] and uids == sorted(g.uid for g in load_initial(store, 0, 1,
                                                                                                SSBConfig(), ORIGIN))
-    assert len(_trainer(store, capacity=1).buffer) == 1  # capacity is per rank
+    assert len(_trainer(store, capacity=1).buffer) == 1  # one process: its buffer is the whole capacity
+    # Over 2 DP ranks the capacity counts both: tests/distributed/test_ssb_dp.py (sharded eviction).
 
 
 @pytest.mark.parametrize("origin, message", [

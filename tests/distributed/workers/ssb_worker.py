@@ -108,6 +108,18 @@ def run_draw(out: Path, rank: int, world: int) -> None:
     report["plans"] = plans
     report["union_plan_reused"] = [g.uid for g in union_plan.reused]
 
+    # Capacity over the DP ranks: 5 groups kept of 12 effective ones, rank 0 holding 8 of them;
+    # the sharded eviction keeps the union's 5 (a per-rank cap would keep up to 10).
+    capped = SSBConfig(capacity=5, max_age=100, seed=7)
+    many = make_groups(15, seed=11)
+    cap_mine = SelectiveSampleBuffer(capped)
+    evicted = cap_mine.insert([g for i, g in enumerate(many) if (i % 3 != 0) == (rank == 0)], dist.group.WORLD)
+    cap_union = SelectiveSampleBuffer(capped)
+    union_evicted = cap_union.insert(many).evicted
+    report["capped_held"] = gather_sorted([g.uid for g in cap_mine.groups], world, flat=False)
+    report["capped_union"] = sorted(g.uid for g in cap_union.groups)
+    report["capped_evicted"] = [sum(gather_sorted([evicted.evicted], world)), union_evicted]
+
     save(mine, out / "store", step=4, group=dist.group.WORLD)
     held = [None] * world
     dist.all_gather_object(held, sorted(g.uid for g in mine.groups))
