@@ -28,8 +28,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     seed: int = 0
-    """Sampling is reproducible for a given seed and weights: sample k of a request draws from
-    the random stream :func:`sample_seed` (seed, the request's :func:`sampling_stream`, k)."""
+    """Sampling is reproducible for a given seed, request order and weights; with request
+    streams (``RolloutRequest.stream``), sample k of a request draws from the random stream
+    :func:`sample_seed` (seed, its :func:`sampling_stream`, k), whatever else the call holds."""
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sample ends after any of these (e.g. ``<|im_end|>``)."""
     repetition_penalty: float = 1.0
@@ -72,10 +73,11 @@ class RolloutRequest:
     prompt."""
     stream: Optional[int] = None
     """The random stream of this request's samples within the call's seed (:func:`sample_seed`);
-    None: the request's index in the call. The GRPO trainer gives each prompt its position in
-    the step's global batch, so that a prompt's samples are the same whichever DP replica, and
-    whichever other requests, it is generated with (a run resumed at another DP size samples
-    what the uninterrupted one did)."""
+    None: the request's index in the call (SGLang always seeds per sample; the HF engine keeps
+    one generator for a call where no request has a stream). The GRPO trainer gives each prompt
+    its position in the step's global batch, so that a prompt's samples are the same whichever
+    DP replica, and whichever other requests, it is generated with (a run resumed at another
+    DP size samples what the uninterrupted one did)."""
 
 
 @dataclass

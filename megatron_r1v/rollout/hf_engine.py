@@ -308,9 +308,8 @@ class HFRolloutEngine:
                 seeds_N: Optional[Sequence[int]]):
         """Samples up to ``budget_N[r]`` tokens for row r, drawing from a generator seeded
         ``seeds_N[r]`` (None: one for the call, :class:`RowDraws`); a row ends after a stop token
-        or at its budget. Returns (tokens [N, R],
-        their log-probs [N, R], each row's length [N], whether a stop token ended it [N]), on
-        the CPU, R being the largest budget or less."""
+        or at its budget. Returns (tokens [N, R], their log-probs [N, R], each row's length [N],
+        whether a stop token ended it [N]), on the CPU, R being the largest budget or less."""
         dev, rows = self.device, logits_NV.shape[0]
         draws = None if params.greedy else RowDraws(dev, params.seed, seeds_N)
         stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=dev)
