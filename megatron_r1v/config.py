@@ -217,7 +217,8 @@ class RolloutConfig:
     per-sample seeds the adapter sends and its kernels are batch-invariant, so a prompt's samples
     do not depend on which replica or batch generates them: a GRPO run resumed at another DP size
     then samples what the uninterrupted run did. Slower decoding; off by default. The HF engine
-    always samples so (a random stream per sample, keyed by the prompt's position in the step)."""
+    samples so whenever the requests carry streams, as the GRPO trainer's do (a random stream per
+    sample, keyed by the prompt's position in the step)."""
 
 
 @dataclass

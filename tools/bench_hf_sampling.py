@@ -51,6 +51,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     arch = get_preset(args.preset)
+    if arch.image_token_id is None:
+        parser.error(f"--preset {args.preset}: no image token id (the 38B presets take it from a tokenizer); "
+                     "this benchmark builds random tiny models: use a tiny preset such as tiny-r1v")
     gen = torch.Generator().manual_seed(0)
     # Text prompts of varied lengths (the image token is never drawn), streams as the trainer sets them.
     requests = [RolloutRequest(f"p{i}", torch.randint(0, arch.image_token_id, (20 + i,), generator=gen), stream=i)

@@ -240,12 +240,6 @@ class Draw:
     n_samples: list[int]
     """Responses of each selected group."""
 
-    def count_by_rank(self, world: int) -> list[int]:
-        counts = [0] * world
-        for rank in self.owners:
-            counts[rank] += 1
-        return counts
-
 
 def group_rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     """(rank, size) in ``group``; (0, 1) without torch.distributed or with group None."""
@@ -270,8 +264,11 @@ def all_gather_int64(values: np.ndarray, group: Optional[dist.ProcessGroup]) -> 
 class SelectiveSampleBuffer:
     """One data-parallel rank's share of the SSB (the groups its rollouts produced).
 
-    Collective methods (:meth:`draw`) take the DP process group, or None for a single
-    process; every rank must call them with the same arguments.
+    Collective methods (:meth:`draw`, :meth:`insert`, :meth:`evict_to`) take the DP process
+    group, or None for a single process; every rank must call them with the same arguments.
+    Groups are told apart by ``uid`` on each rank; a group held twice over the ranks (the same
+    prompt twice in one step with the very same G responses and advantages: effective groups
+    differ in their responses, so practically never) would count twice in the capacity.
     """
 
     def __init__(self, config: SSBConfig, seed: Optional[int] = None, draw_counter: int = 0):

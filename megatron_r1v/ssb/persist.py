@@ -281,7 +281,10 @@ def load(path: str | Path, dp_rank: int = 0, dp_size: int = 1,
         groups = _read_shard(path / shard_name(shard))
         groups.sort(key=lambda pair: pair[0].uid)
         buffer.restore(groups[part::parts])
-    buffer.evict_to(config.capacity, group)
+    evicted = buffer.evict_to(config.capacity, group)
+    if evicted:  # a smaller ssb.capacity, or a store saved when the capacity counted per rank
+        print(f"SSB store {path}: DP rank {dp_rank} evicted {evicted} of its groups over ssb.capacity="
+              f"{config.capacity} (counted over all DP ranks)", flush=True)
     return buffer
 
 

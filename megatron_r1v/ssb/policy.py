@@ -180,7 +180,9 @@ def exchange_reused(drawn: Draw, placed: Sequence[int], rank: int, group: Option
                     ) -> list[SSBGroup]:
     """This rank's part of the draw after :func:`place_reused`, in draw order: the groups it
     holds and keeps, and those other ranks send it (one all_gather_object, only when a group
-    moves; the decision is the same on every rank)."""
+    moves; the decision is the same on every rank). Every rank receives every moved group (a
+    few of them per step, ~1 MB each at 16k-token responses); a point-to-point send to the one
+    rank that trains it is the upgrade if that ever shows in a profile."""
     held = {grp.uid: grp for grp in drawn.groups}
     moving = [j for j, (owner, to) in enumerate(zip(drawn.owners, placed)) if owner != to]
     if moving:

@@ -6,6 +6,7 @@ import re
 
 import zarr
 
+from megatron_r1v.config import SSBConfig
 from megatron_r1v.ssb import load, read_metadata, save
 
 WORKER = "tests/distributed/workers/ssb_worker.py"
@@ -47,6 +48,10 @@ def test_sharded_draw_equals_union_draw_and_reshards(torchrun, tmp_path):
     held0, held1 = report["capped_held"]
     assert sorted(held0 + held1) == report["capped_union"] and len(report["capped_union"]) == 5
     assert report["capped_evicted"] == [7, 7] and held0 and held1
+
+    # The same capacity at load: the sharded load over the DP group keeps one process's 5 groups.
+    capped = load(tmp_path / "store", 0, 1, SSBConfig(capacity=5, max_age=100, seed=7))
+    assert report["loaded_capped"] == sorted(g.uid for g in capped.groups) and len(capped) == 5
 
     # DP 2 -> 1: rank 0 holds all groups, equal field by field to the single-process store.
     meta = read_metadata(tmp_path / "store")

@@ -124,6 +124,9 @@ def run_draw(out: Path, rank: int, world: int) -> None:
     held = [None] * world
     dist.all_gather_object(held, sorted(g.uid for g in mine.groups))
     report["held"] = held
+    # Resumed with a smaller capacity over the DP group: both shares together keep 5 groups.
+    loaded = persist.load(out / "store", rank, world, capped, dist.group.WORLD)
+    report["loaded_capped"] = gather_sorted([g.uid for g in loaded.groups], world)
     report["next_draw"] = mine.draw(4, dist.group.WORLD).uids
     if rank == 0:
         save(union, out / "union_store", step=4)  # group None: a single-process store
