@@ -31,9 +31,9 @@ def pytest_configure(config):
 
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("kernel_backend"):
-        reason = kernel_backend_unavailable(mark.args[0])
-        if reason:  # on a CPU host: "the compiled Triton backend needs a CUDA GPU" (tests/kernel_marks.py)
-            pytest.skip(reason)
+        cuda_reason = kernel_backend_unavailable(mark.args[0])  # only CUDA reasons (tests/kernel_marks.py)
+        if cuda_reason:  # on a CPU host: the compiled Triton backend needs a CUDA GPU
+            pytest.skip(f"[CUDA] {cuda_reason}")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,10 @@ import torch
 
 
 def kernel_backend_unavailable(backend: str) -> Optional[str]:
-    """Why this process cannot run the kernels' ``backend``, or None when it can."""
+    """Why this process cannot run the kernels' ``backend``, or None when it can. Every reason
+    is about CUDA: no GPU for the compiled backend, or a CUDA process that compiles its kernels
+    and leaves the interpreter cases to a second pass. A missing triton is a broken test
+    environment (the test extra installs it), an error, not a skip."""
     from megatron_r1v.kernels.dispatch import triton_installed, triton_interpreting
 
     if backend not in ("torch", "interpret", "triton"):
@@ -24,7 +27,7 @@ def kernel_backend_unavailable(backend: str) -> Optional[str]:
     if backend == "torch":
         return None
     if not triton_installed():
-        return "triton is not installed (the test extra installs it)"
+        raise RuntimeError("triton is not installed: the test extra installs it (bash tests/run.sh)")
     if backend == "interpret" and not triton_interpreting():
         return ("Triton compiles kernels in this process (a CUDA host); the interpreter cases run in a "
                 "second pass: TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= bash tests/run.sh -m kernel_backend")
